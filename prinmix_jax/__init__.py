@@ -1,0 +1,1 @@
+"""prinmix-jax: PrinMix delta compression of fine-tuned LLMs in JAX/Flax."""
