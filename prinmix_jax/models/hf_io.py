@@ -1,0 +1,413 @@
+"""Hugging Face checkpoint folders <-> NNX param trees, streamed tensor by tensor through safetensors.
+
+Reading never builds a whole-model copy besides the returned params: each tensor is read from the
+memory-mapped safetensors file, cast, moved to the device and released before the next one. Sharded
+checkpoints (``model.safetensors.index.json``) are handled; pickle-based ``*.bin`` checkpoints are refused.
+
+Writing produces ``model.safetensors`` or, above ``max_shard_size``, ``model-0000k-of-0000n.safetensors``
+shards plus ``model.safetensors.index.json``, and a config.json, in the layout ``transformers`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' numpy backend needs)
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from prinmix_jax.models.config import ModelConfig
+from prinmix_jax.models.errors import CheckpointError
+from prinmix_jax.models.llama import params as P
+from prinmix_jax.models.llama.modeling import CausalLM, model_from_params, params_from_model
+
+__all__ = ["CheckpointReader", "CheckpointWriter", "load_hf_params", "load_hf_model", "read_block",
+           "read_globals", "save_hf_model", "parse_size", "TOKENIZER_FILES"]
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+#: Non-weight files copied next to a saved checkpoint from ``config_from`` (when it is a folder).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints carry
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _np_dtype(dtype) -> np.dtype | None:
+    return None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+
+class CheckpointReader:
+    """Random access to the tensors of a Hugging Face checkpoint folder.
+
+    Opening reads config.json and every safetensors header (no tensor data) and checks that the set of
+    tensors and their shapes agree with the config. Keep one reader to stream a checkpoint block by block.
+
+    Args:
+      path: checkpoint folder (config.json + model.safetensors or sharded files + index.json).
+
+    Raises:
+      FileNotFoundError: missing folder, config.json or a shard named by the index.
+      CheckpointError: corrupt safetensors/index, missing/extra tensors, wrong shapes, non-float dtypes.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"checkpoint folder {self.path!r} does not exist")
+        self.config = ModelConfig.from_pretrained_dir(self.path)
+        self._handles: dict[str, Any] = {}
+        self._where = self._locate_tensors()
+        self.expected = P.expected_tensors(self.config)
+        self._validate()
+
+    # ----- discovery ----------------------------------------------------------------------
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            full = os.path.join(self.path, fname)
+            if not os.path.isfile(full):
+                raise FileNotFoundError(f"safetensors file {full!r} (named by {SAFE_INDEX}) does not exist")
+            try:
+                self._handles[fname] = safe_open(full, framework="numpy")
+            except Exception as e:  # SafetensorError, OSError
+                raise CheckpointError(f"{full}: not a valid safetensors file ({e})") from e
+        return self._handles[fname]
+
+    def _locate_tensors(self) -> dict[str, str]:
+        index = os.path.join(self.path, SAFE_INDEX)
+        if os.path.isfile(os.path.join(self.path, SAFE_SINGLE)):
+            f = self._open(SAFE_SINGLE)
+            return {k: SAFE_SINGLE for k in f.keys()}
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as fh:
+                    weight_map = json.load(fh)["weight_map"]
+                assert isinstance(weight_map, dict)
+            except (json.JSONDecodeError, KeyError, TypeError, AssertionError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from e
+            where: dict[str, str] = {}
+            for fname in sorted(set(weight_map.values())):
+                keys = set(self._open(fname).keys())
+                listed = {k for k, v in weight_map.items() if v == fname}
+                if listed - keys:
+                    raise CheckpointError(f"{os.path.join(self.path, fname)} lacks tensor(s) "
+                                          f"{sorted(listed - keys)[:5]} that {SAFE_INDEX} places there")
+                for k in keys:
+                    if k in where:
+                        raise CheckpointError(f"tensor {k!r} is stored twice: in {where[k]} and {fname}")
+                    where[k] = fname
+            return where
+        others = sorted(os.listdir(self.path))
+        if any(n.endswith((".bin", ".pt", ".pth")) for n in others):
+            raise CheckpointError(f"{self.path}: only safetensors checkpoints are supported (found pickle-based "
+                                  f"weights; convert them with save_pretrained(safe_serialization=True))")
+        raise FileNotFoundError(f"{self.path}: no {SAFE_SINGLE} or {SAFE_INDEX} found (files: {others[:10]})")
+
+    def _validate(self) -> None:
+        cfg, present = self.config, set(self._where)
+        expected = set(self.expected)
+        ignored = {n for n in present if n.endswith(_IGNORED_SUFFIXES)}
+        if cfg.tie_word_embeddings and "lm_head.weight" in present:
+            ignored.add("lm_head.weight")  # redundant copy of a tied head; checked equal when loading
+        missing = sorted(expected - present)
+        if missing:
+            raise CheckpointError(f"{self.path}: checkpoint lacks {len(missing)} tensor(s) that config.json "
+                                  f"({cfg.architecture}) requires, e.g. {missing[:5]}")
+        extra = sorted(present - expected - ignored)
+        if extra:
+            where = sorted({self._where[n] for n in extra})
+            raise CheckpointError(f"{self.path}: unexpected tensor(s) {extra[:5]} in {where} (not part of a "
+                                  f"{cfg.architecture} with this config.json)")
+        for name in sorted(expected):
+            sl = self._open(self._where[name]).get_slice(name)
+            shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+            want = self.expected[name][1]
+            if shape != want:
+                raise CheckpointError(f"{os.path.join(self.path, self._where[name])}: tensor {name!r} has shape "
+                                      f"{shape} but config.json implies {want}")
+            if dt not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{os.path.join(self.path, self._where[name])}: tensor {name!r} has "
+                                      f"dtype {dt}; expected a floating type")
+
+    # ----- access -------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """All tensor names stored in the checkpoint."""
+        return sorted(self._where)
+
+    def file_of(self, name: str) -> str:
+        """Full path of the safetensors file that holds tensor ``name``."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        return os.path.join(self.path, self._where[name])
+
+    def read(self, name: str, dtype=None) -> np.ndarray:
+        """Read one tensor into host memory as a NumPy array, optionally cast to ``dtype``."""
+        f = self._open(os.path.basename(self.file_of(name)))
+        try:
+            arr = f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({e})") from e
+        dt = _np_dtype(dtype)
+        return arr if dt is None or arr.dtype == dt else arr.astype(dt)
+
+    def _read_into(self, rows, dtype, device_put: bool) -> dict:
+        tree: dict = {}
+        for name, path in rows:
+            arr = self.read(name, dtype)
+            node = tree
+            for p in path[:-1]:
+                node = node.setdefault(p, {})
+            node[path[-1]] = jnp.asarray(arr) if device_put else arr
+            del arr
+        return tree
+
+    def read_block(self, block: int, dtype=None, *, device_put: bool = True) -> dict:
+        """The param subtree of decoder block ``block`` (the layout of ``params["layers"][block]``).
+
+        Args:
+          block: 0 <= block < num_layers.
+          dtype: cast every tensor to this dtype (default: keep the stored dtype).
+          device_put: return jax arrays (default) or NumPy arrays.
+        """
+        if not 0 <= block < self.config.num_layers:
+            raise ValueError(f"block {block} out of range: the checkpoint has {self.config.num_layers} blocks")
+        rows = [(f"model.layers.{block}.{s}", p) for s, p, _ in P.block_param_table(self.config)]
+        return self._read_into(rows, dtype, device_put)
+
+    def read_globals(self, dtype=None, *, device_put: bool = True) -> dict:
+        """The params outside the blocks: ``{"embed_tokens", "norm"[, "lm_head"]}``."""
+        rows = [(n, p) for n, p, _ in P.global_param_table(self.config)]
+        tree = self._read_into(rows, dtype, device_put)
+        if self.config.tie_word_embeddings and "lm_head.weight" in self._where:
+            head = self.read("lm_head.weight", dtype)
+            if not np.array_equal(np.asarray(head), np.asarray(tree["embed_tokens"]["weight"])):
+                raise CheckpointError(f"{self.file_of('lm_head.weight')}: tie_word_embeddings is true but "
+                                      "'lm_head.weight' differs from 'model.embed_tokens.weight'")
+        return tree
+
+    def read_params(self, dtype=None, *, device_put: bool = True) -> dict:
+        """The whole param tree (see :mod:`prinmix_jax.models.llama.params` for the layout)."""
+        tree = self.read_globals(dtype, device_put=device_put)
+        tree["layers"] = {i: self.read_block(i, dtype, device_put=device_put)
+                          for i in range(self.config.num_layers)}
+        return tree
+
+    def close(self) -> None:
+        """Drop the open file handles (memory maps)."""
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_hf_params(path: str | os.PathLike, dtype=None, *, device_put: bool = True) -> dict:
+    """Read a checkpoint folder into a plain param tree without building a model.
+
+    Args:
+      path: Hugging Face checkpoint folder.
+      dtype: cast every tensor to this dtype (e.g. ``jnp.float32``); default keeps the stored dtype.
+      device_put: jax arrays on the default device (default) or host NumPy arrays.
+
+    Returns:
+      Nested dict in the NNX state layout of :class:`CausalLM` (int keys under ``"layers"``).
+    """
+    with CheckpointReader(path) as r:
+        return r.read_params(dtype, device_put=device_put)
+
+
+def read_block(path_or_reader, block: int, dtype=None, *, device_put: bool = True) -> dict:
+    """One decoder block's tensors; see :meth:`CheckpointReader.read_block`.
+
+    Pass a :class:`CheckpointReader` to stream many blocks without re-reading the headers.
+    """
+    if isinstance(path_or_reader, CheckpointReader):
+        return path_or_reader.read_block(block, dtype, device_put=device_put)
+    with CheckpointReader(path_or_reader) as r:
+        return r.read_block(block, dtype, device_put=device_put)
+
+
+def read_globals(path_or_reader, dtype=None, *, device_put: bool = True) -> dict:
+    """The embedding, final norm and (untied) output head; see :meth:`CheckpointReader.read_globals`."""
+    if isinstance(path_or_reader, CheckpointReader):
+        return path_or_reader.read_globals(dtype, device_put=device_put)
+    with CheckpointReader(path_or_reader) as r:
+        return r.read_globals(dtype, device_put=device_put)
+
+
+def load_hf_model(path: str | os.PathLike, dtype=None) -> CausalLM:
+    """Load a Hugging Face checkpoint folder as a Flax NNX :class:`CausalLM`.
+
+    Args:
+      path: folder with config.json and safetensors weights (single file or sharded with index.json).
+      dtype: parameter (and activation) dtype, e.g. ``jnp.float32`` or ``jnp.bfloat16``; default keeps
+        the checkpoint's dtype.
+
+    Returns:
+      The model, with ``model.config`` the :class:`ModelConfig` read from config.json.
+    """
+    with CheckpointReader(path) as r:
+        return model_from_params(r.config, r.read_params(dtype))
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "200MB", "2GiB" (decimal and binary units)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}; use bytes or e.g. '5GB', '500MB'")
+    unit = m.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]] if unit != "B" else 0
+    return int(float(m.group(1)) * base ** power)
+
+
+class CheckpointWriter:
+    """Write a checkpoint tensor by tensor (or block by block), sharding above ``max_shard_size``.
+
+    Only one shard's worth of tensors is held in host memory at a time. :meth:`close` checks that
+    exactly the tensors of ``config`` were written, names the shards, writes the index (when sharded) and
+    config.json. Stale ``model*.safetensors`` files and index in ``path`` are removed first, like
+    ``save_pretrained`` does.
+
+    Args:
+      path: output folder (created).
+      config: the model config written to config.json.
+      dtype: cast every tensor to this dtype (default: keep); recorded in config.json.
+      max_shard_size: bytes or a string like "5GB".
+    """
+
+    def __init__(self, path, config: ModelConfig, *, dtype=None, max_shard_size: int | str = "5GB"):
+        self.path, self.config = os.fspath(path), config
+        self.dtype = _np_dtype(dtype)
+        self.max_shard_size = parse_size(max_shard_size)
+        os.makedirs(self.path, exist_ok=True)
+        for n in os.listdir(self.path):
+            if n in (SAFE_SINGLE, SAFE_INDEX) or _SHARD_RE.match(n):
+                os.remove(os.path.join(self.path, n))
+        self._expected = P.expected_tensors(config)
+        self._pending: dict[str, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []  # (temp file name, names)
+        self._written: set[str] = set()
+        self._dtypes: set[str] = set()
+        self._total = 0
+
+    def add(self, name: str, array) -> None:
+        """Queue one tensor (HF name, HF layout); flushes a shard when the size limit would be passed."""
+        if name not in self._expected:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not part of a {self.config.architecture} "
+                                  f"with this config")
+        if name in self._written or name in self._pending:
+            raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
+        arr = np.asarray(jax.device_get(array))
+        if self.dtype is not None and arr.dtype != self.dtype:
+            arr = arr.astype(self.dtype)
+        if tuple(arr.shape) != self._expected[name][1]:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {arr.shape}, config implies "
+                                  f"{self._expected[name][1]}")
+        if self._pending and self._pending_bytes + arr.nbytes > self.max_shard_size:
+            self._flush()
+        self._pending[name] = np.ascontiguousarray(arr)
+        self._pending_bytes += arr.nbytes
+        self._dtypes.add(jnp.dtype(arr.dtype).name)
+
+    def add_block(self, block: int, block_params: dict) -> None:
+        """Queue every tensor of one decoder block's param subtree."""
+        for suffix, path, _ in P.block_param_table(self.config):
+            self.add(f"model.layers.{block}.{suffix}", P.get_path(block_params, path))
+
+    def add_globals(self, params: dict) -> None:
+        """Queue the embedding, final norm and (untied) output head from a tree holding them."""
+        for name, path, _ in P.global_param_table(self.config):
+            self.add(name, P.get_path(params, path))
+
+    def _flush(self) -> None:
+        tmp = f".tmp-shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, os.path.join(self.path, tmp), metadata={"format": "pt"})
+        self._shards.append((tmp, list(self._pending)))
+        self._written.update(self._pending)
+        self._total += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self, copy_from: str | None = None) -> None:
+        """Finish the checkpoint: last shard, shard names, index.json, config.json.
+
+        Args:
+          copy_from: a checkpoint folder whose tokenizer/generation files (:data:`TOKENIZER_FILES`) are
+            copied next to the weights.
+        """
+        if self._pending:
+            self._flush()
+        missing = sorted(set(self._expected) - self._written)
+        if missing:
+            raise CheckpointError(f"{self.path}: not written: {len(missing)} tensor(s), e.g. {missing[:5]}")
+        n = len(self._shards)
+        weight_map = {}
+        for k, (tmp, names) in enumerate(self._shards):
+            final = SAFE_SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.path, tmp), os.path.join(self.path, final))
+            weight_map.update({nm: final for nm in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self._total},
+                     "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
+            with open(os.path.join(self.path, SAFE_INDEX), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        dtype = self._dtypes.pop() if len(self._dtypes) == 1 else None
+        with open(os.path.join(self.path, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(self.config.to_hf_dict(dtype=dtype), f, indent=2, sort_keys=True)
+        if copy_from and os.path.isdir(copy_from) and os.path.abspath(copy_from) != os.path.abspath(self.path):
+            for fname in TOKENIZER_FILES:
+                src = os.path.join(copy_from, fname)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(self.path, fname))
+
+
+def save_hf_model(model_or_params, path: str | os.PathLike, config_from=None, *, dtype=None,
+                  max_shard_size: int | str = "5GB") -> None:
+    """Write a model or param tree as a Hugging Face checkpoint folder that ``transformers`` loads.
+
+    Args:
+      model_or_params: a :class:`CausalLM` or a param tree in its state layout.
+      path: output folder.
+      config_from: where config.json comes from: a checkpoint folder (its config.json is the template,
+        so unknown keys survive, and its tokenizer/generation files are copied), a :class:`ModelConfig`,
+        or a config.json dict. Default: ``model.config`` when a model is given.
+      dtype: cast every tensor (e.g. ``jnp.bfloat16``); default keeps each array's dtype.
+      max_shard_size: shard above this many bytes (int or "5GB"-style string).
+    """
+    copy_from = None
+    if isinstance(config_from, (str, os.PathLike)):
+        copy_from = os.fspath(config_from)
+        cfg = ModelConfig.from_pretrained_dir(copy_from)
+    elif isinstance(config_from, ModelConfig):
+        cfg = config_from
+    elif isinstance(config_from, dict):
+        cfg = ModelConfig.from_hf_config(config_from, source="config_from")
+    elif config_from is None and isinstance(model_or_params, nnx.Module):
+        cfg = model_or_params.config
+    else:
+        raise ValueError("save_hf_model needs config_from (checkpoint folder, ModelConfig or config dict) "
+                         "when given a param tree")
+    params = params_from_model(model_or_params) if isinstance(model_or_params, nnx.Module) else model_or_params
+    P.check_params(params, cfg)
+    w = CheckpointWriter(path, cfg, dtype=dtype, max_shard_size=max_shard_size)
+    w.add(P.global_param_table(cfg)[0][0], params["embed_tokens"]["weight"])
+    for i in range(cfg.num_layers):
+        w.add_block(i, params["layers"][i])
+    for name, tree_path, _ in P.global_param_table(cfg)[1:]:
+        w.add(name, P.get_path(params, tree_path))
+    w.close(copy_from=copy_from)
