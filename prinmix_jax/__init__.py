@@ -1,1 +1,14 @@
-"""prinmix-jax: PrinMix delta compression of fine-tuned LLMs in JAX/Flax."""
+"""prinmix-jax: PrinMix delta compression of fine-tuned LLMs in JAX/Flax.
+
+The public API is re-exported flat here.
+"""
+from prinmix_jax.allocation import Allocation, allocate_bits, index_cost_bits, milp_solvers_installed
+from prinmix_jax.compress import compress_matrix, output_error
+from prinmix_jax.config import METHODS, CompressionConfig
+from prinmix_jax.core.error_table import error_table
+from prinmix_jax.core.gptq import GPTQResult, gptq_quantize
+from prinmix_jax.core.packing import pack_bits, packed_nbytes, unpack_bits
+from prinmix_jax.core.quantizer import rtn_quantize
+from prinmix_jax.core.rtc import rtc_target, u_hessian
+from prinmix_jax.core.svd import svd_delta, svd_sharded
+from prinmix_jax.formats import CompressedMatrix, LowRankDelta, SignDelta, SVDQuantDelta

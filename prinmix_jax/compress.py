@@ -1,0 +1,227 @@
+"""``compress_matrix``: one delta matrix, end to end (method.md §1–4 and Baselines)."""
+from __future__ import annotations
+
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from prinmix_jax.allocation import _check_solver, allocate_bits, index_cost_bits
+from prinmix_jax.config import METHODS, CompressionConfig
+from prinmix_jax.core.error_table import error_table, select_rows
+from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
+from prinmix_jax.core.packing import pack_bits
+from prinmix_jax.core.rtc import rtc_target, u_hessian
+from prinmix_jax.core.svd import svd_delta
+from prinmix_jax.formats import CompressedMatrix, LowRankDelta, SignDelta, SVDQuantDelta
+
+# Widths of Delta-CoMe by singular-value rank: (count, bits); the rest at 2 bits, then dropped.
+DELTACOME_SCHEDULE = ((2, 8), (32, 3))
+
+
+def _validate(delta, hessian):
+    d = np.asarray(delta)
+    if d.ndim != 2:
+        raise ValueError(f"delta must be a 2-D (out, in) matrix, got shape {d.shape}")
+    if d.size == 0:
+        raise ValueError(f"delta is empty (shape {d.shape})")
+    if not np.issubdtype(d.dtype, np.floating) and d.dtype != jnp.bfloat16:
+        raise ValueError(f"delta must be a floating-point array, got {d.dtype}")
+    d = d.astype(np.float32)
+    if not np.all(np.isfinite(d)):
+        raise ValueError("delta contains NaN or Inf")
+    n = d.shape[1]
+    if hessian is None:
+        return d, None
+    h = np.asarray(hessian)
+    if h.shape != (n, n):
+        raise ValueError(f"hessian must be ({n}, {n}) for a delta with {n} input features, got {h.shape}")
+    h = h.astype(np.float32)
+    if not np.all(np.isfinite(h)):
+        raise ValueError("hessian contains NaN or Inf")
+    return d, h
+
+
+def output_error(delta, approx, hessian=None) -> float:
+    """Relative output error ``‖(ΔW − ΔŴ) X‖ / ‖ΔW X‖`` with ``H = X Xᵀ / N`` (identity if None)."""
+    d = jnp.asarray(delta, jnp.float32)
+    e = d - jnp.asarray(approx, jnp.float32)
+    if hessian is None:
+        num, den = jnp.sum(e * e), jnp.sum(d * d)
+    else:
+        h = jnp.asarray(hessian, jnp.float32)
+        num = jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e)
+        den = jnp.sum(jnp.matmul(d, h, precision=HIGHEST) * d)
+    return float(jnp.sqrt(num / den)) if float(den) > 0 else 0.0
+
+
+def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, method) -> SVDQuantDelta:
+    """Groups the kept indices by width and packs their codes (host side)."""
+    sdt = cfg.scale_jnp_dtype
+    m, n = shape
+    sigma, widths = np.asarray(sigma), np.asarray(widths)
+    vc, vs, vz = np.asarray(v_res.codes), np.asarray(v_res.scale), np.asarray(v_res.zero)
+    uc, us, uz = np.asarray(u_res.codes).T, np.asarray(u_res.scale), np.asarray(u_res.zero)
+    fields = {k: [] for k in ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero")}
+    group_bits, all_w = [], []
+    for b in sorted({int(x) for x in widths}, reverse=True):
+        idx = np.nonzero(widths == b)[0]
+        group_bits.append(b)
+        all_w.append(np.full(idx.size, b, np.uint8))
+        fields["sigma"].append(jnp.asarray(sigma[idx], jnp.float32))
+        fields["v_codes"].append(pack_bits(vc[idx], b))
+        fields["v_scale"].append(jnp.asarray(vs[idx], sdt))
+        fields["v_zero"].append(jnp.asarray(vz[idx], jnp.uint8))
+        fields["u_codes"].append(pack_bits(uc[idx], b))
+        fields["u_scale"].append(jnp.asarray(us[idx], sdt))
+        fields["u_zero"].append(jnp.asarray(uz[idx], jnp.uint8))
+    w = jnp.asarray(np.concatenate(all_w) if all_w else np.zeros(0, np.uint8))
+    return SVDQuantDelta(widths=w, shape=(m, n), group_bits=tuple(group_bits),
+                         group_size=cfg.group_size or max(m, n), method=method,
+                         **{k: tuple(v) for k, v in fields.items()})
+
+
+def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info):
+    """Steps 2–4 of method.md §4 for the kept indices ``widths > 0``."""
+    keep = np.nonzero(widths > 0)[0]
+    kw = widths[keep]
+    if keep.size == 0:
+        empty = GPTQResult(*(np.zeros((0, 0)),) * 5)
+        return _pack_svd(delta.shape, [], kw, empty, empty, cfg, method)
+    sig_k = jnp.asarray(np.asarray(sigma)[keep])
+    v_hat = v_rows.q
+    t = time.perf_counter()
+    if rtc:
+        target, info["rtc_damp"] = rtc_target(delta, h, v_hat, sig_k, cfg.rtc_damp)
+        info["rtc_damp"] = float(info["rtc_damp"])
+    else:
+        target = jnp.asarray(u)[:, keep]
+    g = u_hessian(v_hat, sig_k, h)
+    u_res = gptq_quantize(target, g, jnp.asarray(kw, jnp.int32), cfg.damp, group_size=cfg.group_size,
+                          act_order=cfg.act_order, block_size=cfg.block_size, scale_axis="col",
+                          scale_dtype=cfg.scale_jnp_dtype)
+    info["u_damp"] = float(u_res.damp)
+    info["seconds_u"] = time.perf_counter() - t
+    return _pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
+
+
+def _v_gptq(v, h, bits, cfg):
+    return gptq_quantize(v, h, jnp.asarray(bits, jnp.int32), cfg.damp, group_size=cfg.group_size,
+                         act_order=cfg.act_order, block_size=cfg.block_size, scale_axis="row",
+                         scale_dtype=cfg.scale_jnp_dtype)
+
+
+def compress_matrix(delta, hessian=None, config: CompressionConfig | None = None, method: str = "prinmix",
+                    *, return_info: bool = False):
+    """Compresses one delta matrix under the byte budget ``config.ratio · 2 · m · n``.
+
+    Args:
+      delta: (m, n) ``W_ft − W_base`` in the ``[out, in]`` layout (any float dtype; upcast to f32).
+      hessian: (n, n) input Hessian ``X Xᵀ / N`` or ``None`` for the identity (data-free).
+      config: a :class:`CompressionConfig` (default settings if ``None``).
+      method: ``"prinmix"``, ``"deltacome"``, ``"bitdelta"``, ``"lowrank"`` or ``"uniform"``.
+      return_info: also return a dict of diagnostics (budget, bytes, allocation, timings,
+        damping escalations, relative output error).
+
+    Returns:
+      A compressed matrix (:class:`SVDQuantDelta`, :class:`LowRankDelta` or :class:`SignDelta`),
+      or ``(compressed, info)``.
+
+    Raises:
+      ValueError: bad shapes, NaN/Inf, empty input, an unknown method or solver, or an
+        allocation that is not solved to optimality.
+    """
+    cfg = config if config is not None else CompressionConfig()
+    if not isinstance(cfg, CompressionConfig):
+        raise ValueError(f"config must be a CompressionConfig, got {type(cfg).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_solver(cfg.solver)
+    d_np, h_np = _validate(delta, hessian)
+    m, n = d_np.shape
+    budget = cfg.budget_bits(m, n)
+    info = {"method": method, "shape": (m, n), "budget_bits": budget}
+    t0 = time.perf_counter()
+    d = jnp.asarray(d_np)
+    if method == "bitdelta":
+        cm = SignDelta(signs=pack_bits((d >= 0).astype(jnp.uint8), 1),
+                       scale=jnp.mean(jnp.abs(d)).reshape(1).astype(jnp.float32), shape=(m, n))
+        return _finish(cm, d, h_np, info, t0, return_info)
+    u, sigma, v = svd_delta(d)
+    sig_np = np.asarray(sigma)
+    active = sig_np > 0
+    if method == "lowrank":
+        k = int(min(int(active.sum()), budget // (16 * (m + n))))
+        cm = LowRankDelta(us=(u[:, :k] * sigma[None, :k]).T.astype(jnp.float16),
+                          v=v[:k].astype(jnp.float16), shape=(m, n))
+        return _finish(cm, d, h_np, info, t0, return_info)
+    h = jnp.asarray(h_np) if h_np is not None else jnp.eye(n, dtype=jnp.float32)
+    r = sig_np.shape[0]
+    if method == "deltacome":
+        bits = (0, 2, 3, 8)
+        cost = dict(zip(bits, index_cost_bits(m, n, bits, cfg.group_size, scale_bits=cfg.scale_bits)))
+        widths = np.zeros(r, np.int64)
+        spent, i = 0, 0
+        sched = [b for cnt, b in DELTACOME_SCHEDULE for _ in range(cnt)]
+        while i < r and active[i]:
+            b = sched[i] if i < len(sched) else 2
+            if spent + cost[b] > budget:
+                break
+            widths[i], spent, i = b, spent + cost[b], i + 1
+        keep = np.nonzero(widths > 0)[0]
+        v_rows = _v_gptq(v[keep], h, widths[keep], cfg) if keep.size else None
+    else:  # prinmix, uniform: exact error table, then allocation
+        t = time.perf_counter()
+        e, passes = error_table(v, sigma, h, cfg.damp, widths=cfg.bits, group_size=cfg.group_size,
+                                act_order=cfg.act_order, block_size=cfg.block_size,
+                                scale_dtype=cfg.scale_jnp_dtype)
+        e = np.asarray(e, np.float64)
+        info["seconds_error_table"] = time.perf_counter() - t
+        info["v_damp"] = float(np.max(np.asarray(passes.damp)))
+        costs = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
+        widths = np.zeros(r, np.int64)
+        idx = np.nonzero(active)[0]
+        if method == "prinmix":
+            if 0 not in cfg.bits and idx.size < r:
+                raise ValueError("the delta has zero singular values but bits has no 0 width to drop them")
+            alloc = allocate_bits(e[idx], costs, budget, cfg.bits, max_widths=cfg.max_widths,
+                                  solver=cfg.solver, time_limit=cfg.time_limit)
+            widths[idx] = alloc.widths
+            info.update(allocation_objective=alloc.objective, allocation_seconds=alloc.seconds,
+                        solver=alloc.solver)
+        else:
+            widths[idx] = _uniform_widths(e[idx], costs, budget, cfg.bits)
+        info["error_table_objective"] = float(e[np.arange(r), [cfg.bits.index(b) for b in widths]].sum())
+        keep = np.nonzero(widths > 0)[0]
+        v_rows = select_rows(passes, cfg.bits, keep, widths[keep]) if keep.size else None
+    cm = _svd_quant(d, h, u, sigma, widths, v_rows, cfg, method,
+                    rtc=cfg.rtc and method != "deltacome", info=info)
+    return _finish(cm, d, h_np, info, t0, return_info)
+
+
+def _uniform_widths(e, costs, budget, bits):
+    """One width for the top-k indices: the (width, k) with the least table error under budget."""
+    r = e.shape[0]
+    best, best_w = None, np.zeros(r, np.int64)
+    zero_err = e[:, bits.index(0)] if 0 in bits else None
+    for j, b in enumerate(bits):
+        if b == 0:
+            continue
+        k = min(r, budget // int(costs[j]))
+        if zero_err is None and k < r:
+            continue
+        err = e[:k, j].sum() + (zero_err[k:].sum() if zero_err is not None else 0.0)
+        if best is None or err < best:
+            best, best_w = err, np.where(np.arange(r) < k, b, 0)
+    if best is None:
+        raise ValueError(f"budget of {budget} bits cannot store every index at any width of {bits}; add 0")
+    return best_w
+
+
+def _finish(cm: CompressedMatrix, d, h_np, info, t0, return_info):
+    info["nbytes"] = cm.nbytes
+    info["seconds"] = time.perf_counter() - t0
+    if not return_info:
+        return cm
+    info["rel_output_error"] = output_error(d, cm.reconstruct(), h_np)
+    return cm, info

@@ -1,0 +1,86 @@
+"""Compression settings."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank", "uniform")
+_SCALE_DTYPES = {"float16": jnp.float16, "float32": jnp.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+    """How one delta matrix is compressed.
+
+    Attributes:
+      ratio: storage budget relative to a 16-bit delta (1/16 = one bit per parameter).
+      bits: candidate widths of a singular index; 0 = the index may be dropped.
+      group_size: entries per quantisation scale/zero along each row of V and column of U
+        (``None`` = one group per row/column).
+      rtc: apply Reconstruction Target Correction before quantising U.
+      act_order: GPTQ processes columns by decreasing Hessian diagonal (static groups).
+      damp: GPTQ relative damping (escalated if a Hessian is not positive definite).
+      rtc_damp: relative damping of the RTC least-squares solve.
+      block_size: GPTQ lazy-batch block size (does not change the result).
+      max_widths: optional cap on the number of distinct widths (ILP constraint).
+      solver: CVXPY MILP solver for the allocation (``"HIGHS"``, ``"SCIPY"``, ...).
+      time_limit: optional ILP time limit in seconds (hitting it is an error).
+      scale_dtype: ``"float16"`` or ``"float32"`` storage of quantisation scales.
+    """
+    ratio: float = 1 / 16
+    bits: tuple[int, ...] = (0, 2, 3, 4, 8)
+    group_size: int | None = 128
+    rtc: bool = True
+    act_order: bool = True
+    damp: float = 0.01
+    rtc_damp: float = 1e-4
+    block_size: int = 128
+    max_widths: int | None = None
+    solver: str = "HIGHS"
+    time_limit: float | None = None
+    scale_dtype: str = "float16"
+
+    def __post_init__(self):
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
+                or not math.isfinite(self.ratio) or self.ratio <= 0:
+            raise ValueError(f"ratio must be a finite number > 0, got {self.ratio!r}")
+        try:
+            bits = tuple(sorted({int(b) for b in self.bits}))
+        except (TypeError, ValueError):
+            raise ValueError(f"bits must be a sequence of integers, got {self.bits!r}") from None
+        if any(b < 0 or b > 8 for b in bits):
+            raise ValueError(f"bit widths must be in 0..8, got {bits}")
+        if not any(b > 0 for b in bits):
+            raise ValueError(f"bits {bits} has no nonzero width: at least one width in 1..8 is needed")
+        object.__setattr__(self, "bits", bits)
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
+        for name in ("damp", "rtc_damp"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
+        if self.max_widths is not None and self.max_widths < 1:
+            raise ValueError(f"max_widths must be >= 1 or None, got {self.max_widths!r}")
+        if self.scale_dtype not in _SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ValueError(f"time_limit must be > 0 or None, got {self.time_limit!r}")
+
+    @property
+    def scale_jnp_dtype(self):
+        return _SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def scale_bits(self) -> int:
+        return 8 * jnp.dtype(self.scale_jnp_dtype).itemsize
+
+    def budget_bits(self, m: int, n: int) -> int:
+        """The storage budget ``C = ratio · 16 · m · n`` bits (rounded down)."""
+        return int(math.floor(self.ratio * 16 * m * n + 1e-9))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,72 @@
+"""The exact error table ``e[i, b]`` of the V step (method.md §1–2).
+
+    e[i, b] = σ_i² · (V_i − V̂_i^{(b)}) H (V_i − V̂_i^{(b)})ᵀ,    e[i, 0] = σ_i² · V_i H V_iᵀ
+
+GPTQ's error feedback stays inside a row, so one GPTQ pass of all of V per width gives the
+error of every row at that width; the passes for the different widths run batched (vmap).
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
+
+
+def row_hessian_norms(e, h):
+    """``diag(E H Eᵀ)`` for a batch of row matrices ``e`` (..., r, n)."""
+    return jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e, axis=-1)
+
+
+@partial(jax.jit, static_argnames=("widths", "group_size", "act_order", "block_size", "scale_dtype"))
+def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: int | None = 128,
+                act_order: bool = True, block_size: int = 128, scale_dtype=None):
+    """Error table of every singular index at every candidate width.
+
+    Args:
+      v: (r, n) right singular vectors (rows).
+      sigma: (r,) singular values.
+      h: (n, n) input Hessian (the undamped one is used for the errors).
+      damp: GPTQ relative damping.
+      widths: candidate widths, 0 allowed (static).
+      group_size, act_order, block_size, scale_dtype: GPTQ settings of the V side.
+
+    Returns:
+      ``(e, passes)``: ``e`` (r, len(widths)) float; ``passes`` a :class:`GPTQResult` whose
+      arrays have a leading axis over the nonzero widths (in the order they appear in
+      ``widths``), from which the chosen rows of ``V̂`` are taken.
+    """
+    r = v.shape[0]
+    nz = tuple(b for b in widths if b > 0)
+    bits = jnp.asarray(nz, jnp.int32)[:, None] * jnp.ones((1, r), jnp.int32)
+    passes = jax.vmap(lambda bb: gptq_quantize(v, h, bb, damp, group_size=group_size, act_order=act_order,
+                                               block_size=block_size, scale_axis="row",
+                                               scale_dtype=scale_dtype))(bits)
+    s2 = sigma.astype(v.dtype) ** 2
+    d_nz = row_hessian_norms(v[None] - passes.q, h)                     # (nnz, r)
+    d_0 = row_hessian_norms(v, h)                                       # (r,)
+    cols = []
+    k = 0
+    for b in widths:
+        if b == 0:
+            cols.append(d_0)
+        else:
+            cols.append(d_nz[k])
+            k += 1
+    return s2[:, None] * jnp.stack(cols, axis=1), passes
+
+
+def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
+    """Gathers row ``rows[j]`` of the pass at width ``chosen[j]`` (all chosen widths nonzero).
+
+    Returns:
+      A :class:`GPTQResult` for the selected rows (no leading width axis).
+    """
+    nz = [b for b in widths if b > 0]
+    pass_of = {b: k for k, b in enumerate(nz)}
+    idx = jnp.asarray([pass_of[int(b)] for b in chosen], jnp.int32)
+    rows = jnp.asarray(rows, jnp.int32)
+    return GPTQResult(passes.q[idx, rows], passes.codes[idx, rows], passes.scale[idx, rows],
+                      passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
