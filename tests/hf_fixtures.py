@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 FAMILIES = ("llama3", "mistral", "qwen2", "qwen3", "llama_tied")
+EXTRA_ROPE_FAMILIES = ("llama_yarn", "llama_dynamic")
 
 _COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
@@ -34,6 +35,12 @@ def hf_config(family: str):
     if family == "llama_tied":  # tied embeddings, attention and mlp biases, linear rope scaling
         return tf.LlamaConfig(**_COMMON, tie_word_embeddings=True, attention_bias=True, mlp_bias=True,
                               rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    if family == "llama_yarn":
+        return tf.LlamaConfig(**_COMMON, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16})
+    if family == "llama_dynamic":  # test sequences are longer than max_position_embeddings
+        kw = dict(_COMMON, max_position_embeddings=8)
+        return tf.LlamaConfig(**kw, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     raise ValueError(family)
 
 
@@ -63,12 +70,12 @@ def save_checkpoint(model, path, dtype: str = "float32", max_shard_size=None) ->
     """``save_pretrained`` the model (safetensors) into ``path``, optionally as bf16 or sharded."""
     import torch
 
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    if dtype == "bfloat16":  # a bf16 copy; the float32 model (and its float32 rope buffers) stays as it is
+        import copy
+
+        model = copy.deepcopy(model).to(torch.bfloat16)
     model.save_pretrained(path, safe_serialization=True, **kw)
-    if dtype == "bfloat16":
-        model.to(torch.float32)
     return os.fspath(path)
 
 
@@ -99,3 +106,27 @@ def save_tiny_tokenizer(path) -> None:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
                                    bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(os.fspath(path))
+
+
+_CACHE: dict = {}
+
+
+def cached_checkpoint(root, family: str, dtype: str = "float32", max_shard_size=None):
+    """``(path, float32 torch model)`` for ``family``, built once per process under ``root``.
+
+    For bf16 checkpoints the returned torch model holds the bf16-rounded weights in float32.
+    """
+    key = (os.fspath(root), family, dtype, max_shard_size)
+    if key not in _CACHE:
+        import torch
+
+        from transformers import AutoModelForCausalLM
+
+        model = torch_model(family)
+        name = f"{family}-{dtype}-{max_shard_size or 'single'}"
+        path = save_checkpoint(model, os.path.join(os.fspath(root), name), dtype, max_shard_size)
+        if dtype == "bfloat16":  # reference: the saved bf16 weights, run in float32
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+            model.eval()
+        _CACHE[key] = (path, model)
+    return _CACHE[key]
