@@ -8,6 +8,9 @@ codes are computed, so the stored scale reproduces the quantised values exactly.
 """
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 
 
@@ -57,6 +60,7 @@ def expand_groups(p, cols: int, group_size: int):
     return jnp.repeat(p, group_size, axis=1, total_repeat_length=p.shape[1] * group_size)[:, :cols]
 
 
+@partial(jax.jit, static_argnames=("group_size", "scale_dtype"))
 def rtn_quantize(w, bits, group_size: int | None = None, scale_dtype=None):
     """Round-to-nearest with per-row widths ``bits`` (rows,) and groups of columns.
 

@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from prinmix_jax import pack_bits, packed_nbytes, unpack_bits
+
+
+@pytest.mark.parametrize("word_bits", [8, 32])
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_round_trip_every_width(bits, word_bits):
+    rng = np.random.default_rng(bits)
+    for length in (1, 7, 8, 33, 100):
+        codes = rng.integers(0, 2 ** bits, size=(3, length), dtype=np.uint8)
+        words = pack_bits(codes, bits, word_bits)
+        assert words.dtype == (np.uint8 if word_bits == 8 else np.uint32)
+        assert words.shape == (3, bits * -(-length // word_bits))
+        assert words.shape[1] * word_bits // 8 == packed_nbytes(length, bits, word_bits)
+        np.testing.assert_array_equal(np.asarray(unpack_bits(words, bits, length, word_bits)), codes)
+
+
+def test_packing_is_dense_for_full_words():
+    # 8 values of 3 bits fill exactly 3 bytes: no padding when the row is a multiple of 8.
+    codes = np.arange(8, dtype=np.uint8)
+    words = np.asarray(pack_bits(codes, 3))
+    assert words.shape == (3,)
+    stream = "".join(format(int(w), "08b")[::-1] for w in words)     # LSB-first bit stream
+    assert [int(stream[3 * j:3 * j + 3][::-1], 2) for j in range(8)] == list(range(8))
+
+
+@pytest.mark.parametrize("bad", [0, 9])
+def test_bad_width_raises(bad):
+    with pytest.raises(ValueError, match="bit width"):
+        pack_bits(np.zeros(8, np.uint8), bad)
+
+
+def test_wrong_packed_length_raises():
+    with pytest.raises(ValueError, match="expected"):
+        unpack_bits(np.zeros(5, np.uint8), 2, 8)
