@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import NamedTuple
 
 import cvxpy as cp
@@ -151,7 +152,9 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         cons += [x <= cp.reshape(y, (1, nw), order="C"), cp.sum(y) <= max_widths]
     prob = cp.Problem(cp.Minimize(cp.sum(cp.multiply(e_s, x))), cons)
     try:
-        prob.solve(solver=name, **_solver_kwargs(name, time_limit, solver_options))
+        with warnings.catch_warnings():   # an inaccurate answer is reported below as an error
+            warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+            prob.solve(solver=name, **_solver_kwargs(name, time_limit, solver_options))
     except cp.error.SolverError as exc:
         raise ValueError(f"MILP solver {name} failed: {exc}") from exc
     if prob.status != cp.OPTIMAL:

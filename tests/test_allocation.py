@@ -1,0 +1,113 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from prinmix_jax import allocate_bits, index_cost_bits, milp_solvers_installed
+
+
+def dp_optimum(e, c, budget):
+    """Exact multiple-choice knapsack by dynamic programming over the integer budget."""
+    best = np.zeros(budget + 1)
+    for i in range(e.shape[0]):
+        nxt = np.full(budget + 1, np.inf)
+        for j in range(e.shape[1]):
+            cij = int(c[i, j])
+            if cij <= budget:
+                cand = np.full(budget + 1, np.inf)
+                cand[cij:] = best[: budget + 1 - cij] + e[i, j]
+                nxt = np.minimum(nxt, cand)
+        best = nxt
+    return best[budget]
+
+
+def dp_optimum_capped(e, c, budget, max_widths):
+    """Exact optimum with at most ``max_widths`` distinct widths: DP over each allowed subset."""
+    nw = e.shape[1]
+    return min(dp_optimum(e[:, list(s)], c[:, list(s)], budget)
+               for k in range(1, max_widths + 1) for s in itertools.combinations(range(nw), k))
+
+
+def random_instance(rng):
+    r = int(rng.integers(2, 12))
+    widths = (0, 2, 3, 4, 8)
+    sigma2 = np.sort(rng.pareto(1.5, r) + 0.01)[::-1]
+    d = 4.0 ** -np.asarray(widths, float) * rng.uniform(0.5, 1.5, (r, len(widths)))
+    e = sigma2[:, None] * d
+    base = rng.integers(3, 9, size=(r, 1))
+    c = np.where(np.asarray(widths) == 0, 0, base * np.asarray(widths) + rng.integers(0, 4, (r, len(widths))))
+    budget = int(rng.integers(0, c.sum(1).max() * r // 3 + 1))
+    return e, c, budget, widths
+
+
+@pytest.mark.parametrize("solver", ["HIGHS", "SCIPY"])
+def test_matches_dynamic_programming_on_random_instances(solver):
+    if solver not in milp_solvers_installed():
+        pytest.skip(f"{solver} not installed")
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        e, c, budget, widths = random_instance(rng)
+        alloc = allocate_bits(e, c, budget, widths, solver=solver)
+        assert alloc.cost_bits <= budget
+        assert alloc.objective == pytest.approx(dp_optimum(e, c, budget), rel=1e-7, abs=1e-12)
+        chosen = e[np.arange(e.shape[0]), alloc.choice]
+        assert alloc.objective == pytest.approx(chosen.sum())
+        np.testing.assert_array_equal(alloc.widths, np.asarray(widths)[alloc.choice])
+
+
+def test_highs_and_scipy_agree():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        e, c, budget, widths = random_instance(rng)
+        a = allocate_bits(e, c, budget, widths, solver="HIGHS")
+        b = allocate_bits(e, c, budget, widths, solver="SCIPY")
+        assert a.objective == pytest.approx(b.objective, rel=1e-7, abs=1e-12)
+
+
+def test_cap_on_distinct_widths_matches_exhaustive_optimum():
+    rng = np.random.default_rng(2)
+    for _ in range(15):
+        e, c, budget, widths = random_instance(rng)
+        for cap in (1, 2):
+            alloc = allocate_bits(e, c, budget, widths, max_widths=cap)
+            assert len(set(alloc.widths.tolist())) <= cap
+            assert alloc.objective == pytest.approx(dp_optimum_capped(e, c, budget, cap), rel=1e-7, abs=1e-12)
+
+
+def test_infeasible_budget_names_solver_and_status():
+    e = np.ones((3, 2))
+    with pytest.raises(ValueError, match=r"HIGHS.*infeasible"):
+        allocate_bits(e, np.array([5, 10]), 4, (2, 4))        # no 0 width, budget below 3 x 5
+
+
+def test_unknown_and_missing_solvers():
+    e = np.ones((2, 2))
+    with pytest.raises(ValueError, match="unknown MILP solver 'nope'"):
+        allocate_bits(e, np.array([0, 4]), 8, (0, 2), solver="nope")
+    missing = [s for s in ("GUROBI", "CPLEX", "XPRESS") if s not in milp_solvers_installed()]
+    if missing:
+        with pytest.raises(ValueError, match=f"{missing[0]} is not installed"):
+            allocate_bits(e, np.array([0, 4]), 8, (0, 2), solver=missing[0])
+
+
+def test_time_limit_is_an_error_not_a_zero_answer():
+    rng = np.random.default_rng(3)
+    r, widths = 3000, (0, 1, 2, 3, 4, 5, 6, 8)
+    e = (rng.pareto(1.2, r)[:, None] + 1e-3) * 4.0 ** -np.asarray(widths, float) * rng.uniform(0.5, 1.5, (r, 8))
+    c = np.where(np.asarray(widths) == 0, 0, rng.integers(90, 110, (r, 1)) * np.asarray(widths) + rng.integers(0, 30, (r, 8)))
+    with pytest.raises(ValueError, match=r"HIGHS.*(time|limit)"):
+        allocate_bits(e, c, int(c[:, 2].sum()), widths, max_widths=3, time_limit=1e-3)
+
+
+def test_bad_tables():
+    with pytest.raises(ValueError, match="finite"):
+        allocate_bits(np.array([[np.nan, 1.0]]), np.array([0, 2]), 4, (0, 2))
+    with pytest.raises(ValueError, match=r"errors must be \(r, 2\)"):
+        allocate_bits(np.ones((2, 3)), np.array([0, 2]), 4, (0, 2))
+
+
+def test_index_cost_is_byte_exact_formula():
+    # 2 bits, m=10, n=17, g=8: codes 2*(2+3) bytes, groups (2+3)*(2 bytes scale + 1 zero), σ 4, width 1.
+    c = index_cost_bits(10, 17, (0, 2), 8)
+    assert c[0] == 0
+    assert c[1] == 8 * (2 * (2 + 3) + (2 + 3) * 3 + 4 + 1)
