@@ -11,6 +11,9 @@ Supported architectures: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM,
   sequential mode) produce the per-layer input Hessians ``H = X Xᵀ / N``.
 """
 
+from prinmix_jax.models.calibration import (
+    HESSIAN_KEYS, BlockHessians, block_forward, block_forward_with_hessians, collect_hessians,
+    collect_hessians_sequential, embed, final_logits, tokenize_calibration)
 from prinmix_jax.models.config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeConfig
 from prinmix_jax.models.errors import CalibrationDataError, CheckpointError, UnsupportedArchitectureError
 from prinmix_jax.models.hf_io import (
@@ -28,4 +31,6 @@ __all__ = [
     "CausalLM", "layer_from_params", "model_from_params", "params_from_model",
     "HESSIAN_FOR_LINEAR", "LINEAR_NAMES", "check_params", "get_linear", "hf_name", "iter_block_linears",
     "linear_names", "linear_path", "set_linear",
+    "HESSIAN_KEYS", "BlockHessians", "block_forward", "block_forward_with_hessians", "collect_hessians",
+    "collect_hessians_sequential", "embed", "final_logits", "tokenize_calibration",
 ]

@@ -418,7 +418,8 @@ def collect_hessians_sequential(
 
     reader = params_or_reader if isinstance(params_or_reader, CheckpointReader) else None
     if reader is not None:
-        h = embed(reader.read_globals(dtype), config, ids)
+        h = embed({"embed_tokens": {"weight": jnp.asarray(reader.read("model.embed_tokens.weight", dtype))}},
+                  config, ids)
     else:
         h = embed(params_or_reader, config, ids)
     out = []
