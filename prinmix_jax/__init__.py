@@ -3,7 +3,7 @@
 The public API is re-exported flat here.
 """
 from prinmix_jax.allocation import Allocation, allocate_bits, index_cost_bits, milp_solvers_installed
-from prinmix_jax.compress import compress_matrix, output_error
+from prinmix_jax.compress import compress_matrix, compress_stack, output_error
 from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.core.error_table import error_table
 from prinmix_jax.core.gptq import GPTQResult, gptq_quantize
@@ -11,5 +11,5 @@ from prinmix_jax.core.packing import pack_bits, packed_nbytes, unpack_bits
 from prinmix_jax.core.quantizer import rtn_quantize
 from prinmix_jax.core.rtc import rtc_target, u_hessian
 from prinmix_jax.core.svd import svd_delta, svd_sharded
-from prinmix_jax.formats import CompressedMatrix, LowRankDelta, SignDelta, SVDQuantDelta
+from prinmix_jax.formats import CompressedMatrix, LowRankDelta, SignDelta, SVDQuantDelta, from_state, to_state
 from prinmix_jax.models import (BlockHessians, CalibrationDataError, CausalLM, CheckpointError, CheckpointReader, CheckpointWriter, HESSIAN_FOR_LINEAR, LINEAR_NAMES, ModelConfig, UnsupportedArchitectureError, block_forward, block_forward_with_hessians, collect_hessians, collect_hessians_sequential, get_linear, hf_name, iter_block_linears, linear_names, load_hf_model, load_hf_params, read_block, read_globals, save_hf_model, set_linear, tokenize_calibration)

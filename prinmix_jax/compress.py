@@ -1,10 +1,13 @@
 """``compress_matrix``: one delta matrix, end to end (method.md §1–4 and Baselines)."""
 from __future__ import annotations
 
+import functools
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prinmix_jax.allocation import _check_solver, allocate_bits, index_cost_bits
 from prinmix_jax.config import METHODS, CompressionConfig
@@ -12,7 +15,6 @@ from prinmix_jax.core.error_table import error_table, select_rows
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.core.rtc import rtc_target, u_hessian
-from prinmix_jax.core.svd import svd_delta
 from prinmix_jax.formats import CompressedMatrix, LowRankDelta, SignDelta, SVDQuantDelta
 
 # Widths of Delta-CoMe by singular-value rank: (count, bits); the rest at 2 bits, then dropped.
@@ -105,12 +107,6 @@ def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc,
     return _pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
 
 
-def _v_gptq(v, h, bits, cfg):
-    return gptq_quantize(v, h, jnp.asarray(bits, jnp.int32), cfg.damp, group_size=cfg.group_size,
-                         act_order=cfg.act_order, block_size=cfg.block_size, scale_axis="row",
-                         scale_dtype=cfg.scale_jnp_dtype)
-
-
 def compress_matrix(delta, hessian=None, config: CompressionConfig | None = None, method: str = "prinmix",
                     *, return_info: bool = False):
     """Compresses one delta matrix under the byte budget ``config.ratio · 2 · m · n``.
@@ -131,72 +127,190 @@ def compress_matrix(delta, hessian=None, config: CompressionConfig | None = None
       ValueError: bad shapes, NaN/Inf, empty input, an unknown method or solver, or an
         allocation that is not solved to optimality.
     """
+    mesh = Mesh(np.asarray(jax.devices()[:1]), (BATCH_AXIS,))
+    out = compress_stack([delta], None if hessian is None else [hessian], config, method, mesh=mesh,
+                         return_info=return_info)
+    return out[0]
+
+
+def compress_stack(deltas, hessians=None, config: CompressionConfig | None = None, method: str = "prinmix",
+                   *, mesh: Mesh | None = None, return_info: bool = False) -> list:
+    """Compresses a stack of same-shape deltas; the heavy steps run sharded over ``mesh``.
+
+    The SVDs and the error tables (or Delta-CoMe's V-side GPTQ) of all matrices run as one
+    ``jax.jit``-compiled, vmapped program whose batch axis is sharded over the mesh (padded to a
+    multiple of the device count). The allocations (CVXPY, host) and the U step follow per matrix.
+    Each result equals :func:`compress_matrix` of that matrix.
+
+    Args:
+      deltas: sequence of (m, n) arrays, or one (B, m, n) array.
+      hessians: matching sequence of (n, n) Hessians, one (B, n, n) array, or ``None``.
+      config, method: as in :func:`compress_matrix`.
+      mesh: a 1-D :class:`jax.sharding.Mesh` (axis name ``"batch"``); default all devices.
+      return_info: return ``(compressed, info)`` pairs.
+
+    Returns:
+      A list with one compressed matrix (or pair) per input.
+    """
     cfg = config if config is not None else CompressionConfig()
     if not isinstance(cfg, CompressionConfig):
         raise ValueError(f"config must be a CompressionConfig, got {type(cfg).__name__}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     _check_solver(cfg.solver)
-    d_np, h_np = _validate(delta, hessian)
-    m, n = d_np.shape
+    if len(deltas) == 0:
+        return []
+    if hessians is not None and len(hessians) != len(deltas):
+        raise ValueError(f"got {len(deltas)} deltas but {len(hessians)} hessians")
+    pairs = [_validate(d, None if hessians is None else hessians[i]) for i, d in enumerate(deltas)]
+    shapes = {p[0].shape for p in pairs}
+    if len(shapes) != 1:
+        raise ValueError(f"compress_stack needs same-shape deltas, got shapes {sorted(shapes)}")
+    m, n = pairs[0][0].shape
     budget = cfg.budget_bits(m, n)
-    info = {"method": method, "shape": (m, n), "budget_bits": budget}
     t0 = time.perf_counter()
-    d = jnp.asarray(d_np)
+    infos = [{"method": method, "shape": (m, n), "budget_bits": budget} for _ in pairs]
     if method == "bitdelta":
-        cm = SignDelta(signs=pack_bits((d >= 0).astype(jnp.uint8), 1),
-                       scale=jnp.mean(jnp.abs(d)).reshape(1).astype(jnp.float32), shape=(m, n))
-        return _finish(cm, d, h_np, info, t0, return_info)
-    u, sigma, v = svd_delta(d)
+        out = []
+        for (d_np, h_np), info in zip(pairs, infos):
+            d = jnp.asarray(d_np)
+            cm = SignDelta(signs=pack_bits((d >= 0).astype(jnp.uint8), 1),
+                           scale=jnp.mean(jnp.abs(d)).reshape(1).astype(jnp.float32), shape=(m, n))
+            out.append(_finish(cm, d, h_np, info, t0, return_info))
+        return out
+    mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
+    d_stack = np.stack([p[0] for p in pairs])
+    data_free = hessians is None
+    h_stack = None if data_free else np.stack([p[1] for p in pairs])
+    u, sigma, v = _run_sharded(_svd_fn(), mesh, d_stack)
     sig_np = np.asarray(sigma)
-    active = sig_np > 0
+    r = sig_np.shape[1]
     if method == "lowrank":
-        k = int(min(int(active.sum()), budget // (16 * (m + n))))
-        cm = LowRankDelta(us=(u[:, :k] * sigma[None, :k]).T.astype(jnp.float16),
-                          v=v[:k].astype(jnp.float16), shape=(m, n))
-        return _finish(cm, d, h_np, info, t0, return_info)
-    h = jnp.asarray(h_np) if h_np is not None else jnp.eye(n, dtype=jnp.float32)
-    r = sig_np.shape[0]
+        out = []
+        for i, ((d_np, h_np), info) in enumerate(zip(pairs, infos)):
+            k = int(min(int((sig_np[i] > 0).sum()), budget // (16 * (m + n))))
+            cm = LowRankDelta(us=(u[i, :, :k] * sigma[i, None, :k]).T.astype(jnp.float16),
+                              v=v[i, :k].astype(jnp.float16), shape=(m, n))
+            out.append(_finish(cm, jnp.asarray(d_np), h_np, info, t0, return_info))
+        return out
+    h_all = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (len(pairs), n, n)) if data_free else h_stack
+    gkw = dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
+               scale_dtype=cfg.scale_jnp_dtype)
+    t = time.perf_counter()
     if method == "deltacome":
-        bits = (0, 2, 3, 8)
-        cost = dict(zip(bits, index_cost_bits(m, n, bits, cfg.group_size, scale_bits=cfg.scale_bits)))
-        widths = np.zeros(r, np.int64)
-        spent, i = 0, 0
-        sched = [b for cnt, b in DELTACOME_SCHEDULE for _ in range(cnt)]
-        while i < r and active[i]:
-            b = sched[i] if i < len(sched) else 2
-            if spent + cost[b] > budget:
-                break
-            widths[i], spent, i = b, spent + cost[b], i + 1
-        keep = np.nonzero(widths > 0)[0]
-        v_rows = _v_gptq(v[keep], h, widths[keep], cfg) if keep.size else None
-    else:  # prinmix, uniform: exact error table, then allocation
-        t = time.perf_counter()
-        e, passes = error_table(v, sigma, h, cfg.damp, widths=cfg.bits, group_size=cfg.group_size,
-                                act_order=cfg.act_order, block_size=cfg.block_size,
-                                scale_dtype=cfg.scale_jnp_dtype)
-        e = np.asarray(e, np.float64)
-        info["seconds_error_table"] = time.perf_counter() - t
-        info["v_damp"] = float(np.max(np.asarray(passes.damp)))
-        costs = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
-        widths = np.zeros(r, np.int64)
-        idx = np.nonzero(active)[0]
-        if method == "prinmix":
-            if 0 not in cfg.bits and idx.size < r:
-                raise ValueError("the delta has zero singular values but bits has no 0 width to drop them")
-            alloc = allocate_bits(e[idx], costs, budget, cfg.bits, max_widths=cfg.max_widths,
-                                  solver=cfg.solver, time_limit=cfg.time_limit)
-            widths[idx] = alloc.widths
-            info.update(allocation_objective=alloc.objective, allocation_seconds=alloc.seconds,
-                        solver=alloc.solver)
+        widths = np.stack([_deltacome_widths(s, m, n, budget, cfg) for s in sig_np])
+        v_res = _run_sharded(_v_gptq_fn(**gkw), mesh, v, h_all, np.maximum(widths, 1), np.float32(cfg.damp))
+        tables = None
+    else:
+        e, passes = _run_sharded(_error_table_fn(widths=cfg.bits, **gkw), mesh, v, sigma, h_all,
+                                 np.float32(cfg.damp))
+        tables = np.asarray(e, np.float64)
+    t_stage1 = (time.perf_counter() - t) / len(pairs)
+    costs = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
+    out = []
+    for i, ((d_np, h_np), info) in enumerate(zip(pairs, infos)):
+        t1 = time.perf_counter()
+        active = sig_np[i] > 0
+        info["seconds_stage1"] = t_stage1
+        if tables is None:
+            w = widths[i]
+            keep = np.nonzero(w > 0)[0]
+            v_rows = _take(v_res, i, keep)
+            info["v_damp"] = float(np.asarray(v_res.damp)[i])
         else:
-            widths[idx] = _uniform_widths(e[idx], costs, budget, cfg.bits)
-        info["error_table_objective"] = float(e[np.arange(r), [cfg.bits.index(b) for b in widths]].sum())
-        keep = np.nonzero(widths > 0)[0]
-        v_rows = select_rows(passes, cfg.bits, keep, widths[keep]) if keep.size else None
-    cm = _svd_quant(d, h, u, sigma, widths, v_rows, cfg, method,
-                    rtc=cfg.rtc and method != "deltacome", info=info)
-    return _finish(cm, d, h_np, info, t0, return_info)
+            e_i = tables[i]
+            w = np.zeros(r, np.int64)
+            idx = np.nonzero(active)[0]
+            if method == "prinmix":
+                if 0 not in cfg.bits and idx.size < r:
+                    raise ValueError("the delta has zero singular values but bits has no 0 width to drop them")
+                alloc = allocate_bits(e_i[idx], costs, budget, cfg.bits, max_widths=cfg.max_widths,
+                                      solver=cfg.solver, time_limit=cfg.time_limit)
+                w[idx] = alloc.widths
+                info.update(allocation_objective=alloc.objective, allocation_seconds=alloc.seconds,
+                            solver=alloc.solver)
+            else:
+                w[idx] = _uniform_widths(e_i[idx], costs, budget, cfg.bits)
+            info["error_table_objective"] = float(e_i[np.arange(r), [cfg.bits.index(b) for b in w]].sum())
+            info["v_damp"] = float(np.max(np.asarray(passes.damp)[i]))
+            keep = np.nonzero(w > 0)[0]
+            v_rows = select_rows(jax.tree.map(lambda a: a[i], passes), cfg.bits, keep, w[keep])
+        d = jnp.asarray(d_np)
+        h = jnp.asarray(h_all[i])
+        cm = _svd_quant(d, h, u[i], sigma[i], w, v_rows, cfg, method,
+                        rtc=cfg.rtc and method != "deltacome", info=info)
+        info["seconds_stage2"] = time.perf_counter() - t1
+        out.append(_finish(cm, d, h_np, info, t0, return_info))
+    return out
+
+
+BATCH_AXIS = "batch"
+
+
+@functools.lru_cache(maxsize=None)
+def _svd_fn():
+    return lambda d: jnp.linalg.svd(d, full_matrices=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _error_table_fn(**kw):
+    return lambda v, s, h, damp: error_table(v, s, h, damp, **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _v_gptq_fn(**kw):
+    return lambda v, h, bits, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, mesh, n_batched):
+    sh = NamedSharding(mesh, P(BATCH_AXIS))
+    rep = NamedSharding(mesh, P())
+    in_axes = (0,) * n_batched + (None,)
+    if n_batched == 1:
+        return jax.jit(jax.vmap(fn), in_shardings=sh, out_shardings=sh)
+    return jax.jit(jax.vmap(fn, in_axes=in_axes), in_shardings=(sh,) * n_batched + (rep,), out_shardings=sh)
+
+
+def _run_sharded(fn, mesh: Mesh, *args):
+    """Runs ``vmap(fn)`` over the leading axis of the array arguments, sharded over ``mesh``.
+
+    All arguments but a trailing scalar are batched. The batch is padded to a multiple of the
+    device count with copies of its first element, and the padding is dropped from the result.
+    """
+    if mesh.axis_names != (BATCH_AXIS,):
+        raise ValueError(f"mesh must be 1-D with axis name {BATCH_AXIS!r}, got axes {mesh.axis_names}")
+    scalar = args[-1] if np.ndim(args[-1]) == 0 and len(args) > 1 else None
+    batched = args[:-1] if scalar is not None else args
+    b = batched[0].shape[0]
+    pad = (-b) % mesh.size
+    if pad:
+        batched = [jnp.concatenate([jnp.asarray(a), jnp.repeat(jnp.asarray(a)[:1], pad, axis=0)]) for a in batched]
+    sh = NamedSharding(mesh, P(BATCH_AXIS))
+    batched = [jax.device_put(a, sh) for a in batched]
+    call = _compiled(fn, mesh, len(batched))
+    res = call(*batched) if scalar is None else call(*batched, scalar)
+    return jax.tree.map(lambda x: x[:b], res)
+
+
+def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
+    rows = jnp.asarray(rows, jnp.int32)
+    return GPTQResult(res.q[i][rows], res.codes[i][rows], res.scale[i][rows], res.zero[i][rows], res.damp[i])
+
+
+def _deltacome_widths(sig, m, n, budget, cfg):
+    """Delta-CoMe's widths by σ rank (8 bits ×2, 3 bits ×32, then 2 bits) until the budget is full."""
+    bits = (0, 2, 3, 8)
+    cost = dict(zip(bits, index_cost_bits(m, n, bits, cfg.group_size, scale_bits=cfg.scale_bits)))
+    widths = np.zeros(sig.shape[0], np.int64)
+    sched = [b for cnt, b in DELTACOME_SCHEDULE for _ in range(cnt)]
+    spent = 0
+    for i in range(sig.shape[0]):
+        b = sched[i] if i < len(sched) else 2
+        if sig[i] <= 0 or spent + cost[b] > budget:
+            break
+        widths[i], spent = b, spent + cost[b]
+    return widths
 
 
 def _uniform_widths(e, costs, budget, bits):

@@ -156,3 +156,61 @@ for _cls in (SVDQuantDelta, LowRankDelta, SignDelta):
 
 #: Any compressed matrix.
 CompressedMatrix = SVDQuantDelta | LowRankDelta | SignDelta
+
+
+_CLASSES = {"SVDQuantDelta": SVDQuantDelta, "LowRankDelta": LowRankDelta, "SignDelta": SignDelta}
+_TUPLE_FIELDS = ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero")
+
+
+def to_state(cm: CompressedMatrix) -> tuple[dict, dict]:
+    """Splits a compressed matrix into a flat dict of numpy arrays and a JSON-able metadata dict.
+
+    Array keys are field names, with ``"<field>_<b>"`` (b = the group's width) for the per-width
+    groups of :class:`SVDQuantDelta`. :func:`from_state` inverts it exactly.
+    """
+    kind = type(cm).__name__
+    if kind not in _CLASSES:
+        raise TypeError(f"not a compressed matrix: {type(cm).__name__}")
+    meta = {"format": kind, "method": cm.method, "shape": [int(x) for x in cm.shape], "nbytes": cm.nbytes}
+    arrays = {}
+    for f in dataclasses.fields(cm):
+        val = getattr(cm, f.name)
+        if f.metadata.get("static"):
+            meta[f.name] = list(val) if isinstance(val, tuple) else val
+        elif isinstance(val, tuple):
+            for b, a in zip(cm.group_bits, val):
+                arrays[f"{f.name}_{b}"] = np.asarray(a)
+        else:
+            arrays[f.name] = np.asarray(val)
+    return arrays, meta
+
+
+def from_state(arrays: dict, meta: dict) -> CompressedMatrix:
+    """Rebuilds a compressed matrix from :func:`to_state`'s output (validating the fields)."""
+    kind = meta.get("format")
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown compressed-matrix format {kind!r}; known: {sorted(_CLASSES)}")
+    cls = _CLASSES[kind]
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("static"):
+            if f.name not in meta:
+                raise ValueError(f"{kind} metadata lacks {f.name!r}")
+            v = meta[f.name]
+            kw[f.name] = tuple(v) if isinstance(v, list) else v
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("static"):
+            continue
+        if f.name in _TUPLE_FIELDS and kind == "SVDQuantDelta":
+            keys = [f"{f.name}_{b}" for b in kw["group_bits"]]
+        else:
+            keys = [f.name]
+        missing = [k for k in keys if k not in arrays]
+        if missing:
+            raise ValueError(f"{kind} state lacks arrays {missing}")
+        vals = tuple(jnp.asarray(arrays[k]) for k in keys)
+        kw[f.name] = vals if (f.name in _TUPLE_FIELDS and kind == "SVDQuantDelta") else vals[0]
+    cm = cls(**kw)
+    if "nbytes" in meta and cm.nbytes != meta["nbytes"]:
+        raise ValueError(f"{kind} arrays hold {cm.nbytes} bytes but the metadata records {meta['nbytes']}")
+    return cm
