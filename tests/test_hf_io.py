@@ -149,6 +149,11 @@ def _rewrite(ckpt, fn):
 
 
 def test_missing_config_json(ckpt, tmp_path):
+    (ckpt / "config.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        load_hf_model(ckpt)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        load_hf_model(ckpt / "model.safetensors")
     os.remove(ckpt / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf_model(ckpt)
@@ -171,6 +176,17 @@ def test_extra_tensor(ckpt):
 def test_ignorable_rotary_buffer_is_accepted(ckpt):
     _rewrite(ckpt, lambda t: {**t, "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros((4,), np.float32)})
     assert "rotary_emb" not in str(load_hf_params(ckpt)["layers"][0].keys())
+
+
+def test_redundant_tied_head(root, tmp_path):
+    path, _ = F.cached_checkpoint(root, "llama_tied")
+    dst = tmp_path / "tied"
+    shutil.copytree(path, dst)
+    _rewrite(dst, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"]})
+    assert "lm_head" not in load_hf_params(dst)  # an identical copy of the tied head is accepted
+    _rewrite(dst, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"] + 1})
+    with pytest.raises(CheckpointError, match="tie_word_embeddings is true but 'lm_head.weight' differs"):
+        load_hf_params(dst)
 
 
 def test_shape_disagrees_with_config(ckpt):

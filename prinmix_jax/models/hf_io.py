@@ -64,7 +64,8 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"checkpoint folder {self.path!r} does not exist")
+            what = "is a file, not a folder" if os.path.exists(self.path) else "does not exist"
+            raise FileNotFoundError(f"checkpoint folder {self.path!r} {what}")
         self.config = ModelConfig.from_pretrained_dir(self.path)
         self._handles: dict[str, Any] = {}
         self._where = self._locate_tensors()
