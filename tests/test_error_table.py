@@ -1,0 +1,60 @@
+"""The error table is exact: its entries are the directly measured V-step errors (method.md §1–2)."""
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.synthetic import long_tailed_delta
+from prinmix_jax import error_table, gptq_quantize, svd_delta
+from prinmix_jax.core.error_table import select_rows
+
+WIDTHS = (0, 2, 3, 4, 8)
+
+
+def _setup(m=48, n=80, seed=0):
+    d, _, x = long_tailed_delta(m, n, seed=seed, tokens=400, return_x=True)
+    x = x.astype(np.float32)
+    h = (x @ x.T / x.shape[1]).astype(np.float32)
+    u, s, v = svd_delta(jnp.asarray(d))
+    return np.asarray(u, np.float64), np.asarray(s, np.float64), v, h, x.astype(np.float64)
+
+
+def _v_step_error(u, s, v, v_hat, x):
+    """‖U Σ V X − U Σ V̂ X‖² / N computed from the activations themselves."""
+    diff = (u * s) @ (np.asarray(v, np.float64) - v_hat) @ x
+    return np.sum(diff ** 2) / x.shape[1]
+
+
+def test_entries_equal_directly_measured_v_step_error():
+    u, s, v, h, x = _setup()
+    e, passes = error_table(v, jnp.asarray(s, jnp.float32), jnp.asarray(h), 0.01, widths=WIDTHS, group_size=16)
+    e = np.asarray(e, np.float64)
+    v64 = np.asarray(v, np.float64)
+    r = s.shape[0]
+    rng = np.random.default_rng(0)
+    for i in rng.choice(r, 6, replace=False):               # one row changed, every width
+        for j, b in enumerate(WIDTHS):
+            v_hat = v64.copy()
+            v_hat[i] = 0.0 if b == 0 else np.asarray(passes.q[WIDTHS[1:].index(b), i])
+            np.testing.assert_allclose(_v_step_error(u, s, v, v_hat, x), e[i, j], rtol=2e-3, atol=1e-9)
+
+
+def test_mixed_allocation_error_is_the_sum_of_its_entries():
+    """Rows are independent: a GPTQ run with mixed per-row widths has error Σ e[i, b_i]."""
+    u, s, v, h, x = _setup(seed=1)
+    e, passes = error_table(v, jnp.asarray(s, jnp.float32), jnp.asarray(h), 0.01, widths=WIDTHS, group_size=16)
+    e = np.asarray(e, np.float64)
+    r = s.shape[0]
+    widths = np.random.default_rng(1).choice(WIDTHS[1:], r)
+    mixed = gptq_quantize(v, jnp.asarray(h), jnp.asarray(widths), 0.01, group_size=16, act_order=True)
+    sel = select_rows(passes, WIDTHS, np.arange(r), widths)
+    np.testing.assert_allclose(np.asarray(mixed.q), np.asarray(sel.q), rtol=0, atol=1e-6)
+    measured = _v_step_error(u, s, v, np.asarray(mixed.q, np.float64), x)
+    table = e[np.arange(r), [WIDTHS.index(b) for b in widths]].sum()
+    np.testing.assert_allclose(measured, table, rtol=2e-3)
+
+
+def test_more_bits_never_more_error_on_average():
+    _, s, v, h, _ = _setup(seed=2)
+    e = np.asarray(error_table(v, jnp.asarray(s, jnp.float32), jnp.asarray(h), 0.01, widths=WIDTHS,
+                               group_size=16)[0])
+    totals = e.sum(0)
+    assert np.all(np.diff(totals) < 0)
