@@ -1,0 +1,167 @@
+"""compress_matrix end to end: quality ordering, byte accounting, pytree form, bad input."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.synthetic import long_tailed_delta
+from prinmix_jax import (METHODS, CompressionConfig, SVDQuantDelta, allocate_bits, compress_matrix,
+                         compress_stack, from_state, index_cost_bits, to_state)
+from prinmix_jax.compress import _pack_svd
+from prinmix_jax.core.gptq import GPTQResult
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (704, 256), (128, 256)])
+def test_method_ordering_at_one_sixteenth(shape):
+    d, h = long_tailed_delta(*shape, seed=sum(shape))
+    cfg = CompressionConfig(ratio=1 / 16)
+    err, table = {}, {}
+    for method in METHODS:
+        cm, info = compress_matrix(d, h, cfg, method, return_info=True)
+        err[method] = info["rel_output_error"]
+        table[method] = info.get("error_table_objective")
+        assert cm.method == method
+    assert err["prinmix"] < err["deltacome"] < err["lowrank"], err
+    assert err["prinmix"] < err["bitdelta"], err
+    # The ILP is optimal for the V-step error it models: no uniform width does better there.
+    # (End to end, after RTC and the U step, uniform can come close; it is not asserted.)
+    assert table["prinmix"] <= table["uniform"] * (1 + 1e-9), table
+
+
+def _leaf_bytes(cm):
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(cm))
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (344, 128), (64, 448), (8, 8), (1, 40)])
+@pytest.mark.parametrize("method", METHODS)
+def test_nbytes_is_the_stored_bytes_and_within_budget(shape, method):
+    d, h = long_tailed_delta(*shape, seed=3)
+    cfg = CompressionConfig(group_size=32)
+    cm = compress_matrix(d, h, cfg, method)
+    assert cm.nbytes == _leaf_bytes(cm)
+    budget = cfg.ratio * 2 * shape[0] * shape[1]
+    slack = 4 if method == "bitdelta" else 0      # BitDelta: 1 bit/param plus its one float32 scale
+    if method == "bitdelta":
+        assert cm.nbytes == shape[0] * -(-shape[1] // 8) + 4
+    else:
+        assert cm.nbytes <= budget + slack
+    assert cm.reconstruct().shape == shape
+
+
+@pytest.mark.parametrize("shape", [(11008, 4096), (512, 3584), (4096, 4096)])
+def test_real_model_shapes_pack_within_budget(shape):
+    """Allocation + packing at real LLM shapes (no GPTQ: codes are synthetic)."""
+    m, n = shape
+    cfg = CompressionConfig()
+    r = min(m, n)
+    sigma = np.arange(1, r + 1, dtype=np.float64) ** -0.8
+    e = sigma[:, None] ** 2 * 4.0 ** -np.asarray(cfg.bits, float)
+    costs = index_cost_bits(m, n, cfg.bits, cfg.group_size)
+    budget = cfg.budget_bits(m, n)
+    alloc = allocate_bits(e, costs, budget, cfg.bits)
+    keep = np.nonzero(alloc.widths)[0]
+    w = alloc.widths[keep]
+    k = keep.size
+    rng = np.random.default_rng(0)
+    codes_v = (rng.integers(0, 256, (k, n)) % (2 ** w[:, None])).astype(np.uint8)
+    codes_u = (rng.integers(0, 256, (m, k)) % (2 ** w[None, :])).astype(np.uint8)
+    g = cfg.group_size
+    v_res = GPTQResult(None, codes_v, np.ones((k, -(-n // g))), np.zeros((k, -(-n // g))), None)
+    u_res = GPTQResult(None, codes_u, np.ones((k, -(-m // g))), np.zeros((k, -(-m // g))), None)
+    cm = _pack_svd((m, n), sigma[keep], w, v_res, u_res, cfg, "prinmix")
+    assert cm.nbytes == _leaf_bytes(cm) == alloc.cost_bits // 8
+    assert cm.nbytes <= cfg.ratio * 2 * m * n
+
+
+def test_compressed_matrix_is_a_pytree_and_round_trips_through_state():
+    d, h = long_tailed_delta(64, 96, seed=4)
+    cm = compress_matrix(d, h, CompressionConfig(group_size=32))
+    assert isinstance(cm, SVDQuantDelta)
+    leaves, treedef = jax.tree.flatten(cm)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    again = jax.tree.unflatten(treedef, leaves)
+    np.testing.assert_array_equal(again.reconstruct(), cm.reconstruct())
+    doubled = jax.jit(lambda c: c.reconstruct())(cm)            # static widths: traceable
+    np.testing.assert_allclose(doubled, cm.reconstruct(), rtol=1e-6, atol=1e-7)
+    arrays, meta = to_state(cm)
+    back = from_state(arrays, meta)
+    np.testing.assert_array_equal(back.reconstruct(), cm.reconstruct())
+    assert back.nbytes == cm.nbytes
+    arrays.pop(next(iter(arrays)))
+    with pytest.raises(ValueError, match="lacks arrays"):
+        from_state(arrays, meta)
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32)
+    np.testing.assert_allclose(cm.apply(x), x @ np.asarray(cm.reconstruct()).T, rtol=1e-4, atol=1e-5)
+
+
+def test_bits_reports_kept_widths_in_sigma_order_and_respects_max_widths():
+    d, h = long_tailed_delta(96, 128, seed=5)
+    cm = compress_matrix(d, h, CompressionConfig(group_size=32, max_widths=2))
+    assert len(set(cm.bits.tolist())) <= 2
+    assert cm.bits.size == cm.rank > 0
+    assert set(cm.bits.tolist()) <= {2, 3, 4, 8}
+
+
+def test_all_zero_delta_compresses_to_zero():
+    for method in METHODS:
+        cm = compress_matrix(np.zeros((16, 24), np.float32), None, CompressionConfig(group_size=8), method)
+        assert np.all(np.asarray(cm.reconstruct()) == 0), method
+
+
+def test_data_free_and_bfloat16_input():
+    d, _ = long_tailed_delta(64, 64, seed=6)
+    cm, info = compress_matrix(jnp.asarray(d, jnp.bfloat16), None, CompressionConfig(group_size=32),
+                               return_info=True)
+    assert info["rel_output_error"] < 0.6
+    assert cm.nbytes <= 64 * 64 * 2 / 16
+
+
+def test_stack_equals_single_matrices_on_eight_devices():
+    assert len(jax.devices()) == 8
+    pairs = [long_tailed_delta(32, 48, seed=s) for s in range(3)]       # 3 -> padded to 8
+    cfg = CompressionConfig(group_size=16)
+    for method in ("prinmix", "deltacome"):
+        stacked = compress_stack([p[0] for p in pairs], [p[1] for p in pairs], cfg, method)
+        for cm, (d, h) in zip(stacked, pairs):
+            single = compress_matrix(d, h, cfg, method)
+            a, ma = to_state(cm)
+            b, mb = to_state(single)
+            assert ma == mb and a.keys() == b.keys()
+            for k in a:
+                np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize("delta,hessian,match", [
+    (np.zeros((4, 4, 4)), None, "2-D"),
+    (np.zeros((0, 4)), None, "empty"),
+    (np.array([[1.0, np.nan], [0.0, 1.0]]), None, "NaN or Inf"),
+    (np.array([[1.0, np.inf], [0.0, 1.0]]), None, "NaN or Inf"),
+    (np.ones((3, 4)), np.eye(3), r"hessian must be \(4, 4\)"),
+    (np.ones((3, 4)), np.full((4, 4), np.nan), "hessian contains NaN"),
+    (np.array([["a"]]), None, "floating-point"),
+])
+def test_bad_input_raises_value_error(delta, hessian, match):
+    with pytest.raises(ValueError, match=match):
+        compress_matrix(delta, hessian)
+
+
+def test_bad_config_and_method():
+    for kw, match in [({"ratio": 0}, "ratio"), ({"ratio": -1.0}, "ratio"), ({"ratio": float("nan")}, "ratio"),
+                      ({"bits": (0,)}, "no nonzero width"), ({"bits": (0, 9)}, "0..8"),
+                      ({"group_size": 0}, "group_size"), ({"scale_dtype": "int8"}, "scale_dtype")]:
+        with pytest.raises(ValueError, match=match):
+            CompressionConfig(**kw)
+    with pytest.raises(ValueError, match="unknown method 'svd'"):
+        compress_matrix(np.ones((4, 4)), method="svd")
+    with pytest.raises(ValueError, match="unknown MILP solver"):
+        compress_matrix(np.ones((4, 4)), config=dataclasses.replace(CompressionConfig(), solver="magic"))
+    with pytest.raises(ValueError, match="config must be a CompressionConfig"):
+        compress_matrix(np.ones((4, 4)), config={"ratio": 0.1})
+
+
+def test_budget_too_small_without_zero_width_is_a_clear_error():
+    d, _ = long_tailed_delta(32, 32, seed=7)
+    with pytest.raises(ValueError, match="infeasible"):
+        compress_matrix(d, None, CompressionConfig(bits=(2, 3), group_size=8))
