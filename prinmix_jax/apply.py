@@ -1,0 +1,210 @@
+"""Applying a delta checkpoint: merge into Flax params / an NNX model / a Hugging Face checkpoint, or serve
+it factored (``y = W_base x + Û (σ ⊙ (V̂ x))``) without merging.
+
+Every entry point checks the base fingerprint (see :mod:`prinmix_jax.storage`) and refuses a base that
+differs from the one the delta was computed against, unless ``force=True``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prinmix_jax.pipeline import merge_block, param_groups
+from prinmix_jax.storage import DeltaCheckpoint, FingerprintMismatchError, load_delta, tensor_digest
+
+__all__ = ["apply_delta", "apply_delta_to_model", "apply_delta_to_checkpoint", "factored_linear",
+           "check_base_compatible", "FingerprintMismatchError"]
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _model_config_of(delta: DeltaCheckpoint):
+    from prinmix_jax.models import ModelConfig
+
+    return ModelConfig.from_hf_config(delta.meta["model"]["hf_config"], source=f"{delta.path} metadata")
+
+
+def check_base_compatible(base_config, delta: DeltaCheckpoint) -> None:
+    """Architecture and shapes of the base must match the delta's model (not overridable by ``force``)."""
+    from prinmix_jax.models.llama.params import expected_tensors
+
+    dcfg = _model_config_of(delta)
+    if base_config.architecture != dcfg.architecture:
+        raise ValueError(f"the delta is for a {dcfg.architecture} but the base is a {base_config.architecture}")
+    eb, ed = expected_tensors(base_config), expected_tensors(dcfg)
+    if {k: v[1] for k, v in eb.items()} != {k: v[1] for k, v in ed.items()}:
+        diff = sorted(k for k in set(eb) | set(ed) if eb.get(k, (0, None))[1] != ed.get(k, (0, None))[1])
+        raise ValueError(f"the base's tensors differ in names or shapes from the delta's model, e.g. {diff[:4]}")
+
+
+def _check_digest(delta: DeltaCheckpoint, step: int, base_tree, table, force: bool) -> None:
+    if force:
+        return
+    got = tensor_digest([("/".join(p), _get(base_tree, p)) for p, _ in table])
+    want = delta.meta["base"]["step_digests"][step]
+    if got != want:
+        what = "the embedding / final norm / output head" if step == 0 else f"decoder block {step - 1}"
+        raise FingerprintMismatchError(
+            f"wrong base: {what} differs from the base the delta was computed against (fingerprint "
+            f"{delta.fingerprint[:16]}…); pass --force / force=True to apply anyway")
+
+
+def _cast_like(tree_new, tree_old):
+    return jax.tree.map(lambda n, o: jnp.asarray(n).astype(o.dtype) if hasattr(o, "dtype") else n, tree_new, tree_old)
+
+
+def apply_delta(base_params: dict, delta, *, force: bool = False) -> dict:
+    """``base + reconstructed delta`` as a new Flax param tree (the NNX state layout of ``CausalLM``).
+
+    Args:
+      base_params: the base param tree (e.g. ``load_hf_params(base)``); every leaf keeps its dtype.
+      delta: a :class:`~prinmix_jax.storage.DeltaCheckpoint` or its folder.
+      force: skip the base fingerprint check.
+
+    Raises:
+      FingerprintMismatchError: the base differs from the delta's base (unless ``force``).
+      ValueError: architecture / shape mismatch.
+    """
+    delta = load_delta(delta)
+    cfg = _model_config_of(delta)
+    from prinmix_jax.models import check_params
+
+    check_params(base_params, cfg)
+    block_table, global_table = param_groups(cfg)
+    glob = {k: v for k, v in base_params.items() if k != "layers"}
+    _check_digest(delta, 0, glob, global_table, force)
+    for b in range(delta.num_blocks):
+        _check_digest(delta, b + 1, base_params["layers"][b], block_table, force)
+    out = dict(_cast_like(merge_block(glob, delta.globals(), global_table), glob))
+    out["layers"] = {b: _cast_like(merge_block(base_params["layers"][b], delta.block(b), block_table),
+                                   base_params["layers"][b])
+                     for b in range(delta.num_blocks)}
+    return out
+
+
+def apply_delta_to_model(model, delta, *, force: bool = False):
+    """Merges the delta into an NNX ``CausalLM`` in place (``nnx.update``) and returns the model."""
+    from flax import nnx
+
+    from prinmix_jax.models import params_from_model
+
+    new = apply_delta(params_from_model(model), delta, force=force)
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, new)
+    nnx.update(model, state)
+    return model
+
+
+def factored_linear(x, base_weight, cm, bias=None):
+    """Serving without merging: ``y = x W_baseᵀ + Û (σ ⊙ (V̂ x)) [+ bias]`` for ``x`` (..., in).
+
+    Args:
+      x: inputs (..., in).
+      base_weight: the base ``[out, in]`` weight.
+      cm: the compressed delta of that linear (``DeltaCheckpoint.matrix(block, name)``); None = zero delta.
+      bias: optional (merged) bias.
+    """
+    y = jnp.einsum("...i,oi->...o", x, base_weight)
+    if cm is not None:
+        y = y + cm.apply(x.astype(jnp.float32)).astype(y.dtype)
+    return y if bias is None else y + bias
+
+
+def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, overwrite: bool = False,
+                              dtype=None, max_shard_size="5GB", progress: bool = False) -> str:
+    """Writes ``base + delta`` as a Hugging Face checkpoint folder that ``transformers`` loads.
+
+    Streams block by block (peak memory about one block). The output is written to a temporary folder next
+    to ``out`` and renamed when complete; on any error nothing is left behind. config.json and the tokenizer
+    files come from the fine-tuned checkpoint (stored in the delta), else from the base.
+
+    Args:
+      base_dir: the base Hugging Face checkpoint folder.
+      delta: a delta checkpoint folder or :class:`~prinmix_jax.storage.DeltaCheckpoint`.
+      out: output folder.
+      force: apply even if the base fingerprint differs.
+      overwrite: replace an existing ``out``.
+      dtype: dtype of the written tensors (default: each base tensor's stored dtype).
+      max_shard_size: shard the safetensors above this size.
+      progress: show a progress bar on stderr.
+
+    Returns:
+      ``out`` (absolute).
+    """
+    from tqdm.auto import tqdm
+
+    from prinmix_jax.models import CheckpointReader, CheckpointWriter, ModelConfig
+    from prinmix_jax.storage import publish
+
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"the parent folder of the output, {parent!r}, does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {parent!r} (the output's parent folder is not writable)")
+    delta = load_delta(delta)
+    with CheckpointReader(base_dir) as reader:
+        check_base_compatible(reader.config, delta)
+        hf_dir = delta.hf_dir
+        cfg = ModelConfig.from_pretrained_dir(hf_dir) if hf_dir and os.path.isfile(
+            os.path.join(hf_dir, "config.json")) else reader.config
+        block_table, global_table = param_groups(cfg)
+        tmp = f"{out}.tmp-apply-{os.getpid()}"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        try:
+            writer = CheckpointWriter(tmp, cfg, dtype=dtype, max_shard_size=max_shard_size)
+            def emit(prefix, merged, native, table):
+                for path, _ in table:
+                    arr = np.asarray(_get(merged, path))
+                    if dtype is None:
+                        arr = arr.astype(_get(native, path).dtype)
+                    writer.add(prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg), arr)
+
+            native_g = reader.read_globals(None, device_put=False)
+            base_g = jax.tree.map(lambda a: np.asarray(a, np.float32), native_g)
+            _check_digest(delta, 0, base_g, global_table, force)
+            emit("", merge_block(base_g, delta.globals(), global_table), native_g, global_table)
+            del native_g, base_g
+            bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
+            for b in range(delta.num_blocks):
+                native = reader.read_block(b, None, device_put=False)
+                base_b = jax.tree.map(lambda a: np.asarray(a, np.float32), native)
+                _check_digest(delta, b + 1, base_b, block_table, force)
+                emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table), native, block_table)
+                bar.update(1)
+            bar.close()
+            writer.close(copy_from=hf_dir if hf_dir else os.fspath(base_dir))
+            if hf_dir is None or not any(os.path.isfile(os.path.join(hf_dir, f)) for f in
+                                         ("tokenizer.json", "tokenizer.model", "vocab.json")):
+                from prinmix_jax.models.hf_io import TOKENIZER_FILES
+
+                for f in TOKENIZER_FILES:  # fall back to the base's tokenizer
+                    src = os.path.join(os.fspath(base_dir), f)
+                    if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, f)):
+                        shutil.copyfile(src, os.path.join(tmp, f))
+            publish(tmp, out, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+def _hf_global(path, cfg) -> str:
+    from prinmix_jax.models.llama.params import global_param_table
+
+    for name, p, _ in global_param_table(cfg):
+        if tuple(p) == tuple(path):
+            return name
+    raise KeyError(path)

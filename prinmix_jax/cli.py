@@ -1,0 +1,326 @@
+"""The ``prinmix`` command line (click).
+
+Other modules add subcommands by decorating with :data:`main`'s ``command()``::
+
+    from prinmix_jax.cli import main
+
+    @main.command()
+    def demo(): ...
+
+The modules listed in :data:`PLUGIN_MODULES` are imported (when present) after the built-in commands are
+defined, so their subcommands appear in ``prinmix --help``.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+
+import click
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PLUGIN_MODULES = ("prinmix_jax.cli_demo", "prinmix_jax.cli_eval")
+
+_EPILOG = """\b
+Exit status:
+  0    success
+  1    error (bad input, wrong base, existing output, unwritable folder, ...);
+       one line "error: ..." on stderr, nothing half-written is left behind
+  2    usage error (unknown option, missing argument)
+  130  interrupted (Ctrl-C); rerun the same compress command to resume
+Set PRINMIX_DEBUG=1 to see tracebacks.
+"""
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    if isinstance(e, KeyError):
+        msg = f"missing key {msg}"
+    return " ".join(msg.split())
+
+
+class _Main(click.Group):
+    """Turns exceptions into ``error: ...`` and exit status 1 (no traceback unless PRINMIX_DEBUG=1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (rerun the same command to resume a compress run)", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # user-facing one-liner
+            if os.environ.get("PRINMIX_DEBUG"):
+                traceback.print_exc()
+            known = isinstance(e, (ValueError, OSError, TypeError, KeyError)) or type(e).__module__.startswith(
+                "prinmix_jax")
+            prefix = "" if known else f"internal error ({type(e).__name__}): "
+            click.echo(f"error: {prefix}{_one_line(e)}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="prinmix-jax", prog_name="prinmix")
+def main():
+    """PrinMix: store a fine-tuned LLM as its base plus a ~1 bit/param delta.
+
+    \b
+    Typical use:
+      prinmix compress BASE FINETUNED delta/ --calib calib.jsonl
+      prinmix inspect delta/ --plot bits.png
+      prinmix apply BASE delta/ merged/        # a Hugging Face checkpoint
+
+    BASE and FINETUNED are Hugging Face checkpoint folders (config.json + *.safetensors) of the same
+    architecture (Llama, Mistral, Qwen2, Qwen3).
+    """
+
+
+def _parse_bits(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 0,2,3,4,8, got {value!r}") from None
+
+
+def _parse_group(ctx, param, value):
+    if value is None or value.lower() == "none":
+        return None if value is not None else 128
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or 'none', got {value!r}") from None
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("finetuned", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--calib", type=click.Path(dir_okay=False), default=None,
+              help="Calibration data: plain text, JSONL with a \"text\" field (tokenized with FINETUNED's own "
+                   "tokenizer) or JSONL with pre-tokenized \"ids\" lists. Required unless --data-free.")
+@click.option("--data-free", is_flag=True, help="No calibration data: identity Hessians (weight-space error).")
+@click.option("--ratio", type=float, default=1 / 16, show_default=True,
+              help="Storage budget of every matrix relative to a 16-bit delta (1/16 = 1 bit/param).")
+@click.option("--bits", callback=_parse_bits, default="0,2,3,4,8", show_default=True,
+              help="Candidate widths of a singular vector (0 = may be dropped).")
+@click.option("--group-size", callback=_parse_group, default="128", show_default=True,
+              help="Entries per quantization scale along V rows and U columns ('none' = whole row).")
+@click.option("--method", type=click.Choice(["prinmix", "deltacome", "bitdelta", "lowrank", "uniform"]),
+              default="prinmix", show_default=True, help="Compression method (the others are baselines).")
+@click.option("--calibration-mode", type=click.Choice(["parallel", "sequential"]), default="parallel",
+              show_default=True, help="parallel: Hessians from one pass of FINETUNED; sequential: each block "
+                                      "sees hidden states from the already-compressed blocks.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Tokens per calibration sequence.")
+@click.option("--num-sequences", type=click.IntRange(min=1), default=None,
+              help="Calibration sequences to use [default: every complete window].")
+@click.option("--embeddings", type=click.Choice(["compress", "store", "skip"]), default="compress",
+              show_default=True, help="Token embedding delta: compress (data-free), store in 16 bits, or skip.")
+@click.option("--lm-head", type=click.Choice(["compress", "store", "skip"]), default="compress",
+              show_default=True, help="Untied output head delta: same choices.")
+@click.option("--norms", type=click.Choice(["store", "skip"]), default="store", show_default=True,
+              help="RMSNorm weight deltas.")
+@click.option("--biases", type=click.Choice(["store", "skip"]), default="store", show_default=True,
+              help="Linear bias deltas.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+@click.option("--distributed", is_flag=True,
+              help="Multi-host: call jax.distributed.initialize() (Cloud TPU fills in the rest).")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="Multi-process coordinator address (with --num-processes and --process-id).")
+@click.option("--num-processes", type=click.IntRange(min=1), default=None)
+@click.option("--process-id", type=click.IntRange(min=0), default=None)
+def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, method, calibration_mode, seq_len,
+             num_sequences, embeddings, lm_head, norms, biases, overwrite, progress, as_json, distributed,
+             coordinator, num_processes, process_id):
+    """Compress FINETUNED − BASE into a delta checkpoint folder OUT.
+
+    Work is streamed block by block into OUT.partial (an Orbax checkpoint manager, one step per finished
+    block) and renamed to OUT at the end. If the run is killed, the same command resumes from the last
+    finished block. OUT must not exist unless --overwrite.
+
+    \b
+    Multi-host (one process per host): pass --distributed on Cloud TPU, or
+    --coordinator HOST:PORT --num-processes N --process-id I elsewhere; OUT must be a folder every
+    process sees (shared disk or mounted bucket).
+    """
+    if (calib is None) == (not data_free):
+        raise click.UsageError("pass --calib FILE (calibration data) or --data-free" if calib is None
+                               else "--calib and --data-free exclude each other")
+    if coordinator is not None or distributed:
+        if coordinator is not None and (num_processes is None or process_id is None):
+            raise click.UsageError("--coordinator needs --num-processes and --process-id")
+        from prinmix_jax.pipeline import init_distributed
+
+        init_distributed(coordinator, num_processes, process_id)
+    from prinmix_jax.config import CompressionConfig
+    from prinmix_jax.pipeline import ParamPolicy, compress_model
+
+    cfg = CompressionConfig(ratio=ratio, bits=bits, group_size=group_size)
+    pol = ParamPolicy(norms=norms, biases=biases, embeddings=embeddings, lm_head=lm_head)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    summary = compress_model(base, finetuned, out, calib=calib, config=cfg, method=method,
+                             calibration_mode=calibration_mode, policy=pol, seq_len=seq_len,
+                             num_sequences=num_sequences, overwrite=overwrite, progress=progress,
+                             log=lambda s: click.echo(s, err=True))
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    if as_json:
+        click.echo(json.dumps(summary, indent=1, sort_keys=True))
+    else:
+        b = summary["bytes"]
+        click.echo(f"wrote {os.path.abspath(out)}: {b['total']} bytes = {summary['bits_per_param']:.3f} bits/param, "
+                   f"ratio {summary['ratio']:.4f} of a 16-bit delta (block linears {summary['ratio_block_linears']:.4f}); "
+                   f"within budget: {'yes' if summary['within_budget'] else 'NO'}")
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("base", type=click.Path(file_okay=False))
+@click.argument("delta", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--force", is_flag=True, help="Apply even if BASE's fingerprint differs from the delta's base.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="dtype of the written weights [default: the base's].")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard the safetensors above this size.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when a terminal].")
+def apply(base, delta, out, force, overwrite, dtype, max_shard_size, progress):
+    """Write BASE + DELTA as a Hugging Face checkpoint folder OUT (transformers loads it).
+
+    The base is checked block by block against the fingerprint stored in DELTA; a different base is
+    refused unless --force. config.json and tokenizer files come from the fine-tuned model (kept in DELTA).
+    """
+    from prinmix_jax.apply import apply_delta_to_checkpoint
+
+    if progress is None:
+        progress = sys.stderr.isatty()
+    path = apply_delta_to_checkpoint(base, delta, out, force=force, overwrite=overwrite, dtype=dtype,
+                                     max_shard_size=max_shard_size, progress=progress)
+    click.echo(f"wrote {path}")
+
+
+def _fmt_widths(w):
+    if not w:
+        return "-"
+    return " ".join(f"{b}b×{n}" for b, n in sorted(w.items(), key=lambda x: -int(x[0])))
+
+
+@main.command(epilog=_EPILOG)
+@click.argument("delta", type=click.Path(file_okay=False))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG of the bit allocation per layer and matrix.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON instead of a table.")
+@click.option("--verify", is_flag=True, help="Read every array and check byte counts and SHA-256 checksums.")
+def inspect(delta, plot, as_json, verify):
+    """Show a delta checkpoint: per-matrix widths, bytes, ratio and recorded errors.
+
+    \b
+    Columns: block (or 'glob' for embeddings / head), matrix, shape, rank (kept singular
+    vectors), widths (bits × count), bytes stored, budget bytes, ratio to a 16-bit delta,
+    relative output error ‖(ΔW − ΔŴ)X‖/‖ΔW X‖ measured at compression time.
+    """
+    from prinmix_jax.storage import load_delta
+
+    d = load_delta(delta)
+    if verify:
+        d.verify()
+    m = d.meta
+    if plot:
+        _plot(m, plot)
+    if as_json:
+        click.echo(json.dumps(m, indent=1, sort_keys=True))
+        return
+    cal = m.get("calibration")
+    click.echo(f"delta      {d.path}")
+    click.echo(f"model      {m['model']['architecture']}, {m['model']['num_blocks']} blocks, "
+               f"{m['model']['num_params']} params")
+    click.echo(f"method     {m['method']}  ratio={m['config']['ratio']:.4g} bits={m['config']['bits']} "
+               f"group_size={m['config']['group_size']}")
+    click.echo(f"calib      " + ("data-free" if not cal else
+                                 f"{cal['mode']}, {cal['num_sequences']}×{cal['seq_len']} tokens from {cal['source']}"))
+    click.echo(f"base       fingerprint {m['base']['fingerprint'][:16]}…")
+    click.echo(f"policy     " + ", ".join(f"{k}={v}" for k, v in m["policy"].items()))
+    click.echo("")
+    hdr = f"{'block':>5} {'matrix':<12} {'shape':>10} {'rank':>5} {'widths':<24} {'bytes':>9} {'budget':>9} " \
+          f"{'ratio':>7} {'rel_err':>8}"
+    click.echo(hdr)
+    click.echo("-" * len(hdr))
+    for r in m["matrices"]:
+        blk = "glob" if r["block"] is None else str(r["block"])
+        err = r.get("rel_output_error")
+        click.echo(f"{blk:>5} {r['name']:<12} {'x'.join(map(str, r['shape'])):>10} "
+                   f"{'-' if r.get('rank') is None else r['rank']:>5} {_fmt_widths(r.get('widths')):<24} "
+                   f"{r['nbytes']:>9} {r['budget_bytes']:>9} {r['ratio']:>7.4f} "
+                   f"{'-' if err is None else format(err, '.4f'):>8}")
+    b = m["bytes"]
+    click.echo("")
+    click.echo(f"total      {b['total']} bytes (matrices {b['linears']}, dense {b['dense']}) = "
+               f"{m['bits_per_param']:.3f} bits/param; ratio {m['ratio']:.4f} of a 16-bit delta "
+               f"({b['dense_16bit_delta']} bytes); block linears {m['ratio_block_linears']:.4f}")
+    click.echo(f"budget     matrices within budget: {'yes' if m['within_budget'] else 'NO'} "
+               f"({b['linears']} of {b['budget_bytes_linears']} bytes)")
+    if verify:
+        click.echo("verify     ok: every array present, byte counts and checksums match")
+    if plot:
+        click.echo(f"plot       {os.path.abspath(plot)}")
+
+
+def _plot(meta: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = [r for r in meta["matrices"] if r.get("widths") is not None or r["kind"] == "zero"]
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    widths = sorted({int(b) for r in rows for b in (r.get("widths") or {})}, reverse=True)
+    blocks = sorted({-1 if r["block"] is None else r["block"] for r in rows})
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.35 * len(blocks) + 3), 1.6 * len(names) + 1),
+                             sharex=True, squeeze=False)
+    cmap = plt.get_cmap("viridis")
+    colors = {b: cmap(i / max(1, len(widths) - 1)) for i, b in enumerate(widths)}
+    x_of = {b: i for i, b in enumerate(blocks)}
+    for ax, name in zip(axes[:, 0], names):
+        bottom = np.zeros(len(blocks))
+        for b in widths:
+            h = np.zeros(len(blocks))
+            for r in rows:
+                if r["name"] == name:
+                    h[x_of[-1 if r["block"] is None else r["block"]]] = (r.get("widths") or {}).get(str(b), 0)
+            ax.bar(range(len(blocks)), h, bottom=bottom, color=colors[b], label=f"{b} bits")
+            bottom += h
+        ax.set_ylabel(f"{name}\n#vectors", fontsize=8)
+    axes[0, 0].legend(fontsize=7, ncol=len(widths), loc="upper right")
+    axes[-1, 0].set_xticks(range(len(blocks)), ["glob" if b < 0 else str(b) for b in blocks])
+    axes[-1, 0].set_xlabel("block")
+    fig.suptitle(f"bit allocation per layer and matrix ({meta['method']}, ratio {meta['config']['ratio']:.4g})")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _load_plugins() -> None:
+    for mod in PLUGIN_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+_load_plugins()
+
+if __name__ == "__main__":
+    main()

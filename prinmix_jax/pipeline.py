@@ -1,0 +1,699 @@
+"""Whole-model compression: stream base and fine-tuned checkpoints block by block, compress every
+decoder-block linear (method.md §6), treat the other parameters by a stated policy, write an Orbax delta
+checkpoint (see :mod:`prinmix_jax.storage`) that resumes after a crash.
+
+Data flow (one way): checkpoints -> deltas -> core (``compress_stack`` / ``compress_matrix``) ->
+allocation -> storage -> apply (:mod:`prinmix_jax.apply`).
+
+Work units ("steps"): step 0 = the globals (embedding, final norm, output head), step ``b + 1`` = decoder
+block ``b``. Same-shape matrices of a step that share an input Hessian (k/v, gate/up, ...) are compressed
+together as one stack (the SVD and error table run sharded over a device mesh when the core provides
+``compress_stack``). Peak host memory is about one block of both models plus the calibration hidden states.
+
+Multi-process (``jax.distributed``, one process per host): matrix ``j`` of step ``s`` is compressed by
+process ``(16 s + j) % process_count``; the compressed arrays are exchanged after every step (so every
+process holds the finished step and sequential calibration works) and Orbax's primary process writes
+them. Results do not depend on the number of devices or processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from prinmix_jax.config import METHODS, CompressionConfig
+from prinmix_jax.formats import from_state, to_state
+from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, StepStore, combine_fingerprint,
+                                 decode_step, encode_step, publish, tensor_digest, write_json_atomic)
+
+__all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "CALIBRATION_MODES",
+           "merge_block", "param_groups"]
+
+CALIBRATION_MODES = ("parallel", "sequential")
+_POLICY_CHOICES = {"norms": ("store", "skip"), "biases": ("store", "skip"),
+                   "embeddings": ("compress", "store", "skip"), "lm_head": ("compress", "store", "skip")}
+_STORE_DTYPES = ("float16", "float32")
+_STEP_STRIDE = 16  # > number of entries in a step; assignment of entries to processes
+
+
+class IncompatibleModelsError(ValueError):
+    """Base and fine-tuned models differ in architecture, tensor names or shapes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPolicy:
+    """What happens to the parameters that are not decoder-block linears.
+
+    Attributes:
+      norms: RMSNorm weights (block norms, q/k norms, final norm): ``"store"`` the delta in
+        ``store_dtype`` or ``"skip"`` it (the base value is kept at apply).
+      biases: linear biases (Qwen2 q/k/v, Llama ``attention_bias`` / ``mlp_bias``): ``"store"`` or ``"skip"``.
+      embeddings: the token embedding ``[V, D]``: ``"compress"`` it like a linear with the same method and
+        budget but data-free (identity Hessian), ``"store"`` the dense delta, or ``"skip"``.
+      lm_head: the untied output head ``[V, D]``: same choices (ignored for tied embeddings).
+      store_dtype: ``"float16"`` or ``"float32"`` for stored dense deltas.
+
+    Whatever is stored is counted in the reported model-level ratio. A delta that is exactly zero is
+    recorded as zero and costs nothing, whatever the policy.
+    """
+    norms: str = "store"
+    biases: str = "store"
+    embeddings: str = "compress"
+    lm_head: str = "compress"
+    store_dtype: str = "float16"
+
+    def __post_init__(self):
+        for k, choices in _POLICY_CHOICES.items():
+            if getattr(self, k) not in choices:
+                raise ValueError(f"policy {k}={getattr(self, k)!r}: choose one of {', '.join(choices)}")
+        if self.store_dtype not in _STORE_DTYPES:
+            raise ValueError(f"policy store_dtype={self.store_dtype!r}: choose one of {', '.join(_STORE_DTYPES)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----- model sources -----------------------------------------------------------------------------
+class _Source:
+    """A checkpoint folder, a CheckpointReader, an NNX model or a param tree, read block by block."""
+
+    def __init__(self, obj, model_config, label: str):
+        from flax import nnx
+
+        from prinmix_jax.models import CheckpointReader, check_params, params_from_model
+
+        self.label, self.reader, self.params, self.path = label, None, None, None
+        if isinstance(obj, (str, os.PathLike)):
+            self.path = os.fspath(obj)
+            self.reader = CheckpointReader(self.path)
+            self.config = self.reader.config
+        elif isinstance(obj, CheckpointReader):
+            self.reader, self.path, self.config = obj, obj.path, obj.config
+        elif isinstance(obj, nnx.Module):
+            self.params, self.config = params_from_model(obj), obj.config
+        elif isinstance(obj, dict):
+            if model_config is None:
+                raise ValueError(f"{label}: a param tree needs model_config=ModelConfig(...)")
+            self.params, self.config = obj, model_config
+            check_params(self.params, self.config)
+        else:
+            raise TypeError(f"{label}: expected a checkpoint folder, CheckpointReader, CausalLM or param tree, "
+                            f"got {type(obj).__name__}")
+
+    def block(self, b: int) -> dict:
+        if self.reader is not None:
+            return self.reader.read_block(b, np.float32, device_put=False)
+        return jax.tree.map(lambda a: np.asarray(a, np.float32), self.params["layers"][b])
+
+    def globals(self) -> dict:
+        if self.reader is not None:
+            return self.reader.read_globals(np.float32, device_put=False)
+        return {k: jax.tree.map(lambda a: np.asarray(a, np.float32), v)
+                for k, v in self.params.items() if k != "layers"}
+
+    def header_digest(self) -> str:
+        """Cheap identity: tensor names, shapes and stored dtypes (and file sizes for folders)."""
+        h = hashlib.sha256()
+        if self.reader is not None:
+            for name in self.reader.names():
+                a = self.reader._open(os.path.basename(self.reader.file_of(name))).get_slice(name)
+                h.update(f"{name}:{a.get_shape()}:{a.get_dtype()};".encode())
+            for f in sorted({self.reader.file_of(n) for n in self.reader.names()}):
+                h.update(f"{os.path.basename(f)}={os.path.getsize(f)};".encode())
+        else:
+            for path, leaf in sorted(_leaves(self.params), key=lambda x: str(x[0])):
+                h.update(f"{path}:{tuple(leaf.shape)}:{leaf.dtype};".encode())
+                h.update(np.asarray(leaf, np.float32).tobytes())
+        return h.hexdigest()
+
+    def close(self):
+        if self.reader is not None and self.path is not None:
+            self.reader.close()
+
+
+def _leaves(tree, prefix=()):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _leaves(v, prefix + (k,))
+    else:
+        yield prefix, tree
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    """In-place set on nested dicts (our own copies)."""
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def _check_compatible(base: _Source, ft: _Source) -> None:
+    from prinmix_jax.models.llama.params import expected_tensors
+
+    cb, cf = base.config, ft.config
+    if cb.architecture != cf.architecture or cb.model_type != cf.model_type:
+        raise IncompatibleModelsError(f"base is a {cb.architecture} ({cb.model_type}) but the fine-tuned model is a "
+                                      f"{cf.architecture} ({cf.model_type}); a delta needs the same architecture")
+    eb, ef = expected_tensors(cb), expected_tensors(cf)
+    if set(eb) != set(ef):
+        diff = sorted(set(eb) ^ set(ef))
+        raise IncompatibleModelsError(f"base and fine-tuned models have different tensors, e.g. {diff[:4]}")
+    for name in sorted(eb):
+        if eb[name][1] != ef[name][1]:
+            raise IncompatibleModelsError(f"tensor {name!r} has shape {eb[name][1]} in the base but {ef[name][1]} in "
+                                          "the fine-tuned model (different sizes or vocabulary)")
+
+
+# ----- parameter classification ------------------------------------------------------------------
+def param_groups(config) -> tuple[list, list]:
+    """``(block_table, global_table)``: for every tensor, ``(path, policy_key)`` where policy_key is
+    ``"linear"``, ``"norms"``, ``"biases"``, ``"embeddings"`` or ``"lm_head"``."""
+    from prinmix_jax.models.llama.params import block_param_table, global_param_table
+
+    def kind(path):
+        if path[-1] == "bias":
+            return "biases"
+        if path[0] == "embed_tokens":
+            return "embeddings"
+        if path[0] == "lm_head":
+            return "lm_head"
+        if path[-2].endswith("norm"):
+            return "norms"
+        return "linear"
+
+    return ([(p, kind(p)) for _, p, _ in block_param_table(config)],
+            [(p, kind(p)) for _, p, _ in global_param_table(config)])
+
+
+def _entry_name(path) -> str:
+    return path[-2] if path[-1] == "weight" else "/".join(path)
+
+
+def merge_block(base_tree: dict, bd, table) -> dict:
+    """``base + reconstructed delta`` for one step, in float32 (a new tree; ``base_tree`` is not changed).
+
+    Args:
+      base_tree: the step's base params (float32 NumPy), block subtree or globals dict.
+      bd: the step's :class:`~prinmix_jax.storage.BlockDelta`.
+      table: the step's ``(path, kind)`` list from :func:`param_groups`.
+    """
+    out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)
+    for path, kind in table:
+        base = np.asarray(_get(base_tree, path), np.float32)
+        key = "/".join(path)
+        name = _entry_name(path)
+        if name in bd.linears:
+            cm = bd.linears[name]
+            if cm is not None:
+                _set(out, path, base + np.asarray(cm.reconstruct(), np.float32))
+        elif key in bd.dense:
+            d = bd.dense[key]
+            if d is not None:
+                _set(out, path, base + d.astype(np.float32))
+    return out
+
+
+# ----- distributed -------------------------------------------------------------------------------
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """``jax.distributed.initialize`` (no arguments on Cloud TPU: the slice describes itself).
+
+    On CPU the cross-process collectives use gloo. Call before any other JAX work.
+    """
+    if jax.process_count() > 1:
+        return
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except Exception:  # option absent in some builds
+        pass
+    kw = {}
+    if coordinator is not None:
+        kw.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(**kw)
+
+
+def _pack_entries(entries: dict) -> bytes:
+    header, chunks, off = [], [], 0
+    for name, e in entries.items():
+        if e[0] == "matrix":
+            arrays, meta = to_state(e[1])
+            desc = {}
+            for k, a in arrays.items():
+                a = np.ascontiguousarray(a)
+                desc[k] = [a.dtype.name, list(a.shape), off, a.nbytes]
+                chunks.append(a.tobytes())
+                off += a.nbytes
+            header.append({"name": name, "kind": "matrix", "meta": meta, "info": e[2], "arrays": desc})
+        else:
+            header.append({"name": name, "kind": "zero", "shape": list(e[1]), "info": e[2]})
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + b"".join(chunks)
+
+
+def _unpack_entries(buf: bytes) -> dict:
+    n = int.from_bytes(buf[:8], "little")
+    header = json.loads(buf[8:8 + n].decode())
+    data = memoryview(buf)[8 + n:]
+    out = {}
+    for e in header:
+        if e["kind"] == "zero":
+            out[e["name"]] = ("zero", tuple(e["shape"]), e["info"])
+            continue
+        arrays = {k: np.frombuffer(data[o:o + nb], dtype=np.dtype(dt)).reshape(shape).copy()
+                  for k, (dt, shape, o, nb) in e["arrays"].items()}
+        out[e["name"]] = ("matrix", from_state(arrays, e["meta"]), e["info"])
+    return out
+
+
+def _exchange(entries: dict) -> dict:
+    """All processes' entries of one step (identity with one process)."""
+    if jax.process_count() == 1:
+        return entries
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(_pack_entries(entries), np.uint8)
+    lens = np.asarray(multihost_utils.process_allgather(np.array([mine.size], np.int64))).reshape(-1)
+    buf = np.zeros(int(lens.max()), np.uint8)
+    buf[:mine.size] = mine
+    everything = np.asarray(multihost_utils.process_allgather(buf))
+    out = {}
+    for p in range(jax.process_count()):
+        out.update(_unpack_entries(everything[p, :int(lens[p])].tobytes()))
+    return out
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_int(x: int) -> int:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return int(np.asarray(multihost_utils.broadcast_one_to_all(np.array(x, np.int64))))
+
+
+# ----- compression of one stack ------------------------------------------------------------------
+def _json_info(info: dict, cm) -> dict:
+    keep = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
+            "seconds_error_table", "seconds_u", "v_damp", "u_damp", "rtc_damp")
+    out = {}
+    for k in keep:
+        if k in info and info[k] is not None:
+            v = info[k]
+            out[k] = v if isinstance(v, str) else float(v)
+    bits = cm.bits
+    out["rank"] = None if cm.rank is None else int(cm.rank)
+    if bits is not None:
+        u, c = np.unique(np.asarray(bits), return_counts=True)
+        out["widths"] = {str(int(b)): int(n) for b, n in zip(u, c)}
+    return out
+
+
+def _compress_stack(deltas, hessians, config, method, mesh):
+    """One stack of same-shape matrices (with their Hessians or None) -> [(cm, info)]."""
+    from prinmix_jax import compress as core
+
+    stack_fn = getattr(core, "compress_stack", None)
+    if stack_fn is not None:
+        hs = None if hessians is None else np.stack(hessians)
+        res = stack_fn(np.stack(deltas), hs, config, method, mesh=mesh, return_info=True)
+        if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], (list, tuple)):
+            cms, infos = res
+        else:
+            cms, infos = zip(*res)
+        return list(zip(cms, infos))
+    out = []
+    for i, d in enumerate(deltas):
+        out.append(core.compress_matrix(d, None if hessians is None else hessians[i], config, method,
+                                        return_info=True))
+    return out
+
+
+def _default_mesh():
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.local_devices()), ("batch",))
+
+
+def _compress_entries(items, config, method, mesh, step) -> dict:
+    """``items``: ordered list of (name, delta (m, n) f32, hessian or None). Returns this process's entries."""
+    nproc, me = jax.process_count(), jax.process_index()
+    mine = [(j, it) for j, it in enumerate(items) if (_STEP_STRIDE * step + j) % nproc == me]
+    entries, groups = {}, {}
+    for _, (name, d, h, hkey) in mine:
+        if not np.any(d):
+            entries[name] = ("zero", d.shape, {"rel_output_error": 0.0, "nbytes": 0})
+            continue
+        groups.setdefault((d.shape, hkey), []).append((name, d, h))
+    for members in groups.values():
+        names = [m[0] for m in members]
+        hs = None if members[0][2] is None else [m[2] for m in members]
+        for name, (cm, info) in zip(names, _compress_stack([m[1] for m in members], hs, config, method, mesh)):
+            entries[name] = ("matrix", cm, _json_info(info, cm))
+    ordered = {}
+    for name, *_ in items:
+        if name in entries:
+            ordered[name] = entries[name]
+    return ordered
+
+
+# ----- calibration -------------------------------------------------------------------------------
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _calibration_ids(calib, ft: _Source, tokenizer_dir, seq_len, num_sequences):
+    from prinmix_jax.models.calibration import tokenize_calibration
+
+    tdir = tokenizer_dir if tokenizer_dir is not None else ft.path
+    ids = tokenize_calibration(calib, tdir, seq_len=seq_len, num_sequences=num_sequences)
+    prov = {"num_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "tokens": int(ids.size),
+            "ids_sha256": hashlib.sha256(np.ascontiguousarray(ids, np.int32).tobytes()).hexdigest()}
+    if isinstance(calib, (str, os.PathLike)):
+        prov.update(source=os.path.basename(os.fspath(calib)), file_sha256=_file_sha256(os.fspath(calib)))
+    else:
+        prov["source"] = "in-memory ids"
+    return ids, prov
+
+
+# ----- the main entry point ----------------------------------------------------------------------
+def _progress(enabled, total, initial, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _dense_entry(delta: np.ndarray, mode: str, store_dtype: str):
+    if not np.any(delta):
+        return ("zero", delta.shape)
+    if mode == "skip":
+        return ("skip", delta.shape, float(np.max(np.abs(delta))))
+    return ("store", delta.astype(store_dtype))
+
+
+def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfig | None = None,
+                   method: str = "prinmix", calibration_mode: str = "parallel", policy: ParamPolicy | None = None,
+                   seq_len: int = 128, num_sequences: int | None = None, tokenizer_dir=None, model_config=None,
+                   mesh=None, calib_chunk_size: int = 8, overwrite: bool = False, progress: bool = False,
+                   log: Callable[[str], None] | None = None, _stop_after_steps: int | None = None) -> dict:
+    """Compresses ``finetuned − base`` into an Orbax delta checkpoint at ``out``.
+
+    Args:
+      base, finetuned: Hugging Face checkpoint folders (or ``CheckpointReader``\\ s, ``CausalLM`` models, or
+        param trees with ``model_config``) of the same architecture and shapes.
+      out: output folder. Work happens in ``out + ".partial"`` (an Orbax CheckpointManager, one step per
+        finished block); it is renamed to ``out`` when complete. A killed run resumes from the last
+        finished step when started again with the same inputs and settings.
+      calib: calibration data: a ``.txt`` file, a ``.jsonl`` with ``"text"`` (tokenized with the fine-tuned
+        checkpoint's tokenizer) or pre-tokenized ``"ids"``, a ``.npy``, or an int array ``(N, T)``. ``None``
+        = data-free (identity Hessians).
+      config: :class:`CompressionConfig` (budget ratio, widths, group size, ...).
+      method: one of :data:`prinmix_jax.METHODS`.
+      calibration_mode: ``"parallel"`` (Hessians from one streamed pass of the fine-tuned model) or
+        ``"sequential"`` (block b sees hidden states from already-compressed blocks 0..b-1).
+      policy: :class:`ParamPolicy` for norms, biases, embeddings and output head.
+      seq_len, num_sequences: calibration windows (num_sequences=None: all complete windows).
+      tokenizer_dir: tokenizer folder for text (default: the fine-tuned checkpoint folder).
+      model_config: ``ModelConfig`` when base/finetuned are param trees.
+      mesh: device mesh for the stacked SVD / error tables (default: every local device on one axis).
+      calib_chunk_size: calibration sequences per jitted step.
+      overwrite: replace an existing ``out``.
+      progress: show a progress bar on stderr.
+      log: optional callable receiving one-line status messages.
+
+    Returns:
+      The top-level metadata written to ``out/prinmix_delta.json`` (bytes, ratio, fingerprint, per-matrix
+      info).
+
+    Raises:
+      FileExistsError: ``out`` exists and ``overwrite`` is false.
+      IncompatibleModelsError: different architectures / shapes.
+      FileNotFoundError, CheckpointError, CalibrationDataError, ValueError: bad inputs or settings.
+      OSError: the output location is not writable.
+    """
+    from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
+    from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
+
+    t_start = time.perf_counter()
+    say = log or (lambda s: None)
+    cfg = config if config is not None else CompressionConfig()
+    if not isinstance(cfg, CompressionConfig):
+        raise ValueError(f"config must be a CompressionConfig, got {type(cfg).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if calibration_mode not in CALIBRATION_MODES:
+        raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {calibration_mode!r}")
+    pol = policy if policy is not None else ParamPolicy()
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"the parent folder of the output, {parent!r}, does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {parent!r} (the output's parent folder is not writable)")
+
+    base_src = _Source(base, model_config, "base")
+    ft_src = _Source(finetuned, model_config, "fine-tuned")
+    _check_compatible(base_src, ft_src)
+    mcfg = ft_src.config
+    block_table, global_table = param_groups(mcfg)
+    ids, calib_prov = (None, None)
+    if calib is not None:
+        ids, calib_prov = _calibration_ids(calib, ft_src, tokenizer_dir, seq_len, num_sequences)
+        calib_prov["mode"] = calibration_mode
+    mesh = mesh if mesh is not None else _default_mesh()
+    num_steps = mcfg.num_layers + 1
+
+    identity = {"format_version": FORMAT_VERSION, "method": method, "config": cfg.to_dict(),
+                "policy": pol.to_dict(), "calibration": calib_prov, "base_header": base_src.header_digest(),
+                "finetuned_header": ft_src.header_digest()}
+    identity = json.loads(json.dumps(identity))
+    work = out + ".partial"
+    primary = jax.process_index() == 0
+    if primary:
+        if os.path.isdir(work):
+            try:
+                old = StepStore(os.path.join(work, STEPS_DIR), read_only=True).run_identity()
+            except Exception:
+                old = None
+            if old != identity:
+                say(f"discarding {work}: it was started with other inputs or settings")
+                shutil.rmtree(work)
+            else:
+                say(f"resuming the unfinished run in {work}")
+        elif os.path.exists(work):
+            raise FileExistsError(f"{work!r} exists and is not a folder; remove it")
+        os.makedirs(work, exist_ok=True)
+        hf_dst = os.path.join(work, HF_DIR)
+        os.makedirs(hf_dst, exist_ok=True)
+        if ft_src.path is not None:
+            from prinmix_jax.models.hf_io import TOKENIZER_FILES
+
+            for fname in ("config.json",) + TOKENIZER_FILES:
+                src = os.path.join(ft_src.path, fname)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(hf_dst, fname))
+        if not os.path.isfile(os.path.join(hf_dst, "config.json")):
+            with open(os.path.join(hf_dst, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(mcfg.to_hf_dict(), f, indent=2, sort_keys=True)
+    _barrier("prinmix-work-dir")
+    store = StepStore(os.path.join(work, STEPS_DIR), identity)
+    created_here = store.latest_step() is None
+    try:
+        return _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg,
+                    method, calibration_mode, pol, mesh, calib_chunk_size, overwrite, progress, say,
+                    identity, num_steps, t_start, _stop_after_steps, HESSIAN_FOR_LINEAR, LINEAR_NAMES,
+                    embed, block_forward, block_forward_with_hessians)
+    except Exception:
+        store.close()
+        # Deterministic failures leave nothing behind when no step was finished by this run's start.
+        if primary and created_here and os.path.isdir(work):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    finally:
+        base_src.close()
+        ft_src.close()
+
+
+def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg, method,
+         mode, pol, mesh, chunk, overwrite, progress, say, identity, num_steps, t_start, stop_after,
+         HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed, block_forward, block_forward_with_hessians):
+    latest = store.latest_step()
+    start = _broadcast_int(-1 if latest is None else latest) + 1
+    if start > 0:
+        say(f"{start} of {num_steps} steps already finished; resuming")
+    bar = _progress(progress and jax.process_index() == 0, num_steps, start, "compress")
+    h = None
+    done_this_run = 0
+
+    # --- step 0: globals ---
+    base_g = base_src.globals()
+    if start == 0:
+        t0 = time.perf_counter()
+        ft_g = ft_src.globals()
+        items, dense = [], {}
+        for path, kind in global_table:
+            d = np.asarray(_get(ft_g, path), np.float32) - np.asarray(_get(base_g, path), np.float32)
+            mode_k = getattr(pol, kind)
+            if mode_k == "compress":
+                items.append((path[0], d, None, "none"))
+            else:
+                dense["/".join(path)] = _dense_entry(d, mode_k, pol.store_dtype)
+        entries = _exchange(_compress_entries(items, cfg, method, mesh, 0))
+        arrays, meta = encode_step(entries, dense)
+        meta.update(step=0, block=None, seconds=time.perf_counter() - t0,
+                    base_digest=tensor_digest([("/".join(p), _get(base_g, p)) for p, _ in global_table]))
+        store.save(0, arrays, meta)
+        del ft_g, items, dense, entries
+        bar.update(1)
+        done_this_run += 1
+    g_delta = None
+    if ids is not None:
+        if mode == "sequential":
+            arrays, meta = store.restore(0)
+            g_delta = decode_step(arrays, meta)
+            h = embed(merge_block(base_g, g_delta, global_table), mcfg, ids)
+        else:
+            h = embed(ft_src.globals(), mcfg, ids)
+    del base_g
+
+    # --- steps 1..L: decoder blocks ---
+    for b in range(mcfg.num_layers):
+        step = b + 1
+        if stop_after is not None and done_this_run >= stop_after:
+            break
+        if step < start:  # replay the calibration state through a finished block
+            if h is not None:
+                if mode == "parallel":
+                    h, _ = block_forward_with_hessians(ft_src.block(b), mcfg, h, layer=b, chunk_size=chunk)
+                else:
+                    arrays, meta = store.restore(step)
+                    merged = merge_block(base_src.block(b), decode_step(arrays, meta), block_table)
+                    h = block_forward(merged, mcfg, h, layer=b, chunk_size=chunk)
+            continue
+        t0 = time.perf_counter()
+        base_b, ft_b = base_src.block(b), ft_src.block(b)
+        hess = None
+        if h is not None:
+            h_next, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
+        items, dense = [], {}
+        for path, kind in block_table:
+            d = np.asarray(_get(ft_b, path), np.float32) - np.asarray(_get(base_b, path), np.float32)
+            if kind == "linear":
+                name = path[-2]
+                hk = HESSIAN_FOR_LINEAR[name]
+                items.append((name, d, None if hess is None else np.asarray(hess[hk], np.float32), hk))
+            else:
+                dense["/".join(path)] = _dense_entry(d, getattr(pol, kind), pol.store_dtype)
+        order = {n: i for i, n in enumerate(LINEAR_NAMES)}
+        items.sort(key=lambda it: order[it[0]])
+        entries = _exchange(_compress_entries(items, cfg, method, mesh, step))
+        arrays, meta = encode_step(entries, dense)
+        meta.update(step=step, block=b, seconds=time.perf_counter() - t0,
+                    base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table]))
+        store.save(step, arrays, meta)
+        if h is not None:
+            if mode == "parallel":
+                h = h_next
+            else:  # propagate through the compressed block, rebuilt from what was stored
+                merged = merge_block(base_b, decode_step(arrays, meta), block_table)
+                h = block_forward(merged, mcfg, h, layer=b, chunk_size=chunk)
+        del base_b, ft_b, items, dense, entries, arrays, hess
+        bar.update(1)
+        done_this_run += 1
+    bar.close()
+    if stop_after is not None and store.latest_step() != num_steps - 1:
+        store.close()
+        return {"stopped_after_steps": done_this_run}
+
+    # --- finish: aggregate the metadata, publish atomically ---
+    summary = None
+    if jax.process_index() == 0:
+        summary = _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src,
+                           time.perf_counter() - t_start)
+        store.close()
+        write_json_atomic(os.path.join(work, META_FILE), summary)
+    else:
+        store.close()
+    _barrier("prinmix-summary")
+    if jax.process_index() == 0:
+        publish(work, out, overwrite)
+    _barrier("prinmix-published")
+    if summary is None:
+        with open(os.path.join(out, META_FILE), encoding="utf-8") as f:
+            summary = json.load(f)
+    return summary
+
+
+def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src, seconds) -> dict:
+    from prinmix_jax.models.llama.params import expected_tensors
+
+    digests, rows, totals = [], [], {"linears": 0, "dense": 0, "globals": 0, "blocks": 0}
+    budget_bytes_total, within = 0, True
+    lin_params = 0
+    for s in range(num_steps):
+        _, meta = store.restore(s)
+        digests.append(meta["base_digest"])
+        for name, e in meta["linears"].items():
+            shape = e["state"]["shape"] if e["kind"] == "matrix" else e["shape"]
+            m, n = int(shape[0]), int(shape[1])
+            budget = cfg.budget_bits(m, n) // 8
+            info = e.get("info", {})
+            row = {"step": s, "block": meta["block"], "name": name, "kind": e["kind"], "shape": [m, n],
+                   "method": e["state"]["method"] if e["kind"] == "matrix" else None, "nbytes": e["nbytes"],
+                   "budget_bytes": budget, "ratio": e["nbytes"] / (2 * m * n)}
+            row.update({k: info[k] for k in ("rel_output_error", "rank", "widths", "seconds") if k in info})
+            rows.append(row)
+            totals["linears"] += e["nbytes"]
+            budget_bytes_total += budget
+            within &= e["nbytes"] <= budget
+            if s > 0:
+                lin_params += m * n
+        totals["dense"] += sum(e["nbytes"] for e in meta["dense"].values())
+        totals["globals" if s == 0 else "blocks"] += meta["nbytes"]
+    totals["total"] = totals["globals"] + totals["blocks"]
+    n_params = sum(int(np.prod(shape)) for _, shape in expected_tensors(mcfg).values())
+    block_lin_bytes = sum(r["nbytes"] for r in rows if r["step"] > 0)
+    hf = json.loads(mcfg.hf_config_json) if mcfg.hf_config_json else mcfg.to_hf_dict()
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "method": method, "config": cfg.to_dict(), "policy": pol.to_dict(), "calibration": calib_prov,
+        "model": {"architecture": mcfg.architecture, "model_type": mcfg.model_type, "num_blocks": mcfg.num_layers,
+                  "num_params": n_params, "block_linear_params": lin_params, "hf_config": hf},
+        "base": {"fingerprint": combine_fingerprint(digests), "step_digests": digests,
+                 "path": base_src.path, "header_digest": identity["base_header"]},
+        "finetuned": {"path": ft_src.path, "header_digest": identity["finetuned_header"]},
+        "num_steps": num_steps,
+        "bytes": dict(totals, budget_bytes_linears=budget_bytes_total, dense_16bit_delta=2 * n_params),
+        "ratio": totals["total"] / (2 * n_params),
+        "ratio_block_linears": block_lin_bytes / (2 * lin_params) if lin_params else 0.0,
+        "bits_per_param": 8 * totals["total"] / n_params,
+        "within_budget": bool(within),
+        "matrices": rows,
+        "run": {"seconds": seconds, "process_count": jax.process_count(), "device_count": jax.device_count(),
+                "platform": jax.devices()[0].platform},
+    }

@@ -1,0 +1,398 @@
+"""Delta checkpoints: an Orbax ``CheckpointManager`` with one step per finished unit of work, plus a
+top-level JSON metadata file. The on-disk layout::
+
+    OUT/
+      prinmix_delta.json         top-level metadata; written last, its presence marks a complete delta
+      hf/                        config.json and tokenizer files of the fine-tuned checkpoint (for apply)
+      steps/                     orbax.checkpoint.CheckpointManager directory
+        metadata/                root metadata: the run identity (used to decide whether a resume is valid)
+        0/                       step 0: the globals (embed_tokens, final norm, lm_head)
+        1/ ... L/                step b+1: decoder block b
+          arrays/                orbax PyTree (StandardSave), only when the step stores any array:
+                                   linears/<name>/<field>   compressed matrices (formats.to_state arrays)
+                                   dense/<path...>          stored dense deltas (norms, biases, ...)
+          meta/                  JSON (JsonSave): per entry its kind, to_state metadata, info, byte
+                                   count and SHA-256 of every array; the base fingerprint of this step
+
+Per compressed matrix ``linears/<name>`` holds exactly the arrays of :func:`prinmix_jax.formats.to_state`:
+for :class:`~prinmix_jax.formats.SVDQuantDelta` ``sigma_<b>``, ``v_codes_<b>``, ``v_scale_<b>``,
+``v_zero_<b>``, ``u_codes_<b>``, ``u_scale_<b>``, ``u_zero_<b>`` per width ``b`` and ``widths``; for
+:class:`~prinmix_jax.formats.LowRankDelta` ``us``, ``v``; for :class:`~prinmix_jax.formats.SignDelta`
+``signs``, ``scale``. Zero-size arrays (Orbax refuses them) are kept out of the tree and recorded in the
+entry's ``empty`` metadata. (There are no permutations to store: GPTQ's act-order permutation is undone
+before packing, so the codes are in natural order.)
+
+Fingerprint of the base (format v1): for every step, SHA-256 over ``name\\0shape\\0`` and the float32
+little-endian bytes of every base tensor of that step (HF names, sorted); the model fingerprint is SHA-256
+of ``"prinmix-fingerprint-v1"`` and the step digests in step order. It is computed while streaming (no
+extra pass), is independent of the storage dtype (bf16/f16 values are exact in float32) and lets ``apply``
+refuse a wrong base block by block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import warnings
+from typing import Any
+
+import numpy as np
+
+from prinmix_jax.formats import CompressedMatrix, from_state, to_state
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "DeltaFormatError",
+           "FingerprintMismatchError", "StepStore", "BlockDelta", "DeltaCheckpoint", "load_delta",
+           "encode_step", "decode_step", "tensor_digest", "combine_fingerprint"]
+
+FORMAT = "prinmix-delta"
+FORMAT_VERSION = 1
+META_FILE = "prinmix_delta.json"
+STEPS_DIR = "steps"
+HF_DIR = "hf"
+_ITEMS = ("arrays", "meta")
+
+
+class DeltaFormatError(ValueError):
+    """A delta checkpoint is missing, incomplete, corrupted or of an unknown format version."""
+
+
+class FingerprintMismatchError(ValueError):
+    """The base weights differ from the ones the delta was computed against."""
+
+
+def _quiet_orbax():
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="orbax")
+
+
+# ----- fingerprints ------------------------------------------------------------------------------
+def tensor_digest(named_tensors) -> str:
+    """SHA-256 (hex) over ``(name, array)`` pairs, sorted by name, of the float32 values."""
+    h = hashlib.sha256()
+    for name, arr in sorted(named_tensors, key=lambda x: x[0]):
+        a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32)).astype("<f4", copy=False)
+        h.update(f"{name}\0{list(a.shape)}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def combine_fingerprint(step_digests) -> str:
+    """The model fingerprint from the per-step digests (step order)."""
+    h = hashlib.sha256(b"prinmix-fingerprint-v1")
+    for d in step_digests:
+        h.update(b"\n" + d.encode())
+    return h.hexdigest()
+
+
+# ----- encoding one step -------------------------------------------------------------------------
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, dict]:
+    """Turns one step's results into ``(arrays tree, JSON meta)``.
+
+    Args:
+      linears: ``{name: ("matrix", CompressedMatrix, info) | ("zero", shape, info)}``.
+      dense: ``{"a/b/c": ("store", np.ndarray) | ("zero", shape) | ("skip", shape, max_abs)}``; the key is
+        the param path inside the step's tree joined by ``/``.
+    """
+    arrays: dict = {}
+    meta: dict = {"linears": {}, "dense": {}}
+    for name, entry in linears.items():
+        kind = entry[0]
+        if kind == "matrix":
+            cm, info = entry[1], entry[2]
+            st_arrays, st_meta = to_state(cm)
+            keep, empty, sha = {}, {}, {}
+            for k, a in st_arrays.items():
+                a = np.asarray(a)
+                if a.size == 0:
+                    empty[k] = [list(a.shape), a.dtype.name]
+                else:
+                    keep[k] = a
+                    sha[k] = _sha(a)
+            if keep:
+                arrays.setdefault("linears", {})[name] = keep
+            meta["linears"][name] = {"kind": "matrix", "state": st_meta, "empty": empty, "sha256": sha,
+                                     "nbytes": int(cm.nbytes), "info": info}
+        elif kind == "zero":
+            meta["linears"][name] = {"kind": "zero", "shape": list(entry[1]), "nbytes": 0, "info": entry[2]}
+        else:
+            raise ValueError(f"unknown linear entry kind {kind!r}")
+    for path, entry in dense.items():
+        kind = entry[0]
+        if kind == "store":
+            a = np.ascontiguousarray(entry[1])
+            node = arrays.setdefault("dense", {})
+            parts = path.split("/")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = a
+            meta["dense"][path] = {"kind": "store", "shape": list(a.shape), "dtype": a.dtype.name,
+                                   "nbytes": int(a.nbytes), "sha256": _sha(a)}
+        elif kind == "zero":
+            meta["dense"][path] = {"kind": "zero", "shape": list(entry[1]), "nbytes": 0}
+        elif kind == "skip":
+            meta["dense"][path] = {"kind": "skip", "shape": list(entry[1]), "nbytes": 0,
+                                   "max_abs_delta": float(entry[2])}
+        else:
+            raise ValueError(f"unknown dense entry kind {kind!r}")
+    meta["nbytes"] = int(sum(e["nbytes"] for e in meta["linears"].values())
+                         + sum(e["nbytes"] for e in meta["dense"].values()))
+    return arrays, meta
+
+
+@dataclasses.dataclass
+class BlockDelta:
+    """One step of a delta: compressed linears and stored dense deltas.
+
+    Attributes:
+      linears: ``{name: CompressedMatrix or None}`` (None = the delta is exactly zero).
+      dense: ``{"path/in/tree": np.ndarray or None}``; None = zero delta or skipped by the policy.
+      meta: the step's JSON metadata.
+    """
+    linears: dict
+    dense: dict
+    meta: dict
+
+
+def _check_sha(where: str, key: str, a: np.ndarray, want: str | None):
+    if want is not None and _sha(a) != want:
+        raise DeltaFormatError(f"{where}: array {key!r} is corrupted (SHA-256 mismatch)")
+
+
+def decode_step(arrays: dict, meta: dict, where: str = "delta step") -> BlockDelta:
+    """Inverse of :func:`encode_step` (validates presence, byte counts and checksums)."""
+    arrays = arrays or {}
+    linears, dense = {}, {}
+    try:
+        for name, e in meta["linears"].items():
+            if e["kind"] == "zero":
+                linears[name] = None
+                continue
+            st = {k: np.asarray(v) for k, v in arrays.get("linears", {}).get(name, {}).items()}
+            for k, v in st.items():
+                _check_sha(where, f"linears/{name}/{k}", v, e["sha256"].get(k))
+            for k, (shape, dt) in e["empty"].items():
+                st[k] = np.zeros(shape, np.dtype(dt))
+            try:
+                linears[name] = from_state(st, e["state"])
+            except (ValueError, TypeError) as err:
+                raise DeltaFormatError(f"{where}: matrix {name!r}: {err}") from err
+        for path, e in meta["dense"].items():
+            if e["kind"] != "store":
+                dense[path] = None
+                continue
+            node = arrays.get("dense", {})
+            for p in path.split("/"):
+                if not isinstance(node, dict) or p not in node:
+                    raise DeltaFormatError(f"{where}: stored dense delta {path!r} is missing")
+                node = node[p]
+            a = np.asarray(node)
+            if list(a.shape) != list(e["shape"]) or a.dtype.name != e["dtype"]:
+                raise DeltaFormatError(f"{where}: dense delta {path!r} has shape {a.shape} {a.dtype}, metadata "
+                                       f"records {e['shape']} {e['dtype']}")
+            _check_sha(where, f"dense/{path}", a, e.get("sha256"))
+            dense[path] = a
+    except (KeyError, TypeError) as err:
+        raise DeltaFormatError(f"{where}: malformed step metadata ({err!r})") from err
+    return BlockDelta(linears=linears, dense=dense, meta=meta)
+
+
+# ----- the step store ----------------------------------------------------------------------------
+class StepStore:
+    """An Orbax ``CheckpointManager`` holding one step per finished unit (globals, then blocks).
+
+    Steps are written synchronously and atomically by Orbax (temporary directory, then rename); a killed
+    run leaves at most an uncommitted temporary directory, which Orbax ignores, so
+    :meth:`latest_step` is always the last *finished* step.
+
+    Args:
+      directory: the ``steps/`` directory.
+      run_identity: JSON-able dict stored as the manager's root metadata on creation.
+      read_only: open an existing store without creating anything.
+    """
+
+    def __init__(self, directory: str, run_identity: dict | None = None, *, read_only: bool = False):
+        import orbax.checkpoint as ocp
+
+        _quiet_orbax()
+        self._ocp = ocp
+        self.directory = os.path.abspath(os.fspath(directory))
+        if read_only and not os.path.isdir(self.directory):
+            raise DeltaFormatError(f"{self.directory}: no step directory")
+        opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
+                                            create=not read_only, read_only=read_only)
+        kw = {} if run_identity is None else {"metadata": {"run": run_identity}}
+        self._mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=_ITEMS, **kw)
+
+    def run_identity(self) -> dict | None:
+        md = self._mgr.metadata()
+        custom = getattr(md, "custom_metadata", None) or {}
+        return custom.get("run")
+
+    def all_steps(self) -> list[int]:
+        self._mgr.reload()
+        return sorted(int(s) for s in self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, arrays: dict, meta: dict) -> None:
+        ocp = self._ocp
+        items = {"meta": ocp.args.JsonSave(dict(meta, has_arrays=bool(arrays)))}
+        if arrays:
+            items["arrays"] = ocp.args.StandardSave(arrays)
+        self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
+        self._mgr.wait_until_finished()
+
+    def restore(self, step: int) -> tuple[dict, dict]:
+        ocp = self._ocp
+        where = f"{self.directory}/{step}"
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises many types for damaged directories
+            raise DeltaFormatError(f"{where}: cannot read step metadata ({type(e).__name__}: {e})") from e
+        if not isinstance(meta, dict):
+            raise DeltaFormatError(f"{where}: step metadata is not a JSON object")
+        arrays = {}
+        if meta.get("has_arrays"):
+            try:
+                arrays = self._mgr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+            except Exception as e:
+                raise DeltaFormatError(f"{where}: cannot read step arrays ({type(e).__name__}: {e})") from e
+        return arrays, meta
+
+    def close(self) -> None:
+        self._mgr.close()
+
+
+# ----- reading a finished delta ------------------------------------------------------------------
+class DeltaCheckpoint:
+    """A finished delta checkpoint, read step by step (see :func:`load_delta`).
+
+    Attributes:
+      path: the folder.
+      meta: the top-level metadata (``prinmix_delta.json``).
+      num_blocks: decoder blocks in the model.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.fspath(path))
+        if not os.path.isdir(self.path):
+            raise FileNotFoundError(f"delta checkpoint {self.path!r} does not exist")
+        mfile = os.path.join(self.path, META_FILE)
+        if not os.path.isfile(mfile):
+            hint = ""
+            if os.path.isdir(self.path + ".partial"):
+                hint = f"; an unfinished run is in {self.path}.partial: rerun the same compress command to resume"
+            raise DeltaFormatError(f"{self.path}: not a complete prinmix delta checkpoint (no {META_FILE}){hint}")
+        try:
+            with open(mfile, encoding="utf-8") as f:
+                self.meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DeltaFormatError(f"{mfile}: corrupted metadata (not valid JSON: {e})") from e
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            raise DeltaFormatError(f"{mfile}: not a prinmix delta metadata file")
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise DeltaFormatError(f"{mfile}: format version {self.meta.get('format_version')} is not supported "
+                                   f"(this prinmix reads version {FORMAT_VERSION})")
+        try:
+            self.num_blocks = int(self.meta["model"]["num_blocks"])
+            self.num_steps = int(self.meta["num_steps"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeltaFormatError(f"{mfile}: metadata lacks the model/step description ({e!r})") from e
+        self._store = StepStore(os.path.join(self.path, STEPS_DIR), read_only=True)
+        steps = self._store.all_steps()
+        if steps != list(range(self.num_steps)):
+            missing = sorted(set(range(self.num_steps)) - set(steps))
+            raise DeltaFormatError(f"{self.path}: delta checkpoint is truncated: step(s) {missing[:8]} of "
+                                   f"{self.num_steps} are missing")
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["base"]["fingerprint"]
+
+    @property
+    def hf_dir(self) -> str | None:
+        d = os.path.join(self.path, HF_DIR)
+        return d if os.path.isdir(d) else None
+
+    def step(self, step: int) -> BlockDelta:
+        """Step ``step``: 0 = globals, ``b + 1`` = decoder block b."""
+        if not 0 <= step < self.num_steps:
+            raise ValueError(f"step {step} out of range (0..{self.num_steps - 1})")
+        arrays, meta = self._store.restore(step)
+        return decode_step(arrays, meta, where=f"{self.path}/{STEPS_DIR}/{step}")
+
+    def globals(self) -> BlockDelta:
+        """The embedding / final norm / output head entries."""
+        return self.step(0)
+
+    def block(self, block: int) -> BlockDelta:
+        """Decoder block ``block``'s entries (linears by name, dense deltas by path inside the block)."""
+        if not 0 <= block < self.num_blocks:
+            raise ValueError(f"block {block} out of range (0..{self.num_blocks - 1})")
+        return self.step(block + 1)
+
+    def matrix(self, block: int, name: str) -> CompressedMatrix | None:
+        """One compressed linear of a block (None when its delta is exactly zero)."""
+        return self.block(block).linears[name]
+
+    def verify(self) -> None:
+        """Reads every step and checks byte counts and checksums against the metadata."""
+        total = 0
+        for s in range(self.num_steps):
+            bd = self.step(s)
+            got = sum(cm.nbytes for cm in bd.linears.values() if cm is not None) + \
+                sum(a.nbytes for a in bd.dense.values() if a is not None)
+            if got != bd.meta.get("nbytes"):
+                raise DeltaFormatError(f"{self.path}: step {s} holds {got} bytes but records {bd.meta.get('nbytes')}")
+            total += got
+        if total != self.meta["bytes"]["total"]:
+            raise DeltaFormatError(f"{self.path}: steps hold {total} bytes but {META_FILE} records "
+                                   f"{self.meta['bytes']['total']}")
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def load_delta(path) -> DeltaCheckpoint:
+    """Opens a finished delta checkpoint written by :func:`prinmix_jax.pipeline.compress_model`.
+
+    Raises:
+      FileNotFoundError: no such folder.
+      DeltaFormatError: incomplete (interrupted), truncated, corrupted or unknown-version checkpoint.
+    """
+    if isinstance(path, DeltaCheckpoint):
+        return path
+    return DeltaCheckpoint(path)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def publish(work_dir: str, out: str, overwrite: bool) -> None:
+    """Moves a finished ``work_dir`` to ``out`` (replacing ``out`` only when ``overwrite``)."""
+    if os.path.exists(out):
+        if not overwrite:
+            raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
+        old = out + ".old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(out, old)
+        os.replace(work_dir, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work_dir, out)
