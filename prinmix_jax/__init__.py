@@ -2,8 +2,9 @@
 
 The public API is re-exported flat here.
 """
-from prinmix_jax.allocation import Allocation, allocate_bits, index_cost_bits, milp_solvers_installed
-from prinmix_jax.compress import compress_matrix, compress_stack, output_error
+from prinmix_jax.allocation import (Allocation, allocate_bits, allocate_bits_global, index_cost_bits,
+                                    milp_solvers_installed)
+from prinmix_jax.compress import compress_matrix, compress_stack, error_tables, output_error
 from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.core.error_table import error_table
 from prinmix_jax.core.gptq import GPTQResult, gptq_quantize

@@ -168,3 +168,46 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
     w = np.asarray(widths, dtype=np.int64)[choice]
     obj = float(e[np.arange(r), choice].sum())
     return Allocation(w, choice, obj, cost, name, "optimal", time.perf_counter() - t0)
+
+
+def allocate_bits_global(tables, costs, budget_bits: int, widths, *, normalize: bool = True,
+                         max_widths: int | None = None, solver: str = "HIGHS",
+                         time_limit: float | None = None, solver_options: dict | None = None):
+    """One ILP over the singular indices of many matrices under one total budget.
+
+    Errors of different matrices are made comparable by dividing each table by its matrix's
+    ``‖ΔW X‖² / N = Σ_i e[i, 0]`` (the error of dropping every index), so the objective is the
+    sum of relative output errors. Bits then flow to the matrices where they buy the most.
+
+    Args:
+      tables: list of (r_j, nw) error tables (:func:`prinmix_jax.error_tables`).
+      costs: list of (nw,) per-index costs in bits, one per table (shapes differ per matrix).
+      budget_bits: total budget in bits (e.g. the sum of the per-matrix budgets).
+      widths: the candidate widths (the table columns); must include 0 when ``normalize``.
+      normalize: divide each table by its matrix's total energy.
+      max_widths, solver, time_limit, solver_options: as in :func:`allocate_bits`.
+
+    Returns:
+      ``(per-matrix widths list, Allocation of the whole problem)``.
+    """
+    widths = tuple(int(b) for b in widths)
+    if len(tables) != len(costs):
+        raise ValueError(f"got {len(tables)} tables but {len(costs)} cost vectors")
+    if normalize and 0 not in widths:
+        raise ValueError("normalize=True needs width 0 among the widths (the energy column)")
+    rows_e, rows_c, sizes = [], [], []
+    for e, c in zip(tables, costs):
+        e = np.asarray(e, np.float64)
+        if normalize:
+            energy = e[:, widths.index(0)].sum()
+            e = e / energy if energy > 0 else e
+        rows_e.append(e)
+        rows_c.append(np.broadcast_to(np.asarray(c, np.int64), e.shape))
+        sizes.append(e.shape[0])
+    if not rows_e:
+        return [], allocate_bits(np.zeros((0, len(widths))), np.zeros(len(widths), np.int64), budget_bits, widths,
+                                 solver=solver)
+    alloc = allocate_bits(np.concatenate(rows_e), np.concatenate(rows_c), budget_bits, widths,
+                          max_widths=max_widths, solver=solver, time_limit=time_limit,
+                          solver_options=solver_options)
+    return np.split(alloc.widths, np.cumsum(sizes)[:-1]), alloc

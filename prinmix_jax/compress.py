@@ -134,7 +134,7 @@ def compress_matrix(delta, hessian=None, config: CompressionConfig | None = None
 
 
 def compress_stack(deltas, hessians=None, config: CompressionConfig | None = None, method: str = "prinmix",
-                   *, mesh: Mesh | None = None, return_info: bool = False) -> list:
+                   *, mesh: Mesh | None = None, widths=None, return_info: bool = False) -> list:
     """Compresses a stack of same-shape deltas; the heavy steps run sharded over ``mesh``.
 
     The SVDs and the error tables (or Delta-CoMe's V-side GPTQ) of all matrices run as one
@@ -147,25 +147,17 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
       hessians: matching sequence of (n, n) Hessians, one (B, n, n) array, or ``None``.
       config, method: as in :func:`compress_matrix`.
       mesh: a 1-D :class:`jax.sharding.Mesh` (axis name ``"batch"``); default all devices.
+      widths: optional per-matrix widths (one (r,) array each, values from ``config.bits``)
+        decided elsewhere, e.g. by :func:`allocate_bits_global` over a whole model; the
+        per-matrix allocation is then skipped (``"prinmix"`` and ``"uniform"`` only).
       return_info: return ``(compressed, info)`` pairs.
 
     Returns:
       A list with one compressed matrix (or pair) per input.
     """
-    cfg = config if config is not None else CompressionConfig()
-    if not isinstance(cfg, CompressionConfig):
-        raise ValueError(f"config must be a CompressionConfig, got {type(cfg).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    _check_solver(cfg.solver)
-    if len(deltas) == 0:
+    cfg, pairs = _prepare(deltas, hessians, config, method)
+    if not pairs:
         return []
-    if hessians is not None and len(hessians) != len(deltas):
-        raise ValueError(f"got {len(deltas)} deltas but {len(hessians)} hessians")
-    pairs = [_validate(d, None if hessians is None else hessians[i]) for i, d in enumerate(deltas)]
-    shapes = {p[0].shape for p in pairs}
-    if len(shapes) != 1:
-        raise ValueError(f"compress_stack needs same-shape deltas, got shapes {sorted(shapes)}")
     m, n = pairs[0][0].shape
     budget = cfg.budget_bits(m, n)
     t0 = time.perf_counter()
@@ -178,11 +170,8 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
                            scale=jnp.mean(jnp.abs(d)).reshape(1).astype(jnp.float32), shape=(m, n))
             out.append(_finish(cm, d, h_np, info, t0, return_info))
         return out
-    mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
-    d_stack = np.stack([p[0] for p in pairs])
-    data_free = hessians is None
-    h_stack = None if data_free else np.stack([p[1] for p in pairs])
-    u, sigma, v = _run_sharded(_svd_fn(), mesh, d_stack)
+    mesh = _default_mesh(mesh)
+    u, sigma, v = _run_sharded(_svd_fn(), mesh, np.stack([p[0] for p in pairs]))
     sig_np = np.asarray(sigma)
     r = sig_np.shape[1]
     if method == "lowrank":
@@ -193,12 +182,17 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
                               v=v[i, :k].astype(jnp.float16), shape=(m, n))
             out.append(_finish(cm, jnp.asarray(d_np), h_np, info, t0, return_info))
         return out
-    h_all = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (len(pairs), n, n)) if data_free else h_stack
+    h_all = _hessian_stack(pairs, n)
     gkw = dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
                scale_dtype=cfg.scale_jnp_dtype)
     t = time.perf_counter()
-    if method == "deltacome":
+    if widths is not None:
+        if method not in ("prinmix", "uniform"):
+            raise ValueError(f"given widths only apply to prinmix/uniform, not {method!r}")
+        widths = _check_widths(widths, len(pairs), r, cfg.bits) * (sig_np > 0)
+    elif method == "deltacome":
         widths = np.stack([_deltacome_widths(s, m, n, budget, cfg) for s in sig_np])
+    if widths is not None:
         v_res = _run_sharded(_v_gptq_fn(**gkw), mesh, v, h_all, np.maximum(widths, 1), np.float32(cfg.damp))
         tables = None
     else:
@@ -291,6 +285,66 @@ def _run_sharded(fn, mesh: Mesh, *args):
     call = _compiled(fn, mesh, len(batched))
     res = call(*batched) if scalar is None else call(*batched, scalar)
     return jax.tree.map(lambda x: x[:b], res)
+
+
+def _prepare(deltas, hessians, config, method):
+    """Validates the arguments shared by :func:`compress_stack` and :func:`error_tables`."""
+    cfg = config if config is not None else CompressionConfig()
+    if not isinstance(cfg, CompressionConfig):
+        raise ValueError(f"config must be a CompressionConfig, got {type(cfg).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    _check_solver(cfg.solver)
+    if hessians is not None and len(hessians) != len(deltas):
+        raise ValueError(f"got {len(deltas)} deltas but {len(hessians)} hessians")
+    pairs = [_validate(d, None if hessians is None else hessians[i]) for i, d in enumerate(deltas)]
+    shapes = {p[0].shape for p in pairs}
+    if len(shapes) > 1:
+        raise ValueError(f"a stack needs same-shape deltas, got shapes {sorted(shapes)}")
+    return cfg, pairs
+
+
+def _default_mesh(mesh):
+    return mesh if mesh is not None else Mesh(np.asarray(jax.devices()), (BATCH_AXIS,))
+
+
+def _hessian_stack(pairs, n):
+    """(B, n, n) Hessians; identities for data-free (``None``) entries."""
+    if pairs[0][1] is None:
+        return jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (len(pairs), n, n))
+    return np.stack([p[1] for p in pairs])
+
+
+def _check_widths(widths, b, r, bits):
+    w = np.asarray([np.asarray(x) for x in widths], np.int64)
+    if w.shape != (b, r):
+        raise ValueError(f"widths must be {b} arrays of {r} widths, got shape {w.shape}")
+    bad = set(np.unique(w).tolist()) - set(bits)
+    if bad:
+        raise ValueError(f"widths {sorted(bad)} are not among the candidate bits {bits}")
+    return w
+
+
+def error_tables(deltas, hessians=None, config: CompressionConfig | None = None, *,
+                 mesh: Mesh | None = None) -> list[np.ndarray]:
+    """Error tables ``e[i, b]`` (method.md §2) of a stack of same-shape deltas, sharded over ``mesh``.
+
+    This is the first pass of a global allocation: the tables of every matrix of a model go to
+    :func:`allocate_bits_global`, whose widths then go to :func:`compress_stack`.
+
+    Returns:
+      One float64 array (r, len(config.bits)) per delta.
+    """
+    cfg, pairs = _prepare(deltas, hessians, config, "prinmix")
+    if not pairs:
+        return []
+    mesh = _default_mesh(mesh)
+    h_all = _hessian_stack(pairs, pairs[0][0].shape[1])
+    _, sigma, v = _run_sharded(_svd_fn(), mesh, np.stack([p[0] for p in pairs]))
+    e, _ = _run_sharded(_error_table_fn(widths=cfg.bits, group_size=cfg.group_size, act_order=cfg.act_order,
+                                        block_size=cfg.block_size, scale_dtype=cfg.scale_jnp_dtype),
+                        mesh, v, sigma, h_all, np.float32(cfg.damp))
+    return list(np.asarray(e, np.float64))
 
 
 def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
