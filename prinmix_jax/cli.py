@@ -41,6 +41,18 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
+def _quiet_unraisable(hook=sys.unraisablehook):
+    """Orbax/tensorstore may report 'Event loop is closed' from a finished read after a failed restore; that
+    is noise after our one-line error, so drop it (everything else goes to the previous hook)."""
+
+    def filtered(u):
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        hook(u)
+
+    return filtered
+
+
 class _Main(click.Group):
     """Turns exceptions into ``error: ...`` and exit status 1 (no traceback unless PRINMIX_DEBUG=1)."""
 
@@ -59,6 +71,7 @@ class _Main(click.Group):
                 "prinmix_jax")
             prefix = "" if known else f"internal error ({type(e).__name__}): "
             click.echo(f"error: {prefix}{_one_line(e)}", err=True)
+            sys.unraisablehook = _quiet_unraisable()
             ctx.exit(EXIT_ERROR)
 
 

@@ -203,6 +203,11 @@ def decode_step(arrays: dict, meta: dict, where: str = "delta step") -> BlockDel
     return BlockDelta(linears=linears, dense=dense, meta=meta)
 
 
+def _short(e: BaseException, limit: int = 240) -> str:
+    msg = " ".join(f"{type(e).__name__}: {e}".split())
+    return msg if len(msg) <= limit else msg[:limit] + "…"
+
+
 # ----- the step store ----------------------------------------------------------------------------
 class StepStore:
     """An Orbax ``CheckpointManager`` holding one step per finished unit (globals, then blocks).
@@ -257,7 +262,7 @@ class StepStore:
         try:
             meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises many types for damaged directories
-            raise DeltaFormatError(f"{where}: cannot read step metadata ({type(e).__name__}: {e})") from e
+            raise DeltaFormatError(f"{where}: corrupted or unreadable step metadata ({_short(e)})") from e
         if not isinstance(meta, dict):
             raise DeltaFormatError(f"{where}: step metadata is not a JSON object")
         arrays = {}
@@ -265,7 +270,7 @@ class StepStore:
             try:
                 arrays = self._mgr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
             except Exception as e:
-                raise DeltaFormatError(f"{where}: cannot read step arrays ({type(e).__name__}: {e})") from e
+                raise DeltaFormatError(f"{where}: corrupted or unreadable step arrays ({_short(e)})") from e
         return arrays, meta
 
     def close(self) -> None:

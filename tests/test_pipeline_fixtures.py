@@ -11,9 +11,36 @@ import shutil
 
 import numpy as np
 
-from hf_fixtures import save_checkpoint, save_tiny_tokenizer, torch_model
+from hf_fixtures import save_checkpoint, save_tiny_tokenizer
 
-SMALL_CONFIG = dict(ratio=1 / 16, bits=(0, 2, 3, 4, 8), group_size=16, block_size=32)
+SMALL_CONFIG = dict(ratio=1 / 16, bits=(0, 2, 3, 4, 8), group_size=16)  # = the CLI with --group-size 16
+#: Every block linear of the test models is 32x32 (one shape: one compilation per mesh).
+DIMS = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+            max_position_embeddings=64, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def torch_model(family: str, layers: int = 2, seed: int = 0):
+    """A float32 transformers model of ``family`` ("llama", "qwen2", "qwen3", "mistral") at :data:`DIMS`."""
+    import torch
+    import transformers as tf
+    from transformers import AutoModelForCausalLM
+
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+           "mistral": tf.MistralConfig}[family]
+    extra = {"head_dim": 16} if family == "qwen3" else {}
+    cfg = cls(num_hidden_layers=layers, **DIMS, **extra)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / np.sqrt(p.shape[-1])))
+    return model.eval()
 
 
 def _perturb(name: str, w: np.ndarray, rng) -> np.ndarray:
@@ -46,15 +73,17 @@ def make_finetuned(base_dir: str, out_dir: str, seed: int = 1, frozen=()) -> str
 _PAIRS: dict = {}
 
 
-def make_pair(root, family: str = "llama3", tokenizer: bool = True, seed: int = 0) -> tuple[str, str]:
-    """``(base_dir, finetuned_dir)`` for ``family``; cached per (root, family, tokenizer)."""
-    key = (os.fspath(root), family, tokenizer, seed)
+def make_pair(root, family: str = "llama", tokenizer: bool = True, seed: int = 0, layers: int = 2
+              ) -> tuple[str, str]:
+    """``(base_dir, finetuned_dir)`` for ``family``; cached per arguments."""
+    key = (os.fspath(root), family, tokenizer, seed, layers)
     if key not in _PAIRS:
-        base = os.path.join(os.fspath(root), f"{family}-base-{int(tokenizer)}-{seed}")
-        save_checkpoint(torch_model(family, seed=seed), base)
+        tag = f"{family}-L{layers}-t{int(tokenizer)}-s{seed}"
+        base = os.path.join(os.fspath(root), f"base-{tag}")
+        save_checkpoint(torch_model(family, layers, seed=seed), base)
         if tokenizer:
             save_tiny_tokenizer(base)
-        ft = make_finetuned(base, os.path.join(os.fspath(root), f"{family}-ft-{int(tokenizer)}-{seed}"), seed + 1)
+        ft = make_finetuned(base, os.path.join(os.fspath(root), f"ft-{tag}"), seed + 1)
         _PAIRS[key] = (base, ft)
     return _PAIRS[key]
 
@@ -63,7 +92,7 @@ CALIB_TEXT = ("the quick brown fox jumps over a lazy dog while seven small cats 
               "and one bird sings ") * 12
 
 
-def write_calib(root, kind: str = "ids", vocab: int = 160, n_tokens: int = 256) -> str:
+def write_calib(root, kind: str = "ids", vocab: int = 64, n_tokens: int = 256) -> str:
     """A calibration file: ``"ids"`` (JSONL pre-tokenized), ``"jsonl"`` (JSONL text) or ``"txt"``."""
     root = os.fspath(root)
     if kind == "ids":
@@ -82,3 +111,31 @@ def write_calib(root, kind: str = "ids", vocab: int = 160, n_tokens: int = 256) 
         with open(path, "w") as f:
             f.write(CALIB_TEXT * 2)
     return path
+
+
+def jax_cache_env(tmp_path_factory, devices: int = 4) -> dict:
+    """Environment for subprocess runs: CPU, a persistent compilation cache shared by this test session."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if base.name.startswith("popen-gw") else base
+    cache = os.path.join(os.fspath(root), "prinmix-jax-cache")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="ignore")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def read_arrays(delta_dir) -> dict:
+    """Every stored array of a delta checkpoint: ``{(step, key path): bytes}``."""
+    from prinmix_jax.storage import STEPS_DIR, StepStore
+
+    import jax
+
+    store = StepStore(os.path.join(os.fspath(delta_dir), STEPS_DIR), read_only=True)
+    out = {}
+    for s in store.all_steps():
+        arrays, _ = store.restore(s)
+        for path, a in jax.tree_util.tree_flatten_with_path(arrays)[0]:
+            a = np.asarray(a)
+            out[(s, jax.tree_util.keystr(path))] = (a.dtype.name, a.shape, a.tobytes())
+    store.close()
+    return out

@@ -1,0 +1,170 @@
+"""compress_model end to end on tiny random HF pairs: compress -> inspect -> apply -> transformers loads the
+merged checkpoint whose weights equal base + reconstructed delta; byte accounting; device-count invariance;
+methods and parameter policies; apply onto params / NNX / factored path; wrong-base refusal."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from jax.sharding import Mesh
+
+from test_pipeline_fixtures import SMALL_CONFIG, make_pair, read_arrays, write_calib
+
+from prinmix_jax import CompressionConfig
+from prinmix_jax.apply import apply_delta, apply_delta_to_checkpoint, apply_delta_to_model, factored_linear
+from prinmix_jax.cli import main
+from prinmix_jax.models import LINEAR_NAMES, load_hf_model, load_hf_params
+from prinmix_jax.pipeline import ParamPolicy, compress_model
+from prinmix_jax.storage import FingerprintMismatchError, load_delta
+
+CFG = CompressionConfig(**SMALL_CONFIG)
+STORE_GLOBALS = ParamPolicy(embeddings="store", lm_head="store")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def llama_delta(root):
+    """llama pair, text calibration (its own tokenizer), parallel mode, embeddings/head compressed."""
+    base, ft = make_pair(root, "llama")
+    out = os.path.join(root, "llama-delta")
+    summary = compress_model(base, ft, out, calib=write_calib(root, "jsonl"), config=CFG, seq_len=16)
+    return base, ft, out, summary
+
+
+def _st(path):
+    from safetensors.numpy import load_file
+
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def _check_merged(base, delta_dir, merged_dir):
+    """transformers loads the merged folder; its weights equal base + reconstructed delta."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    base_t = _st(base)
+    d = load_delta(delta_dir)
+    for b in range(d.num_blocks):
+        bd = d.block(b)
+        for name in LINEAR_NAMES:
+            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"model.layers.{b}.{parent}.{name}.weight"
+            want = base_t[key] + np.asarray(bd.linears[name].reconstruct())
+            np.testing.assert_array_equal(sd[key], want.astype(np.float32))
+        key = f"model.layers.{b}.input_layernorm.weight"
+        np.testing.assert_array_equal(sd[key], base_t[key] + bd.dense["input_layernorm/weight"].astype(np.float32))
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_end_to_end_two_families(root, llama_delta, family):
+    if family == "llama":
+        base, ft, out, summary = llama_delta
+    else:  # qwen2: q/k/v biases; pre-tokenized ids; sequential calibration; globals stored in 16 bits
+        base, ft = make_pair(root, "qwen2")
+        out = os.path.join(root, "qwen2-delta")
+        summary = compress_model(base, ft, out, calib=write_calib(root, "ids"), config=CFG, seq_len=16,
+                                 calibration_mode="sequential", policy=STORE_GLOBALS)
+        assert summary["calibration"]["mode"] == "sequential"
+        assert any(k.endswith("bias") for k in load_delta(out).block(0).dense)
+    assert not os.path.exists(out + ".partial")
+    # bytes: every matrix within its budget; the total counts every stored array byte
+    assert summary["within_budget"]
+    for r in summary["matrices"]:
+        assert r["nbytes"] <= r["budget_bytes"]
+    on_disk = sum(len(v[2]) for v in read_arrays(out).values())
+    assert summary["bytes"]["total"] == on_disk
+    assert summary["ratio"] == pytest.approx(on_disk / summary["bytes"]["dense_16bit_delta"])
+    with open(os.path.join(out, "prinmix_delta.json")) as f:
+        meta = json.load(f)
+    assert meta["base"]["fingerprint"] == summary["base"]["fingerprint"]
+    assert len(meta["matrices"]) == 2 * 7 + (2 if family == "llama" else 0)
+    assert all(0 < r["rel_output_error"] < 1 for r in meta["matrices"])
+    # inspect
+    res = CliRunner().invoke(main, ["inspect", out, "--verify", "--plot", os.path.join(root, f"{family}.png")])
+    assert res.exit_code == 0, res.output
+    assert "q_proj" in res.output and "within budget: yes" in res.output and "verify     ok" in res.output
+    assert os.path.getsize(os.path.join(root, f"{family}.png")) > 1000
+    # apply -> merged HF checkpoint
+    merged = os.path.join(root, f"{family}-merged")
+    apply_delta_to_checkpoint(base, out, merged)
+    model = _check_merged(base, out, merged)
+    # the merged model is closer to the fine-tuned one than the base is
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.as_tensor(np.random.default_rng(0).integers(3, 64, (2, 12)))
+    with torch.no_grad():
+        lm = model(input_ids=ids).logits
+        lf = AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32)(input_ids=ids).logits
+        lb = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)(input_ids=ids).logits
+    assert float((lm - lf).norm()) < 0.5 * float((lb - lf).norm())
+
+
+def test_device_count_invariance(root, llama_delta):
+    """The same run on a 1-device mesh stores byte-identical arrays (reference: all 8 devices)."""
+    assert jax.device_count() == 8
+    base, ft, out8, _ = llama_delta
+    out1 = os.path.join(root, "llama-delta-1dev")
+    compress_model(base, ft, out1, calib=write_calib(root, "jsonl"), config=CFG, seq_len=16,
+                   mesh=Mesh(np.array(jax.devices()[:1]), ("batch",)))
+    assert read_arrays(out1) == read_arrays(out8)
+
+
+def test_apply_params_nnx_factored_and_wrong_base(root, llama_delta):
+    base, _, out, _ = llama_delta
+    params = load_hf_params(base, np.float32, device_put=False)
+    merged = apply_delta(params, out)
+    d = load_delta(out)
+    cm = d.matrix(1, "down_proj")
+    w0 = params["layers"][1]["mlp"]["down_proj"]["weight"]
+    np.testing.assert_array_equal(np.asarray(merged["layers"][1]["mlp"]["down_proj"]["weight"]),
+                                  w0 + np.asarray(cm.reconstruct()))
+    # factored serving path == merged weight
+    x = np.random.default_rng(1).standard_normal((3, 5, w0.shape[1])).astype(np.float32)
+    y = factored_linear(x, w0, cm)
+    np.testing.assert_allclose(np.asarray(y), x @ np.asarray(merged["layers"][1]["mlp"]["down_proj"]["weight"]).T,
+                               rtol=1e-4, atol=1e-4)
+    # onto an NNX model (nnx.update)
+    model = load_hf_model(base, np.float32)
+    apply_delta_to_model(model, d)
+    np.testing.assert_array_equal(np.asarray(model.layers[0].self_attn.q_proj.weight[...]),
+                                  np.asarray(merged["layers"][0]["self_attn"]["q_proj"]["weight"]))
+    # a different base (one norm changed) is refused unless forced
+    wrong = jax.tree.map(lambda a: a, params)
+    wrong["layers"][1]["post_attention_layernorm"]["weight"] = \
+        params["layers"][1]["post_attention_layernorm"]["weight"] + 1e-3
+    with pytest.raises(FingerprintMismatchError, match="decoder block 1"):
+        apply_delta(wrong, d)
+    forced = apply_delta(wrong, d, force=True)
+    np.testing.assert_array_equal(np.asarray(forced["layers"][0]["self_attn"]["q_proj"]["weight"]),
+                                  np.asarray(merged["layers"][0]["self_attn"]["q_proj"]["weight"]))
+
+
+def test_baselines_data_free_and_skip_policy(root):
+    """method= any baseline; data-free; a policy that skips every dense parameter stores only matrices."""
+    base, ft = make_pair(root, "llama")
+    skip = ParamPolicy(norms="skip", biases="skip", embeddings="skip", lm_head="skip")
+    for method in ("bitdelta", "lowrank", "deltacome"):
+        out = os.path.join(root, f"llama-{method}")
+        s = compress_model(base, ft, out, calib=None, config=CFG, method=method, policy=skip)
+        assert s["method"] == method and s["calibration"] is None
+        # BitDelta's one float32 scale per matrix sits on top of its 1 bit/param: 4 bytes over budget
+        assert s["within_budget"] == (method != "bitdelta")
+        assert all(r["nbytes"] <= r["budget_bytes"] + (4 if method == "bitdelta" else 0) for r in s["matrices"])
+        assert s["bytes"]["dense"] == 0 and s["bytes"]["globals"] == 0
+        assert {r["method"] for r in s["matrices"]} == {method}
+    merged = os.path.join(root, "llama-bitdelta-merged")
+    apply_delta_to_checkpoint(base, os.path.join(root, "llama-bitdelta"), merged)
+    got, b = _st(merged), _st(base)
+    for k in ("model.norm.weight", "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+        np.testing.assert_array_equal(got[k], b[k])  # skipped: base kept
+    assert not np.array_equal(got["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
