@@ -233,8 +233,6 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 
     On CPU the cross-process collectives use gloo. Call before any other JAX work.
     """
-    if jax.process_count() > 1:
-        return
     try:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # option absent in some builds
@@ -631,21 +629,14 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
         return {"stopped_after_steps": done_this_run}
 
     # --- finish: aggregate the metadata, publish atomically ---
-    summary = None
+    # every process reads the step metadata (Orbax restores are collective); process 0 writes and publishes
+    summary = _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src,
+                       time.perf_counter() - t_start)
+    store.close()
     if jax.process_index() == 0:
-        summary = _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src,
-                           time.perf_counter() - t_start)
-        store.close()
         write_json_atomic(os.path.join(work, META_FILE), summary)
-    else:
-        store.close()
-    _barrier("prinmix-summary")
-    if jax.process_index() == 0:
         publish(work, out, overwrite)
     _barrier("prinmix-published")
-    if summary is None:
-        with open(os.path.join(out, META_FILE), encoding="utf-8") as f:
-            summary = json.load(f)
     return summary
 
 
