@@ -172,14 +172,16 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                         arr = arr.astype(_get(native, path).dtype)
                     writer.add(prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg), arr)
 
-            native_g = reader.read_globals(None, device_put=False)
+            native_g = jax.tree.map(lambda a: np.array(a, copy=True), reader.read_globals(None, device_put=False))
+            reader.close()
             base_g = jax.tree.map(lambda a: np.asarray(a, np.float32), native_g)
             _check_digest(delta, 0, base_g, global_table, force)
             emit("", merge_block(base_g, delta.globals(), global_table), native_g, global_table)
             del native_g, base_g
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                native = reader.read_block(b, None, device_put=False)
+                native = jax.tree.map(lambda a: np.array(a, copy=True), reader.read_block(b, None, device_put=False))
+                reader.close()  # drop the memory maps (their pages count towards RSS)
                 base_b = jax.tree.map(lambda a: np.asarray(a, np.float32), native)
                 _check_digest(delta, b + 1, base_b, block_table, force)
                 emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table), native, block_table)

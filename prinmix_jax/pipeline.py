@@ -108,14 +108,21 @@ class _Source:
             raise TypeError(f"{label}: expected a checkpoint folder, CheckpointReader, CausalLM or param tree, "
                             f"got {type(obj).__name__}")
 
+    def _read(self, fn):
+        # Copy out of the memory map and drop the file handles after every read: mapped pages count towards
+        # the process RSS, so keeping the maps open would make the peak grow with the model size.
+        tree = jax.tree.map(lambda a: np.array(a, np.float32, copy=True), fn())
+        self.reader.close()
+        return tree
+
     def block(self, b: int) -> dict:
         if self.reader is not None:
-            return self.reader.read_block(b, np.float32, device_put=False)
+            return self._read(lambda: self.reader.read_block(b, None, device_put=False))
         return jax.tree.map(lambda a: np.asarray(a, np.float32), self.params["layers"][b])
 
     def globals(self) -> dict:
         if self.reader is not None:
-            return self.reader.read_globals(np.float32, device_put=False)
+            return self._read(lambda: self.reader.read_globals(None, device_put=False))
         return {k: jax.tree.map(lambda a: np.asarray(a, np.float32), v)
                 for k, v in self.params.items() if k != "layers"}
 
