@@ -47,14 +47,25 @@ def _validate(delta, hessian):
 def output_error(delta, approx, hessian=None) -> float:
     """Relative output error ``‖(ΔW − ΔŴ) X‖ / ‖ΔW X‖`` with ``H = X Xᵀ / N`` (identity if None)."""
     d = jnp.asarray(delta, jnp.float32)
-    e = d - jnp.asarray(approx, jnp.float32)
-    if hessian is None:
-        num, den = jnp.sum(e * e), jnp.sum(d * d)
-    else:
-        h = jnp.asarray(hessian, jnp.float32)
-        num = jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e)
-        den = jnp.sum(jnp.matmul(d, h, precision=HIGHEST) * d)
+    a = jnp.asarray(approx, jnp.float32)
+    h = None if hessian is None else jnp.asarray(hessian, jnp.float32)
+    num, den = _error_terms(d, a, h)
     return float(jnp.sqrt(num / den)) if float(den) > 0 else 0.0
+
+
+@jax.jit
+def _error_terms(d, a, h):
+    e = d - a
+    if h is None:
+        return jnp.sum(e * e), jnp.sum(d * d)
+    return (jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e),
+            jnp.sum(jnp.matmul(d, h, precision=HIGHEST) * d))
+
+
+@jax.jit
+def reconstruct(cm: CompressedMatrix):
+    """``cm.reconstruct()`` as one compiled program (faster than op-by-op for repeated shapes)."""
+    return cm.reconstruct()
 
 
 def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, method) -> SVDQuantDelta:
@@ -71,10 +82,10 @@ def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, m
         group_bits.append(b)
         all_w.append(np.full(idx.size, b, np.uint8))
         fields["sigma"].append(jnp.asarray(sigma[idx], jnp.float32))
-        fields["v_codes"].append(pack_bits(vc[idx], b))
+        fields["v_codes"].append(jnp.asarray(pack_bits(vc[idx], b)))      # packed on the host
         fields["v_scale"].append(jnp.asarray(vs[idx], sdt))
         fields["v_zero"].append(jnp.asarray(vz[idx], jnp.uint8))
-        fields["u_codes"].append(pack_bits(uc[idx], b))
+        fields["u_codes"].append(jnp.asarray(pack_bits(uc[idx], b)))
         fields["u_scale"].append(jnp.asarray(us[idx], sdt))
         fields["u_zero"].append(jnp.asarray(uz[idx], jnp.uint8))
     w = jnp.asarray(np.concatenate(all_w) if all_w else np.zeros(0, np.uint8))
@@ -83,25 +94,45 @@ def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, m
                          **{k: tuple(v) for k, v in fields.items()})
 
 
+def rank_bucket(k: int) -> int:
+    """Smallest size >= k among 32, 40, 48, 56, 64, 80, 96, ... (four per octave, <= 25% padding)."""
+    size = 32
+    while size < k:
+        step = 1 << max(0, size.bit_length() - 3)
+        size += step
+    return size
+
+
 def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info):
-    """Steps 2–4 of method.md §4 for the kept indices ``widths > 0``."""
+    """Steps 2–4 of method.md §4 for the kept indices ``widths > 0``.
+
+    The k kept indices are padded to :func:`rank_bucket` (k) with inert entries (zero rows of V̂,
+    zero columns of the target, decoupled Hessian entries), so the U-side programs compile once
+    per bucket rather than once per rank.
+    """
     keep = np.nonzero(widths > 0)[0]
     kw = widths[keep]
-    if keep.size == 0:
+    k = keep.size
+    if k == 0:
         empty = GPTQResult(*(np.zeros((0, 0)),) * 5)
         return _pack_svd(delta.shape, [], kw, empty, empty, cfg, method)
-    sig_k = jnp.asarray(np.asarray(sigma)[keep])
-    v_hat = v_rows.q
+    kb = rank_bucket(k)
+    pad = kb - k
+    sig_k = np.asarray(sigma)[keep]
+    sig_p = jnp.asarray(np.concatenate([sig_k, np.ones(pad, sig_k.dtype)]))
+    v_hat = jnp.pad(v_rows.q, ((0, pad), (0, 0)))
+    valid = jnp.asarray(np.arange(kb) < k)
     t = time.perf_counter()
     if rtc:
-        target, info["rtc_damp"] = rtc_target(delta, h, v_hat, sig_k, cfg.rtc_damp)
-        info["rtc_damp"] = float(info["rtc_damp"])
+        target, damp_used = rtc_target(delta, h, v_hat, sig_p, cfg.rtc_damp, valid)
+        info["rtc_damp"] = float(damp_used)
     else:
-        target = jnp.asarray(u)[:, keep]
-    g = u_hessian(v_hat, sig_k, h)
-    u_res = gptq_quantize(target, g, jnp.asarray(kw, jnp.int32), cfg.damp, group_size=cfg.group_size,
-                          act_order=cfg.act_order, block_size=cfg.block_size, scale_axis="col",
-                          scale_dtype=cfg.scale_jnp_dtype)
+        target = jnp.pad(jnp.asarray(u)[:, keep], ((0, 0), (0, pad)))
+    g = u_hessian(v_hat, sig_p, h, valid)
+    bits = jnp.asarray(np.concatenate([kw, np.ones(pad, np.int64)]), jnp.int32)
+    u_res = gptq_quantize(target, g, bits, cfg.damp, group_size=cfg.group_size, act_order=cfg.act_order,
+                          block_size=cfg.block_size, scale_axis="col", scale_dtype=cfg.scale_jnp_dtype)
+    u_res = GPTQResult(u_res.q[:, :k], u_res.codes[:, :k], u_res.scale[:k], u_res.zero[:k], u_res.damp)
     info["u_damp"] = float(u_res.damp)
     info["seconds_u"] = time.perf_counter() - t
     return _pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
@@ -166,7 +197,7 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
         out = []
         for (d_np, h_np), info in zip(pairs, infos):
             d = jnp.asarray(d_np)
-            cm = SignDelta(signs=pack_bits((d >= 0).astype(jnp.uint8), 1),
+            cm = SignDelta(signs=jnp.asarray(pack_bits((d_np >= 0).astype(np.uint8), 1)),
                            scale=jnp.mean(jnp.abs(d)).reshape(1).astype(jnp.float32), shape=(m, n))
             out.append(_finish(cm, d, h_np, info, t0, return_info))
         return out
@@ -391,5 +422,5 @@ def _finish(cm: CompressedMatrix, d, h_np, info, t0, return_info):
     info["seconds"] = time.perf_counter() - t0
     if not return_info:
         return cm
-    info["rel_output_error"] = output_error(d, cm.reconstruct(), h_np)
+    info["rel_output_error"] = output_error(d, reconstruct(cm), h_np)
     return cm, info

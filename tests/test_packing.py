@@ -1,16 +1,21 @@
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from prinmix_jax import pack_bits, packed_nbytes, unpack_bits
 
 
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "jax"])
 @pytest.mark.parametrize("word_bits", [8, 32])
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_round_trip_every_width(bits, word_bits):
+def test_round_trip_every_width(bits, word_bits, host):
     rng = np.random.default_rng(bits)
     for length in (1, 7, 8, 33, 100):
         codes = rng.integers(0, 2 ** bits, size=(3, length), dtype=np.uint8)
-        words = pack_bits(codes, bits, word_bits)
+        words = pack_bits(codes if host else jnp.asarray(codes), bits, word_bits)
+        assert isinstance(words, np.ndarray) == host
+        if not host:
+            np.testing.assert_array_equal(np.asarray(words), pack_bits(codes, bits, word_bits))
         assert words.dtype == (np.uint8 if word_bits == 8 else np.uint32)
         assert words.shape == (3, bits * -(-length // word_bits))
         assert words.shape[1] * word_bits // 8 == packed_nbytes(length, bits, word_bits)

@@ -14,7 +14,12 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-_WORD_DTYPES = {8: jnp.uint8, 32: jnp.uint32}
+_WORD_DTYPES = {8: np.uint8, 32: np.uint32}
+
+
+def _xp(x):
+    """NumPy for host arrays (no compilation per shape), jax.numpy otherwise (traceable)."""
+    return np if isinstance(x, np.ndarray) else jnp
 
 
 def packed_words(length: int, bits: int, word_bits: int = 8) -> int:
@@ -44,38 +49,40 @@ def pack_bits(codes, bits: int, word_bits: int = 8):
       word_bits: 8 (uint8 words) or 32 (uint32 words).
 
     Returns:
-      Array of dtype uint8/uint32 with last axis ``bits * ceil(L / word_bits)``.
+      Array of dtype uint8/uint32 with last axis ``bits * ceil(L / word_bits)``; a NumPy array
+      for NumPy input, a JAX array otherwise.
     """
     _check(bits, word_bits)
-    codes = jnp.asarray(codes)
+    xp = _xp(codes)
+    codes = xp.asarray(codes)
     *lead, length = codes.shape
-    wdt = _WORD_DTYPES[word_bits]
     nchunk = math.ceil(length / word_bits)
     pad = nchunk * word_bits - length
-    x = codes.astype(jnp.uint32)
+    x = codes.astype(np.uint32)
     if pad:
-        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
+        x = xp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
     x = x.reshape(*lead, nchunk, word_bits)
     # (..., nchunk, word_bits values, bits) -> stream of word_bits*bits bits -> (bits words, word_bits)
-    stream = (x[..., None] >> jnp.arange(bits, dtype=jnp.uint32)) & 1
+    stream = (x[..., None] >> xp.arange(bits, dtype=np.uint32)) & 1
     stream = stream.reshape(*lead, nchunk, bits, word_bits)
-    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(word_bits, dtype=jnp.uint32))
-    words = jnp.sum(stream * weights, axis=-1, dtype=jnp.uint32)
-    return words.reshape(*lead, nchunk * bits).astype(wdt)
+    weights = xp.left_shift(np.uint32(1), xp.arange(word_bits, dtype=np.uint32))
+    words = xp.sum(stream * weights, axis=-1, dtype=np.uint32)
+    return words.reshape(*lead, nchunk * bits).astype(_WORD_DTYPES[word_bits])
 
 
 def unpack_bits(words, bits: int, length: int, word_bits: int = 8):
     """Inverse of :func:`pack_bits`: returns uint8 codes ``(..., length)``."""
     _check(bits, word_bits)
-    words = jnp.asarray(words)
+    xp = _xp(words)
+    words = xp.asarray(words)
     *lead, nw = words.shape
     nchunk = math.ceil(length / word_bits)
     if nw != nchunk * bits:
         raise ValueError(
             f"packed row has {nw} words, expected {nchunk * bits} for {length} values at {bits} bits")
-    w = words.astype(jnp.uint32).reshape(*lead, nchunk, bits, 1)
-    stream = (w >> jnp.arange(word_bits, dtype=jnp.uint32)) & 1        # (..., nchunk, bits, word_bits)
+    w = words.astype(np.uint32).reshape(*lead, nchunk, bits, 1)
+    stream = (w >> xp.arange(word_bits, dtype=np.uint32)) & 1          # (..., nchunk, bits, word_bits)
     stream = stream.reshape(*lead, nchunk, word_bits, bits)            # value-major
-    vals = jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-    return vals.reshape(*lead, nchunk * word_bits)[..., :length].astype(jnp.uint8)
+    vals = xp.sum(stream << xp.arange(bits, dtype=np.uint32), axis=-1, dtype=np.uint32)
+    return vals.reshape(*lead, nchunk * word_bits)[..., :length].astype(np.uint8)
 

@@ -18,15 +18,33 @@ import jax.numpy as jnp
 from prinmix_jax.core.gptq import HIGHEST, inverse_cholesky_upper
 
 
+def inert_padding(a, valid):
+    """Makes the entries ``~valid`` of a (k, k) Hessian inert padding.
+
+    Their rows and columns become zero and their diagonal the mean diagonal of the valid
+    entries: they are decoupled from the valid ones and leave ``mean(diag)``, and with it any
+    relative damping, unchanged. Padding k to a few bucket sizes lets one compiled program
+    serve matrices of many ranks.
+    """
+    if valid is None:
+        return a
+    vm = valid.astype(a.dtype)
+    mu = jnp.sum(jnp.diag(a) * vm) / jnp.maximum(jnp.sum(vm), 1)
+    return a * vm[:, None] * vm[None, :] + jnp.diag((1 - vm) * mu)
+
+
 @jax.jit
-def u_hessian(v_hat, sigma, h):
-    """``G = Σ V̂ H V̂ᵀ Σ`` (k, k): the Hessian of U's inputs ``Z = Σ V̂ X``."""
+def u_hessian(v_hat, sigma, h, valid=None):
+    """``G = Σ V̂ H V̂ᵀ Σ`` (k, k): the Hessian of U's inputs ``Z = Σ V̂ X``.
+
+    ``valid`` (k,) bool marks real indices; the others are made inert padding.
+    """
     m = jnp.matmul(jnp.matmul(v_hat, h, precision=HIGHEST), v_hat.T, precision=HIGHEST)
-    return sigma[:, None] * m * sigma[None, :]
+    return inert_padding(sigma[:, None] * m * sigma[None, :], valid)
 
 
 @jax.jit
-def rtc_target(delta, h, v_hat, sigma, damp=1e-4):
+def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
     """The corrected U target ``U*`` (m, k) and damping used.
 
     Args:
@@ -35,6 +53,8 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4):
       v_hat: (k, n) quantised rows of the kept indices.
       sigma: (k,) their singular values (all > 0).
       damp: λ' relative to ``mean(diag M)``; escalated if ``M`` is not positive definite.
+      valid: optional (k,) bool mask of real indices (padding rows of ``v_hat`` are zero; their
+        columns of ``U*`` come out zero).
 
     Returns:
       ``(U*, damp_used)``.
@@ -42,6 +62,6 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4):
     hv = jnp.matmul(h, v_hat.T, precision=HIGHEST)                      # (n, k)
     m = jnp.matmul(v_hat, hv, precision=HIGHEST)
     p = jnp.matmul(delta, hv, precision=HIGHEST)                        # (m, k)
-    r, d = inverse_cholesky_upper((m + m.T) / 2, damp)                  # (M+λ'I)^{-1} = RᵀR
+    r, d = inverse_cholesky_upper(inert_padding((m + m.T) / 2, valid), damp)                  # (M+λ'I)^{-1} = RᵀR
     ustar = jnp.matmul(jnp.matmul(p, r.T, precision=HIGHEST), r, precision=HIGHEST)
     return ustar / sigma[None, :], d
