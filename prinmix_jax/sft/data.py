@@ -1,0 +1,125 @@
+"""Data of the SFT pair: pretraining text from the Python standard library's own sources (ships with every
+Python install, read deterministically) and an exact-match fine-tuning task (sorting letters).
+
+Task format (bytes, see :mod:`prinmix_jax.sft.tokenizer`)::
+
+    prompt  "sort: qdmax =>"     answer " admqx"   then EOS
+
+The letters are distinct lowercase letters, 4..8 of them by default. The base model (pretrained on code)
+scores ~0 exact match; the fully fine-tuned model learns it.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import string
+import sysconfig
+
+import numpy as np
+
+from prinmix_jax.sft.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
+
+__all__ = ["stdlib_files", "corpus_ids", "text_windows", "make_task", "task_batch", "write_task_jsonl",
+           "read_task_jsonl", "corpus_fingerprint"]
+
+PROMPT_FMT = "sort: {} =>"
+
+
+def stdlib_files(stdlib_dir: str | None = None) -> list[str]:
+    """Sorted list of the top-level ``*.py`` files of the standard library (deterministic order)."""
+    d = stdlib_dir or sysconfig.get_paths()["stdlib"]
+    files = sorted(glob.glob(os.path.join(d, "*.py")))
+    if not files:
+        raise FileNotFoundError(f"no *.py files under {d!r} (the standard library's sources are needed)")
+    return files
+
+
+def corpus_fingerprint(files: list[str]) -> str:
+    """Hash of the file names and sizes (changes when the Python install changes)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{os.path.basename(f)}:{os.path.getsize(f)};".encode())
+    return h.hexdigest()[:16]
+
+
+def corpus_ids(split: str, *, max_bytes: int, stdlib_dir: str | None = None, holdout_every: int = 10) -> np.ndarray:
+    """Byte ids of the stdlib sources: ``split="train"`` takes the files whose index is not a multiple of
+    ``holdout_every``, ``"heldout"`` the others; files are joined with BOS and cut at ``max_bytes``."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    files = stdlib_files(stdlib_dir)
+    pick = [f for i, f in enumerate(files) if (i % holdout_every == 0) == (split == "heldout")]
+    out: list[int] = []
+    for f in pick:
+        with open(f, "rb") as fh:
+            data = fh.read()
+        out.append(BOS_ID)
+        out.extend(data)
+        if len(out) >= max_bytes:
+            break
+    return np.asarray(out[:max_bytes], np.int32)
+
+
+def text_windows(ids: np.ndarray, seq_len: int, num: int | None = None) -> np.ndarray:
+    """Consecutive non-overlapping windows ``(num, seq_len)`` from the start of ``ids``."""
+    k = len(ids) // seq_len if num is None else num
+    if k * seq_len > len(ids) or k < 1:
+        raise ValueError(f"need {k * seq_len} tokens for {k} windows of {seq_len}, have {len(ids)}")
+    return np.asarray(ids[:k * seq_len], np.int32).reshape(k, seq_len)
+
+
+def make_task(n: int, *, seed: int, min_len: int = 4, max_len: int = 8) -> list[dict]:
+    """``n`` sorting examples ``{"prompt": "sort: qdmax =>", "answer": " admqx"}`` (distinct letters)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list(string.ascii_lowercase))
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(min_len, max_len + 1))
+        w = "".join(rng.choice(letters, size=k, replace=False))
+        out.append({"prompt": PROMPT_FMT.format(w), "answer": " " + "".join(sorted(w))})
+    return out
+
+
+def task_batch(examples: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids ``(B, seq_len)`` of ``BOS prompt answer EOS`` (right-padded) and a loss mask that is 1 on
+    the positions whose *next* token is an answer token or the EOS."""
+    ids = np.full((len(examples), seq_len), PAD_ID, np.int32)
+    mask = np.zeros((len(examples), seq_len), np.float32)
+    for r, ex in enumerate(examples):
+        p = encode(ex["prompt"], bos=True)
+        a = encode(ex["answer"], eos=True)
+        seq = p + a
+        if len(seq) > seq_len:
+            raise ValueError(f"example of {len(seq)} tokens does not fit seq_len={seq_len}")
+        ids[r, :len(seq)] = seq
+        mask[r, len(p) - 1:len(seq) - 1] = 1.0
+    return ids, mask
+
+
+def write_task_jsonl(path: str, examples: list[dict]) -> None:
+    """One ``{"prompt": ..., "answer": ...}`` object per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in examples:
+            f.write(json.dumps({"prompt": ex["prompt"], "answer": ex["answer"]}) + "\n")
+
+
+def read_task_jsonl(path: str) -> list[dict]:
+    """Read prompt/answer JSONL (blank lines skipped); raises ValueError on a malformed line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ex = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not JSON ({e.msg})") from None
+            if not isinstance(ex, dict) or not isinstance(ex.get("prompt"), str) \
+                    or not isinstance(ex.get("answer"), str):
+                raise ValueError(f"{path}:{i}: expected an object with string fields \"prompt\" and \"answer\"")
+            out.append({"prompt": ex["prompt"], "answer": ex["answer"]})
+    if not out:
+        raise ValueError(f"{path}: no examples")
+    return out
