@@ -128,6 +128,9 @@ def _parse_group(ctx, param, value):
 @click.option("--calibration-mode", type=click.Choice(["parallel", "sequential"]), default="parallel",
               show_default=True, help="parallel: Hessians from one pass of FINETUNED; sequential: each block "
                                       "sees hidden states from the already-compressed blocks.")
+@click.option("--scope", type=click.Choice(["matrix", "global"]), default="matrix", show_default=True,
+              help="matrix: one bit-allocation ILP per matrix within its own budget; global (prinmix): one ILP "
+                   "over every block linear under their total budget (parallel calibration or --data-free).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Tokens per calibration sequence.")
 @click.option("--num-sequences", type=click.IntRange(min=1), default=None,
@@ -149,7 +152,7 @@ def _parse_group(ctx, param, value):
               help="Multi-process coordinator address (with --num-processes and --process-id).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=None)
 @click.option("--process-id", type=click.IntRange(min=0), default=None)
-def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, method, calibration_mode, seq_len,
+def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, method, calibration_mode, scope, seq_len,
              num_sequences, embeddings, lm_head, norms, biases, overwrite, progress, as_json, distributed,
              coordinator, num_processes, process_id):
     """Compress FINETUNED − BASE into a delta checkpoint folder OUT.
@@ -180,7 +183,7 @@ def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, me
     if progress is None:
         progress = sys.stderr.isatty()
     summary = compress_model(base, finetuned, out, calib=calib, config=cfg, method=method,
-                             calibration_mode=calibration_mode, policy=pol, seq_len=seq_len,
+                             calibration_mode=calibration_mode, scope=scope, policy=pol, seq_len=seq_len,
                              num_sequences=num_sequences, overwrite=overwrite, progress=progress,
                              log=lambda s: click.echo(s, err=True))
     import jax

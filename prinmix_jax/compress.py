@@ -209,8 +209,8 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
         out = []
         for i, ((d_np, h_np), info) in enumerate(zip(pairs, infos)):
             k = int(min(int((sig_np[i] > 0).sum()), budget // (16 * (m + n))))
-            cm = LowRankDelta(us=(u[i, :, :k] * sigma[i, None, :k]).T.astype(jnp.float16),
-                              v=v[i, :k].astype(jnp.float16), shape=(m, n))
+            cm = LowRankDelta(us=jnp.asarray((u[i, :, :k] * sigma[i, None, :k]).T, jnp.float16),
+                              v=jnp.asarray(v[i, :k], jnp.float16), shape=(m, n))
             out.append(_finish(cm, jnp.asarray(d_np), h_np, info, t0, return_info))
         return out
     h_all = _hessian_stack(pairs, n)
@@ -315,7 +315,10 @@ def _run_sharded(fn, mesh: Mesh, *args):
     batched = [jax.device_put(a, sh) for a in batched]
     call = _compiled(fn, mesh, len(batched))
     res = call(*batched) if scalar is None else call(*batched, scalar)
-    return jax.tree.map(lambda x: x[:b], res)
+    if not pad:
+        return res
+    # Slicing a sharded array compiles a program per shape; dropping the padding on the host is free.
+    return jax.tree.map(lambda x: x[:b], jax.device_get(res))
 
 
 def _prepare(deltas, hessians, config, method):
@@ -379,7 +382,7 @@ def error_tables(deltas, hessians=None, config: CompressionConfig | None = None,
 
 
 def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
-    rows = jnp.asarray(rows, jnp.int32)
+    rows = np.asarray(rows, np.int64)
     return GPTQResult(res.q[i][rows], res.codes[i][rows], res.scale[i][rows], res.zero[i][rows], res.damp[i])
 
 

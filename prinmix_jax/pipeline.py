@@ -29,6 +29,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
+from prinmix_jax.compress import compress_stack, error_tables
 from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.formats import from_state, to_state
 from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, StepStore, combine_fingerprint,
@@ -38,6 +40,7 @@ __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleMod
            "merge_block", "param_groups"]
 
 CALIBRATION_MODES = ("parallel", "sequential")
+SCOPES = ("matrix", "global")
 _POLICY_CHOICES = {"norms": ("store", "skip"), "biases": ("store", "skip"),
                    "embeddings": ("compress", "store", "skip"), "lm_head": ("compress", "store", "skip")}
 _STORE_DTYPES = ("float16", "float32")
@@ -332,24 +335,10 @@ def _json_info(info: dict, cm) -> dict:
     return out
 
 
-def _compress_stack(deltas, hessians, config, method, mesh):
+def _compress_stack(deltas, hessians, config, method, mesh, widths=None):
     """One stack of same-shape matrices (with their Hessians or None) -> [(cm, info)]."""
-    from prinmix_jax import compress as core
-
-    stack_fn = getattr(core, "compress_stack", None)
-    if stack_fn is not None:
-        hs = None if hessians is None else np.stack(hessians)
-        res = stack_fn(np.stack(deltas), hs, config, method, mesh=mesh, return_info=True)
-        if isinstance(res, tuple) and len(res) == 2 and isinstance(res[1], (list, tuple)):
-            cms, infos = res
-        else:
-            cms, infos = zip(*res)
-        return list(zip(cms, infos))
-    out = []
-    for i, d in enumerate(deltas):
-        out.append(core.compress_matrix(d, None if hessians is None else hessians[i], config, method,
-                                        return_info=True))
-    return out
+    hs = None if hessians is None else np.stack(hessians)
+    return compress_stack(np.stack(deltas), hs, config, method, mesh=mesh, widths=widths, return_info=True)
 
 
 def _default_mesh():
@@ -358,8 +347,11 @@ def _default_mesh():
     return Mesh(np.array(jax.local_devices()), ("batch",))
 
 
-def _compress_entries(items, config, method, mesh, step) -> dict:
-    """``items``: ordered list of (name, delta (m, n) f32, hessian or None). Returns this process's entries."""
+def _compress_entries(items, config, method, mesh, step, widths=None) -> dict:
+    """``items``: ordered list of (name, delta (m, n) f32, hessian or None). Returns this process's entries.
+
+    ``widths``: optional {name: (r,) widths} from a global allocation.
+    """
     nproc, me = jax.process_count(), jax.process_index()
     mine = [(j, it) for j, it in enumerate(items) if (_STEP_STRIDE * step + j) % nproc == me]
     entries, groups = {}, {}
@@ -371,7 +363,8 @@ def _compress_entries(items, config, method, mesh, step) -> dict:
     for members in groups.values():
         names = [m[0] for m in members]
         hs = None if members[0][2] is None else [m[2] for m in members]
-        for name, (cm, info) in zip(names, _compress_stack([m[1] for m in members], hs, config, method, mesh)):
+        ws = None if widths is None else [widths[n] for n in names]
+        for name, (cm, info) in zip(names, _compress_stack([m[1] for m in members], hs, config, method, mesh, ws)):
             entries[name] = ("matrix", cm, _json_info(info, cm))
     ordered = {}
     for name, *_ in items:
@@ -422,7 +415,8 @@ def _dense_entry(delta: np.ndarray, mode: str, store_dtype: str):
 def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfig | None = None,
                    method: str = "prinmix", calibration_mode: str = "parallel", policy: ParamPolicy | None = None,
                    seq_len: int = 128, num_sequences: int | None = None, tokenizer_dir=None, model_config=None,
-                   mesh=None, calib_chunk_size: int = 8, overwrite: bool = False, progress: bool = False,
+                   mesh=None, scope: str = "matrix", calib_chunk_size: int = 8, overwrite: bool = False,
+                   progress: bool = False,
                    log: Callable[[str], None] | None = None, _stop_after_steps: int | None = None) -> dict:
     """Compresses ``finetuned − base`` into an Orbax delta checkpoint at ``out``.
 
@@ -444,6 +438,10 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
       tokenizer_dir: tokenizer folder for text (default: the fine-tuned checkpoint folder).
       model_config: ``ModelConfig`` when base/finetuned are param trees.
       mesh: device mesh for the stacked SVD / error tables (default: every local device on one axis).
+      scope: ``"matrix"`` (one ILP per matrix, each within its own budget) or ``"global"`` (PrinMix only:
+        a first pass computes every block linear's error table, one ILP over all of them under the sum of
+        their budgets — errors relative to each matrix's ``‖ΔW X‖²`` — then the blocks are compressed
+        with those widths; needs parallel calibration or data-free).
       calib_chunk_size: calibration sequences per jitted step.
       overwrite: replace an existing ``out``.
       progress: show a progress bar on stderr.
@@ -471,6 +469,13 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if calibration_mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {calibration_mode!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "global" and method != "prinmix":
+        raise ValueError(f"scope='global' allocates PrinMix widths; it does not apply to method {method!r}")
+    if scope == "global" and calib is not None and calibration_mode == "sequential":
+        raise ValueError("scope='global' needs every error table before any block is compressed, so it "
+                         "cannot use sequential calibration; use calibration_mode='parallel'")
     pol = policy if policy is not None else ParamPolicy()
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not overwrite:
@@ -493,7 +498,7 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     mesh = mesh if mesh is not None else _default_mesh()
     num_steps = mcfg.num_layers + 1
 
-    identity = {"format_version": FORMAT_VERSION, "method": method, "config": cfg.to_dict(),
+    identity = {"format_version": FORMAT_VERSION, "method": method, "scope": scope, "config": cfg.to_dict(),
                 "policy": pol.to_dict(), "calibration": calib_prov, "base_header": base_src.header_digest(),
                 "finetuned_header": ft_src.header_digest()}
     identity = json.loads(json.dumps(identity))
@@ -529,8 +534,12 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     store = StepStore(os.path.join(work, STEPS_DIR), identity)
     created_here = store.latest_step() is None
     try:
+        widths = None
+        if scope == "global":
+            widths = _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, calib_chunk_size,
+                                    progress and primary, say, HESSIAN_FOR_LINEAR, embed, block_forward_with_hessians)
         return _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg,
-                    method, calibration_mode, pol, mesh, calib_chunk_size, overwrite, progress, say,
+                    method, calibration_mode, pol, mesh, calib_chunk_size, overwrite, progress, say, widths,
                     identity, num_steps, t_start, _stop_after_steps, HESSIAN_FOR_LINEAR, LINEAR_NAMES,
                     embed, block_forward, block_forward_with_hessians)
     except Exception:
@@ -544,8 +553,51 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         ft_src.close()
 
 
+def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, progress, say, HESSIAN_FOR_LINEAR,
+                   embed, block_forward_with_hessians) -> dict:
+    """First pass of the global scope: every block linear's error table, then one ILP.
+
+    Returns:
+      ``{(block, linear name): (r,) widths}`` (all-zero deltas are left out: they store nothing).
+    """
+    keys, tables, costs, budget = [], [], [], 0
+    h = None if ids is None else embed(ft_src.globals(), mcfg, ids)
+    bar = _progress(progress, mcfg.num_layers, 0, "error tables")
+    for b in range(mcfg.num_layers):
+        base_b, ft_b = base_src.block(b), ft_src.block(b)
+        hess = None
+        if h is not None:
+            h, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
+        groups = {}
+        for path, kind in block_table:
+            if kind != "linear":
+                continue
+            name = path[-2]
+            d = np.asarray(_get(ft_b, path), np.float32) - np.asarray(_get(base_b, path), np.float32)
+            if not np.any(d):
+                continue
+            hk = HESSIAN_FOR_LINEAR[name]
+            hm = None if hess is None else np.asarray(hess[hk], np.float32)
+            groups.setdefault((d.shape, hk), []).append((name, d, hm))
+        for (shape, _), members in groups.items():
+            hs = None if members[0][2] is None else [m[2] for m in members]
+            for (name, _, _), e in zip(members, error_tables([m[1] for m in members], hs, cfg, mesh=mesh)):
+                keys.append((b, name))
+                tables.append(e)
+                costs.append(index_cost_bits(*shape, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits))
+                budget += cfg.budget_bits(*shape)
+        del base_b, ft_b, groups
+        bar.update(1)
+    bar.close()
+    widths, alloc = allocate_bits_global(tables, costs, budget, cfg.bits, max_widths=cfg.max_widths,
+                                         solver=cfg.solver, time_limit=cfg.time_limit)
+    say(f"global allocation over {len(keys)} matrices: {alloc.cost_bits // 8} of {budget // 8} bytes, "
+        f"{alloc.seconds:.1f} s ({alloc.solver})")
+    return dict(zip(keys, widths))
+
+
 def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg, method,
-         mode, pol, mesh, chunk, overwrite, progress, say, identity, num_steps, t_start, stop_after,
+         mode, pol, mesh, chunk, overwrite, progress, say, widths, identity, num_steps, t_start, stop_after,
          HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed, block_forward, block_forward_with_hessians):
     latest = store.latest_step()
     start = _broadcast_int(-1 if latest is None else latest) + 1
@@ -616,7 +668,8 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
                 dense["/".join(path)] = _dense_entry(d, getattr(pol, kind), pol.store_dtype)
         order = {n: i for i, n in enumerate(LINEAR_NAMES)}
         items.sort(key=lambda it: order[it[0]])
-        entries = _exchange(_compress_entries(items, cfg, method, mesh, step))
+        step_widths = None if widths is None else {n: w for (bb, n), w in widths.items() if bb == b}
+        entries = _exchange(_compress_entries(items, cfg, method, mesh, step, step_widths))
         arrays, meta = encode_step(entries, dense)
         meta.update(step=step, block=b, seconds=time.perf_counter() - t0,
                     base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table]))
@@ -668,7 +721,8 @@ def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, bas
             rows.append(row)
             totals["linears"] += e["nbytes"]
             budget_bytes_total += budget
-            within &= e["nbytes"] <= budget
+            if s == 0 or identity.get("scope") != "global":   # global scope: one budget for all blocks
+                within &= e["nbytes"] <= budget
             if s > 0:
                 lin_params += m * n
         totals["dense"] += sum(e["nbytes"] for e in meta["dense"].values())
@@ -676,10 +730,12 @@ def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, bas
     totals["total"] = totals["globals"] + totals["blocks"]
     n_params = sum(int(np.prod(shape)) for _, shape in expected_tensors(mcfg).values())
     block_lin_bytes = sum(r["nbytes"] for r in rows if r["step"] > 0)
+    within &= block_lin_bytes <= sum(r["budget_bytes"] for r in rows if r["step"] > 0)
     hf = json.loads(mcfg.hf_config_json) if mcfg.hf_config_json else mcfg.to_hf_dict()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "method": method, "config": cfg.to_dict(), "policy": pol.to_dict(), "calibration": calib_prov,
+        "method": method, "scope": identity.get("scope", "matrix"), "config": cfg.to_dict(), "policy": pol.to_dict(),
+        "calibration": calib_prov,
         "model": {"architecture": mcfg.architecture, "model_type": mcfg.model_type, "num_blocks": mcfg.num_layers,
                   "num_params": n_params, "block_linear_params": lin_params, "hf_config": hf},
         "base": {"fingerprint": combine_fingerprint(digests), "step_digests": digests,

@@ -173,3 +173,20 @@ def test_baselines_data_free_and_skip_policy(root):
     for k in ("model.norm.weight", "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
         np.testing.assert_array_equal(got[k], b[k])  # skipped: base kept
     assert not np.array_equal(got["model.layers.0.mlp.up_proj.weight"], b["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_global_scope_shares_one_budget_across_blocks(root):
+    """scope='global': one ILP over every block linear; the blocks together stay within their total budget."""
+    base, ft = make_pair(root, "llama")
+    s = compress_model(base, ft, os.path.join(root, "llama-global"), config=CFG, scope="global",
+                       policy=STORE_GLOBALS)
+    assert s["scope"] == "global" and s["within_budget"]
+    rows = [r for r in s["matrices"] if r["block"] is not None]
+    assert sum(r["nbytes"] for r in rows) <= sum(r["budget_bytes"] for r in rows)
+    per = {(r["block"], r["name"]): r["nbytes"] / r["budget_bytes"] for r in rows}
+    assert max(per.values()) > min(per.values()) + 0.05          # bits moved between matrices
+    with pytest.raises(ValueError, match="sequential"):
+        compress_model(base, ft, os.path.join(root, "x"), calib=np.zeros((2, 8), np.int32), config=CFG,
+                       scope="global", calibration_mode="sequential")
+    with pytest.raises(ValueError, match="does not apply to method 'lowrank'"):
+        compress_model(base, ft, os.path.join(root, "x"), config=CFG, scope="global", method="lowrank")

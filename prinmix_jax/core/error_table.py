@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
 
@@ -66,7 +67,7 @@ def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
     """
     nz = [b for b in widths if b > 0]
     pass_of = {b: k for k, b in enumerate(nz)}
-    idx = jnp.asarray([pass_of[int(b)] for b in chosen], jnp.int32)
-    rows = jnp.asarray(rows, jnp.int32)
+    idx = np.asarray([pass_of[int(b)] for b in chosen], np.int64)
+    rows = np.asarray(rows, np.int64)
     return GPTQResult(passes.q[idx, rows], passes.codes[idx, rows], passes.scale[idx, rows],
                       passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
