@@ -219,6 +219,12 @@ def _block_step(acc, block_params, x_btd, pos_bt, w_b, config: ModelConfig, laye
     return (_add_taps(acc, taps, w_b) if capture else acc), y
 
 
+def _representative_layer(config: ModelConfig, layer: int) -> int:
+    """The first layer with the same attention window: blocks differ only in that, so one compiled step
+    per distinct window serves every block (instead of one compile per layer)."""
+    return next(i for i in range(config.num_layers) if config.window(i) == config.window(layer))
+
+
 def _zeros_acc(config: ModelConfig) -> dict:
     d, q, f = config.hidden_size, config.q_dim, config.intermediate_size
     sizes = {"attn_in": d, "o_in": q, "mlp_in": d, "down_in": f}
@@ -343,7 +349,7 @@ def _run_block(block_params, config, hidden, layer, positions, chunk_size, mesh,
     acc = ch.replicate(_zeros_acc(config) if capture else {})
     outs = []
     for rows, w, (x_c, p_c) in ch.chunks(hidden, jnp.asarray(positions)):
-        acc, y = _block_step(acc, block_params, x_c, p_c, w, config, layer, capture)
+        acc, y = _block_step(acc, block_params, x_c, p_c, w, config, _representative_layer(config, layer), capture)
         outs.append(y[:rows])
     nxt = jnp.concatenate(outs) if len(outs) > 1 else outs[0]
     return nxt, (_finish(acc, b * t) if capture else None)
