@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.pipeline import merge_block, param_groups
-from prinmix_jax.storage import DeltaCheckpoint, FingerprintMismatchError, load_delta, tensor_digest
+from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, check_output_location, load_delta,
+                                 tensor_digest)
 
 __all__ = ["apply_delta", "apply_delta_to_model", "apply_delta_to_checkpoint", "factored_linear",
            "check_base_compatible", "FingerprintMismatchError"]
@@ -145,14 +146,7 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     from prinmix_jax.models import CheckpointReader, CheckpointWriter, ModelConfig
     from prinmix_jax.storage import publish
 
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"the parent folder of the output, {parent!r}, does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to {parent!r} (the output's parent folder is not writable)")
+    out = check_output_location(out, overwrite)
     delta = load_delta(delta)
     with CheckpointReader(base_dir) as reader:
         check_base_compatible(reader.config, delta)

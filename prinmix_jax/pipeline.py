@@ -33,8 +33,10 @@ from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
 from prinmix_jax.compress import compress_stack, error_tables
 from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.formats import from_state, to_state
-from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, StepStore, combine_fingerprint,
-                                 decode_step, encode_step, publish, tensor_digest, write_json_atomic)
+from prinmix_jax.models.llama.params import iter_leaves as _leaves
+from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, StepStore, check_output_location,
+                                 combine_fingerprint, decode_step, encode_step, publish, tensor_digest,
+                                 write_json_atomic)
 
 __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "CALIBRATION_MODES",
            "merge_block", "param_groups"]
@@ -147,14 +149,6 @@ class _Source:
     def close(self):
         if self.reader is not None and self.path is not None:
             self.reader.close()
-
-
-def _leaves(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _leaves(v, prefix + (k,))
-    else:
-        yield prefix, tree
 
 
 def _get(tree, path):
@@ -477,14 +471,7 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         raise ValueError("scope='global' needs every error table before any block is compressed, so it "
                          "cannot use sequential calibration; use calibration_mode='parallel'")
     pol = policy if policy is not None else ParamPolicy()
-    out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"the parent folder of the output, {parent!r}, does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"cannot write to {parent!r} (the output's parent folder is not writable)")
+    out = check_output_location(out, overwrite)
 
     base_src = _Source(base, model_config, "base")
     ft_src = _Source(finetuned, model_config, "fine-tuned")

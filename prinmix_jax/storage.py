@@ -379,6 +379,20 @@ def load_delta(path) -> DeltaCheckpoint:
     return DeltaCheckpoint(path)
 
 
+def check_output_location(out, overwrite: bool) -> str:
+    """Absolute ``out`` after checking it can be (re)created: refuses an existing ``out`` without
+    ``overwrite``, a missing parent folder and an unwritable one, before any work starts."""
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"the parent folder of the output, {parent!r}, does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write to {parent!r} (the output's parent folder is not writable)")
+    return out
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -180,7 +180,7 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
     expected = expected_tensors(cfg)
     by_path = {path: (name, shape) for name, (path, shape) in expected.items()}
     seen = set()
-    for path, leaf in _leaves(params):
+    for path, leaf in iter_leaves(params):
         if path not in by_path:
             raise CheckpointError(f"param tree has unexpected entry {'/'.join(map(str, path))} "
                                   f"(not part of a {cfg.architecture} with this config)")
@@ -194,10 +194,11 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
         raise CheckpointError(f"param tree lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
 
 
-def _leaves(tree, prefix=()):
+def iter_leaves(tree, prefix=()):
+    """Yields ``(path tuple, leaf)`` for every leaf of a nested dict."""
     if isinstance(tree, dict):
         for k, v in tree.items():
-            yield from _leaves(v, prefix + (k,))
+            yield from iter_leaves(v, prefix + (k,))
     else:
         yield prefix, tree
 
@@ -206,12 +207,12 @@ def check_block_params(block_params: dict, cfg: ModelConfig, block: int | None =
     """Like :func:`check_params` for one block's subtree (``block`` only labels the messages)."""
     where = "block" if block is None else f"block {block}"
     table = {path: shape for _, path, shape in block_param_table(cfg)}
-    for path, leaf in _leaves(block_params):
+    for path, leaf in iter_leaves(block_params):
         if path not in table:
             raise CheckpointError(f"{where} params have unexpected entry {'/'.join(map(str, path))}")
         if tuple(getattr(leaf, 'shape', ())) != table[path]:
             raise CheckpointError(f"{where} param {'/'.join(path)} has shape {tuple(getattr(leaf, 'shape', ()))}, "
                                   f"expected {table[path]}")
-    missing = ["/".join(p) for p in table if p not in set(p for p, _ in _leaves(block_params))]
+    missing = ["/".join(p) for p in table if p not in set(p for p, _ in iter_leaves(block_params))]
     if missing:
         raise CheckpointError(f"{where} params lack {missing}")
