@@ -17,3 +17,6 @@ from prinmix_jax.models import (BlockHessians, CalibrationDataError, CausalLM, C
 from prinmix_jax.pipeline import ParamPolicy, compress_model
 from prinmix_jax.storage import DeltaCheckpoint, load_delta
 from prinmix_jax.apply import apply_delta, apply_delta_to_checkpoint, apply_delta_to_model, factored_linear
+from prinmix_jax.evaluation import exact_match, greedy_generate, perplexity, token_metrics
+from prinmix_jax.sft import SFTSettings, make_sft_pair
+from prinmix_jax.demo import run_demo

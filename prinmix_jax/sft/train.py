@@ -85,7 +85,7 @@ class SFTSettings:
 #: The demo's pair (a few minutes on 2 CPU cores).
 FULL = SFTSettings()
 #: A tiny pair for tests (seconds).
-QUICK = SFTSettings(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=192, pretrain_steps=60,
+QUICK = SFTSettings(hidden=64, layers=2, heads=4, kv_heads=4, intermediate=64, pretrain_steps=60,
                     pretrain_batch=8, pretrain_seq=64, pretrain_bytes=200_000, finetune_steps=60,
                     finetune_batch=16, finetune_examples=2000)
 
