@@ -162,7 +162,7 @@ def main(argv=None):
     rows = [("torch Delta-CoMe-style (this script)", None, t_torch, err_torch)]
     for method in ("deltacome", "prinmix"):
         t = time.perf_counter()
-        compress_matrix(delta, hess, cfg, method)
+        jax.block_until_ready(compress_matrix(delta, hess, cfg, method).reconstruct())
         cold = time.perf_counter() - t
         warm = []
         for _ in range(args.repeat):
