@@ -28,6 +28,8 @@ class CompressionConfig:
       solver: CVXPY MILP solver for the allocation (``"HIGHS"``, ``"SCIPY"``, ...).
       time_limit: optional ILP time limit in seconds (hitting it is an error).
       scale_dtype: ``"float16"`` or ``"float32"`` storage of quantisation scales.
+      u_error: add an estimate of each index's U-side quantisation error to the (exact, V-only)
+        error table before the allocation (project choice; the paper allocates on V alone).
     """
     ratio: float = 1 / 16
     bits: tuple[int, ...] = (0, 2, 3, 4, 8)
@@ -41,6 +43,7 @@ class CompressionConfig:
     solver: str = "HIGHS"
     time_limit: float | None = None
     scale_dtype: str = "float16"
+    u_error: bool = True
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \

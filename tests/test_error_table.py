@@ -58,3 +58,22 @@ def test_more_bits_never_more_error_on_average():
                                group_size=16)[0])
     totals = e.sum(0)
     assert np.all(np.diff(totals) < 0)
+
+
+def test_u_error_estimate_is_the_measured_error_of_quantising_one_u_column():
+    """For one index, quantising u_i alone (RTN, storage layout) costs σ_i² ‖δu_i‖² V_i H V_iᵀ exactly."""
+    from prinmix_jax import rtn_quantize
+    from prinmix_jax.core.error_table import u_error_estimate
+
+    u, s, v, h, x = _setup(seed=3)
+    e = np.asarray(error_table(v, jnp.asarray(s, jnp.float32), jnp.asarray(h), 0.01, widths=WIDTHS,
+                               group_size=16)[0], np.float64)
+    est = np.asarray(u_error_estimate(jnp.asarray(u, jnp.float32), jnp.asarray(e[:, 0], jnp.float32),
+                                      widths=WIDTHS, group_size=16), np.float64)
+    assert np.all(est[:, 0] == 0)
+    v64 = np.asarray(v, np.float64)
+    for i in (0, 3, 10):
+        for j, b in enumerate(WIDTHS[1:], start=1):
+            uq = np.asarray(rtn_quantize(jnp.asarray(u[:, i:i + 1].T, jnp.float32), jnp.full((1,), b), 16)[0])[0]
+            diff = np.outer(u[:, i] - uq, s[i] * v64[i]) @ x
+            np.testing.assert_allclose(np.sum(diff ** 2) / x.shape[1], est[i, j], rtol=2e-3)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
+from prinmix_jax.core.quantizer import rtn_quantize
 
 
 def row_hessian_norms(e, h):
@@ -71,3 +72,33 @@ def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
     rows = np.asarray(rows, np.int64)
     return GPTQResult(passes.q[idx, rows], passes.codes[idx, rows], passes.scale[idx, rows],
                       passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
+
+
+@partial(jax.jit, static_argnames=("widths", "group_size", "scale_dtype"))
+def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None = 128, scale_dtype=None):
+    """Estimated U-side error of every index at every width (project choice, not in the paper).
+
+    Quantising ``u_i`` adds ``σ_i² ‖δu_i‖² · V_i H V_iᵀ`` to the output error (cross terms ignored).
+    ``‖δu_i‖²`` is estimated by round-to-nearest of the unit-norm column ``u_i`` in the storage
+    layout (groups of ``group_size`` rows), an upper bound on what GPTQ and RTC then achieve.
+    Added to the exact V-step table, it stops the allocation from starving the U factor of the
+    top indices, which the V-only table cannot see.
+
+    Args:
+      u: (m, r) left singular vectors (columns).
+      d0: (r,) ``e[i, 0] = σ_i² V_i H V_iᵀ``, the error of dropping each index.
+      widths: candidate widths (0 contributes nothing).
+
+    Returns:
+      (r, len(widths)) array to add to the error table.
+    """
+    ut = u.T
+    r = ut.shape[0]
+    cols = []
+    for b in widths:
+        if b == 0:
+            cols.append(jnp.zeros((r,), u.dtype))
+            continue
+        deq = rtn_quantize(ut, jnp.full((r,), b, jnp.int32), group_size, scale_dtype)[0]
+        cols.append(jnp.sum((ut - deq) ** 2, axis=1) * d0)
+    return jnp.stack(cols, axis=1)
