@@ -339,4 +339,8 @@ def _load_plugins() -> None:
 _load_plugins()
 
 if __name__ == "__main__":
-    main()
+    # Run the installed module's group: plugins register their commands on prinmix_jax.cli.main, which is
+    # a different object from this __main__ copy's.
+    from prinmix_jax.cli import main as _main
+
+    _main()
