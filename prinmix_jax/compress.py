@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from prinmix_jax.allocation import _check_solver, allocate_bits, index_cost_bits
 from prinmix_jax.config import METHODS, CompressionConfig
-from prinmix_jax.core.error_table import error_table, select_rows, u_error_estimate
+from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.core.rtc import rtc_target, u_hessian
@@ -231,7 +231,7 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
                                  np.float32(cfg.damp))
         tables = np.asarray(e, np.float64)
         if cfg.u_error:
-            tables = tables + _u_error_tables(u, tables, cfg)
+            tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
     t_stage1 = (time.perf_counter() - t) / len(pairs)
     costs = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
     out = []
@@ -381,17 +381,17 @@ def error_tables(deltas, hessians=None, config: CompressionConfig | None = None,
                                         block_size=cfg.block_size, scale_dtype=cfg.scale_jnp_dtype),
                         mesh, v, sigma, h_all, np.float32(cfg.damp))
     e = np.asarray(e, np.float64)
-    return list(e + _u_error_tables(u, e, cfg) if cfg.u_error else e)
+    return list(e + _u_error_tables(u, sigma, v, h_all, cfg) if cfg.u_error else e)
 
 
-def _u_error_tables(u, tables, cfg):
-    """The U-side estimate (:func:`u_error_estimate`) for a stack, from the tables' width-0 column."""
-    if 0 not in cfg.bits:
-        raise ValueError("u_error needs width 0 among the bits (its column gives V_i H V_iᵀ σ_i²)")
-    d0 = tables[:, :, cfg.bits.index(0)]
-    est = [u_error_estimate(jnp.asarray(u[i]), jnp.asarray(d0[i], jnp.float32), widths=cfg.bits,
-                            group_size=cfg.group_size, scale_dtype=cfg.scale_jnp_dtype) for i in range(len(d0))]
-    return np.asarray(est, np.float64)
+def _u_error_tables(u, sigma, v, h_all, cfg):
+    """The U-side estimate (:func:`u_error_estimate`) for a stack of matrices."""
+    out = []
+    for i in range(len(u)):
+        d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]), jnp.asarray(h_all[i]))
+        out.append(u_error_estimate(jnp.asarray(u[i]), d0, widths=cfg.bits, group_size=cfg.group_size,
+                                    scale_dtype=cfg.scale_jnp_dtype))
+    return np.asarray(out, np.float64)
 
 
 def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
