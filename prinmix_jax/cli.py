@@ -128,9 +128,10 @@ def _parse_group(ctx, param, value):
 @click.option("--calibration-mode", type=click.Choice(["parallel", "sequential"]), default="parallel",
               show_default=True, help="parallel: Hessians from one pass of FINETUNED; sequential: each block "
                                       "sees hidden states from the already-compressed blocks.")
-@click.option("--scope", type=click.Choice(["matrix", "global"]), default="matrix", show_default=True,
+@click.option("--scope", type=click.Choice(["auto", "matrix", "global"]), default="auto", show_default=True,
               help="matrix: one bit-allocation ILP per matrix within its own budget; global (prinmix): one ILP "
-                   "over every block linear under their total budget (parallel calibration or --data-free).")
+                   "over every block linear under their total budget (parallel calibration or --data-free); "
+                   "auto: global for prinmix where possible (best on the SFT pair), else matrix.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Tokens per calibration sequence.")
 @click.option("--num-sequences", type=click.IntRange(min=1), default=None,
@@ -183,7 +184,8 @@ def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, me
     if progress is None:
         progress = sys.stderr.isatty()
     summary = compress_model(base, finetuned, out, calib=calib, config=cfg, method=method,
-                             calibration_mode=calibration_mode, scope=scope, policy=pol, seq_len=seq_len,
+                             calibration_mode=calibration_mode, scope=None if scope == "auto" else scope,
+                             policy=pol, seq_len=seq_len,
                              num_sequences=num_sequences, overwrite=overwrite, progress=progress,
                              log=lambda s: click.echo(s, err=True))
     import jax

@@ -409,7 +409,7 @@ def _dense_entry(delta: np.ndarray, mode: str, store_dtype: str):
 def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfig | None = None,
                    method: str = "prinmix", calibration_mode: str = "parallel", policy: ParamPolicy | None = None,
                    seq_len: int = 128, num_sequences: int | None = None, tokenizer_dir=None, model_config=None,
-                   mesh=None, scope: str = "matrix", calib_chunk_size: int = 8, overwrite: bool = False,
+                   mesh=None, scope: str | None = None, calib_chunk_size: int = 8, overwrite: bool = False,
                    progress: bool = False,
                    log: Callable[[str], None] | None = None, _stop_after_steps: int | None = None) -> dict:
     """Compresses ``finetuned − base`` into an Orbax delta checkpoint at ``out``.
@@ -435,7 +435,9 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
       scope: ``"matrix"`` (one ILP per matrix, each within its own budget) or ``"global"`` (PrinMix only:
         a first pass computes every block linear's error table, one ILP over all of them under the sum of
         their budgets — errors relative to each matrix's ``‖ΔW X‖²`` — then the blocks are compressed
-        with those widths; needs parallel calibration or data-free).
+        with those widths; needs parallel calibration or data-free). ``None`` (default): ``"global"`` for
+        PrinMix with parallel calibration or data-free, which measured best on the SFT pair (README),
+        ``"matrix"`` otherwise.
       calib_chunk_size: calibration sequences per jitted step.
       overwrite: replace an existing ``out``.
       progress: show a progress bar on stderr.
@@ -463,6 +465,9 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if calibration_mode not in CALIBRATION_MODES:
         raise ValueError(f"calibration_mode must be one of {CALIBRATION_MODES}, got {calibration_mode!r}")
+    if scope is None:
+        sequential = calib is not None and calibration_mode == "sequential"
+        scope = "global" if method == "prinmix" and not sequential else "matrix"
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "global" and method != "prinmix":

@@ -80,10 +80,15 @@ def test_end_to_end_two_families(root, family):
         assert summary["calibration"]["mode"] == "sequential"
         assert any(k.endswith("bias") for k in load_delta(out).block(0).dense)
     assert not os.path.exists(out + ".partial")
-    # bytes: every matrix within its budget; the total counts every stored array byte
+    # bytes: within budget (default scope: one global budget for PrinMix with parallel calibration, per
+    # matrix with sequential calibration); the total counts every stored array byte
     assert summary["within_budget"]
+    assert summary["scope"] == ("global" if family == "llama" else "matrix")
+    blocks = [r for r in summary["matrices"] if r["block"] is not None]
     for r in summary["matrices"]:
-        assert r["nbytes"] <= r["budget_bytes"]
+        if summary["scope"] == "matrix" or r["block"] is None:
+            assert r["nbytes"] <= r["budget_bytes"]
+    assert sum(r["nbytes"] for r in blocks) <= sum(r["budget_bytes"] for r in blocks)
     on_disk = sum(len(v[2]) for v in read_arrays(out).values())
     assert summary["bytes"]["total"] == on_disk
     assert summary["ratio"] == pytest.approx(on_disk / summary["bytes"]["dense_16bit_delta"])
