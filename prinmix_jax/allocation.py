@@ -85,15 +85,15 @@ def _check_solver(solver: str) -> str:
     return name
 
 
-def _solver_kwargs(name: str, time_limit: float | None, options: dict | None) -> dict:
+def _solver_kwargs(name: str, time_limit: float | None, options: dict | None, gap: float = 0.0) -> dict:
     opts = dict(options or {})
     if name == "HIGHS":
-        opts.setdefault("mip_rel_gap", 0.0)
+        opts.setdefault("mip_rel_gap", gap)
         if time_limit is not None:
             opts.setdefault("time_limit", float(time_limit))
     elif name == "SCIPY":
         sc = dict(opts.pop("scipy_options", {}))
-        sc.setdefault("mip_rel_gap", 0.0)
+        sc.setdefault("mip_rel_gap", gap)
         if time_limit is not None:
             sc.setdefault("time_limit", float(time_limit))
         opts["scipy_options"] = sc
@@ -101,7 +101,7 @@ def _solver_kwargs(name: str, time_limit: float | None, options: dict | None) ->
 
 
 def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | None = None,
-                  solver: str = "HIGHS", time_limit: float | None = None,
+                  solver: str = "HIGHS", time_limit: float | None = None, mip_rel_gap: float = 0.0,
                   solver_options: dict | None = None) -> Allocation:
     """Chooses one width per index minimising the total error under a storage budget.
 
@@ -114,6 +114,9 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         only if it is used).
       solver: a CVXPY MILP solver name (``"HIGHS"`` default, ``"SCIPY"``, ...).
       time_limit: seconds; a solve that hits it raises (its answer is not proven optimal).
+      mip_rel_gap: relative optimality gap the solver must prove (HiGHS, SCIPY); 0 = exact optimum.
+        Exact proofs can take minutes on thousands of indices with near-ties; 1e-4 (HiGHS's own
+        default, used by :class:`CompressionConfig`) takes seconds.
       solver_options: extra keyword arguments for ``Problem.solve``.
 
     Returns:
@@ -154,7 +157,7 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
     try:
         with warnings.catch_warnings():   # an inaccurate answer is reported below as an error
             warnings.filterwarnings("ignore", message="Solution may be inaccurate")
-            prob.solve(solver=name, **_solver_kwargs(name, time_limit, solver_options))
+            prob.solve(solver=name, **_solver_kwargs(name, time_limit, solver_options, mip_rel_gap))
     except cp.error.SolverError as exc:
         raise ValueError(f"MILP solver {name} failed: {exc}") from exc
     if prob.status != cp.OPTIMAL:
@@ -172,7 +175,8 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
 
 def allocate_bits_global(tables, costs, budget_bits: int, widths, *, normalize: bool = True,
                          max_widths: int | None = None, solver: str = "HIGHS",
-                         time_limit: float | None = None, solver_options: dict | None = None):
+                         time_limit: float | None = None, mip_rel_gap: float = 0.0,
+                         solver_options: dict | None = None):
     """One ILP over the singular indices of many matrices under one total budget.
 
     Errors of different matrices are made comparable by dividing each table by its matrix's
@@ -185,7 +189,7 @@ def allocate_bits_global(tables, costs, budget_bits: int, widths, *, normalize: 
       budget_bits: total budget in bits (e.g. the sum of the per-matrix budgets).
       widths: the candidate widths (the table columns); must include 0 when ``normalize``.
       normalize: divide each table by its matrix's total energy.
-      max_widths, solver, time_limit, solver_options: as in :func:`allocate_bits`.
+      max_widths, solver, time_limit, mip_rel_gap, solver_options: as in :func:`allocate_bits`.
 
     Returns:
       ``(per-matrix widths list, Allocation of the whole problem)``.
@@ -209,5 +213,5 @@ def allocate_bits_global(tables, costs, budget_bits: int, widths, *, normalize: 
                                  solver=solver)
     alloc = allocate_bits(np.concatenate(rows_e), np.concatenate(rows_c), budget_bits, widths,
                           max_widths=max_widths, solver=solver, time_limit=time_limit,
-                          solver_options=solver_options)
+                          mip_rel_gap=mip_rel_gap, solver_options=solver_options)
     return np.split(alloc.widths, np.cumsum(sizes)[:-1]), alloc

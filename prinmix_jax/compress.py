@@ -252,7 +252,7 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
                 if 0 not in cfg.bits and idx.size < r:
                     raise ValueError("the delta has zero singular values but bits has no 0 width to drop them")
                 alloc = allocate_bits(e_i[idx], costs, budget, cfg.bits, max_widths=cfg.max_widths,
-                                      solver=cfg.solver, time_limit=cfg.time_limit)
+                                      solver=cfg.solver, time_limit=cfg.time_limit, mip_rel_gap=cfg.ilp_gap)
                 w[idx] = alloc.widths
                 info.update(allocation_objective=alloc.objective, allocation_seconds=alloc.seconds,
                             solver=alloc.solver)

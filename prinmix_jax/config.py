@@ -27,6 +27,8 @@ class CompressionConfig:
       max_widths: optional cap on the number of distinct widths (ILP constraint).
       solver: CVXPY MILP solver for the allocation (``"HIGHS"``, ``"SCIPY"``, ...).
       time_limit: optional ILP time limit in seconds (hitting it is an error).
+      ilp_gap: relative optimality gap the ILP solver must prove (status optimal within it); 0 asks
+        for a proof of the exact optimum, which can take minutes for thousands of indices.
       scale_dtype: ``"float16"`` or ``"float32"`` storage of quantisation scales.
       u_error: add an estimate of each index's U-side quantisation error to the (exact, V-only)
         error table before the allocation (project choice; the paper allocates on V alone).
@@ -42,6 +44,7 @@ class CompressionConfig:
     max_widths: int | None = None
     solver: str = "HIGHS"
     time_limit: float | None = None
+    ilp_gap: float = 1e-4
     scale_dtype: str = "float16"
     u_error: bool = True
 
@@ -70,6 +73,8 @@ class CompressionConfig:
             raise ValueError(f"max_widths must be >= 1 or None, got {self.max_widths!r}")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
+        if not 0 <= self.ilp_gap < 1:
+            raise ValueError(f"ilp_gap must be in [0, 1), got {self.ilp_gap!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be > 0 or None, got {self.time_limit!r}")
 

@@ -582,7 +582,7 @@ def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, p
         bar.update(1)
     bar.close()
     widths, alloc = allocate_bits_global(tables, costs, budget, cfg.bits, max_widths=cfg.max_widths,
-                                         solver=cfg.solver, time_limit=cfg.time_limit)
+                                         solver=cfg.solver, time_limit=cfg.time_limit, mip_rel_gap=cfg.ilp_gap)
     say(f"global allocation over {len(keys)} matrices: {alloc.cost_bits // 8} of {budget // 8} bytes, "
         f"{alloc.seconds:.1f} s ({alloc.solver})")
     return dict(zip(keys, widths))

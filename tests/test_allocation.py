@@ -111,3 +111,13 @@ def test_index_cost_is_byte_exact_formula():
     c = index_cost_bits(10, 17, (0, 2), 8)
     assert c[0] == 0
     assert c[1] == 8 * (2 * (2 + 3) + (2 + 3) * 3 + 4 + 1)
+
+
+def test_gap_bounds_the_objective():
+    """With a relative gap the answer is certified within it of the exact (DP) optimum."""
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        e, c, budget, widths = random_instance(rng)
+        alloc = allocate_bits(e, c, budget, widths, mip_rel_gap=1e-2)
+        best = dp_optimum(e, c, budget)
+        assert best - 1e-12 <= alloc.objective <= best * (1 + 1e-2) + 1e-12
