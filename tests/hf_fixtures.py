@@ -46,11 +46,16 @@ def hf_config(family: str):
 
 def torch_model(family: str, seed: int = 0):
     """A float32 transformers model of ``family`` with O(1)-scale random weights (eager attention)."""
+    return random_torch_model(hf_config(family), seed)
+
+
+def random_torch_model(cfg, seed: int = 0):
+    """A float32 transformers model of config ``cfg`` with O(1)-scale random weights (eager attention):
+    norms ~ 1 + 0.2 N(0,1), biases ~ 0.1 N(0,1), matrices ~ 1.5 N(0,1) / sqrt(fan_in)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = hf_config(family)
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)

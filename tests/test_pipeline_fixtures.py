@@ -11,7 +11,7 @@ import shutil
 
 import numpy as np
 
-from hf_fixtures import save_checkpoint, save_tiny_tokenizer
+from hf_fixtures import random_torch_model, save_checkpoint, save_tiny_tokenizer
 
 SMALL_CONFIG = dict(ratio=1 / 16, bits=(0, 2, 3, 4, 8), group_size=16)  # = the CLI with --group-size 16
 #: Every block linear of the test models is 32x32 (one shape: one compilation per mesh).
@@ -21,26 +21,12 @@ DIMS = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_attention_h
 
 def torch_model(family: str, layers: int = 2, seed: int = 0):
     """A float32 transformers model of ``family`` ("llama", "qwen2", "qwen3", "mistral") at :data:`DIMS`."""
-    import torch
     import transformers as tf
-    from transformers import AutoModelForCausalLM
 
     cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
            "mistral": tf.MistralConfig}[family]
     extra = {"head_dim": 16} if family == "qwen3" else {}
-    cfg = cls(num_hidden_layers=layers, **DIMS, **extra)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / np.sqrt(p.shape[-1])))
-    return model.eval()
+    return random_torch_model(cls(num_hidden_layers=layers, **DIMS, **extra), seed)
 
 
 def _perturb(name: str, w: np.ndarray, rng) -> np.ndarray:
