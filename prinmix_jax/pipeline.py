@@ -11,9 +11,12 @@ together as one stack (the SVD and error table run sharded over a device mesh wh
 ``compress_stack``). Peak host memory is about one block of both models plus the calibration hidden states.
 
 Multi-process (``jax.distributed``, one process per host): matrix ``j`` of step ``s`` is compressed by
-process ``(16 s + j) % process_count``; the compressed arrays are exchanged after every step (so every
-process holds the finished step and sequential calibration works) and Orbax's primary process writes
-them. Results do not depend on the number of devices or processes.
+process ``(16 s + j) % process_count``, which also writes it: after every step the processes exchange
+only the step's JSON metadata, then each writes its own arrays into the shared Orbax step (see
+:mod:`prinmix_jax.storage`). With the global scope the error tables of the first pass are split the same
+way, gathered (they are small), and process 0 solves the one ILP and broadcasts the widths. Sequential
+calibration reads each finished step back from the shared checkpoint. Results do not depend on the number
+of devices or processes.
 """
 from __future__ import annotations
 
@@ -32,10 +35,9 @@ import numpy as np
 from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
 from prinmix_jax.compress import compress_stack, error_tables
 from prinmix_jax.config import METHODS, CompressionConfig
-from prinmix_jax.formats import from_state, to_state
 from prinmix_jax.models.llama.params import iter_leaves as _leaves
 from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, StepStore, check_output_location,
-                                 combine_fingerprint, decode_step, encode_step, publish, tensor_digest,
+                                 combine_fingerprint, decode_step, encode_step, owned_tree, publish, tensor_digest,
                                  write_json_atomic)
 
 __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "CALIBRATION_MODES",
@@ -247,54 +249,43 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     jax.distributed.initialize(**kw)
 
 
-def _pack_entries(entries: dict) -> bytes:
-    header, chunks, off = [], [], 0
-    for name, e in entries.items():
-        if e[0] == "matrix":
-            arrays, meta = to_state(e[1])
-            desc = {}
-            for k, a in arrays.items():
-                a = np.ascontiguousarray(a)
-                desc[k] = [a.dtype.name, list(a.shape), off, a.nbytes]
-                chunks.append(a.tobytes())
-                off += a.nbytes
-            header.append({"name": name, "kind": "matrix", "meta": meta, "info": e[2], "arrays": desc})
-        else:
-            header.append({"name": name, "kind": "zero", "shape": list(e[1]), "info": e[2]})
-    h = json.dumps(header).encode()
-    return len(h).to_bytes(8, "little") + h + b"".join(chunks)
-
-
-def _unpack_entries(buf: bytes) -> dict:
-    n = int.from_bytes(buf[:8], "little")
-    header = json.loads(buf[8:8 + n].decode())
-    data = memoryview(buf)[8 + n:]
-    out = {}
-    for e in header:
-        if e["kind"] == "zero":
-            out[e["name"]] = ("zero", tuple(e["shape"]), e["info"])
-            continue
-        arrays = {k: np.frombuffer(data[o:o + nb], dtype=np.dtype(dt)).reshape(shape).copy()
-                  for k, (dt, shape, o, nb) in e["arrays"].items()}
-        out[e["name"]] = ("matrix", from_state(arrays, e["meta"]), e["info"])
-    return out
-
-
-def _exchange(entries: dict) -> dict:
-    """All processes' entries of one step (identity with one process)."""
+def _allgather_bytes(mine: bytes) -> list[bytes]:
+    """Every process's ``mine``, in process order (``[mine]`` with one process)."""
     if jax.process_count() == 1:
-        return entries
+        return [mine]
     from jax.experimental import multihost_utils
 
-    mine = np.frombuffer(_pack_entries(entries), np.uint8)
-    lens = np.asarray(multihost_utils.process_allgather(np.array([mine.size], np.int64))).reshape(-1)
-    buf = np.zeros(int(lens.max()), np.uint8)
-    buf[:mine.size] = mine
-    everything = np.asarray(multihost_utils.process_allgather(buf))
-    out = {}
-    for p in range(jax.process_count()):
-        out.update(_unpack_entries(everything[p, :int(lens[p])].tobytes()))
+    buf = np.frombuffer(mine, np.uint8)
+    lens = np.asarray(multihost_utils.process_allgather(np.array([buf.size], np.int64))).reshape(-1)
+    padded = np.zeros(max(int(lens.max()), 1), np.uint8)
+    padded[:buf.size] = buf
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    return [everything[p, :int(lens[p])].tobytes() for p in range(jax.process_count())]
+
+
+def _allgather_json(obj) -> list:
+    return [json.loads(b.decode()) for b in _allgather_bytes(json.dumps(obj).encode())]
+
+
+def _allgather_arrays(items: list[tuple[Any, np.ndarray]]) -> list[tuple[Any, np.ndarray]]:
+    """Every process's ``(JSON-able key, array)`` pairs, concatenated in process order."""
+    header = json.dumps([[k, a.dtype.str, list(a.shape)] for k, a in items]).encode()
+    mine = len(header).to_bytes(8, "little") + header + b"".join(np.ascontiguousarray(a).tobytes() for _, a in items)
+    out = []
+    for buf in _allgather_bytes(mine):
+        n = int.from_bytes(buf[:8], "little")
+        off = 8 + n
+        for k, dt, shape in json.loads(buf[8:off].decode()):
+            dt = np.dtype(dt)
+            nb = int(np.prod(shape)) * dt.itemsize
+            out.append((k, np.frombuffer(buf[off:off + nb], dt).reshape(shape).copy()))
+            off += nb
     return out
+
+
+def _owner(step: int, j: int) -> int:
+    """The process that compresses (and writes) entry ``j`` of ``step``."""
+    return (_STEP_STRIDE * step + j) % jax.process_count()
 
 
 def _barrier(name: str) -> None:
@@ -302,6 +293,15 @@ def _barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _broadcast_array(x: np.ndarray) -> np.ndarray:
+    """Process 0's ``x`` on every process (every process passes an array of the same shape and dtype)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
 
 
 def _broadcast_int(x: int) -> int:
@@ -346,8 +346,8 @@ def _compress_entries(items, config, method, mesh, step, widths=None) -> dict:
 
     ``widths``: optional {name: (r,) widths} from a global allocation.
     """
-    nproc, me = jax.process_count(), jax.process_index()
-    mine = [(j, it) for j, it in enumerate(items) if (_STEP_STRIDE * step + j) % nproc == me]
+    me = jax.process_index()
+    mine = [(j, it) for j, it in enumerate(items) if _owner(step, j) == me]
     entries, groups = {}, {}
     for _, (name, d, h, hkey) in mine:
         if not np.any(d):
@@ -365,6 +365,23 @@ def _compress_entries(items, config, method, mesh, step, widths=None) -> dict:
         if name in entries:
             ordered[name] = entries[name]
     return ordered
+
+
+def _save_step(store, step: int, items, local: dict, dense: dict, extra_meta: dict) -> dict:
+    """Writes one step: this process's ``local`` linear entries (of the ordered ``items``) and the dense
+    deltas; every process writes the arrays it owns. Returns the complete step metadata."""
+    arrays, meta = encode_step(local, dense)
+    merged = {}
+    for part in _allgather_json(meta["linears"]):
+        merged.update(part)
+    meta["linears"] = {name: merged[name] for name, *_ in items}
+    meta["nbytes"] = int(sum(e["nbytes"] for e in meta["linears"].values())
+                         + sum(e["nbytes"] for e in meta["dense"].values()))
+    meta.update(extra_meta)
+    owners = {("linears", name): _owner(step, j) for j, (name, *_) in enumerate(items)}
+    owners.update({("dense", path): _owner(step, len(items) + k) for k, path in enumerate(dense)})
+    store.save(step, owned_tree(arrays, meta, lambda kind, name: owners[kind, name], jax.process_index()), meta)
+    return meta
 
 
 # ----- calibration -------------------------------------------------------------------------------
@@ -529,7 +546,8 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         widths = None
         if scope == "global":
             widths = _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, calib_chunk_size,
-                                    progress and primary, say, HESSIAN_FOR_LINEAR, embed, block_forward_with_hessians)
+                                    progress and primary, say, HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed,
+                                    block_forward_with_hessians)
         return _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg,
                     method, calibration_mode, pol, mesh, calib_chunk_size, overwrite, progress, say, widths,
                     identity, num_steps, t_start, _stop_after_steps, HESSIAN_FOR_LINEAR, LINEAR_NAMES,
@@ -546,13 +564,19 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
 
 
 def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, progress, say, HESSIAN_FOR_LINEAR,
-                   embed, block_forward_with_hessians) -> dict:
+                   LINEAR_NAMES, embed, block_forward_with_hessians) -> dict:
     """First pass of the global scope: every block linear's error table, then one ILP.
+
+    With several processes each computes the tables of the matrices it will compress (the same
+    assignment as the second pass); the tables are gathered and process 0 solves the ILP and broadcasts
+    the widths, so every process uses the same allocation.
 
     Returns:
       ``{(block, linear name): (r,) widths}`` (all-zero deltas are left out: they store nothing).
     """
-    keys, tables, costs, budget = [], [], [], 0
+    order = {n: i for i, n in enumerate(LINEAR_NAMES)}
+    me = jax.process_index()
+    mine = []
     h = None if ids is None else embed(ft_src.globals(), mcfg, ids)
     bar = _progress(progress, mcfg.num_layers, 0, "error tables")
     for b in range(mcfg.num_layers):
@@ -560,9 +584,10 @@ def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, p
         hess = None
         if h is not None:
             h, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
+        linears = sorted((path for path, kind in block_table if kind == "linear"), key=lambda p: order[p[-2]])
         groups = {}
-        for path, kind in block_table:
-            if kind != "linear":
+        for j, path in enumerate(linears):
+            if _owner(b + 1, j) != me:
                 continue
             name = path[-2]
             d = np.asarray(_get(ft_b, path), np.float32) - np.asarray(_get(base_b, path), np.float32)
@@ -571,21 +596,27 @@ def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, p
             hk = HESSIAN_FOR_LINEAR[name]
             hm = None if hess is None else np.asarray(hess[hk], np.float32)
             groups.setdefault((d.shape, hk), []).append((name, d, hm))
-        for (shape, _), members in groups.items():
+        for members in groups.values():
             hs = None if members[0][2] is None else [m[2] for m in members]
-            for (name, _, _), e in zip(members, error_tables([m[1] for m in members], hs, cfg, mesh=mesh)):
-                keys.append((b, name))
-                tables.append(e)
-                costs.append(index_cost_bits(*shape, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits))
-                budget += cfg.budget_bits(*shape)
+            for (name, d, _), e in zip(members, error_tables([m[1] for m in members], hs, cfg, mesh=mesh)):
+                mine.append(([b, name, list(d.shape)], np.asarray(e)))
         del base_b, ft_b, groups
         bar.update(1)
     bar.close()
-    widths, alloc = allocate_bits_global(tables, costs, budget, cfg.bits, max_widths=cfg.max_widths,
-                                         solver=cfg.solver, time_limit=cfg.time_limit, mip_rel_gap=cfg.ilp_gap)
-    say(f"global allocation over {len(keys)} matrices: {alloc.cost_bits // 8} of {budget // 8} bytes, "
-        f"{alloc.seconds:.1f} s ({alloc.solver})")
-    return dict(zip(keys, widths))
+    tables = sorted(_allgather_arrays(mine), key=lambda kt: (kt[0][0], order[kt[0][1]]))
+    keys = [(b, name) for (b, name, _), _ in tables]
+    costs = [index_cost_bits(*shape, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits) for (_, _, shape), _ in tables]
+    budget = sum(cfg.budget_bits(*shape) for (_, _, shape), _ in tables)
+    sizes = [t.shape[0] for _, t in tables]
+    flat = np.zeros(sum(sizes), np.int32)
+    if me == 0 and tables:
+        widths, alloc = allocate_bits_global([t for _, t in tables], costs, budget, cfg.bits, max_widths=cfg.max_widths,
+                                             solver=cfg.solver, time_limit=cfg.time_limit, mip_rel_gap=cfg.ilp_gap)
+        say(f"global allocation over {len(keys)} matrices: {alloc.cost_bits // 8} of {budget // 8} bytes, "
+            f"{alloc.seconds:.1f} s ({alloc.solver})")
+        flat = np.concatenate([np.asarray(w, np.int32) for w in widths])
+    flat = _broadcast_array(flat)
+    return dict(zip(keys, np.split(flat, np.cumsum(sizes)[:-1]) if sizes else []))
 
 
 def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg, method,
@@ -612,11 +643,10 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
                 items.append((path[0], d, None, "none"))
             else:
                 dense["/".join(path)] = _dense_entry(d, mode_k, pol.store_dtype)
-        entries = _exchange(_compress_entries(items, cfg, method, mesh, 0))
-        arrays, meta = encode_step(entries, dense)
-        meta.update(step=0, block=None, seconds=time.perf_counter() - t0,
-                    base_digest=tensor_digest([("/".join(p), _get(base_g, p)) for p, _ in global_table]))
-        store.save(0, arrays, meta)
+        entries = _compress_entries(items, cfg, method, mesh, 0)
+        _save_step(store, 0, items, entries, dense, dict(
+            step=0, block=None, seconds=time.perf_counter() - t0,
+            base_digest=tensor_digest([("/".join(p), _get(base_g, p)) for p, _ in global_table])))
         del ft_g, items, dense, entries
         bar.update(1)
         done_this_run += 1
@@ -661,18 +691,17 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
         order = {n: i for i, n in enumerate(LINEAR_NAMES)}
         items.sort(key=lambda it: order[it[0]])
         step_widths = None if widths is None else {n: w for (bb, n), w in widths.items() if bb == b}
-        entries = _exchange(_compress_entries(items, cfg, method, mesh, step, step_widths))
-        arrays, meta = encode_step(entries, dense)
-        meta.update(step=step, block=b, seconds=time.perf_counter() - t0,
-                    base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table]))
-        store.save(step, arrays, meta)
+        entries = _compress_entries(items, cfg, method, mesh, step, step_widths)
+        _save_step(store, step, items, entries, dense, dict(
+            step=step, block=b, seconds=time.perf_counter() - t0,
+            base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table])))
         if h is not None:
             if mode == "parallel":
                 h = h_next
-            else:  # propagate through the compressed block, rebuilt from what was stored
-                merged = merge_block(base_b, decode_step(arrays, meta), block_table)
+            else:  # propagate through the compressed block, read back from the (shared) checkpoint
+                merged = merge_block(base_b, decode_step(*store.restore(step)), block_table)
                 h = block_forward(merged, mcfg, h, layer=b, chunk_size=chunk)
-        del base_b, ft_b, items, dense, entries, arrays, hess
+        del base_b, ft_b, items, dense, entries, hess
         bar.update(1)
         done_this_run += 1
     bar.close()
@@ -681,7 +710,7 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
         return {"stopped_after_steps": done_this_run}
 
     # --- finish: aggregate the metadata, publish atomically ---
-    # every process reads the step metadata (Orbax restores are collective); process 0 writes and publishes
+    # every process reads the step metadata; process 0 writes the summary and publishes
     summary = _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src,
                        time.perf_counter() - t_start)
     store.close()
@@ -699,7 +728,7 @@ def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, bas
     budget_bytes_total, within = 0, True
     lin_params = 0
     for s in range(num_steps):
-        _, meta = store.restore(s)
+        meta = store.restore_meta(s)
         digests.append(meta["base_digest"])
         for name, e in meta["linears"].items():
             shape = e["state"]["shape"] if e["kind"] == "matrix" else e["shape"]

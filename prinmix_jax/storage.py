@@ -8,7 +8,7 @@ top-level JSON metadata file. The on-disk layout::
         metadata/                root metadata: the run identity (used to decide whether a resume is valid)
         0/                       step 0: the globals (embed_tokens, final norm, lm_head)
         1/ ... L/                step b+1: decoder block b
-          arrays/                orbax PyTree (StandardSave), only when the step stores any array:
+          arrays/                orbax PyTree (numpy leaves, OCDBT), only when the step stores any array:
                                    linears/<name>/<field>   compressed matrices (formats.to_state arrays)
                                    dense/<path...>          stored dense deltas (norms, biases, ...)
           meta/                  JSON (JsonSave): per entry its kind, to_state metadata, info, byte
@@ -21,6 +21,12 @@ for :class:`~prinmix_jax.formats.SVDQuantDelta` ``sigma_<b>``, ``v_codes_<b>``, 
 ``signs``, ``scale``. Zero-size arrays (Orbax refuses them) are kept out of the tree and recorded in the
 entry's ``empty`` metadata. (There are no permutations to store: GPTQ's act-order permutation is undone
 before packing, so the codes are in natural order.)
+
+Multi-host writes: every array leaf is an :class:`OwnedArray` naming the process that holds it (the
+process that compressed the matrix); in a ``jax.distributed`` run each process writes the arrays it owns
+into its own ``ocdbt.process_<i>`` folder of the step and Orbax's primary process merges the OCDBT
+manifests when it commits the step. The written tree is an ordinary numpy PyTree: any Orbax reader
+(``ocp.StandardCheckpointer().restore(".../steps/3/arrays")``) opens it, with any number of processes.
 
 Fingerprint of the base (format v1): for every step, SHA-256 over ``name\\0shape\\0`` and the float32
 little-endian bytes of every base tensor of that step (HF names, sorted); the model fingerprint is SHA-256
@@ -45,14 +51,13 @@ from prinmix_jax.formats import CompressedMatrix, from_state, to_state
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "DeltaFormatError",
            "FingerprintMismatchError", "StepStore", "BlockDelta", "DeltaCheckpoint", "load_delta",
-           "encode_step", "decode_step", "tensor_digest", "combine_fingerprint"]
+           "encode_step", "decode_step", "owned_tree", "OwnedArray", "tensor_digest", "combine_fingerprint"]
 
 FORMAT = "prinmix-delta"
 FORMAT_VERSION = 1
 META_FILE = "prinmix_delta.json"
 STEPS_DIR = "steps"
 HF_DIR = "hf"
-_ITEMS = ("arrays", "meta")
 
 
 class DeltaFormatError(ValueError):
@@ -107,7 +112,7 @@ def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, d
         if kind == "matrix":
             cm, info = entry[1], entry[2]
             st_arrays, st_meta = to_state(cm)
-            keep, empty, sha = {}, {}, {}
+            keep, empty, sha, layout = {}, {}, {}, {}
             for k, a in st_arrays.items():
                 a = np.asarray(a)
                 if a.size == 0:
@@ -115,10 +120,11 @@ def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, d
                 else:
                     keep[k] = a
                     sha[k] = _sha(a)
+                    layout[k] = [list(a.shape), a.dtype.name]
             if keep:
                 arrays.setdefault("linears", {})[name] = keep
             meta["linears"][name] = {"kind": "matrix", "state": st_meta, "empty": empty, "sha256": sha,
-                                     "nbytes": int(cm.nbytes), "info": info}
+                                     "arrays": layout, "nbytes": int(cm.nbytes), "info": info}
         elif kind == "zero":
             meta["linears"][name] = {"kind": "zero", "shape": list(entry[1]), "nbytes": 0, "info": entry[2]}
         else:
@@ -144,6 +150,88 @@ def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, d
     meta["nbytes"] = int(sum(e["nbytes"] for e in meta["linears"].values())
                          + sum(e["nbytes"] for e in meta["dense"].values()))
     return arrays, meta
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnedArray:
+    """An array leaf of a step that one process writes: ``value`` is the data on process ``owner`` and None
+    on the others (which know only its shape and dtype, from the step metadata)."""
+    value: np.ndarray | None
+    shape: tuple
+    dtype: np.dtype
+    owner: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def owned_tree(arrays: dict, meta: dict, owner, me: int) -> dict:
+    """The arrays tree of one step with :class:`OwnedArray` leaves.
+
+    Args:
+      arrays: this process's part of the tree (as from :func:`encode_step`): the linears it compressed and
+        the dense deltas it owns (or all of them).
+      meta: the complete step metadata (every process's entries), as from :func:`encode_step` merged.
+      owner: ``owner(kind, name) -> process index`` with kind ``"linears"`` or ``"dense"``.
+      me: this process's index.
+    """
+    tree: dict = {}
+    for name, e in meta["linears"].items():
+        if e["kind"] != "matrix" or not e["sha256"]:
+            continue
+        p = owner("linears", name)
+        mine = arrays.get("linears", {}).get(name, {}) if p == me else {}
+        node = tree.setdefault("linears", {}).setdefault(name, {})
+        for k, (shape, dt) in e["arrays"].items():
+            if p == me and k not in mine:
+                raise ValueError(f"array linears/{name}/{k} is owned by this process but missing")
+            node[k] = OwnedArray(mine.get(k), tuple(shape), np.dtype(dt), p)
+    for path, e in meta["dense"].items():
+        if e["kind"] != "store":
+            continue
+        p = owner("dense", path)
+        src, node, parts = arrays.get("dense", {}), tree.setdefault("dense", {}), path.split("/")
+        for q in parts[:-1]:
+            src, node = src.get(q, {}) if p == me else {}, node.setdefault(q, {})
+        node[parts[-1]] = OwnedArray(src[parts[-1]] if p == me else None, tuple(e["shape"]), np.dtype(e["dtype"]), p)
+    return tree
+
+
+def _owned_array_handler():
+    """An Orbax ``NumpyHandler`` that writes an :class:`OwnedArray` on its owner process.
+
+    Orbax's own ``NumpyHandler`` writes numpy leaves on process 0 only, and its ``ArrayHandler`` refuses
+    arrays that live on one host in multi-host runs; this handler lets every process write what it holds
+    (into its ``ocdbt.process_<i>`` folder, merged by Orbax at commit). It records the leaves as
+    ``np.ndarray``, so the standard handler reads them back. Relies on orbax-checkpoint 0.12 internals
+    (pinned in ``pyproject.toml``).
+    """
+    import asyncio
+
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint._src.multihost import multihost
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    class OwnedArrayHandler(ocp.type_handlers.NumpyHandler):
+        async def _background_serialize(self, values, infos, args=None):
+            args = args or [ocp.SaveArgs()] * len(values)
+            writes = []
+            for v, info, arg in zip(values, infos, args):
+                await info.await_path_creation()
+                spec = ts_utils.build_array_write_spec(
+                    info=info, arg=arg, global_shape=v.shape, local_shape=v.shape, dtype=v.dtype,
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                    metadata_key=self._metadata_key).json
+                owner = v.owner if isinstance(v, OwnedArray) else 0
+                if multihost.process_index() == owner:
+                    value = v.value if isinstance(v, OwnedArray) else v
+                    writes.append(self._open_and_write(np.asarray(value), spec, info.ts_context))
+            await asyncio.gather(*writes)
+
+    return OwnedArrayHandler(deepcopy_host_arrays=False)
 
 
 @dataclasses.dataclass
@@ -233,7 +321,16 @@ class StepStore:
         opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
                                             create=not read_only, read_only=read_only)
         kw = {} if run_identity is None else {"metadata": {"run": run_identity}}
-        self._mgr = ocp.CheckpointManager(self.directory, options=opts, item_names=_ITEMS, **kw)
+        from orbax.checkpoint._src.serialization import type_handler_registry as thr
+
+        types = thr.create_type_handler_registry(*thr._DEFAULT_TYPE_HANDLERS, (OwnedArray, _owned_array_handler()))
+        handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        pytree = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+        handlers.add("arrays", ocp.args.PyTreeSave, pytree)
+        handlers.add("arrays", ocp.args.PyTreeRestore, pytree)
+        handlers.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+        handlers.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+        self._mgr = ocp.CheckpointManager(self.directory, options=opts, handler_registry=handlers, **kw)
 
     def run_identity(self) -> dict | None:
         md = self._mgr.metadata()
@@ -249,28 +346,39 @@ class StepStore:
         return steps[-1] if steps else None
 
     def save(self, step: int, arrays: dict, meta: dict) -> None:
+        """Writes one step (collective in multi-process runs: every process calls it with the same tree
+        structure; leaves are numpy arrays, written by process 0, or :class:`OwnedArray`\\ s, written by
+        their owner)."""
         ocp = self._ocp
         items = {"meta": ocp.args.JsonSave(dict(meta, has_arrays=bool(arrays)))}
         if arrays:
-            items["arrays"] = ocp.args.StandardSave(arrays)
+            items["arrays"] = ocp.args.PyTreeSave(arrays)
         self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
         self._mgr.wait_until_finished()
 
-    def restore(self, step: int) -> tuple[dict, dict]:
+    def restore_meta(self, step: int) -> dict:
+        """The step's JSON metadata only."""
         ocp = self._ocp
-        where = f"{self.directory}/{step}"
         try:
             meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises many types for damaged directories
-            raise DeltaFormatError(f"{where}: corrupted or unreadable step metadata ({_short(e)})") from e
+            raise DeltaFormatError(f"{self.directory}/{step}: corrupted or unreadable step metadata "
+                                   f"({_short(e)})") from e
         if not isinstance(meta, dict):
-            raise DeltaFormatError(f"{where}: step metadata is not a JSON object")
+            raise DeltaFormatError(f"{self.directory}/{step}: step metadata is not a JSON object")
+        return meta
+
+    def restore(self, step: int) -> tuple[dict, dict]:
+        """``(arrays as numpy, meta)`` of one step, on every process whatever process wrote them."""
+        ocp = self._ocp
+        meta = self.restore_meta(step)
         arrays = {}
         if meta.get("has_arrays"):
             try:
-                arrays = self._mgr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+                arrays = self._mgr.restore(step, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore()))["arrays"]
             except Exception as e:
-                raise DeltaFormatError(f"{where}: corrupted or unreadable step arrays ({_short(e)})") from e
+                raise DeltaFormatError(f"{self.directory}/{step}: corrupted or unreadable step arrays "
+                                       f"({_short(e)})") from e
         return arrays, meta
 
     def close(self) -> None:

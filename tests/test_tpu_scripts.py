@@ -49,15 +49,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _written_by(delta_dir) -> dict:
+    """``{process index: number of OCDBT data files it wrote}`` over every step of a delta checkpoint."""
+    counts = {}
+    for root, _, files in os.walk(os.path.join(delta_dir, "steps")):
+        name = os.path.basename(os.path.dirname(root)) if os.path.basename(root) == "d" else ""
+        if name.startswith("ocdbt.process_"):
+            p = int(name.split("_")[-1])
+            counts[p] = counts.get(p, 0) + len(files)
+    return counts
+
+
+# prinmix: the global scope (error tables split between the processes, one ILP on process 0) and
+# per-process writes; lowrank + sequential: every process reads each finished step back to propagate.
 @pytest.mark.slow
-def test_multiprocess_compress_agrees(tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("method,mode", [("prinmix", "parallel"), ("lowrank", "sequential")])
+def test_multiprocess_compress_agrees(tmp_path, tmp_path_factory, method, mode):
     base, ft = make_pair(tmp_path, "llama")
     calib = write_calib(tmp_path, "ids")
     out = os.path.join(tmp_path, "mp")
     env = jax_cache_env(tmp_path_factory, devices=4)
     port = _free_port()
     cmd = [sys.executable, "-m", "prinmix_jax.cli", "compress", base, ft, out, "--calib", calib, "--seq-len", "16",
-           "--group-size", "16", "--method", "lowrank", "--embeddings", "compress", "--lm-head", "store", "--no-progress", "--json",
+           "--group-size", "16", "--method", method, "--calibration-mode", mode, "--embeddings", "compress",
+           "--lm-head", "store", "--no-progress", "--json",
            "--coordinator", f"localhost:{port}", "--num-processes", "2"]
     procs = [subprocess.Popen(cmd + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -69,12 +84,17 @@ def test_multiprocess_compress_agrees(tmp_path, tmp_path_factory):
     so = outs[0][0]
     summary = json.loads(so[so.index("\n{") + 1 if not so.startswith("{") else 0:])  # gloo logs lines first
     assert summary["run"]["process_count"] == 2 and summary["run"]["device_count"] == 8
+    assert summary["scope"] == ("global" if method == "prinmix" else "matrix")
     assert '"format"' not in outs[1][0]  # only process 0 reports
+    # each host wrote its share: both processes' OCDBT folders hold array data
+    written = _written_by(out)
+    assert written.get(0, 0) > 0 and written.get(1, 0) > 0, written
 
     from prinmix_jax import CompressionConfig
     from prinmix_jax.pipeline import ParamPolicy, compress_model
 
     ref = os.path.join(tmp_path, "ref")
     compress_model(base, ft, ref, calib=calib, config=CompressionConfig(**SMALL_CONFIG), seq_len=16,
-                   method="lowrank", policy=ParamPolicy(embeddings="compress", lm_head="store"))
+                   method=method, calibration_mode=mode, policy=ParamPolicy(embeddings="compress", lm_head="store"))
+    assert set(_written_by(ref)) == {0}
     assert read_arrays(out) == read_arrays(ref)
