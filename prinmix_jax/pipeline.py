@@ -540,6 +540,7 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
             with open(os.path.join(hf_dst, "config.json"), "w", encoding="utf-8") as f:
                 json.dump(mcfg.to_hf_dict(), f, indent=2, sort_keys=True)
     _barrier("prinmix-work-dir")
+    _check_shared(work, out)
     store = StepStore(os.path.join(work, STEPS_DIR), identity)
     created_here = store.latest_step() is None
     try:
@@ -561,6 +562,24 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     finally:
         base_src.close()
         ft_src.close()
+
+
+def _check_shared(work: str, out: str) -> None:
+    """Multi-process runs write one checkpoint together: every process must see the folder process 0 made.
+
+    Raises on every process (so none is left waiting in a collective) when some do not.
+    """
+    if jax.process_count() == 1:
+        return
+    seen = _allgather_json(os.path.isfile(os.path.join(work, HF_DIR, "config.json")))
+    if all(seen):
+        return
+    blind = [p for p, ok in enumerate(seen) if not ok]
+    if jax.process_index() == 0 and not os.path.isdir(os.path.join(work, STEPS_DIR)):
+        shutil.rmtree(work, ignore_errors=True)
+    raise OSError(f"process(es) {blind} do not see {work!r}, which process 0 created: in a multi-process run "
+                  f"the output {out!r} must be on storage every host shares (NFS/Filestore, a gcsfuse-mounted "
+                  f"bucket) and every process must be given the same path")
 
 
 def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, progress, say, HESSIAN_FOR_LINEAR,

@@ -98,3 +98,24 @@ def test_multiprocess_compress_agrees(tmp_path, tmp_path_factory, method, mode):
                    method=method, calibration_mode=mode, policy=ParamPolicy(embeddings="compress", lm_head="store"))
     assert set(_written_by(ref)) == {0}
     assert read_arrays(out) == read_arrays(ref)
+
+
+def test_multiprocess_output_not_shared_is_a_clear_error(tmp_path, tmp_path_factory):
+    """Process 1 is given another OUT: from its view the folder process 0 made does not exist, as on hosts
+    whose OUT is not on shared storage. Both processes stop with the message; nothing is left behind."""
+    base, ft = make_pair(tmp_path, "llama")
+    env = jax_cache_env(tmp_path_factory, devices=2)
+    port = _free_port()
+    outs = [os.path.join(tmp_path, "host0", "delta"), os.path.join(tmp_path, "host1", "delta")]
+    for o in outs:
+        os.makedirs(os.path.dirname(o))
+    procs = [subprocess.Popen([sys.executable, "-m", "prinmix_jax.cli", "compress", base, ft, outs[i], "--data-free",
+                               "--method", "lowrank", "--no-progress", "--coordinator", f"localhost:{port}",
+                               "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    res = [p.communicate(timeout=300) for p in procs]
+    for p, (_, se) in zip(procs, res):
+        assert p.returncode == 1, se[-2000:]
+        assert "must be on storage every host shares" in se and "Traceback" not in se
+    for o in outs:
+        assert os.listdir(os.path.dirname(o)) == []
