@@ -90,33 +90,20 @@ def _block(layer, cfg, li, x, cos, sin, kc, vc, slot, key_ok):
 
     ``key_ok`` (B, S): cache slots that hold real (non-padding) tokens; positions are slots minus padding.
     """
-    from prinmix_jax.models.rope import apply_rope
+    from prinmix_jax.models.llama.modeling import attend
 
     attn = layer.self_attn
-    b, t, _ = x.shape
-    n, k, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    h = layer.input_layernorm(x)
-    q = attn.q_proj(h).reshape(b, t, n, hd)
-    kk = attn.k_proj(h).reshape(b, t, k, hd)
-    vv = attn.v_proj(h).reshape(b, t, k, hd)
-    if attn.q_norm is not None:
-        q, kk = attn.q_norm(q), attn.k_norm(kk)
-    q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
+    t = x.shape[1]
+    q, kk, vv = attn.qkv(layer.input_layernorm(x), cos, sin)
     kc = jax.lax.dynamic_update_slice(kc, kk.astype(kc.dtype), (0, slot, 0, 0))
     vc = jax.lax.dynamic_update_slice(vc, vv.astype(vc.dtype), (0, slot, 0, 0))
-    s_len = kc.shape[1]
     qs = slot + jnp.arange(t)[:, None]
-    ks = jnp.arange(s_len)[None, :]
+    ks = jnp.arange(kc.shape[1])[None, :]
     m = ks <= qs
     win = cfg.window(li)
     if win is not None:
         m = m & (ks > qs - win)
-    mask = m[None] & key_ok[:, None, :]  # (B, t, S)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, k, n // k, hd), kc,
-                        preferred_element_type=jnp.float32) * (hd ** -0.5)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(vc.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, vc).reshape(b, t, n * hd)
+    out = attend(q, kc, vc, m[None] & key_ok[:, None, :])  # mask (B, t, S)
     x = x + attn.o_proj(out.astype(x.dtype))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, kc, vc

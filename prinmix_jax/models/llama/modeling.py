@@ -22,7 +22,7 @@ from prinmix_jax.models.config import ModelConfig
 from prinmix_jax.models.llama.params import check_block_params, check_params
 from prinmix_jax.models.rope import apply_rope, rope_cos_sin
 
-__all__ = ["Linear", "RMSNorm", "Embed", "Attention", "MLP", "DecoderLayer", "CausalLM",
+__all__ = ["Linear", "RMSNorm", "Embed", "Attention", "attend", "MLP", "DecoderLayer", "CausalLM",
            "model_from_params", "params_from_model", "layer_from_params", "causal_mask"]
 
 Params = dict[str, Any]
@@ -105,7 +105,8 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype, rngs=rngs) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, h
 
-    def __call__(self, x_btd, cos, sin, mask_bts, taps: dict | None = None):
+    def qkv(self, x_btd, cos, sin):
+        """Projections with q/k norm and rope: ``(q (B,T,N,H), k (B,T,K,H), v (B,T,K,H))``."""
         b, t, _ = x_btd.shape
         n, k, h = self.num_heads, self.num_kv_heads, self.head_dim
         q_btnh = self.q_proj(x_btd).reshape(b, t, n, h)
@@ -113,16 +114,25 @@ class Attention(nnx.Module):
         v_btkh = self.v_proj(x_btd).reshape(b, t, k, h)
         if self.q_norm is not None:
             q_btnh, k_btkh = self.q_norm(q_btnh), self.k_norm(k_btkh)
-        q_btnh, k_btkh = apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin)
-        q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
-        scores = scores * (h ** -0.5)
-        scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_btkh.dtype)
-        out_btnh = jnp.einsum("bkgts,bskh->btkgh", probs, v_btkh).reshape(b, t, n * h)
+        return apply_rope(q_btnh, cos, sin), apply_rope(k_btkh, cos, sin), v_btkh
+
+    def __call__(self, x_btd, cos, sin, mask_bts, taps: dict | None = None):
+        out_btnh = attend(*self.qkv(x_btd, cos, sin), mask_bts)
         if taps is not None:
             taps["o_in"] = out_btnh
         return self.o_proj(out_btnh)
+
+
+def attend(q_btnh, k_bskh, v_bskh, mask_bts):
+    """Grouped-query softmax attention (f32 scores) of T queries over S keys; returns ``(B, T, N·H)``."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
+    scores = scores * (h ** -0.5)
+    scores = jnp.where(mask_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh).reshape(b, t, n * h)
 
 
 class MLP(nnx.Module):
