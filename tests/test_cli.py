@@ -176,8 +176,11 @@ def test_truncated_and_corrupted_delta(root, pair, delta):
     assert flipped
     assert "corrupted" in _err(run("inspect", cor, "--verify"))
     assert "corrupted" in _err(run("apply", pair[0], cor, os.path.join(root, "bad6")))
-    # an interrupted run's folder is not a delta
-    assert "no prinmix_delta.json" in _err(run("inspect", os.path.join(root, "empty")))
+    # a folder without the top-level metadata (what an interrupted run would publish) is not a delta
+    nometa = os.path.join(root, "nometa")
+    shutil.copytree(delta, nometa)
+    os.remove(os.path.join(nometa, "prinmix_delta.json"))
+    assert "no prinmix_delta.json" in _err(run("inspect", nometa))
     assert not _leftovers(root, "bad6")
 
 
