@@ -195,3 +195,16 @@ def test_global_scope_shares_one_budget_across_blocks(root):
                        scope="global", calibration_mode="sequential")
     with pytest.raises(ValueError, match="does not apply to method 'lowrank'"):
         compress_model(base, ft, os.path.join(root, "x"), config=CFG, scope="global", method="lowrank")
+    # clearing JAX's compiled programs after every block (compile_cache_limit=0) changes no byte
+    import prinmix_jax.pipeline as pl
+
+    cleared = []
+    real = pl._bound_compile_cache
+    try:
+        pl._bound_compile_cache = lambda limit: cleared.append(real(limit)) or cleared[-1]
+        compress_model(base, ft, os.path.join(root, "llama-global-clear"), config=CFG, scope="global",
+                       policy=STORE_GLOBALS, compile_cache_limit=0)
+    finally:
+        pl._bound_compile_cache = real
+    assert cleared and all(cleared)
+    assert read_arrays(os.path.join(root, "llama-global-clear")) == read_arrays(os.path.join(root, "llama-global"))
