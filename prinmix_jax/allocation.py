@@ -17,6 +17,8 @@ removed; indices with one pair left are fixed. On error tables of real deltas ab
 stay for the MILP (3001 of 71680 for 56 matrices; README), so a global allocation over every matrix of
 a model no longer costs the memory and time of the full MILP (HiGHS needs about 2 KB per binary).
 The optimality gap asked for is the whole problem's: it is passed to the solver as an absolute gap.
+The reduction is used when a gap > 0 is asked for (``CompressionConfig.ilp_gap`` = 1e-4); exact proofs
+(gap 0) get the whole problem, because a core made only of near-ties took HiGHS minutes to prove.
 """
 from __future__ import annotations
 
@@ -207,8 +209,8 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         default, used by :class:`CompressionConfig`) takes well under a second after the
         Lagrangian reduction (module docstring).
       solver_options: extra keyword arguments for ``Problem.solve``.
-      reduce: apply the exact Lagrangian reduction first (module docstring); False hands the whole
-        problem to the solver.
+      reduce: apply the exact Lagrangian reduction first when ``mip_rel_gap > 0`` (module docstring);
+        False hands the whole problem to the solver.
 
     Returns:
       An :class:`Allocation`.
@@ -234,6 +236,9 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         return Allocation(z, z, 0.0, 0, name, "optimal", 0.0)
     if max_widths is not None and max_widths < 1:
         raise ValueError(f"max_widths must be >= 1, got {max_widths}")
+    # Exact proofs (gap 0) are left to the solver on the whole problem: with the reduction the core is
+    # made of near-ties only, and proving its optimum to HiGHS's absolute tolerance took minutes.
+    reduce = reduce and mip_rel_gap > 0
     keep, incumbent, lower = lagrangian_reduction(e, c, budget_bits) if reduce else (np.ones(e.shape, bool), None, 0.)
     if incumbent is not None and max_widths is not None and len(np.unique(incumbent)) > max_widths:
         keep = np.ones(e.shape, bool)   # the incumbent breaks the cap: its error bounds nothing
@@ -244,7 +249,7 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         # the gap is the whole problem's: as an absolute gap (the fixed indices' error is a constant)
         sub = _solve_core(e[free], c[free], keep[free], budget_bits - int(c[~free, choice[~free]].sum()),
                           max_widths, np.unique(choice[~free]), name, time_limit, solver_options, mip_rel_gap,
-                          abs_gap=mip_rel_gap * lower if mip_rel_gap > 0 else None)
+                          abs_gap=mip_rel_gap * lower if mip_rel_gap > 0 else None, scale=float(e.max()))
         choice[free] = sub
     cost = int(c[np.arange(r), choice].sum())
     if cost > budget_bits:
@@ -257,18 +262,22 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
 
 
 def _solve_core(e, c, keep, budget_bits, max_widths, fixed_cols, name, time_limit, solver_options, mip_rel_gap,
-                abs_gap=None):
+                abs_gap=None, scale=None):
     """The MILP over the kept (index, width) pairs; returns the chosen column of every index.
 
     ``fixed_cols``: the columns the fixed indices use (they count towards ``max_widths``).
     ``abs_gap``: optional absolute optimality gap (HiGHS), in the units of ``e``.
+    ``scale``: the objective is divided by it (default: the largest kept error). Pass the whole
+    problem's largest error: the solver's default absolute tolerance is then the same as for the
+    unreduced problem (scaling by the core's own, much smaller, maximum made exact proofs take minutes).
     """
     r, nw = e.shape
     ii, bb = np.nonzero(keep)          # row-major: pairs grouped by index
     k = ii.size
     # Scaled to O(1) for the solver; the reported objective is recomputed from the unscaled table.
     ek = e[ii, bb]
-    scale = float(ek.max()) if k and ek.max() > 0 else 1.0
+    if scale is None or scale <= 0:
+        scale = float(ek.max()) if k and ek.max() > 0 else 1.0
     x = cp.Variable(k, boolean=True)
     one_each = sp.csr_matrix((np.ones(k), (ii, np.arange(k))), shape=(r, k))
     # Costs are integers, so "≤ C" is "≤ C + 0.5": the slack absorbs solver tolerances
