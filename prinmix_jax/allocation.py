@@ -176,6 +176,7 @@ def lagrangian_reduction(e: np.ndarray, c: np.ndarray, budget_bits: float, *, it
 def _fill(e, c, choice, budget_bits, steps: int = 64):
     """Greedy use of the budget a choice leaves: the best error drop per bit that still fits, repeated."""
     rows = np.arange(e.shape[0])
+    choice = choice.copy()
     for _ in range(steps):
         left = budget_bits - c[rows, choice].sum()
         dc = c - c[rows, choice][:, None]
@@ -185,7 +186,6 @@ def _fill(e, c, choice, budget_bits, steps: int = 64):
             break
         gain = np.where(ok, de / np.maximum(dc, 1e-12), -np.inf)
         i, b = np.unravel_index(np.argmax(gain), gain.shape)
-        choice = choice.copy()
         choice[i] = b
     return choice
 

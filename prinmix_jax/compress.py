@@ -94,6 +94,12 @@ def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, m
                          **{k: tuple(v) for k, v in fields.items()})
 
 
+def _gptq_kw(cfg: CompressionConfig) -> dict:
+    """The GPTQ settings of a config (static arguments of the jitted GPTQ and error-table programs)."""
+    return dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
+                scale_dtype=cfg.scale_jnp_dtype)
+
+
 def rank_bucket(k: int) -> int:
     """Smallest size >= k among 32, 40, 48, 56, 64, 80, 96, ... (four per octave, <= 25% padding)."""
     size = 32
@@ -130,8 +136,7 @@ def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc,
         target = jnp.pad(jnp.asarray(u)[:, keep], ((0, 0), (0, pad)))
     g = u_hessian(v_hat, sig_p, h, valid)
     bits = jnp.asarray(np.concatenate([kw, np.ones(pad, np.int64)]), jnp.int32)
-    u_res = gptq_quantize(target, g, bits, cfg.damp, group_size=cfg.group_size, act_order=cfg.act_order,
-                          block_size=cfg.block_size, scale_axis="col", scale_dtype=cfg.scale_jnp_dtype)
+    u_res = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **_gptq_kw(cfg))
     u_res = GPTQResult(u_res.q[:, :k], u_res.codes[:, :k], u_res.scale[:k], u_res.zero[:k], u_res.damp)
     info["u_damp"] = float(u_res.damp)
     info["seconds_u"] = time.perf_counter() - t
@@ -214,8 +219,6 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
             out.append(_finish(cm, jnp.asarray(d_np), h_np, info, t0, return_info))
         return out
     h_all = _hessian_stack(pairs, n)
-    gkw = dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
-               scale_dtype=cfg.scale_jnp_dtype)
     t = time.perf_counter()
     if widths is not None:
         if method not in ("prinmix", "uniform"):
@@ -224,14 +227,10 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
     elif method == "deltacome":
         widths = np.stack([_deltacome_widths(s, m, n, budget, cfg) for s in sig_np])
     if widths is not None:
-        v_res = _run_sharded(_v_gptq_fn(**gkw), mesh, v, h_all, np.maximum(widths, 1), np.float32(cfg.damp))
+        v_res = _run_sharded(_v_gptq_fn(**_gptq_kw(cfg)), mesh, v, h_all, np.maximum(widths, 1), np.float32(cfg.damp))
         tables = None
     else:
-        e, passes = _run_sharded(_error_table_fn(widths=cfg.bits, **gkw), mesh, v, sigma, h_all,
-                                 np.float32(cfg.damp))
-        tables = np.asarray(e, np.float64)
-        if cfg.u_error:
-            tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
+        tables, passes = _allocation_tables(u, sigma, v, h_all, cfg, mesh)
     t_stage1 = (time.perf_counter() - t) / len(pairs)
     costs = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
     out = []
@@ -377,11 +376,18 @@ def error_tables(deltas, hessians=None, config: CompressionConfig | None = None,
     mesh = _default_mesh(mesh)
     h_all = _hessian_stack(pairs, pairs[0][0].shape[1])
     u, sigma, v = _run_sharded(_svd_fn(), mesh, np.stack([p[0] for p in pairs]))
-    e, _ = _run_sharded(_error_table_fn(widths=cfg.bits, group_size=cfg.group_size, act_order=cfg.act_order,
-                                        block_size=cfg.block_size, scale_dtype=cfg.scale_jnp_dtype),
-                        mesh, v, sigma, h_all, np.float32(cfg.damp))
-    e = np.asarray(e, np.float64)
-    return list(e + _u_error_tables(u, sigma, v, h_all, cfg) if cfg.u_error else e)
+    return list(_allocation_tables(u, sigma, v, h_all, cfg, mesh)[0])
+
+
+def _allocation_tables(u, sigma, v, h_all, cfg, mesh):
+    """The tables the allocation sees for a stack: the exact V-step table (method.md §2), plus the U-side
+    estimate when ``cfg.u_error``; returns ``(tables float64 (B, r, nw), the V GPTQ passes)``."""
+    e, passes = _run_sharded(_error_table_fn(widths=cfg.bits, **_gptq_kw(cfg)), mesh, v, sigma, h_all,
+                             np.float32(cfg.damp))
+    tables = np.asarray(e, np.float64)
+    if cfg.u_error:
+        tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
+    return tables, passes
 
 
 def _u_error_tables(u, sigma, v, h_all, cfg):

@@ -305,11 +305,7 @@ def _broadcast_array(x: np.ndarray) -> np.ndarray:
 
 
 def _broadcast_int(x: int) -> int:
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    return int(np.asarray(multihost_utils.broadcast_one_to_all(np.array(x, np.int64))))
+    return int(_broadcast_array(np.array(x, np.int64)))
 
 
 # ----- compression of one stack ------------------------------------------------------------------

@@ -225,10 +225,8 @@ def _owned_array_handler():
                     use_ocdbt=info.is_ocdbt_checkpoint,
                     process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
                     metadata_key=self._metadata_key).json
-                owner = v.owner if isinstance(v, OwnedArray) else 0
-                if multihost.process_index() == owner:
-                    value = v.value if isinstance(v, OwnedArray) else v
-                    writes.append(self._open_and_write(np.asarray(value), spec, info.ts_context))
+                if multihost.process_index() == v.owner:   # registered for OwnedArray leaves only
+                    writes.append(self._open_and_write(np.asarray(v.value), spec, info.ts_context))
             await asyncio.gather(*writes)
 
     return OwnedArrayHandler(deepcopy_host_arrays=False)
@@ -328,8 +326,9 @@ class StepStore:
         pytree = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
         handlers.add("arrays", ocp.args.PyTreeSave, pytree)
         handlers.add("arrays", ocp.args.PyTreeRestore, pytree)
-        handlers.add("meta", ocp.args.JsonSave, ocp.JsonCheckpointHandler())
-        handlers.add("meta", ocp.args.JsonRestore, ocp.JsonCheckpointHandler())
+        json_handler = ocp.JsonCheckpointHandler()
+        handlers.add("meta", ocp.args.JsonSave, json_handler)
+        handlers.add("meta", ocp.args.JsonRestore, json_handler)
         self._mgr = ocp.CheckpointManager(self.directory, options=opts, handler_registry=handlers, **kw)
 
     def run_identity(self) -> dict | None:
