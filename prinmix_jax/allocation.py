@@ -249,7 +249,7 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         # the gap is the whole problem's: as an absolute gap (the fixed indices' error is a constant)
         sub = _solve_core(e[free], c[free], keep[free], budget_bits - int(c[~free, choice[~free]].sum()),
                           max_widths, np.unique(choice[~free]), name, time_limit, solver_options, mip_rel_gap,
-                          abs_gap=mip_rel_gap * lower if mip_rel_gap > 0 else None, scale=float(e.max()))
+                          abs_gap=mip_rel_gap * lower if mip_rel_gap > 0 else None)
         choice[free] = sub
     cost = int(c[np.arange(r), choice].sum())
     if cost > budget_bits:
@@ -262,22 +262,18 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
 
 
 def _solve_core(e, c, keep, budget_bits, max_widths, fixed_cols, name, time_limit, solver_options, mip_rel_gap,
-                abs_gap=None, scale=None):
+                abs_gap=None):
     """The MILP over the kept (index, width) pairs; returns the chosen column of every index.
 
     ``fixed_cols``: the columns the fixed indices use (they count towards ``max_widths``).
     ``abs_gap``: optional absolute optimality gap (HiGHS), in the units of ``e``.
-    ``scale``: the objective is divided by it (default: the largest kept error). Pass the whole
-    problem's largest error: the solver's default absolute tolerance is then the same as for the
-    unreduced problem (scaling by the core's own, much smaller, maximum made exact proofs take minutes).
     """
     r, nw = e.shape
     ii, bb = np.nonzero(keep)          # row-major: pairs grouped by index
     k = ii.size
     # Scaled to O(1) for the solver; the reported objective is recomputed from the unscaled table.
     ek = e[ii, bb]
-    if scale is None or scale <= 0:
-        scale = float(ek.max()) if k and ek.max() > 0 else 1.0
+    scale = float(ek.max()) if k and ek.max() > 0 else 1.0
     x = cp.Variable(k, boolean=True)
     one_each = sp.csr_matrix((np.ones(k), (ii, np.arange(k))), shape=(r, k))
     # Costs are integers, so "≤ C" is "≤ C + 0.5": the slack absorbs solver tolerances
