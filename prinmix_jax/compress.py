@@ -69,7 +69,11 @@ def reconstruct(cm: CompressedMatrix):
 
 
 def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, method) -> SVDQuantDelta:
-    """Groups the kept indices by width and packs their codes (host side)."""
+    """Groups the kept indices by width and packs their codes (host side, numpy; one transfer at the end).
+
+    Everything here has rank-dependent shapes, so it stays off the device: an eager jax op or
+    ``jnp.asarray`` would compile a small program per shape, and over many blocks those pile up.
+    """
     sdt = cfg.scale_jnp_dtype
     m, n = shape
     sigma, widths = np.asarray(sigma), np.asarray(widths)
@@ -81,17 +85,17 @@ def _pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, m
         idx = np.nonzero(widths == b)[0]
         group_bits.append(b)
         all_w.append(np.full(idx.size, b, np.uint8))
-        fields["sigma"].append(jnp.asarray(sigma[idx], jnp.float32))
-        fields["v_codes"].append(jnp.asarray(pack_bits(vc[idx], b)))      # packed on the host
-        fields["v_scale"].append(jnp.asarray(vs[idx], sdt))
-        fields["v_zero"].append(jnp.asarray(vz[idx], jnp.uint8))
-        fields["u_codes"].append(jnp.asarray(pack_bits(uc[idx], b)))
-        fields["u_scale"].append(jnp.asarray(us[idx], sdt))
-        fields["u_zero"].append(jnp.asarray(uz[idx], jnp.uint8))
-    w = jnp.asarray(np.concatenate(all_w) if all_w else np.zeros(0, np.uint8))
+        fields["sigma"].append(sigma[idx].astype(np.float32))
+        fields["v_codes"].append(pack_bits(vc[idx], b))
+        fields["v_scale"].append(vs[idx].astype(sdt))
+        fields["v_zero"].append(vz[idx].astype(np.uint8))
+        fields["u_codes"].append(pack_bits(uc[idx], b))
+        fields["u_scale"].append(us[idx].astype(sdt))
+        fields["u_zero"].append(uz[idx].astype(np.uint8))
+    w = np.concatenate(all_w) if all_w else np.zeros(0, np.uint8)
+    fields, w = jax.device_put(({k: tuple(v) for k, v in fields.items()}, w))
     return SVDQuantDelta(widths=w, shape=(m, n), group_bits=tuple(group_bits),
-                         group_size=cfg.group_size or max(m, n), method=method,
-                         **{k: tuple(v) for k, v in fields.items()})
+                         group_size=cfg.group_size or max(m, n), method=method, **fields)
 
 
 def _gptq_kw(cfg: CompressionConfig) -> dict:
@@ -109,38 +113,53 @@ def rank_bucket(k: int) -> int:
     return size
 
 
-def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info):
+def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info, want_error):
     """Steps 2–4 of method.md §4 for the kept indices ``widths > 0``.
 
     The k kept indices are padded to :func:`rank_bucket` (k) with inert entries (zero rows of V̂,
     zero columns of the target, decoupled Hessian entries), so the U-side programs compile once
-    per bucket rather than once per rank.
+    per bucket rather than once per rank; the padding is built and dropped on the host (numpy),
+    where rank-dependent shapes cost no compilation. ``v_rows`` holds numpy arrays.
+    With ``want_error``, also records ``info["rel_output_error"]`` of ``Û diag(σ) V̂`` (from the padded
+    factors: the same numbers as the packed result, without a program per rank).
     """
     keep = np.nonzero(widths > 0)[0]
     kw = widths[keep]
     k = keep.size
     if k == 0:
         empty = GPTQResult(*(np.zeros((0, 0)),) * 5)
+        if want_error:
+            info["rel_output_error"] = 1.0 if float(jnp.sum(delta * delta)) > 0 else 0.0
         return _pack_svd(delta.shape, [], kw, empty, empty, cfg, method)
     kb = rank_bucket(k)
     pad = kb - k
     sig_k = np.asarray(sigma)[keep]
-    sig_p = jnp.asarray(np.concatenate([sig_k, np.ones(pad, sig_k.dtype)]))
-    v_hat = jnp.pad(v_rows.q, ((0, pad), (0, 0)))
-    valid = jnp.asarray(np.arange(kb) < k)
+    sig_p = jax.device_put(np.concatenate([sig_k, np.ones(pad, sig_k.dtype)]))
+    v_hat = jax.device_put(np.pad(np.asarray(v_rows.q, np.float32), ((0, pad), (0, 0))))
+    valid = jax.device_put(np.arange(kb) < k)
     t = time.perf_counter()
     if rtc:
         target, damp_used = rtc_target(delta, h, v_hat, sig_p, cfg.rtc_damp, valid)
         info["rtc_damp"] = float(damp_used)
     else:
-        target = jnp.pad(jnp.asarray(u)[:, keep], ((0, 0), (0, pad)))
+        target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, pad))))
     g = u_hessian(v_hat, sig_p, h, valid)
-    bits = jnp.asarray(np.concatenate([kw, np.ones(pad, np.int64)]), jnp.int32)
-    u_res = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **_gptq_kw(cfg))
+    bits = jax.device_put(np.concatenate([kw, np.ones(pad, np.int64)]).astype(np.int32))
+    u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **_gptq_kw(cfg))
+    if want_error:
+        num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h)
+        info["rel_output_error"] = float(np.sqrt(num / den)) if float(den) > 0 else 0.0
+    u_res = jax.tree.map(np.asarray, u_pad)
     u_res = GPTQResult(u_res.q[:, :k], u_res.codes[:, :k], u_res.scale[:k], u_res.zero[:k], u_res.damp)
     info["u_damp"] = float(u_res.damp)
     info["seconds_u"] = time.perf_counter() - t
     return _pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
+
+
+@jax.jit
+def _factored_error_terms(d, u_q, sigma, v_q, h):
+    """``_error_terms`` of ``d`` and ``u_q diag(σ) v_q`` (padded indices have zero rows of ``v_q``)."""
+    return _error_terms(d, jnp.matmul(u_q * sigma[None, :], v_q, precision=HIGHEST), h)
 
 
 def compress_matrix(delta, hessian=None, config: CompressionConfig | None = None, method: str = "prinmix",
@@ -260,11 +279,11 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
             info["error_table_objective"] = float(e_i[np.arange(r), [cfg.bits.index(b) for b in w]].sum())
             info["v_damp"] = float(np.max(np.asarray(passes.damp)[i]))
             keep = np.nonzero(w > 0)[0]
-            v_rows = select_rows(jax.tree.map(lambda a: a[i], passes), cfg.bits, keep, w[keep])
+            v_rows = select_rows(jax.tree.map(lambda a: np.asarray(a[i]), passes), cfg.bits, keep, w[keep])
         d = jnp.asarray(d_np)
         h = jnp.asarray(h_all[i])
         cm = _svd_quant(d, h, u[i], sigma[i], w, v_rows, cfg, method,
-                        rtc=cfg.rtc and method != "deltacome", info=info)
+                        rtc=cfg.rtc and method != "deltacome", info=info, want_error=return_info)
         info["seconds_stage2"] = time.perf_counter() - t1
         out.append(_finish(cm, d, h_np, info, t0, return_info))
     return out
@@ -401,8 +420,9 @@ def _u_error_tables(u, sigma, v, h_all, cfg):
 
 
 def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
+    """Rows ``rows`` of matrix ``i`` of a stacked result, gathered on the host (numpy)."""
     rows = np.asarray(rows, np.int64)
-    return GPTQResult(res.q[i][rows], res.codes[i][rows], res.scale[i][rows], res.zero[i][rows], res.damp[i])
+    return GPTQResult(*(np.asarray(a[i])[rows] for a in res[:4]), np.asarray(res.damp[i]))
 
 
 def _deltacome_widths(sig, m, n, budget, cfg):
@@ -444,5 +464,6 @@ def _finish(cm: CompressedMatrix, d, h_np, info, t0, return_info):
     info["seconds"] = time.perf_counter() - t0
     if not return_info:
         return cm
-    info["rel_output_error"] = output_error(d, reconstruct(cm), h_np)
+    if "rel_output_error" not in info:     # the SVD methods record it from their padded factors
+        info["rel_output_error"] = output_error(d, reconstruct(cm), h_np)
     return cm, info

@@ -30,6 +30,22 @@ def test_method_ordering_at_one_sixteenth(shape):
     assert table["prinmix"] <= table["uniform"] * (1 + cfg.ilp_gap), table
 
 
+@pytest.mark.parametrize("method", ["prinmix", "deltacome", "uniform"])
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_recorded_error_is_that_of_the_packed_result(method, calibrated):
+    # The SVD methods record the error from the padded GPTQ factors (no program per rank); it must be the
+    # error of what is stored, i.e. of the result unpacked from its codes, scales and zeros.
+    d, h = long_tailed_delta(200, 136, seed=11)
+    h = h if calibrated else None
+    cm, info = compress_matrix(d, h, CompressionConfig(group_size=64), method, return_info=True)
+    approx = np.asarray(cm.reconstruct(), np.float64)
+    hh = np.eye(d.shape[1]) if h is None else np.asarray(h, np.float64)
+    e = np.asarray(d, np.float64) - approx
+    want = np.sqrt(np.sum((e @ hh) * e) / np.sum((d @ hh) * d))
+    assert 0 < want < 1
+    np.testing.assert_allclose(info["rel_output_error"], want, rtol=1e-4)
+
+
 def _leaf_bytes(cm):
     return sum(np.asarray(x).nbytes for x in jax.tree.leaves(cm))
 
