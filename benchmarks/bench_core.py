@@ -2,7 +2,8 @@
 
 For a delta with singular values ~ i^-1 plus noise and a correlated calibration Hessian, prints for
 every method: wall time (cold = first call, including XLA compilation; warm = second call), stored
-bytes against the budget, and the relative output error ‖(ΔW−ΔŴ)X‖/‖ΔW X‖.
+bytes against the budget, and the relative output error ‖(ΔW−ΔŴ)X‖/‖ΔW X‖; for the warm call, where
+the time went: SVD + error table (or V-step GPTQ), the ILP, and the U step (RTC + GPTQ of U).
 
     python benchmarks/bench_core.py --shape 1024 1024
 """
@@ -37,14 +38,17 @@ def main(argv=None):
     print(f"# {m}x{n} delta, ratio {args.ratio:g} (budget {budget} bytes), {args.tokens} tokens; "
           f"jax {jax.__version__} on {jax.devices()[0].platform} ({len(jax.devices())} device(s)), "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
-    print("| method | cold s (with compile) | warm s | bytes | bytes/budget | rel. output error |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| method | cold s (with compile) | warm s | SVD + table s | ILP s | U step s | bytes | bytes/budget "
+          "| rel. output error |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
         t = time.perf_counter()
         compress_matrix(delta, hess, cfg, method)
         cold = time.perf_counter() - t
         cm, info = compress_matrix(delta, hess, cfg, method, return_info=True)
-        print(f"| {method} | {cold:.1f} | {info['seconds']:.1f} | {cm.nbytes} | {cm.nbytes / budget:.3f} | "
+        parts = " | ".join(f"{info[k]:.2f}" if k in info else "-" for k in ("seconds_stage1", "allocation_seconds",
+                                                                            "seconds_u"))
+        print(f"| {method} | {cold:.1f} | {info['seconds']:.1f} | {parts} | {cm.nbytes} | {cm.nbytes / budget:.3f} | "
               f"{info['rel_output_error']:.4f} |", flush=True)
 
 

@@ -19,6 +19,7 @@ from prinmix_jax.formats import CompressedMatrix, LowRankDelta, SignDelta, SVDQu
 
 # Widths of Delta-CoMe by singular-value rank: (count, bits); the rest at 2 bits, then dropped.
 DELTACOME_SCHEDULE = ((2, 8), (32, 3))
+DELTACOME_BITS = (0, 2, 3, 8)
 
 
 def _validate(delta, hessian):
@@ -104,6 +105,17 @@ def _gptq_kw(cfg: CompressionConfig) -> dict:
                 scale_dtype=cfg.scale_jnp_dtype)
 
 
+def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
+    """The most singular indices an (m, n) matrix can keep within its budget: every kept index costs at
+    least its cost at the smallest nonzero width of ``bits`` (default ``cfg.bits``)."""
+    bits = cfg.bits if bits is None else bits
+    r = min(m, n)
+    if 0 not in bits:
+        return r
+    costs = index_cost_bits(m, n, bits, cfg.group_size, scale_bits=cfg.scale_bits)
+    return int(min(r, cfg.budget_bits(m, n) // int(costs[costs > 0].min())))
+
+
 def rank_bucket(k: int) -> int:
     """Smallest size >= k among 32, 40, 48, 56, 64, 80, 96, ... (four per octave, <= 25% padding)."""
     size = 32
@@ -113,13 +125,13 @@ def rank_bucket(k: int) -> int:
     return size
 
 
-def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info, want_error):
+def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info, want_error, u_rank):
     """Steps 2–4 of method.md §4 for the kept indices ``widths > 0``.
 
-    The k kept indices are padded to :func:`rank_bucket` (k) with inert entries (zero rows of V̂,
-    zero columns of the target, decoupled Hessian entries), so the U-side programs compile once
-    per bucket rather than once per rank; the padding is built and dropped on the host (numpy),
-    where rank-dependent shapes cost no compilation. ``v_rows`` holds numpy arrays.
+    The k kept indices are padded to :func:`rank_bucket` (max(k, ``u_rank``)) with inert entries (zero
+    rows of V̂, zero columns of the target, decoupled Hessian entries), so the U-side programs compile
+    once per padded rank rather than once per rank; the padding is built and dropped on the host
+    (numpy), where rank-dependent shapes cost no compilation. ``v_rows`` holds numpy arrays.
     With ``want_error``, also records ``info["rel_output_error"]`` of ``Û diag(σ) V̂`` (from the padded
     factors: the same numbers as the packed result, without a program per rank).
     """
@@ -131,7 +143,7 @@ def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc,
         if want_error:
             info["rel_output_error"] = 1.0 if float(jnp.sum(delta * delta)) > 0 else 0.0
         return _pack_svd(delta.shape, [], kw, empty, empty, cfg, method)
-    kb = rank_bucket(k)
+    kb = rank_bucket(max(k, u_rank))
     pad = kb - k
     sig_k = np.asarray(sigma)[keep]
     sig_p = jax.device_put(np.concatenate([sig_k, np.ones(pad, sig_k.dtype)]))
@@ -189,7 +201,8 @@ def compress_matrix(delta, hessian=None, config: CompressionConfig | None = None
 
 
 def compress_stack(deltas, hessians=None, config: CompressionConfig | None = None, method: str = "prinmix",
-                   *, mesh: Mesh | None = None, widths=None, return_info: bool = False) -> list:
+                   *, mesh: Mesh | None = None, widths=None, u_rank: int | None = None,
+                   return_info: bool = False) -> list:
     """Compresses a stack of same-shape deltas; the heavy steps run sharded over ``mesh``.
 
     The SVDs and the error tables (or Delta-CoMe's V-side GPTQ) of all matrices run as one
@@ -205,6 +218,11 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
       widths: optional per-matrix widths (one (r,) array each, values from ``config.bits``)
         decided elsewhere, e.g. by :func:`allocate_bits_global` over a whole model; the
         per-matrix allocation is then skipped (``"prinmix"`` and ``"uniform"`` only).
+      u_rank: the U step of every matrix is padded (inertly) to ``rank_bucket(max(k, u_rank))`` for its
+        kept rank k, and its programs compile once per padded rank. Default: the largest rank the
+        budget can keep (:func:`max_kept_rank`), or with ``widths`` the largest kept rank among them, so
+        that a model's blocks share one set of U programs per shape. It changes no result beyond
+        float rounding.
       return_info: return ``(compressed, info)`` pairs.
 
     Returns:
@@ -245,6 +263,13 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
         widths = _check_widths(widths, len(pairs), r, cfg.bits) * (sig_np > 0)
     elif method == "deltacome":
         widths = np.stack([_deltacome_widths(s, m, n, budget, cfg) for s in sig_np])
+    if u_rank is None:
+        if method == "deltacome":
+            u_rank = max_kept_rank(m, n, cfg, DELTACOME_BITS)
+        elif widths is not None:
+            u_rank = int((widths > 0).sum(axis=1).max())
+        else:
+            u_rank = max_kept_rank(m, n, cfg)
     if widths is not None:
         v_res = _run_sharded(_v_gptq_fn(**_gptq_kw(cfg)), mesh, v, h_all, np.maximum(widths, 1), np.float32(cfg.damp))
         tables = None
@@ -283,7 +308,7 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
         d = jnp.asarray(d_np)
         h = jnp.asarray(h_all[i])
         cm = _svd_quant(d, h, u[i], sigma[i], w, v_rows, cfg, method,
-                        rtc=cfg.rtc and method != "deltacome", info=info, want_error=return_info)
+                        rtc=cfg.rtc and method != "deltacome", info=info, want_error=return_info, u_rank=u_rank)
         info["seconds_stage2"] = time.perf_counter() - t1
         out.append(_finish(cm, d, h_np, info, t0, return_info))
     return out
@@ -427,8 +452,7 @@ def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
 
 def _deltacome_widths(sig, m, n, budget, cfg):
     """Delta-CoMe's widths by σ rank (8 bits ×2, 3 bits ×32, then 2 bits) until the budget is full."""
-    bits = (0, 2, 3, 8)
-    cost = dict(zip(bits, index_cost_bits(m, n, bits, cfg.group_size, scale_bits=cfg.scale_bits)))
+    cost = dict(zip(DELTACOME_BITS, index_cost_bits(m, n, DELTACOME_BITS, cfg.group_size, scale_bits=cfg.scale_bits)))
     widths = np.zeros(sig.shape[0], np.int64)
     sched = [b for cnt, b in DELTACOME_SCHEDULE for _ in range(cnt)]
     spent = 0

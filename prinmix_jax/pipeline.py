@@ -325,10 +325,11 @@ def _json_info(info: dict, cm) -> dict:
     return out
 
 
-def _compress_stack(deltas, hessians, config, method, mesh, widths=None):
+def _compress_stack(deltas, hessians, config, method, mesh, widths=None, u_rank=None):
     """One stack of same-shape matrices (with their Hessians or None) -> [(cm, info)]."""
     hs = None if hessians is None else np.stack(hessians)
-    return compress_stack(np.stack(deltas), hs, config, method, mesh=mesh, widths=widths, return_info=True)
+    return compress_stack(np.stack(deltas), hs, config, method, mesh=mesh, widths=widths, u_rank=u_rank,
+                          return_info=True)
 
 
 def _default_mesh():
@@ -337,10 +338,12 @@ def _default_mesh():
     return Mesh(np.array(jax.local_devices()), ("batch",))
 
 
-def _compress_entries(items, config, method, mesh, step, widths=None) -> dict:
+def _compress_entries(items, config, method, mesh, step, widths=None, u_ranks=None) -> dict:
     """``items``: ordered list of (name, delta (m, n) f32, hessian or None). Returns this process's entries.
 
-    ``widths``: optional {name: (r,) widths} from a global allocation.
+    ``widths``: optional {name: (r,) widths} from a global allocation; ``u_ranks`` then maps every linear
+    name to its largest kept rank over the model, and each shape's U step is padded to the largest of
+    its names (one set of U programs per shape for the whole model).
     """
     me = jax.process_index()
     mine = [(j, it) for j, it in enumerate(items) if _owner(step, j) == me]
@@ -354,35 +357,16 @@ def _compress_entries(items, config, method, mesh, step, widths=None) -> dict:
         names = [m[0] for m in members]
         hs = None if members[0][2] is None else [m[2] for m in members]
         ws = None if widths is None else [widths[n] for n in names]
-        for name, (cm, info) in zip(names, _compress_stack([m[1] for m in members], hs, config, method, mesh, ws)):
+        shape = members[0][1].shape
+        ur = None if u_ranks is None else max(u_ranks.get(it[0], 0) for it in items if it[1].shape == shape)
+        for name, (cm, info) in zip(names, _compress_stack([m[1] for m in members], hs, config, method, mesh, ws,
+                                                           ur)):
             entries[name] = ("matrix", cm, _json_info(info, cm))
     ordered = {}
     for name, *_ in items:
         if name in entries:
             ordered[name] = entries[name]
     return ordered
-
-
-def _bound_compile_cache(limit: int | None) -> bool:
-    """Drops JAX's compiled programs once the U-step programs pass ``limit``; returns whether it did.
-
-    The U step compiles one program per (matrix shape, rank bucket) and the allocation decides the
-    ranks, so new programs keep appearing over many blocks (bounded by shapes × buckets): on the
-    256-hidden benchmark pair, data-free, peak RSS went from 1067 MB (2 blocks) to 1609 MB (32 blocks)
-    with every program kept. Clearing when the count passes ``limit`` caps that growth at the price of
-    recompiling the next block's programs (8-block pair on 2 CPU cores: keep all 69 s / 1340 MB;
-    clear after every block 247 s / 992 MB; limit 12: 149 s / 1049 MB).
-    """
-    if limit is None:
-        return False
-    from prinmix_jax.core.gptq import gptq_quantize
-    from prinmix_jax.core.rtc import rtc_target, u_hessian
-
-    n = sum(f._cache_size() for f in (gptq_quantize, rtc_target, u_hessian) if hasattr(f, "_cache_size"))
-    if n <= limit:
-        return False
-    jax.clear_caches()   # (clearing only these functions' caches frees nothing: JAX's lowering caches keep them)
-    return True
 
 
 def _save_step(store, step: int, items, local: dict, dense: dict, extra_meta: dict) -> dict:
@@ -445,7 +429,7 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
                    method: str = "prinmix", calibration_mode: str = "parallel", policy: ParamPolicy | None = None,
                    seq_len: int = 128, num_sequences: int | None = None, tokenizer_dir=None, model_config=None,
                    mesh=None, scope: str | None = None, calib_chunk_size: int = 8, overwrite: bool = False,
-                   progress: bool = False, compile_cache_limit: int | None = None,
+                   progress: bool = False,
                    log: Callable[[str], None] | None = None, _stop_after_steps: int | None = None) -> dict:
     """Compresses ``finetuned − base`` into an Orbax delta checkpoint at ``out``.
 
@@ -476,10 +460,6 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
       calib_chunk_size: calibration sequences per jitted step.
       overwrite: replace an existing ``out``.
       progress: show a progress bar on stderr.
-      compile_cache_limit: clear JAX's compiled programs after a block once more than this many U-step
-        programs (one per matrix shape and rank bucket) are cached; 0 clears after every block and keeps
-        peak memory flat. ``None`` (default) keeps every program: fastest, and the memory of the programs
-        grows with the distinct rank buckets met (bounded by shapes × buckets; README, memory).
       log: optional callable receiving one-line status messages.
 
     Returns:
@@ -514,8 +494,6 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     if scope == "global" and calib is not None and calibration_mode == "sequential":
         raise ValueError("scope='global' needs every error table before any block is compressed, so it "
                          "cannot use sequential calibration; use calibration_mode='parallel'")
-    if compile_cache_limit is not None and (not isinstance(compile_cache_limit, int) or compile_cache_limit < 0):
-        raise ValueError(f"compile_cache_limit must be None or an int >= 0, got {compile_cache_limit!r}")
     pol = policy if policy is not None else ParamPolicy()
     out = check_output_location(out, overwrite)
 
@@ -576,7 +554,7 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         return _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg,
                     method, calibration_mode, pol, mesh, calib_chunk_size, overwrite, progress, say, widths,
                     identity, num_steps, t_start, _stop_after_steps, HESSIAN_FOR_LINEAR, LINEAR_NAMES,
-                    embed, block_forward, block_forward_with_hessians, compile_cache_limit)
+                    embed, block_forward, block_forward_with_hessians)
     except Exception:
         store.close()
         # Deterministic failures leave nothing behind when no step was finished by this run's start.
@@ -664,8 +642,13 @@ def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, p
 
 def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg, method,
          mode, pol, mesh, chunk, overwrite, progress, say, widths, identity, num_steps, t_start, stop_after,
-         HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed, block_forward, block_forward_with_hessians, cache_limit=None):
+         HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed, block_forward, block_forward_with_hessians):
     latest = store.latest_step()
+    u_ranks = None
+    if widths is not None:      # the largest kept rank of every linear over the model (see _compress_entries)
+        u_ranks = {}
+        for (_, name), w in widths.items():
+            u_ranks[name] = max(u_ranks.get(name, 0), int(np.count_nonzero(w)))
     start = _broadcast_int(-1 if latest is None else latest) + 1
     if start > 0:
         say(f"{start} of {num_steps} steps already finished; resuming")
@@ -734,7 +717,7 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
         order = {n: i for i, n in enumerate(LINEAR_NAMES)}
         items.sort(key=lambda it: order[it[0]])
         step_widths = None if widths is None else {n: w for (bb, n), w in widths.items() if bb == b}
-        entries = _compress_entries(items, cfg, method, mesh, step, step_widths)
+        entries = _compress_entries(items, cfg, method, mesh, step, step_widths, u_ranks)
         _save_step(store, step, items, entries, dense, dict(
             step=step, block=b, seconds=time.perf_counter() - t0,
             base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table])))
@@ -745,7 +728,6 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
                 merged = merge_block(base_b, decode_step(*store.restore(step)), block_table)
                 h = block_forward(merged, mcfg, h, layer=b, chunk_size=chunk)
         del base_b, ft_b, items, dense, entries, hess
-        _bound_compile_cache(cache_limit)
         bar.update(1)
         done_this_run += 1
     bar.close()

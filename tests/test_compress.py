@@ -46,6 +46,31 @@ def test_recorded_error_is_that_of_the_packed_result(method, calibrated):
     np.testing.assert_allclose(info["rel_output_error"], want, rtol=1e-4)
 
 
+def test_u_step_compiles_once_per_shape_whatever_the_kept_ranks():
+    # The U step is padded to the largest rank the budget allows, so matrices of one shape share its
+    # programs however many indices their allocations keep (over a model's blocks, programs per rank
+    # bucket were the growth of peak memory).
+    from prinmix_jax.compress import max_kept_rank, rank_bucket
+    from prinmix_jax.core.rtc import rtc_target, u_hessian
+
+    cfg = CompressionConfig(ratio=0.25)
+    jax.clear_caches()
+    ranks = []
+    for decay in (0.0, 1.0, 3.0):
+        d, h = long_tailed_delta(128, 256, seed=1, decay=decay, noise=0.01)
+        ranks.append(compress_matrix(d, h, cfg).rank)
+    assert max(ranks) <= max_kept_rank(128, 256, cfg)
+    assert len({rank_bucket(k) for k in ranks}) > 1, ranks      # per-rank buckets would compile several
+    assert rtc_target._cache_size() == 1 and u_hessian._cache_size() == 1
+    # Given widths (a global allocation): padded to the largest kept rank of the stack.
+    jax.clear_caches()
+    d = np.stack([long_tailed_delta(128, 256, seed=s)[0] for s in range(3)])
+    widths = [np.where(np.arange(128) < k, 2, 0) for k in (20, 45, 90)]
+    out = compress_stack(d, None, cfg, widths=widths)
+    assert [cm.rank for cm in out] == [20, 45, 90]
+    assert rtc_target._cache_size() == 1
+
+
 def _leaf_bytes(cm):
     return sum(np.asarray(x).nbytes for x in jax.tree.leaves(cm))
 
