@@ -263,10 +263,10 @@ def inspect(delta, plot, as_json, verify):
                f"{m['model']['num_params']} params")
     click.echo(f"method     {m['method']}  ratio={m['config']['ratio']:.4g} bits={m['config']['bits']} "
                f"group_size={m['config']['group_size']}")
-    click.echo(f"calib      " + ("data-free" if not cal else
+    click.echo("calib      " + ("data-free" if not cal else
                                  f"{cal['mode']}, {cal['num_sequences']}×{cal['seq_len']} tokens from {cal['source']}"))
     click.echo(f"base       fingerprint {m['base']['fingerprint'][:16]}…")
-    click.echo(f"policy     " + ", ".join(f"{k}={v}" for k, v in m["policy"].items()))
+    click.echo("policy     " + ", ".join(f"{k}={v}" for k, v in m["policy"].items()))
     click.echo("")
     hdr = f"{'block':>5} {'matrix':<12} {'shape':>10} {'rank':>5} {'widths':<24} {'bytes':>9} {'budget':>9} " \
           f"{'ratio':>7} {'rel_err':>8}"
