@@ -13,6 +13,7 @@ defined, so their subcommands appear in ``prinmix --help``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -73,6 +74,33 @@ class _Main(click.Group):
             click.echo(f"error: {prefix}{_one_line(e)}", err=True)
             sys.unraisablehook = _quiet_unraisable()
             ctx.exit(EXIT_ERROR)
+
+
+CUDA_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:          # a dotted name whose parent package is missing
+        return False
+
+
+def gpu_xla_flags(autotune: bool, environ=os.environ) -> bool:
+    """Turns XLA's GPU autotuning off (``--xla_gpu_autotune_level=0`` in ``XLA_FLAGS``) unless ``autotune``,
+    unless ``XLA_FLAGS`` already sets a level, and only where a JAX CUDA plugin is installed (other
+    backends are left alone). Must run before JAX starts its backend. Returns whether it set the flag.
+
+    Measured on an H100 (README, GPU): compiling PrinMix's programs for a 4096x4096 matrix took 64.7 s
+    with autotuning and 7.1 s without, and running them 1.50 s and 1.56 s.
+    """
+    flags = environ.get("XLA_FLAGS", "")
+    if autotune or "xla_gpu_autotune_level" in flags:
+        return False
+    if not any(_installed(name) for name in CUDA_PLUGINS):
+        return False
+    environ["XLA_FLAGS"] = f"{flags} --xla_gpu_autotune_level=0".strip()
+    return True
 
 
 @click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
@@ -153,9 +181,13 @@ def _parse_group(ctx, param, value):
               help="Multi-process coordinator address (with --num-processes and --process-id).")
 @click.option("--num-processes", type=click.IntRange(min=1), default=None)
 @click.option("--process-id", type=click.IntRange(min=0), default=None)
+@click.option("--gpu-autotune", is_flag=True,
+              help="Let XLA autotune GPU kernels. Off by default (when a CUDA plugin is installed and XLA_FLAGS "
+                   "does not set it): on an H100 it made compiling 9x slower (65 s vs 7 s per matrix shape) "
+                   "for runs 4% faster.")
 def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, method, calibration_mode, scope, seq_len,
              num_sequences, embeddings, lm_head, norms, biases, overwrite, progress, as_json, distributed,
-             coordinator, num_processes, process_id):
+             coordinator, num_processes, process_id, gpu_autotune):
     """Compress FINETUNED − BASE into a delta checkpoint folder OUT.
 
     Work is streamed block by block into OUT.partial (an Orbax checkpoint manager, one step per finished
@@ -170,6 +202,7 @@ def compress(base, finetuned, out, calib, data_free, ratio, bits, group_size, me
     if (calib is None) == (not data_free):
         raise click.UsageError("pass --calib FILE (calibration data) or --data-free" if calib is None
                                else "--calib and --data-free exclude each other")
+    gpu_xla_flags(gpu_autotune)
     if coordinator is not None or distributed:
         if coordinator is not None and (num_processes is None or process_id is None):
             raise click.UsageError("--coordinator needs --num-processes and --process-id")

@@ -194,3 +194,22 @@ def test_console_script_exit_code(root, tmp_path_factory):
     r = subprocess.run([sys.executable, "-m", "prinmix_jax.cli", "--bogus"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 2
+
+
+def test_gpu_autotune_is_off_by_default_only_where_cuda_is(monkeypatch):
+    import prinmix_jax.cli as cli
+
+    flag = "--xla_gpu_autotune_level=0"
+    monkeypatch.setattr(cli, "CUDA_PLUGINS", ("json",))                # an importable module stands for the plugin
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert cli.gpu_xla_flags(False, env) and env["XLA_FLAGS"] == f"--xla_dump_to=/tmp/x {flag}"
+    env = {"XLA_FLAGS": "--xla_gpu_autotune_level=4"}                 # the user's own level wins
+    assert not cli.gpu_xla_flags(False, env) and env["XLA_FLAGS"] == "--xla_gpu_autotune_level=4"
+    env = {}
+    assert not cli.gpu_xla_flags(True, env) and env == {}             # --gpu-autotune
+    monkeypatch.setattr(cli, "CUDA_PLUGINS", ("no_such_plugin_xyz", "no_such_pkg_xyz.mod"))
+    assert not cli.gpu_xla_flags(False, env) and env == {}            # no CUDA: other backends untouched
+    # XLA knows the flag (an unknown one aborts the process), so setting it cannot break a run.
+    out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                         env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
