@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prinmix_jax import CompressionConfig, allocate_bits, index_cost_bits  # noqa: E402
-from prinmix_jax.compress import _gptq_kw, _svd_fn, rank_bucket  # noqa: E402
+from prinmix_jax.compress import _gptq_kw, _svd_fn, max_kept_rank, padded_u_inputs, rank_bucket  # noqa: E402
 from prinmix_jax.core.error_table import error_table, select_rows  # noqa: E402
 from prinmix_jax.core.gptq import gptq_quantize  # noqa: E402
 from prinmix_jax.core.rtc import rtc_target, u_hessian  # noqa: E402
@@ -69,15 +69,12 @@ def main(argv=None):
                           cfg.budget_bits(m, n), cfg.bits, max_widths=cfg.max_widths, mip_rel_gap=cfg.ilp_gap)
     rows.append(("ILP (CVXPY + HiGHS, host)", 0.0, time.perf_counter() - t))
     keep = np.nonzero(alloc.widths > 0)[0]
-    k, kb = keep.size, rank_bucket(keep.size)
+    k, kb = keep.size, rank_bucket(max(keep.size, max_kept_rank(m, n, cfg)))    # as compress_matrix pads
     v_rows = select_rows(jax.tree.map(np.asarray, passes), cfg.bits, keep, alloc.widths[keep])
-    v_hat = jax.device_put(np.pad(v_rows.q, ((0, kb - k), (0, 0))))
-    sig = jax.device_put(np.concatenate([np.asarray(sigma)[keep], np.ones(kb - k, np.float32)]))
-    valid = jax.device_put(np.arange(kb) < k)
+    sig, v_hat, valid, bits = padded_u_inputs(np.asarray(sigma)[keep], v_rows.q, alloc.widths[keep], kb)
     target, _ = _timed("RTC target", rtc_target, (d, hh, v_hat, sig, np.float32(cfg.rtc_damp), valid), {},
                        args.reps, rows)
     g = _timed("U Hessian", u_hessian, (v_hat, sig, hh, valid), {}, args.reps, rows)
-    bits = jax.device_put(np.concatenate([alloc.widths[keep], np.ones(kb - k, np.int64)]).astype(np.int32))
     _timed("GPTQ of U", gptq_quantize, (target, g, bits, np.float32(cfg.damp)), dict(scale_axis="col", **kw),
            args.reps, rows)
     dev = jax.devices()[0]

@@ -125,6 +125,19 @@ def rank_bucket(k: int) -> int:
     return size
 
 
+def padded_u_inputs(sigma_k, v_q, widths_k, kb: int):
+    """The U step's inputs for k kept indices, inertly padded to ``kb`` on the host and put on the device:
+    ``(σ (kb,) padded with ones, V̂ (kb, n) padded with zero rows, valid (kb,) bool, widths (kb,) int32
+    padded with 1)``."""
+    k = len(widths_k)
+    pad = kb - k
+    sigma_k = np.asarray(sigma_k)
+    return jax.device_put((np.concatenate([sigma_k, np.ones(pad, sigma_k.dtype)]),
+                           np.pad(np.asarray(v_q, np.float32), ((0, pad), (0, 0))),
+                           np.arange(kb) < k,
+                           np.concatenate([widths_k, np.ones(pad, np.int64)]).astype(np.int32)))
+
+
 def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info, want_error, u_rank):
     """Steps 2–4 of method.md §4 for the kept indices ``widths > 0``.
 
@@ -144,19 +157,15 @@ def _svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc,
             info["rel_output_error"] = 1.0 if float(jnp.sum(delta * delta)) > 0 else 0.0
         return _pack_svd(delta.shape, [], kw, empty, empty, cfg, method)
     kb = rank_bucket(max(k, u_rank))
-    pad = kb - k
     sig_k = np.asarray(sigma)[keep]
-    sig_p = jax.device_put(np.concatenate([sig_k, np.ones(pad, sig_k.dtype)]))
-    v_hat = jax.device_put(np.pad(np.asarray(v_rows.q, np.float32), ((0, pad), (0, 0))))
-    valid = jax.device_put(np.arange(kb) < k)
+    sig_p, v_hat, valid, bits = padded_u_inputs(sig_k, v_rows.q, kw, kb)
     t = time.perf_counter()
     if rtc:
         target, damp_used = rtc_target(delta, h, v_hat, sig_p, cfg.rtc_damp, valid)
         info["rtc_damp"] = float(damp_used)
     else:
-        target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, pad))))
+        target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, kb - k))))
     g = u_hessian(v_hat, sig_p, h, valid)
-    bits = jax.device_put(np.concatenate([kw, np.ones(pad, np.int64)]).astype(np.int32))
     u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **_gptq_kw(cfg))
     if want_error:
         num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h)
