@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.pipeline import merge_block, param_groups
-from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, check_output_location, load_delta,
+from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, check_output_location, is_prinmix_output,
+                                 load_delta, write_output_marker,
                                  tensor_digest)
 
 __all__ = ["apply_delta", "apply_delta_to_model", "apply_delta_to_checkpoint", "factored_linear",
@@ -146,7 +147,8 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     from prinmix_jax.models import CheckpointReader, CheckpointWriter, ModelConfig
     from prinmix_jax.storage import publish
 
-    out = check_output_location(out, overwrite)
+    out = check_output_location(out, overwrite, [base_dir, getattr(delta, "path", delta)])
+    _remove_stale_tmp(out)
     delta = load_delta(delta)
     with CheckpointReader(base_dir) as reader:
         check_base_compatible(reader.config, delta)
@@ -159,12 +161,18 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             shutil.rmtree(tmp)
         try:
             writer = CheckpointWriter(tmp, cfg, dtype=dtype, max_shard_size=max_shard_size)
+            write_output_marker(tmp, "merged")
+
             def emit(prefix, merged, native, table):
                 for path, _ in table:
                     arr = np.asarray(_get(merged, path))
+                    name = prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg)
+                    if not np.all(np.isfinite(arr)):
+                        raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds "
+                                         "non-finite numbers); nothing was written")
                     if dtype is None:
                         arr = arr.astype(_get(native, path).dtype)
-                    writer.add(prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg), arr)
+                    writer.add(name, arr)
 
             native_g = jax.tree.map(lambda a: np.array(a, copy=True), reader.read_globals(None, device_put=False))
             reader.close()
@@ -195,6 +203,30 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:         # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_tmp(out: str) -> None:
+    """Deletes ``OUT.tmp-apply-<pid>`` folders left by killed applies (their process is gone and they hold
+    the output marker, so prinmix made them)."""
+    parent, name = os.path.split(out)
+    for n in os.listdir(parent):
+        head, _, pid = n.rpartition("-")
+        if head != f"{name}.tmp-apply" or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        p = os.path.join(parent, n)
+        if is_prinmix_output(p):
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"removed {p!r}, left by an interrupted apply", file=sys.stderr)
 
 
 def _hf_global(path, cfg) -> str:

@@ -116,6 +116,68 @@ def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
     return int(min(r, cfg.budget_bits(m, n) // int(costs[costs > 0].min())))
 
 
+def _one_index_bits(m: int, n: int, cfg: CompressionConfig, method: str) -> int:
+    """What keeping a single singular vector costs under ``method`` (its cheapest first index)."""
+    if method == "lowrank":
+        return 16 * (m + n)
+    if method == "deltacome":   # the schedule starts at 8 bits
+        return int(index_cost_bits(m, n, (8,), cfg.group_size, scale_bits=cfg.scale_bits)[0])
+    costs = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
+    return int(costs[costs > 0].min())
+
+
+def check_settings(shapes: dict, cfg: CompressionConfig, method: str, scope: str = "matrix") -> None:
+    """Refuses settings that cannot give a useful result, before any work is done.
+
+    Args:
+      shapes: ``{"blocks": [(m, n), ...], "globals": [(m, n), ...]}``: the decoder-block linears (which
+        share one budget under the global scope) and the matrices compressed outside the blocks.
+      cfg: the compression settings.
+      method: one of :data:`~prinmix_jax.config.METHODS`.
+      scope: ``"matrix"`` or ``"global"``.
+
+    Raises:
+      ValueError: in the words of the CLI's options, when the global allocation lacks width 0, when
+        ``bits`` has no 0 and storing every singular vector exceeds a matrix's budget (the ILP would be
+        infeasible), or when the budget cannot keep a single singular vector of any matrix (every
+        matrix would be stored as zero).
+    """
+    if method == "bitdelta":    # 1 bit per entry (and one scale) whatever the ratio
+        if cfg.ratio < 1 / 16:
+            raise ValueError(f"method bitdelta stores 1 bit per parameter (ratio 1/16) whatever the budget; ratio "
+                             f"{cfg.ratio:.4g} (--ratio) is below it: use --ratio 1/16 or a method that "
+                             "follows the budget (prinmix)")
+        return
+    blocks, glob = list(shapes.get("blocks", ())), list(shapes.get("globals", ()))
+    bits = ",".join(map(str, cfg.bits))
+    if method in ("prinmix", "uniform") and 0 not in cfg.bits:
+        if scope == "global":
+            raise ValueError(f"bit widths {bits} (--bits) lack 0: the global allocation (--scope global, the "
+                             "default for prinmix) must be able to drop singular vectors; add 0, e.g. "
+                             f"--bits 0,{bits}")
+        for m, n in sorted(set(blocks + glob)):
+            need = min(m, n) * int(min(index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)))
+            if need > cfg.budget_bits(m, n):
+                raise ValueError(f"bit widths {bits} (--bits) lack 0, so all {min(m, n)} singular vectors of a "
+                                 f"{m}x{n} matrix must be stored: at least {need // 8} bytes, but ratio "
+                                 f"{cfg.ratio:.4g} (--ratio) allows {cfg.budget_bits(m, n) // 8}; add 0 to --bits")
+    everything = blocks + glob
+    if not everything:
+        return
+    if scope == "global" and blocks:
+        fits = sum(cfg.budget_bits(m, n) for m, n in blocks) >= min(_one_index_bits(m, n, cfg, method)
+                                                                    for m, n in blocks)
+        fits = fits or any(cfg.budget_bits(m, n) >= _one_index_bits(m, n, cfg, method) for m, n in glob)
+    else:
+        fits = any(cfg.budget_bits(m, n) >= _one_index_bits(m, n, cfg, method) for m, n in everything)
+    if not fits:
+        m, n = max(everything, key=lambda s: s[0] * s[1])
+        raise ValueError(f"ratio {cfg.ratio:.4g} (--ratio) leaves no room for a single singular vector: one "
+                         f"costs {_one_index_bits(m, n, cfg, method) // 8} bytes in a {m}x{n} matrix whose budget "
+                         f"is {cfg.budget_bits(m, n) // 8} bytes, so every matrix would be stored as zero; raise "
+                         "the ratio (1/16 = 1 bit per parameter)")
+
+
 def rank_bucket(k: int) -> int:
     """Smallest size >= k among 32, 40, 48, 56, 64, 80, 96, ... (four per octave, <= 25% padding)."""
     size = 32

@@ -33,14 +33,16 @@ import jax
 import numpy as np
 
 from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
-from prinmix_jax.compress import compress_stack, error_tables
+from prinmix_jax.compress import check_settings, compress_stack, error_tables
 from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.models.llama.params import iter_leaves as _leaves
-from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, StepStore, check_output_location,
+from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, OUTPUT_MARKER, STEPS_DIR, StepStore,
+                                 check_output_location, write_output_marker,
                                  combine_fingerprint, decode_step, encode_step, owned_tree, publish, tensor_digest,
                                  write_json_atomic)
 
-__all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "CALIBRATION_MODES",
+__all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "NonFiniteWeightsError",
+           "result_problems", "CALIBRATION_MODES",
            "merge_block", "param_groups"]
 
 CALIBRATION_MODES = ("parallel", "sequential")
@@ -53,6 +55,10 @@ _STEP_STRIDE = 16  # > number of entries in a step; assignment of entries to pro
 
 class IncompatibleModelsError(ValueError):
     """Base and fine-tuned models differ in architecture, tensor names or shapes."""
+
+
+class NonFiniteWeightsError(ValueError):
+    """A base or fine-tuned tensor holds NaN or Inf."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,14 +130,38 @@ class _Source:
 
     def block(self, b: int) -> dict:
         if self.reader is not None:
-            return self._read(lambda: self.reader.read_block(b, None, device_put=False))
-        return jax.tree.map(lambda a: np.asarray(a, np.float32), self.params["layers"][b])
+            tree = self._read(lambda: self.reader.read_block(b, None, device_put=False))
+        else:
+            tree = jax.tree.map(lambda a: np.asarray(a, np.float32), self.params["layers"][b])
+        return self._check_finite(tree, b)
 
     def globals(self) -> dict:
         if self.reader is not None:
-            return self._read(lambda: self.reader.read_globals(None, device_put=False))
-        return {k: jax.tree.map(lambda a: np.asarray(a, np.float32), v)
-                for k, v in self.params.items() if k != "layers"}
+            tree = self._read(lambda: self.reader.read_globals(None, device_put=False))
+        else:
+            tree = {k: jax.tree.map(lambda a: np.asarray(a, np.float32), v)
+                    for k, v in self.params.items() if k != "layers"}
+        return self._check_finite(tree, None)
+
+    def _check_finite(self, tree: dict, block: int | None) -> dict:
+        """Refuses a tensor with NaN or Inf as soon as it is read, naming it (HF name) and its block."""
+        from prinmix_jax.models.llama.params import block_param_table, global_param_table
+
+        table = [(f"model.layers.{block}.{suffix}", path) for suffix, path, _ in block_param_table(self.config)] \
+            if block is not None else [(name, path) for name, path, _ in global_param_table(self.config)]
+        for name, path in table:
+            try:
+                a = _get(tree, path)
+            except (KeyError, TypeError):
+                continue
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                where = f"block {block}" if block is not None else "outside the decoder blocks"
+                src = f" ({self.path})" if self.path else ""
+                raise NonFiniteWeightsError(
+                    f"{self.label} model{src}: tensor {name} ({where}) has {bad} NaN/Inf value(s) of {a.size}; "
+                    "a checkpoint with non-finite weights cannot be compressed")
+        return tree
 
     def header_digest(self) -> str:
         """Cheap identity: tensor names, shapes and stored dtypes (and file sizes for folders)."""
@@ -495,13 +525,21 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
         raise ValueError("scope='global' needs every error table before any block is compressed, so it "
                          "cannot use sequential calibration; use calibration_mode='parallel'")
     pol = policy if policy is not None else ParamPolicy()
-    out = check_output_location(out, overwrite)
+    inputs = [x for x in (base, finetuned, calib, tokenizer_dir) if isinstance(x, (str, os.PathLike))]
+    out = check_output_location(out, overwrite, inputs)
+    work = out + ".partial"
+    for x in inputs:
+        rx, rw = os.path.realpath(os.fspath(x)), os.path.realpath(work)
+        if rx == rw or rx.startswith(rw + os.sep):
+            raise ValueError(f"the input {os.fspath(x)!r} lies in {work!r}, the folder compress works in; "
+                             "choose another output")
 
     base_src = _Source(base, model_config, "base")
     ft_src = _Source(finetuned, model_config, "fine-tuned")
     _check_compatible(base_src, ft_src)
     mcfg = ft_src.config
     block_table, global_table = param_groups(mcfg)
+    check_settings(_budget_shapes(mcfg, pol), cfg, method, scope)
     ids, calib_prov = (None, None)
     if calib is not None:
         ids, calib_prov = _calibration_ids(calib, ft_src, tokenizer_dir, seq_len, num_sequences)
@@ -513,22 +551,14 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
                 "policy": pol.to_dict(), "calibration": calib_prov, "base_header": base_src.header_digest(),
                 "finetuned_header": ft_src.header_digest()}
     identity = json.loads(json.dumps(identity))
-    work = out + ".partial"
     primary = jax.process_index() == 0
     if primary:
-        if os.path.isdir(work):
-            try:
-                old = StepStore(os.path.join(work, STEPS_DIR), read_only=True).run_identity()
-            except Exception:
-                old = None
-            if old != identity:
-                say(f"discarding {work}: it was started with other inputs or settings")
-                shutil.rmtree(work)
-            else:
-                say(f"resuming the unfinished run in {work}")
-        elif os.path.exists(work):
-            raise FileExistsError(f"{work!r} exists and is not a folder; remove it")
+        if os.path.isdir(work) and not os.path.islink(work):
+            _reuse_or_discard(work, identity, base_src, ft_src, block_table, global_table, num_steps, say)
+        elif os.path.lexists(work):
+            raise FileExistsError(f"{work!r} exists and is not a folder prinmix made; remove it")
         os.makedirs(work, exist_ok=True)
+        write_output_marker(work, "delta")
         hf_dst = os.path.join(work, HF_DIR)
         os.makedirs(hf_dst, exist_ok=True)
         if ft_src.path is not None:
@@ -551,10 +581,18 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
             widths = _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, calib_chunk_size,
                                     progress and primary, say, HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed,
                                     block_forward_with_hessians)
+        wdigest = _widths_digest(widths)
+        if not created_here and _broadcast_int(int(primary and store.restore_meta(0).get("widths_digest") != wdigest)):
+            # Every step of a global allocation depends on every block's error table: the finished
+            # steps were compressed with other widths, so they cannot be reused.
+            say(f"discarding the finished steps in {work}: the global bit allocation differs from the unfinished "
+                "run's (the weights changed); starting over")
+            store = _restart_store(store, work, identity)
+            created_here = True
         return _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg,
                     method, calibration_mode, pol, mesh, calib_chunk_size, overwrite, progress, say, widths,
                     identity, num_steps, t_start, _stop_after_steps, HESSIAN_FOR_LINEAR, LINEAR_NAMES,
-                    embed, block_forward, block_forward_with_hessians)
+                    embed, block_forward, block_forward_with_hessians, wdigest)
     except Exception:
         store.close()
         # Deterministic failures leave nothing behind when no step was finished by this run's start.
@@ -564,6 +602,84 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     finally:
         base_src.close()
         ft_src.close()
+
+
+def _budget_shapes(mcfg, pol) -> dict:
+    """``{"blocks": [(m, n) of every decoder-block linear], "globals": [(m, n) compressed outside]}``."""
+    from prinmix_jax.models.llama.params import block_param_table, global_param_table
+
+    blocks = [tuple(shape) for _, path, shape in block_param_table(mcfg)
+              if len(shape) == 2 and path[-1] == "weight"] * mcfg.num_layers
+    glob = [tuple(shape) for _, path, shape in global_param_table(mcfg)
+            if len(shape) == 2 and getattr(pol, "embeddings" if path[0] == "embed_tokens" else "lm_head") == "compress"]
+    return {"blocks": blocks, "globals": glob}
+
+
+def _step_digests(step: int, base_src, ft_src, block_table, global_table) -> tuple[str, str]:
+    """``(base digest, fine-tuned digest)`` of the tensors step ``step`` consumes (tensor_digest)."""
+    table = global_table if step == 0 else block_table
+    trees = (base_src.globals(), ft_src.globals()) if step == 0 else (base_src.block(step - 1),
+                                                                      ft_src.block(step - 1))
+    return tuple(tensor_digest([("/".join(p), _get(t, p)) for p, _ in table]) for t in trees)
+
+
+def _reuse_or_discard(work, identity, base_src, ft_src, block_table, global_table, num_steps, say) -> None:
+    """Keeps an unfinished run in ``work`` only if it was started with the same settings and every finished
+    step's inputs (base and fine-tuned tensors, by content) are unchanged; else deletes it, if prinmix made it.
+    """
+    store, old = None, None
+    try:
+        store = StepStore(os.path.join(work, STEPS_DIR), read_only=True)
+        old = store.run_identity()
+    except Exception:
+        pass
+    if not os.path.isfile(os.path.join(work, OUTPUT_MARKER)) and old is None:
+        raise FileExistsError(f"{work!r} exists but is not an unfinished prinmix run; remove it or choose "
+                              "another output")
+    reason = None
+    if old != identity:
+        reason = "it was started with other inputs or settings"
+    else:
+        for s in store.all_steps():
+            if s >= num_steps:
+                break
+            meta = store.restore_meta(s)
+            got = _step_digests(s, base_src, ft_src, block_table, global_table)
+            for label, want, have in zip(("base", "fine-tuned"), (meta.get("base_digest"),
+                                                                 meta.get("finetuned_digest")), got):
+                if want != have:
+                    where = "the embedding, final norm and head" if s == 0 else f"block {s - 1}"
+                    reason = (f"the {label} weights of {where} differ from the ones it compressed "
+                              "(same names, shapes and sizes, other values)")
+                    break
+            if reason:
+                break
+    if store is not None:
+        store.close()
+    if reason is None:
+        say(f"resuming the unfinished run in {work}")
+        return
+    say(f"discarding {work}: {reason}; starting over")
+    shutil.rmtree(work)
+
+
+def _widths_digest(widths) -> str | None:
+    if widths is None:
+        return None
+    h = hashlib.sha256()
+    for (b, name), w in sorted(widths.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        h.update(f"{b}/{name}:".encode())
+        h.update(np.ascontiguousarray(w, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _restart_store(store, work: str, identity: dict):
+    store.close()
+    steps = os.path.join(work, STEPS_DIR)
+    if jax.process_index() == 0:
+        shutil.rmtree(steps)
+    _barrier("prinmix-restart")
+    return StepStore(steps, identity)
 
 
 def _check_shared(work: str, out: str) -> None:
@@ -642,7 +758,7 @@ def _global_widths(base_src, ft_src, mcfg, block_table, ids, cfg, mesh, chunk, p
 
 def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, ids, calib_prov, cfg, method,
          mode, pol, mesh, chunk, overwrite, progress, say, widths, identity, num_steps, t_start, stop_after,
-         HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed, block_forward, block_forward_with_hessians):
+         HESSIAN_FOR_LINEAR, LINEAR_NAMES, embed, block_forward, block_forward_with_hessians, wdigest=None):
     latest = store.latest_step()
     u_ranks = None
     if widths is not None:      # the largest kept rank of every linear over the model (see _compress_entries)
@@ -671,8 +787,9 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
                 dense["/".join(path)] = _dense_entry(d, mode_k, pol.store_dtype)
         entries = _compress_entries(items, cfg, method, mesh, 0)
         _save_step(store, 0, items, entries, dense, dict(
-            step=0, block=None, seconds=time.perf_counter() - t0,
-            base_digest=tensor_digest([("/".join(p), _get(base_g, p)) for p, _ in global_table])))
+            step=0, block=None, seconds=time.perf_counter() - t0, widths_digest=wdigest,
+            base_digest=tensor_digest([("/".join(p), _get(base_g, p)) for p, _ in global_table]),
+            finetuned_digest=tensor_digest([("/".join(p), _get(ft_g, p)) for p, _ in global_table])))
         del ft_g, items, dense, entries
         bar.update(1)
         done_this_run += 1
@@ -719,8 +836,9 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
         step_widths = None if widths is None else {n: w for (bb, n), w in widths.items() if bb == b}
         entries = _compress_entries(items, cfg, method, mesh, step, step_widths, u_ranks)
         _save_step(store, step, items, entries, dense, dict(
-            step=step, block=b, seconds=time.perf_counter() - t0,
-            base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table])))
+            step=step, block=b, seconds=time.perf_counter() - t0, widths_digest=wdigest,
+            base_digest=tensor_digest([("/".join(p), _get(base_b, p)) for p, _ in block_table]),
+            finetuned_digest=tensor_digest([("/".join(p), _get(ft_b, p)) for p, _ in block_table])))
         if h is not None:
             if mode == "parallel":
                 h = h_next
@@ -739,12 +857,51 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
     # every process reads the step metadata; process 0 writes the summary and publishes
     summary = _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src,
                        time.perf_counter() - t_start)
+    summary["problems"] = result_problems(summary)
     store.close()
     if jax.process_index() == 0:
         write_json_atomic(os.path.join(work, META_FILE), summary)
         publish(work, out, overwrite)
     _barrier("prinmix-published")
     return summary
+
+
+def result_problems(summary: dict) -> list[str]:
+    """Why a finished delta is useless or out of its bounds (an empty list when it is fine).
+
+    The CLI exits with status 3 when this is not empty. Checked: every delta exactly zero (the fine-tuned
+    model equals the base: nothing is stored); every nonzero matrix kept nothing (relative output error
+    1, the budget was too small); non-finite recorded errors; bytes over the budget.
+
+    Args:
+      summary: the metadata :func:`compress_model` returns (``prinmix_delta.json``).
+    """
+    problems = []
+    rows = summary.get("matrices", [])
+    nonzero = [r for r in rows if r.get("kind") != "zero"]
+    if summary["bytes"]["total"] == 0:
+        problems.append("every delta is exactly zero: the fine-tuned model equals the base (0 bytes stored)")
+    elif nonzero and all(r.get("rank") == 0 or (r.get("rel_output_error") or 0.0) >= 1.0 - 1e-6 for r in nonzero):
+        problems.append(f"no matrix keeps any part of its delta (relative output error 1.0 in all {len(nonzero)}): "
+                        f"the budget (ratio {summary['config']['ratio']:.4g}) is too small")
+    bad = [r for r in nonzero if r.get("rel_output_error") is not None and not np.isfinite(r["rel_output_error"])]
+    if bad:
+        problems.append(f"{len(bad)} matrices have a non-finite recorded error, e.g. block {bad[0]['block']} "
+                        f"{bad[0]['name']}")
+    if not summary.get("within_budget", True):
+        b = summary["bytes"]
+        pooled = summary.get("scope") == "global"    # block linears share one budget
+        over = [r for r in rows if r["nbytes"] > r["budget_bytes"] + (4 if r.get("method") == "bitdelta" else 0)
+                and not (pooled and r["block"] is not None)]
+        if not over:
+            problems.append(f"over budget: the matrices take {b['linears']} bytes for a budget of "
+                            f"{b['budget_bytes_linears']}")
+        else:
+            r = over[0]
+            where = "outside the blocks" if r["block"] is None else f"block {r['block']}"
+            problems.append(f"over budget: {len(over)} matrices exceed their own budget, e.g. {r['name']} in "
+                            f"{where}: {r['nbytes']} bytes for {r['budget_bytes']}")
+    return problems
 
 
 def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, base_src, ft_src, seconds) -> dict:
@@ -768,8 +925,10 @@ def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, bas
             rows.append(row)
             totals["linears"] += e["nbytes"]
             budget_bytes_total += budget
+            # BitDelta's one float32 scale per matrix is not counted against its 1 bit/param
+            slack = 4 if row["method"] == "bitdelta" else 0
             if s == 0 or identity.get("scope") != "global":   # global scope: one budget for all blocks
-                within &= e["nbytes"] <= budget
+                within &= e["nbytes"] <= budget + slack
             if s > 0:
                 lin_params += m * n
         totals["dense"] += sum(e["nbytes"] for e in meta["dense"].values())
@@ -777,7 +936,8 @@ def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, bas
     totals["total"] = totals["globals"] + totals["blocks"]
     n_params = sum(int(np.prod(shape)) for _, shape in expected_tensors(mcfg).values())
     block_lin_bytes = sum(r["nbytes"] for r in rows if r["step"] > 0)
-    within &= block_lin_bytes <= sum(r["budget_bytes"] for r in rows if r["step"] > 0)
+    within &= block_lin_bytes <= sum(r["budget_bytes"] + (4 if r["method"] == "bitdelta" else 0)
+                                     for r in rows if r["step"] > 0)
     hf = json.loads(mcfg.hf_config_json) if mcfg.hf_config_json else mcfg.to_hf_dict()
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -794,6 +954,7 @@ def _summary(store, num_steps, mcfg, cfg, method, pol, calib_prov, identity, bas
         "ratio_block_linears": block_lin_bytes / (2 * lin_params) if lin_params else 0.0,
         "bits_per_param": 8 * totals["total"] / n_params,
         "within_budget": bool(within),
+        "budget_scope": "block linears together" if identity.get("scope") == "global" else "each matrix",
         "matrices": rows,
         "run": {"seconds": seconds, "process_count": jax.process_count(), "device_count": jax.device_count(),
                 "platform": jax.devices()[0].platform},

@@ -51,7 +51,8 @@ from prinmix_jax.formats import CompressedMatrix, from_state, to_state
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "DeltaFormatError",
            "FingerprintMismatchError", "StepStore", "BlockDelta", "DeltaCheckpoint", "load_delta",
-           "encode_step", "decode_step", "owned_tree", "OwnedArray", "tensor_digest", "combine_fingerprint"]
+           "encode_step", "decode_step", "owned_tree", "OwnedArray", "tensor_digest", "combine_fingerprint",
+           "OUTPUT_MARKER", "is_prinmix_output", "write_output_marker", "check_output_location", "publish"]
 
 FORMAT = "prinmix-delta"
 FORMAT_VERSION = 1
@@ -486,18 +487,89 @@ def load_delta(path) -> DeltaCheckpoint:
     return DeltaCheckpoint(path)
 
 
-def check_output_location(out, overwrite: bool) -> str:
-    """Absolute ``out`` after checking it can be (re)created: refuses an existing ``out`` without
-    ``overwrite``, a missing parent folder and an unwritable one, before any work starts."""
+OUTPUT_MARKER = ".prinmix-output"
+#: Name prefix of a replaced output between the two renames of :func:`publish` (ours to delete).
+_REPLACED = ".prinmix-replaced-"
+
+
+def write_output_marker(folder: str, kind: str) -> None:
+    """Marks ``folder`` as made by prinmix (``kind``: "delta", "merged"), so that ``overwrite`` may replace
+    it later. Nothing without the marker (or a delta's ``prinmix_delta.json``) is ever deleted."""
+    write_json_atomic(os.path.join(folder, OUTPUT_MARKER), {"tool": "prinmix-jax", "kind": kind,
+                                                            "pid": os.getpid()})
+
+
+def is_prinmix_output(path) -> bool:
+    """Whether ``path`` is a folder prinmix wrote: it holds the output marker, or it is a finished delta
+    (``prinmix_delta.json`` with the prinmix format tag; deltas written before the marker existed)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    if os.path.isfile(os.path.join(path, OUTPUT_MARKER)):
+        return True
+    try:
+        with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
+
+
+def check_output_location(out, overwrite: bool, inputs=()) -> str:
+    """Absolute ``out`` after checking it can be (re)created, before any work starts.
+
+    Refuses: ``out`` equal to or containing one of ``inputs`` (with or without ``overwrite``); an existing
+    ``out`` without ``overwrite``; with ``overwrite``, an existing ``out`` that prinmix did not write (a
+    file, or a folder without the output marker: see :func:`is_prinmix_output`); a missing or unwritable
+    parent folder.
+
+    Args:
+      out: the output folder.
+      overwrite: whether an existing prinmix output at ``out`` may be replaced.
+      inputs: paths the command reads (checkpoints, calibration file); ``None`` entries are ignored.
+    """
     out = os.path.abspath(os.fspath(out))
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
+    real_out = os.path.realpath(out)
+    for inp in inputs:
+        if inp is None or not isinstance(inp, (str, os.PathLike)):
+            continue
+        real_in = os.path.realpath(os.fspath(inp))
+        if _inside(real_in, real_out):
+            what = "is" if real_in == real_out else "contains"
+            raise ValueError(f"the output {out!r} {what} the input {os.fspath(inp)!r}: writing there would "
+                             "destroy the input; choose another output folder")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
+        if not is_prinmix_output(out):
+            kind = "a folder prinmix did not write" if os.path.isdir(out) and not os.path.islink(out) else \
+                "not a folder" if not os.path.islink(out) else "a symbolic link"
+            raise FileExistsError(f"output {out!r} exists and is {kind}; --overwrite only replaces an earlier "
+                                  "prinmix output (a folder with a .prinmix-output marker or prinmix_delta.json): "
+                                  "remove it yourself or choose another output")
     parent = os.path.dirname(out)
     if not os.path.isdir(parent):
         raise FileNotFoundError(f"the parent folder of the output, {parent!r}, does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write to {parent!r} (the output's parent folder is not writable)")
+    _remove_replaced(out)
     return out
+
+
+def _remove_replaced(out: str) -> None:
+    """Deletes outputs that a killed :func:`publish` had moved aside (``OUT.prinmix-replaced-*``, marked)."""
+    parent, name = os.path.split(out)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for n in names:
+        p = os.path.join(parent, n)
+        if n.startswith(name + _REPLACED) and is_prinmix_output(p):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
@@ -510,13 +582,23 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 
 def publish(work_dir: str, out: str, overwrite: bool) -> None:
-    """Moves a finished ``work_dir`` to ``out`` (replacing ``out`` only when ``overwrite``)."""
-    if os.path.exists(out):
+    """Moves a finished ``work_dir`` to ``out``.
+
+    An existing ``out`` is replaced only when ``overwrite`` and it is a prinmix output; it is first moved
+    aside to a fresh ``OUT.prinmix-replaced-*`` name (never a name that exists), so nothing the tool did
+    not create is deleted, even by a kill between the two renames (the next run removes the moved-aside
+    folder).
+    """
+    if os.path.lexists(out):
         if not overwrite:
             raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
-        old = out + ".old"
-        if os.path.exists(old):
-            shutil.rmtree(old)
+        if not is_prinmix_output(out):
+            raise FileExistsError(f"output {out!r} exists and was not written by prinmix; it is left as it is")
+        parent, name = os.path.split(out)
+        import tempfile
+
+        old = tempfile.mkdtemp(prefix=name + _REPLACED, dir=parent)
+        os.rmdir(old)   # a fresh unique name (mkdtemp made it); the rename below takes it
         os.replace(out, old)
         os.replace(work_dir, out)
         shutil.rmtree(old, ignore_errors=True)
