@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from prinmix_jax.cli import _EPILOG, main
+from prinmix_jax.cli import EXIT_INTERRUPTED, epilog, main
 
 __all__ = ["demo", "eval_cmd"]
 
@@ -34,7 +34,7 @@ def _parse_one_ratio(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-@main.command(epilog=_EPILOG)
+@main.command(epilog=epilog(f"{EXIT_INTERRUPTED}  interrupted (Ctrl-C)"))
 @click.option("--out", type=click.Path(file_okay=False), default="prinmix-demo", show_default=True,
               help="Output folder: deltas/, demo_results.json, .md and .png.")
 @click.option("--quick", is_flag=True, help="Tiny pair and small evaluation (seconds; for tests and smoke runs).")
@@ -63,6 +63,10 @@ def demo(out, quick, ratio, ratios, methods, sweep_methods, calibration_mode, sc
     2. compresses the fine-tuning delta at --ratio with prinmix, deltacome, bitdelta, lowrank, uniform;
     3. applies each delta and prints bytes, model-level ratio, task accuracy, relative layer-output error,
        KL to the fine-tuned model and time; writes the table as JSON / Markdown and a PNG plot.
+
+    \b
+    Example:
+      prinmix demo --quick --out demo-out/
     """
     from prinmix_jax.config import METHODS
     from prinmix_jax.demo import run_demo
@@ -83,7 +87,7 @@ def demo(out, quick, ratio, ratios, methods, sweep_methods, calibration_mode, sc
              log=lambda s: click.echo(s))
 
 
-@main.command("eval", epilog=_EPILOG)
+@main.command("eval", epilog=epilog(f"{EXIT_INTERRUPTED}  interrupted (Ctrl-C)"))
 @click.argument("base", type=click.Path(file_okay=False))
 @click.argument("finetuned", type=click.Path(file_okay=False))
 @click.argument("deltas", nargs=-1, type=click.Path(file_okay=False))
@@ -92,7 +96,8 @@ def demo(out, quick, ratio, ratios, methods, sweep_methods, calibration_mode, sc
                    "FINETUNED's tokenizer).")
 @click.option("--task", type=click.Path(dir_okay=False), default=None,
               help="Exact-match task: JSONL lines {\"prompt\": ..., \"answer\": ...}; greedy decoding.")
-@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True,
+              help="Tokens per --text window (at most the model's context, max_position_embeddings).")
 @click.option("--num-sequences", type=click.IntRange(min=1), default=None,
               help="Text windows scored [default: all complete windows].")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
@@ -110,23 +115,34 @@ def eval_cmd(base, finetuned, deltas, text, task, seq_len, num_sequences, max_ne
     top-1     fraction of positions where the model's argmax equals the fine-tuned model's
     ppl       perplexity on --text
     exact     exact-match accuracy on --task (answers compared after stripping whitespace)
+
+    \b
+    Text and prompts are tokenized with FINETUNED's own tokenizer (tokenizer.json etc. in its folder).
+
+    \b
+    Example:
+      prinmix eval BASE FINETUNED delta/ --text heldout.txt --task task.jsonl
     """
     if text is None and task is None:
         raise click.UsageError("pass --text FILE and/or --task FILE.jsonl")
     from prinmix_jax.evaluation import exact_match, load_prompt_tokenizer, perplexity, token_metrics
     from prinmix_jax.models import ModelConfig, load_hf_params
-    from prinmix_jax.models.calibration import tokenize_calibration
+    from prinmix_jax.models.calibration import check_context, tokenize_calibration
     from prinmix_jax.sft.data import read_task_jsonl
 
     cfg = ModelConfig.from_pretrained_dir(finetuned)
     bcfg = ModelConfig.from_pretrained_dir(base)
     if bcfg != cfg:
         raise ValueError("BASE and FINETUNED have different model configs (architecture or shapes)")
-    ft_p = load_hf_params(finetuned)
-    ids = None if text is None else tokenize_calibration(text, finetuned, seq_len=seq_len,
-                                                         num_sequences=num_sequences)
+    # Every input is checked (and tokenized) before any weights are loaded.
+    if text is not None:
+        check_context(seq_len, cfg, "--seq-len")
+    tok = None if task is None else load_prompt_tokenizer(
+        finetuned, f"encode the --task prompts of {task}", "eval uses FINETUNED's tokenizer: save it there")
     examples = None if task is None else read_task_jsonl(task)
-    tok = None if task is None else load_prompt_tokenizer(finetuned)
+    ids = None if text is None else tokenize_calibration(text, finetuned, seq_len=seq_len,
+                                                         num_sequences=num_sequences, model_config=cfg)
+    ft_p = load_hf_params(finetuned)
     base_p = load_hf_params(base)
 
     def score(name, params):

@@ -201,12 +201,25 @@ def byte_tokenizer() -> PromptTokenizer:
     return PromptTokenizer(lambda s: encode(s, bos=True), decode, EOS_ID, PAD_ID)
 
 
-def load_prompt_tokenizer(path: str | os.PathLike) -> PromptTokenizer:
+def load_prompt_tokenizer(path: str | os.PathLike, purpose: str = "encode prompts",
+                          hint: str = "save the model's tokenizer there") -> PromptTokenizer:
     """A checkpoint folder's Hugging Face tokenizer; BOS is prepended when the tokenizer has one and does not
-    add it itself."""
+    add it itself.
+
+    Raises:
+      CalibrationDataError: the folder holds no tokenizer files (``purpose`` and ``hint`` complete the
+        message, see :func:`~prinmix_jax.models.calibration.require_tokenizer`), or they cannot be loaded.
+    """
+    from prinmix_jax.models.calibration import require_tokenizer
+    from prinmix_jax.models.errors import CalibrationDataError
+
+    path = require_tokenizer(path, purpose, hint)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(os.fspath(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types here
+        raise CalibrationDataError(f"{path}: cannot load its tokenizer ({e})") from e
     bos = tok.bos_token_id
 
     def enc(text):

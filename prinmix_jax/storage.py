@@ -12,7 +12,8 @@ top-level JSON metadata file. The on-disk layout::
                                    linears/<name>/<field>   compressed matrices (formats.to_state arrays)
                                    dense/<path...>          stored dense deltas (norms, biases, ...)
           meta/                  JSON (JsonSave): per entry its kind, to_state metadata, info, byte
-                                   count and SHA-256 of every array; the base fingerprint of this step
+                                   count and SHA-256 of every array; the base fingerprint of this step;
+                                   ``meta_sha256``, the SHA-256 of the rest of this JSON (see _meta_digest)
 
 Per compressed matrix ``linears/<name>`` holds exactly the arrays of :func:`prinmix_jax.formats.to_state`:
 for :class:`~prinmix_jax.formats.SVDQuantDelta` ``sigma_<b>``, ``v_codes_<b>``, ``v_scale_<b>``,
@@ -247,6 +248,13 @@ class BlockDelta:
     meta: dict
 
 
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of a step's JSON metadata without its ``meta_sha256`` entry: of the canonical JSON (sorted
+    keys, no spaces) of what a JSON round trip gives, so the writer's dict and the reader's parse agree."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _check_sha(where: str, key: str, a: np.ndarray, want: str | None):
     if want is not None and _sha(a) != want:
         raise DeltaFormatError(f"{where}: array {key!r} is corrupted (SHA-256 mismatch)")
@@ -262,8 +270,14 @@ def decode_step(arrays: dict, meta: dict, where: str = "delta step") -> BlockDel
                 linears[name] = None
                 continue
             st = {k: np.asarray(v) for k, v in arrays.get("linears", {}).get(name, {}).items()}
-            for k, v in st.items():
-                _check_sha(where, f"linears/{name}/{k}", v, e["sha256"].get(k))
+            for k, want in e["sha256"].items():     # every recorded array: present, its layout, its bytes
+                if k not in st:
+                    raise DeltaFormatError(f"{where}: array linears/{name}/{k} is missing")
+                layout = e.get("arrays", {}).get(k)
+                if layout is not None and (list(st[k].shape) != list(layout[0]) or st[k].dtype.name != layout[1]):
+                    raise DeltaFormatError(f"{where}: array linears/{name}/{k} has shape {st[k].shape} "
+                                           f"{st[k].dtype}, metadata records {layout[0]} {layout[1]}")
+                _check_sha(where, f"linears/{name}/{k}", st[k], want)
             for k, (shape, dt) in e["empty"].items():
                 st[k] = np.zeros(shape, np.dtype(dt))
             try:
@@ -296,6 +310,27 @@ def _short(e: BaseException, limit: int = 240) -> str:
 
 
 # ----- the step store ----------------------------------------------------------------------------
+def _drop_closed_loop_reports() -> None:
+    """Orbax awaits tensorstore reads on an asyncio loop of its own; when one read fails, the error is raised
+    and the loop closed while other reads are still in flight, and each of those reports ``RuntimeError:
+    Event loop is closed`` through ``sys.unraisablehook`` from a tensorstore thread when it finishes (at any
+    moment: before the caller has even seen the error). The failure itself reaches the caller; these reports
+    carry nothing, so a hook that drops them (and passes everything else on) is installed once per process."""
+    import sys
+
+    hook = sys.unraisablehook
+    if getattr(hook, "_prinmix_drops_closed_loop", False):
+        return
+
+    def filtered(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        hook(u)
+
+    filtered._prinmix_drops_closed_loop = True
+    sys.unraisablehook = filtered
+
+
 class StepStore:
     """An Orbax ``CheckpointManager`` holding one step per finished unit (globals, then blocks).
 
@@ -313,6 +348,7 @@ class StepStore:
         import orbax.checkpoint as ocp
 
         _quiet_orbax()
+        _drop_closed_loop_reports()
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))
         if read_only and not os.path.isdir(self.directory):
@@ -350,14 +386,17 @@ class StepStore:
         structure; leaves are numpy arrays, written by process 0, or :class:`OwnedArray`\\ s, written by
         their owner)."""
         ocp = self._ocp
-        items = {"meta": ocp.args.JsonSave(dict(meta, has_arrays=bool(arrays)))}
+        meta = dict(meta, has_arrays=bool(arrays))
+        meta["meta_sha256"] = _meta_digest(meta)
+        items = {"meta": ocp.args.JsonSave(meta)}
         if arrays:
             items["arrays"] = ocp.args.PyTreeSave(arrays)
         self._mgr.save(step, args=ocp.args.Composite(**items), force=True)
         self._mgr.wait_until_finished()
 
     def restore_meta(self, step: int) -> dict:
-        """The step's JSON metadata only."""
+        """The step's JSON metadata only (checked against its ``meta_sha256`` where it records one: steps
+        written before prinmix recorded it are read unchecked)."""
         ocp = self._ocp
         try:
             meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -366,6 +405,8 @@ class StepStore:
                                    f"({_short(e)})") from e
         if not isinstance(meta, dict):
             raise DeltaFormatError(f"{self.directory}/{step}: step metadata is not a JSON object")
+        if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+            raise DeltaFormatError(f"{self.directory}/{step}: step metadata is corrupted (SHA-256 mismatch)")
         return meta
 
     def restore(self, step: int) -> tuple[dict, dict]:
@@ -458,7 +499,19 @@ class DeltaCheckpoint:
         return self.block(block).linears[name]
 
     def verify(self) -> None:
-        """Reads every step and checks byte counts and checksums against the metadata."""
+        """Reads every step and checks byte counts and checksums against the metadata.
+
+        This checks every byte a restore uses: each step's JSON metadata against its ``meta_sha256`` (steps
+        written before it was recorded: unchecked); the OCDBT manifest and B-tree nodes by their CRC-32C
+        (tensorstore, on read); Orbax's ``_METADATA`` by requiring every recorded array with its recorded
+        shape and dtype; the array values (inline in the B-tree or in ``ocdbt.process_<i>/d/`` data files)
+        by their SHA-256. The other bytes are never used: Orbax merges each process's OCDBT database into the
+        step's root at commit, which leaves ``ocdbt.process_<i>/manifest.ocdbt`` and the per-process B-tree
+        nodes in ``ocdbt.process_<i>/d/`` (whole files, or the tail of a data file after its values)
+        unreferenced; ``commit_success.txt``, ``_CHECKPOINT_METADATA`` (timestamps, handler names: prinmix
+        passes its own handlers) and ``steps/metadata`` (the run identity, read by a resumed compress) are not
+        used by a restore either. Corrupting them changes nothing.
+        """
         total = 0
         for s in range(self.num_steps):
             bd = self.step(s)

@@ -35,8 +35,9 @@ def test_demo_prints_and_writes_the_table(demo_run):
     assert list(rows) == ["base", "fine-tuned", *METHODS]
     for m in METHODS:
         r = rows[m]
-        # BitDelta's one fp32 scale per matrix lies 4 bytes over a budget of exactly 1 bit/param
-        assert (r["within_budget"] or m == "bitdelta") and r["bytes"] > 0 and r["seconds"] > 0
+        # BitDelta's one fp32 scale per matrix lies 4 bytes over a budget of exactly 1 bit/param; within_budget
+        # does not count it against the method
+        assert r["within_budget"] and r["bytes"] > 0 and r["seconds"] > 0
         assert 0 <= r["accuracy"] <= 1 and r["kl"] >= 0
         assert abs(r["bits_per_param"] - 16 * r["model_ratio"]) < 1e-9
         assert r["model_ratio"] < 1 / 16 * 1.1  # everything stored is counted: still about 1 bit/param

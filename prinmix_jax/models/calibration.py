@@ -43,8 +43,9 @@ from prinmix_jax.models.llama.modeling import layer_from_params, model_from_para
 from prinmix_jax.models.llama.params import HESSIAN_FOR_LINEAR
 from prinmix_jax.models.rope import rope_cos_sin
 
-__all__ = ["HESSIAN_KEYS", "BlockHessians", "tokenize_calibration", "collect_hessians", "embed",
-           "block_forward", "block_forward_with_hessians", "final_logits", "collect_hessians_sequential"]
+__all__ = ["HESSIAN_KEYS", "BlockHessians", "tokenize_calibration", "require_tokenizer", "check_context",
+           "collect_hessians", "embed", "block_forward", "block_forward_with_hessians", "final_logits",
+           "collect_hessians_sequential"]
 
 HESSIAN_KEYS: tuple[str, ...] = ("attn_in", "o_in", "mlp_in", "down_in")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -78,15 +79,59 @@ class BlockHessians:
 
 
 # ----- calibration data --------------------------------------------------------------------------
+def require_tokenizer(folder, purpose: str, hint: str = "save the tokenizer there or pass pre-tokenized ids"
+                      ) -> str:
+    """Checks that ``folder`` holds a Hugging Face tokenizer (one of ``tokenizer.json``,
+    ``tokenizer_config.json``, ``tokenizer.model``, ``vocab.json``) before anything is loaded, so a missing
+    tokenizer is reported in one line instead of transformers' advice to install sentencepiece.
+
+    Args:
+      folder: the checkpoint (or tokenizer) folder.
+      purpose: what the tokenizer is for, completing "no tokenizer files ... to <purpose>".
+      hint: what to do about it.
+
+    Returns:
+      ``folder`` as a string.
+
+    Raises:
+      CalibrationDataError: no tokenizer file in ``folder``.
+    """
+    folder = os.fspath(folder)
+    if not (os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES)):
+        raise CalibrationDataError(f"{folder}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) to {purpose}; "
+                                   f"{hint}")
+    return folder
+
+
+def check_context(seq_len: int, config: ModelConfig, what: str = "seq_len") -> None:
+    """Refuses sequences longer than the model's context (``max_position_embeddings``).
+
+    Dynamic-NTK RoPE (``rope_type: dynamic``) rescales its frequencies for longer inputs, so it is exempt.
+
+    Raises:
+      CalibrationDataError: ``seq_len`` exceeds the context.
+    """
+    limit = config.max_position_embeddings
+    if seq_len > limit and config.rope.rope_type != "dynamic":
+        raise CalibrationDataError(f"{what}={seq_len} is longer than the model's context of {limit} tokens "
+                                   f"(max_position_embeddings); use {limit} or less")
+
+
+def _context_config(tokenizer_dir) -> ModelConfig | None:
+    """The model config of ``tokenizer_dir`` when it is a readable checkpoint folder, else None."""
+    if tokenizer_dir is None or not os.path.isfile(os.path.join(os.fspath(tokenizer_dir), "config.json")):
+        return None
+    try:
+        return ModelConfig.from_pretrained_dir(tokenizer_dir)
+    except (OSError, ValueError):  # not a model we read: its own loader reports that
+        return None
+
+
 def _load_tokenizer(tokenizer_dir, source: str):
     if tokenizer_dir is None:
         raise CalibrationDataError(f"{source}: calibration text needs a tokenizer; pass tokenizer_dir "
                                    "(the checkpoint folder) or pre-tokenized ids")
-    tokenizer_dir = os.fspath(tokenizer_dir)
-    if not (os.path.isdir(tokenizer_dir)
-            and any(os.path.isfile(os.path.join(tokenizer_dir, f)) for f in _TOKENIZER_FILES)):
-        raise CalibrationDataError(f"{tokenizer_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) to "
-                                   f"tokenize {source}; save the tokenizer there or pass pre-tokenized ids")
+    tokenizer_dir = require_tokenizer(tokenizer_dir, f"tokenize {source}")
     from transformers import AutoTokenizer
 
     try:
@@ -119,8 +164,8 @@ def _read_documents(path: str) -> list[str | list[int]]:
         return [f.read()]
 
 
-def tokenize_calibration(source, tokenizer_dir=None, *, seq_len: int, num_sequences: int | None = None
-                         ) -> np.ndarray:
+def tokenize_calibration(source, tokenizer_dir=None, *, seq_len: int, num_sequences: int | None = None,
+                         model_config: ModelConfig | None = None) -> np.ndarray:
     """Turn calibration data into ``num_sequences`` token sequences of length ``seq_len``.
 
     Documents are tokenized one by one with the checkpoint's own tokenizer (``AutoTokenizer``, with its
@@ -134,16 +179,20 @@ def tokenize_calibration(source, tokenizer_dir=None, *, seq_len: int, num_sequen
       tokenizer_dir: folder holding the tokenizer (usually the checkpoint folder); needed for text.
       seq_len: tokens per sequence.
       num_sequences: how many sequences; None takes every complete window.
+      model_config: the model the windows are for; ``seq_len`` beyond its context is refused (see
+        :func:`check_context`). Default: the config of ``tokenizer_dir`` when that is a checkpoint folder.
 
     Returns:
       int32 array ``(num_sequences, seq_len)``.
 
     Raises:
       FileNotFoundError: ``source`` is a path that does not exist.
-      CalibrationDataError: unreadable data, no tokenizer for text, or fewer tokens than requested.
+      CalibrationDataError: unreadable data, no tokenizer for text, windows longer than the model's context,
+        or fewer tokens than requested.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    context = model_config if model_config is not None else _context_config(tokenizer_dir)
     label = "calibration ids"
     if isinstance(source, (str, os.PathLike)):
         label = os.fspath(source)
@@ -164,11 +213,13 @@ def tokenize_calibration(source, tokenizer_dir=None, *, seq_len: int, num_sequen
         docs = list(source)
         if docs and isinstance(docs[0], (int, np.integer)):
             docs = [docs]
-    tok = None
+    # A missing tokenizer is reported first, then windows too long for the model, before any tokenizing.
+    tok = _load_tokenizer(tokenizer_dir, label) if any(isinstance(doc, str) for doc in docs) else None
+    if context is not None:
+        check_context(seq_len, context)
     stream: list[np.ndarray] = []
     for doc in docs:
         if isinstance(doc, str):
-            tok = tok or _load_tokenizer(tokenizer_dir, label)
             doc = tok(doc, verbose=False)["input_ids"]
         arr = np.asarray(doc)
         if arr.size and not np.issubdtype(arr.dtype, np.integer):
