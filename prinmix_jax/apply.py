@@ -160,8 +160,9 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         try:
+            os.makedirs(tmp)
+            write_output_marker(tmp, "merged")     # first, so that a killed apply's folder is known as ours
             writer = CheckpointWriter(tmp, cfg, dtype=dtype, max_shard_size=max_shard_size)
-            write_output_marker(tmp, "merged")
 
             def emit(prefix, merged, native, table):
                 for path, _ in table:
@@ -216,15 +217,16 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_tmp(out: str) -> None:
-    """Deletes ``OUT.tmp-apply-<pid>`` folders left by killed applies (their process is gone and they hold
-    the output marker, so prinmix made them)."""
+    """Deletes ``OUT.tmp-apply-<pid>`` folders left by killed applies: their process is gone and they hold
+    the output marker (written first thing), so prinmix made them."""
     parent, name = os.path.split(out)
     for n in os.listdir(parent):
         head, _, pid = n.rpartition("-")
         if head != f"{name}.tmp-apply" or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         p = os.path.join(parent, n)
-        if is_prinmix_output(p):
+        # ours: it holds the marker, or it is still empty (killed between creating it and the marker)
+        if is_prinmix_output(p) or (os.path.isdir(p) and not os.path.islink(p) and not os.listdir(p)):
             shutil.rmtree(p, ignore_errors=True)
             print(f"removed {p!r}, left by an interrupted apply", file=sys.stderr)
 

@@ -36,6 +36,7 @@ Exit status:
   3    compress finished but the result is degenerate or over budget (the delta
        is written; the reason is on stderr)
   130  interrupted (Ctrl-C); rerun the same compress command to resume
+  141  stdout closed early (e.g. piped into head); output stops quietly
 Set PRINMIX_DEBUG=1 to see tracebacks.
 """
 

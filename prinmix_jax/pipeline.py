@@ -36,10 +36,9 @@ from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
 from prinmix_jax.compress import check_settings, compress_stack, error_tables
 from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.models.llama.params import iter_leaves as _leaves
-from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, OUTPUT_MARKER, STEPS_DIR, StepStore,
-                                 check_output_location, write_output_marker,
-                                 combine_fingerprint, decode_step, encode_step, owned_tree, publish, tensor_digest,
-                                 write_json_atomic)
+from prinmix_jax.storage import (FORMAT, FORMAT_VERSION, HF_DIR, OUTPUT_MARKER, STEPS_DIR, StepStore, _file_sha256,
+                                 check_output_location, write_output_marker, write_summary,
+                                 combine_fingerprint, decode_step, encode_step, owned_tree, publish, tensor_digest)
 
 __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "NonFiniteWeightsError",
            "result_problems", "CALIBRATION_MODES",
@@ -417,14 +416,6 @@ def _save_step(store, step: int, items, local: dict, dense: dict, extra_meta: di
 
 
 # ----- calibration -------------------------------------------------------------------------------
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _calibration_ids(calib, ft: _Source, tokenizer_dir, seq_len, num_sequences):
     from prinmix_jax.models.calibration import tokenize_calibration
 
@@ -860,7 +851,7 @@ def _run(store, work, out, base_src, ft_src, mcfg, block_table, global_table, id
     summary["problems"] = result_problems(summary)
     store.close()
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(work, META_FILE), summary)
+        summary = write_summary(work, summary)
         publish(work, out, overwrite)
     _barrier("prinmix-published")
     return summary

@@ -439,7 +439,10 @@ class DeltaCheckpoint:
     def __init__(self, path: str):
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"delta checkpoint {self.path!r} does not exist")
+            hint = ""
+            if os.path.isdir(self.path + ".partial"):
+                hint = f"; an unfinished run is in {self.path}.partial: rerun the same compress command to finish it"
+            raise FileNotFoundError(f"delta checkpoint {self.path!r} does not exist{hint}")
         mfile = os.path.join(self.path, META_FILE)
         if not os.path.isfile(mfile):
             hint = ""
@@ -456,6 +459,8 @@ class DeltaCheckpoint:
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise DeltaFormatError(f"{mfile}: format version {self.meta.get('format_version')} is not supported "
                                    f"(this prinmix reads version {FORMAT_VERSION})")
+        if "meta_sha256" in self.meta and self.meta["meta_sha256"] != _meta_digest(self.meta):
+            raise DeltaFormatError(f"{mfile}: corrupted metadata (its SHA-256 does not match the content)")
         try:
             self.num_blocks = int(self.meta["model"]["num_blocks"])
             self.num_steps = int(self.meta["num_steps"])
@@ -523,6 +528,12 @@ class DeltaCheckpoint:
         if total != self.meta["bytes"]["total"]:
             raise DeltaFormatError(f"{self.path}: steps hold {total} bytes but {META_FILE} records "
                                    f"{self.meta['bytes']['total']}")
+        for rel, want in self.meta.get("files_sha256", {}).items():
+            p = os.path.join(self.path, rel)
+            if not os.path.isfile(p):
+                raise DeltaFormatError(f"{self.path}: {rel} is missing")
+            if _file_sha256(p) != want:
+                raise DeltaFormatError(f"{self.path}: {rel} is corrupted (SHA-256 mismatch)")
 
     def close(self) -> None:
         self._store.close()
@@ -623,6 +634,30 @@ def _remove_replaced(out: str) -> None:
         p = os.path.join(parent, n)
         if n.startswith(name + _REPLACED) and is_prinmix_output(p):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_summary(work_dir: str, summary: dict) -> dict:
+    """Writes the top-level metadata of a finished delta: ``summary`` plus ``files_sha256`` (the files of
+    ``hf/``, which apply copies into the merged checkpoint) and ``meta_sha256`` (of the rest of the JSON),
+    both checked by :meth:`DeltaCheckpoint.verify` / on open. Returns the written dict."""
+    hf = os.path.join(work_dir, HF_DIR)
+    files = {}
+    if os.path.isdir(hf):
+        for name in sorted(os.listdir(hf)):
+            if os.path.isfile(os.path.join(hf, name)):
+                files[f"{HF_DIR}/{name}"] = _file_sha256(os.path.join(hf, name))
+    out = dict(summary, files_sha256=files)
+    out["meta_sha256"] = _meta_digest(out)
+    write_json_atomic(os.path.join(work_dir, META_FILE), out)
+    return out
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

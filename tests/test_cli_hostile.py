@@ -183,11 +183,14 @@ def test_apply_removes_what_a_killed_apply_left(root, pair, delta):
     os.makedirs(stale)
     write_output_marker(stale, "merged")
     open(os.path.join(stale, "model-00001-of-00002.safetensors"), "wb").write(b"\0" * 100)
+    empty = f"{out}.tmp-apply-{dead.pid + 2}"       # killed before even the marker was written
+    os.makedirs(empty)
     foreign = f"{out}.tmp-apply-{dead.pid + 1}"     # same pattern, not ours: kept
     os.makedirs(foreign)
+    open(os.path.join(foreign, "notes.txt"), "w").write("mine")
     res = run("apply", base, delta, out)
     assert res.exit_code == 0, res.output
-    assert not os.path.exists(stale) and os.path.isdir(foreign)
+    assert not os.path.exists(stale) and not os.path.exists(empty) and os.listdir(foreign) == ["notes.txt"]
     assert "interrupted apply" in res.stderr
 
 
@@ -312,3 +315,30 @@ def test_compress_and_apply_help_teach():
     res = run("apply", "--help")
     text = " ".join(res.output.split())
     assert res.exit_code == 0 and "Example:" in text and "resume" not in text and " 3 " not in text
+
+
+# ----- 13 (top level). the summary and hf/ files are checked too; an unfinished OUT is pointed to ---------
+def test_top_level_metadata_and_hf_files_are_checked(root, delta):
+    meta_path = os.path.join("prinmix_delta.json")
+    edited = os.path.join(root, "edited-meta")
+    shutil.copytree(delta, edited)
+    meta = json.load(open(os.path.join(edited, meta_path)))
+    assert set(meta["files_sha256"]) >= {"hf/config.json"}
+    meta["config"]["ratio"] = 0.125                     # still valid JSON, a different claim
+    json.dump(meta, open(os.path.join(edited, meta_path), "w"))
+    assert "corrupted metadata" in _err(run("inspect", edited))
+    hf = os.path.join(root, "edited-hf")
+    shutil.copytree(delta, hf)
+    cfg = os.path.join(hf, "hf", "config.json")
+    text = open(cfg).read()
+    open(cfg, "w").write(text.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": 1e-06'))
+    assert open(cfg).read() != text
+    assert run("inspect", hf).exit_code == 0           # opening does not hash files; --verify does
+    assert "hf/config.json is corrupted" in _err(run("inspect", hf, "--verify"))
+
+
+def test_inspect_of_an_unfinished_run_points_to_it(root, pair):
+    out = os.path.join(root, "unfinished")
+    compress_model(*pair, out, config=CompressionConfig(**SMALL_CONFIG), method="bitdelta", _stop_after_steps=1)
+    msg = _err(run("inspect", out))
+    assert "unfinished run" in msg and "rerun the same compress command" in msg
