@@ -7,15 +7,15 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cli_helpers import FAST, run
+from cli_helpers import cli_error as _err
 from test_pipeline_fixtures import jax_cache_env, make_finetuned, make_pair, write_calib
 
 from prinmix_jax.cli import main
 
-FAST = ["--data-free", "--method", "bitdelta", "--embeddings", "skip", "--lm-head", "skip", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +34,6 @@ def delta(root, pair):
     res = CliRunner().invoke(main, ["compress", *pair, out, *FAST])
     assert res.exit_code == 0, res.output
     return out
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args))
-
-
-def _err(res):
-    assert res.exit_code == 1, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), res.stderr
-    assert "Traceback" not in res.stderr
-    return lines[-1]
 
 
 def _leftovers(root, name):

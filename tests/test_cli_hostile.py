@@ -11,29 +11,16 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
+from cli_helpers import FAST, run
+from cli_helpers import cli_error as _err
 from test_pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays
 
 from prinmix_jax import CompressionConfig
-from prinmix_jax.cli import EXIT_DEGENERATE, main
+from prinmix_jax.cli import EXIT_DEGENERATE
 from prinmix_jax.pipeline import compress_model, result_problems
 from prinmix_jax.storage import OUTPUT_MARKER, write_output_marker
 
-FAST = ["--data-free", "--method", "bitdelta", "--embeddings", "skip", "--lm-head", "skip", "--no-progress"]
 LAYERS = 3
-
-
-def run(*args):
-    return CliRunner().invoke(main, [os.fspath(a) for a in args])
-
-
-def _err(res, code=1):
-    assert res.exit_code == code, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), res.stderr
-    assert "Traceback" not in res.stderr
-    return lines[-1]
 
 
 def _tree_digest(path) -> str:

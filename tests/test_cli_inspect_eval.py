@@ -9,26 +9,15 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
+from cli_helpers import cli_error as _err
+from cli_helpers import run
 from test_pipeline_fixtures import DIMS, jax_cache_env, make_pair, write_calib
 
-from prinmix_jax.cli import epilog, main
+from prinmix_jax.cli import epilog
 
 FAST = ["--method", "bitdelta", "--embeddings", "skip", "--lm-head", "skip", "--no-progress"]
 CONTEXT = DIMS["max_position_embeddings"]  # 64
-
-
-def run(*args):
-    return CliRunner().invoke(main, list(args))
-
-
-def _err(res):
-    assert res.exit_code == 1, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert lines and lines[-1].startswith("error: "), res.stderr
-    assert "Traceback" not in res.stderr
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")

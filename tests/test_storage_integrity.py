@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from cli_helpers import FAST
 from hf_fixtures import random_torch_model, save_checkpoint, save_tiny_tokenizer
 from test_pipeline_fixtures import DIMS, jax_cache_env, make_finetuned, make_pair
 
 from prinmix_jax.cli import main
 from prinmix_jax.storage import DeltaCheckpoint, DeltaFormatError, StepStore, decode_step
 
-FAST = ["--data-free", "--method", "bitdelta", "--embeddings", "skip", "--lm-head", "skip", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
