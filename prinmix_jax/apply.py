@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.pipeline import merge_block, param_groups
-from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, check_output_location, is_prinmix_output,
+from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, check_output_location,
+                                 is_prinmix_output,
                                  load_delta, write_output_marker,
                                  tensor_digest)
 
@@ -225,8 +226,9 @@ def _remove_stale_tmp(out: str) -> None:
         if head != f"{name}.tmp-apply" or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
             continue
         p = os.path.join(parent, n)
-        # ours: it holds the marker, or it is still empty (killed between creating it and the marker)
-        if is_prinmix_output(p) or (os.path.isdir(p) and not os.path.islink(p) and not os.listdir(p)):
+        # ours: it holds the marker, or nothing but the marker being written (killed right after the mkdir)
+        if is_prinmix_output(p) or (os.path.isdir(p) and not os.path.islink(p)
+                                    and set(os.listdir(p)) <= {OUTPUT_MARKER + ".tmp"}):
             shutil.rmtree(p, ignore_errors=True)
             print(f"removed {p!r}, left by an interrupted apply", file=sys.stderr)
 

@@ -172,12 +172,15 @@ def test_apply_removes_what_a_killed_apply_left(root, pair, delta):
     open(os.path.join(stale, "model-00001-of-00002.safetensors"), "wb").write(b"\0" * 100)
     empty = f"{out}.tmp-apply-{dead.pid + 2}"       # killed before even the marker was written
     os.makedirs(empty)
+    halfway = f"{out}.tmp-apply-{dead.pid + 3}"     # killed while the marker was being written
+    os.makedirs(halfway)
+    open(os.path.join(halfway, OUTPUT_MARKER + ".tmp"), "w").write('{"tool": "prin')
     foreign = f"{out}.tmp-apply-{dead.pid + 1}"     # same pattern, not ours: kept
     os.makedirs(foreign)
     open(os.path.join(foreign, "notes.txt"), "w").write("mine")
     res = run("apply", base, delta, out)
     assert res.exit_code == 0, res.output
-    assert not os.path.exists(stale) and not os.path.exists(empty) and os.listdir(foreign) == ["notes.txt"]
+    assert not any(map(os.path.exists, (stale, empty, halfway))) and os.listdir(foreign) == ["notes.txt"]
     assert "interrupted apply" in res.stderr
 
 
