@@ -20,10 +20,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from prinmix_jax import CompressionConfig, allocate_bits, index_cost_bits  # noqa: E402
-from prinmix_jax.compress import _gptq_kw, _svd_fn, max_kept_rank, padded_u_inputs, rank_bucket  # noqa: E402
+from prinmix_jax.compress import gptq_kw, max_kept_rank, padded_u_inputs, rank_bucket  # noqa: E402
 from prinmix_jax.core.error_table import error_table, select_rows  # noqa: E402
 from prinmix_jax.core.gptq import gptq_quantize  # noqa: E402
 from prinmix_jax.core.rtc import rtc_target, u_hessian  # noqa: E402
+from prinmix_jax.core.svd import thin_svd  # noqa: E402
 
 
 def _timed(name, fn, args, kwargs, reps, rows):
@@ -57,10 +58,10 @@ def main(argv=None):
     x = (rng.standard_normal((n, 2 * n)) * (np.arange(1, n + 1) ** -0.5)[:, None]).astype(np.float32)
     h = (x @ x.T / x.shape[1]).astype(np.float32)
     cfg = CompressionConfig(ratio=args.ratio)
-    kw = _gptq_kw(cfg)
+    kw = gptq_kw(cfg)
     d, hh = jax.device_put(delta), jax.device_put(h)
     rows = []
-    u, sigma, v = _timed("SVD", _svd_fn(), (d,), {}, args.reps, rows)
+    u, sigma, v = _timed("SVD", thin_svd, (d,), {}, args.reps, rows)
     e, passes = _timed("error table (GPTQ of V, every width)", error_table, (v, sigma, hh, np.float32(cfg.damp)),
                        dict(widths=cfg.bits, **kw), args.reps, rows)
     t = time.perf_counter()

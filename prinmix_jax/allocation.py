@@ -7,22 +7,14 @@
 
 It is a multiple-choice knapsack; ``tests/`` checks it against an exact dynamic program.
 
-Before the solver sees it, the problem is reduced exactly with the Lagrangian bound of the budget
-constraint (reduced-cost fixing, as in core algorithms for knapsack problems): for a multiplier
-``λ ≥ 0`` every feasible choice ``x`` has ``Σ e·x ≥ L(λ) + Σ rc·x`` with
-``L(λ) = Σ_i min_b (e[i,b] + λ c[i,b]) − λ C`` and reduced costs ``rc[i,b] = e[i,b] + λ c[i,b] −
-min_b'(e[i,b'] + λ c[i,b'])``. The choice ``argmin_b (e + λc)`` at the smallest ``λ`` that fits the budget
-is feasible with error ``U``, so a pair with ``rc[i,b] > U − L(λ)`` is in no optimal solution and is
-removed; indices with one pair left are fixed. On error tables of real deltas about 4% of the pairs
-stay for the MILP (3001 of 71680 for 56 matrices; README), so a global allocation over every matrix of
-a model no longer costs the memory and time of the full MILP (HiGHS needs about 2 KB per binary).
-The optimality gap asked for is the whole problem's: it is passed to the solver as an absolute gap.
-The reduction is used when a gap > 0 is asked for (``CompressionConfig.ilp_gap`` = 1e-4); exact proofs
-(gap 0) get the whole problem, because a core made only of near-ties took HiGHS minutes to prove.
+Before the solver sees it, the problem is reduced exactly (:mod:`prinmix_jax.allocation_reduction`)
+when a gap > 0 is asked for (``CompressionConfig.ilp_gap``); that gap is the whole problem's and is
+passed to the solver as an absolute gap. Exact proofs (gap 0) get the whole problem: a reduced core
+made only of near-ties can take HiGHS minutes to prove. The costs ``c`` come from
+:func:`prinmix_jax.costs.index_cost_bits` (re-exported here).
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from typing import NamedTuple
@@ -30,6 +22,12 @@ from typing import NamedTuple
 import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
+
+from prinmix_jax.allocation_reduction import lagrangian_reduction
+from prinmix_jax.costs import index_cost_bits
+
+__all__ = ["MILP_SOLVERS", "Allocation", "allocate_bits", "allocate_bits_global", "check_solver",
+           "index_cost_bits", "lagrangian_reduction", "milp_solvers_installed"]
 
 #: CVXPY solvers that can solve mixed-integer linear programs (when installed).
 MILP_SOLVERS = ("HIGHS", "SCIPY", "GLPK_MI", "CBC", "SCIP", "GUROBI", "CPLEX", "MOSEK", "XPRESS", "COPT", "CUOPT")
@@ -65,32 +63,8 @@ def milp_solvers_installed() -> list[str]:
     return [s for s in MILP_SOLVERS if s in inst]
 
 
-def index_cost_bits(m: int, n: int, widths, group_size: int | None, *, scale_bits: int = 16,
-                    zero_bits: int = 8, sigma_bits: int = 32, width_bits: int = 8) -> np.ndarray:
-    """Byte-exact storage cost ``c[b]`` in bits of one singular index at each width.
-
-    An index at width ``b > 0`` stores ``u_i`` (m codes) and ``V_i`` (n codes) packed at b bits in
-    uint8 words (each row padded to a multiple of 8 values), one scale and one zero per group of
-    ``group_size`` entries of each, its σ and its width. Width 0 costs nothing.
-
-    Returns:
-      int64 array, one cost per entry of ``widths``.
-    """
-    def ngroups(length):
-        return 1 if not group_size or group_size >= length else math.ceil(length / group_size)
-
-    out = []
-    for b in widths:
-        if b == 0:
-            out.append(0)
-            continue
-        codes = 8 * b * (math.ceil(m / 8) + math.ceil(n / 8))
-        groups = (scale_bits + zero_bits) * (ngroups(m) + ngroups(n))
-        out.append(codes + groups + sigma_bits + width_bits)
-    return np.asarray(out, dtype=np.int64)
-
-
-def _check_solver(solver: str) -> str:
+def check_solver(solver: str) -> str:
+    """The upper-case name of ``solver``; ValueError when it is unknown or not installed."""
     name = str(solver).upper()
     installed = milp_solvers_installed()
     if name not in MILP_SOLVERS:
@@ -120,76 +94,6 @@ def _solver_kwargs(name: str, time_limit: float | None, options: dict | None, ga
     return opts
 
 
-def lagrangian_reduction(e: np.ndarray, c: np.ndarray, budget_bits: float, *, iters: int = 100):
-    """Exact reduced-cost fixing for the multiple-choice knapsack (module docstring).
-
-    Args:
-      e: (r, nw) errors (float64, finite); c: (r, nw) non-negative costs; budget_bits: the budget.
-
-    Returns:
-      ``(keep, incumbent, lower)``: a (r, nw) bool mask of the pairs that can be in an optimal solution,
-      the columns (r,) of a feasible choice whose error bounds the optimum from above, and the lower bound
-      ``L(λ)`` (``(all True, None, 0.0)`` when even the cheapest choice exceeds the budget).
-    """
-    e = np.asarray(e, np.float64)
-    c = np.asarray(c, np.float64)
-    rows = np.arange(e.shape[0])
-
-    def pick(lam):   # argmin e + λc, ties to the cheaper pair
-        score = e + lam * c
-        best = score.min(axis=1, keepdims=True)
-        tied = score <= best
-        return np.argmin(np.where(tied, c, np.inf), axis=1), best[:, 0]
-
-    def cost(choice):
-        return c[rows, choice].sum()
-
-    if c.min(axis=1).sum() > budget_bits:
-        return np.ones(e.shape, bool), None, 0.0
-    lo, hi = 0.0, 1.0
-    choice, _ = pick(0.0)
-    if cost(choice) > budget_bits:
-        while cost(pick(hi)[0]) > budget_bits:
-            hi *= 2.0
-            if hi > 1e300:
-                return np.ones(e.shape, bool), None, 0.0
-        for _ in range(iters):   # smallest λ whose choice fits: the LP dual of the budget, to precision
-            mid = 0.5 * (lo + hi)
-            if cost(pick(mid)[0]) > budget_bits:
-                lo = mid
-            else:
-                hi = mid
-        lam = hi
-    else:
-        lam = 0.0
-    choice, best = pick(lam)
-    choice = _fill(e, c, choice, budget_bits)
-    upper = e[rows, choice].sum()
-    lower = best.sum() - lam * budget_bits
-    rc = e + lam * c - best[:, None]
-    slack = (upper - lower) + 1e-9 * (abs(upper) + abs(lower)) + 1e-300   # conservative float margin
-    keep = rc <= slack
-    keep[rows, choice] = True
-    return keep, choice, max(float(lower), 0.0)
-
-
-def _fill(e, c, choice, budget_bits, steps: int = 64):
-    """Greedy use of the budget a choice leaves: the best error drop per bit that still fits, repeated."""
-    rows = np.arange(e.shape[0])
-    choice = choice.copy()
-    for _ in range(steps):
-        left = budget_bits - c[rows, choice].sum()
-        dc = c - c[rows, choice][:, None]
-        de = e[rows, choice][:, None] - e
-        ok = (dc <= left) & (de > 0)
-        if not ok.any():
-            break
-        gain = np.where(ok, de / np.maximum(dc, 1e-12), -np.inf)
-        i, b = np.unravel_index(np.argmax(gain), gain.shape)
-        choice[i] = b
-    return choice
-
-
 def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | None = None,
                   solver: str = "HIGHS", time_limit: float | None = None, mip_rel_gap: float = 0.0,
                   solver_options: dict | None = None, reduce: bool = True) -> Allocation:
@@ -206,10 +110,10 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
       time_limit: seconds; a solve that hits it raises (its answer is not proven optimal).
       mip_rel_gap: relative optimality gap the solver must prove (HiGHS, SCIPY); 0 = exact optimum.
         Exact proofs can take minutes on thousands of indices with near-ties; 1e-4 (HiGHS's own
-        default, used by :class:`CompressionConfig`) takes well under a second after the
-        Lagrangian reduction (module docstring).
+        default, used by :class:`CompressionConfig`) is much faster after the Lagrangian reduction.
       solver_options: extra keyword arguments for ``Problem.solve``.
-      reduce: apply the exact Lagrangian reduction first when ``mip_rel_gap > 0`` (module docstring);
+      reduce: apply the exact Lagrangian reduction first when ``mip_rel_gap > 0``
+        (:func:`~prinmix_jax.allocation_reduction.lagrangian_reduction`);
         False hands the whole problem to the solver.
 
     Returns:
@@ -228,8 +132,8 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
         raise ValueError("error table must be finite and non-negative")
     if np.any(c < 0):
         raise ValueError("costs must be non-negative")
-    name = _check_solver(solver)
-    r, nw = e.shape
+    name = check_solver(solver)
+    r = e.shape[0]
     t0 = time.perf_counter()
     if r == 0:
         z = np.zeros(0, np.int64)
@@ -237,7 +141,7 @@ def allocate_bits(errors, costs, budget_bits: int, widths, *, max_widths: int | 
     if max_widths is not None and max_widths < 1:
         raise ValueError(f"max_widths must be >= 1, got {max_widths}")
     # Exact proofs (gap 0) are left to the solver on the whole problem: with the reduction the core is
-    # made of near-ties only, and proving its optimum to HiGHS's absolute tolerance took minutes.
+    # made of near-ties only, and proving its optimum to HiGHS's absolute tolerance can take minutes.
     reduce = reduce and mip_rel_gap > 0
     keep, incumbent, lower = lagrangian_reduction(e, c, budget_bits) if reduce else (np.ones(e.shape, bool), None, 0.)
     if incumbent is not None and max_widths is not None and len(np.unique(incumbent)) > max_widths:

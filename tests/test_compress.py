@@ -9,7 +9,7 @@ import pytest
 from benchmarks.synthetic import long_tailed_delta
 from prinmix_jax import (METHODS, CompressionConfig, SVDQuantDelta, allocate_bits, allocate_bits_global,
                          compress_matrix, compress_stack, error_tables, from_state, index_cost_bits, to_state)
-from prinmix_jax.compress import _pack_svd
+from prinmix_jax.compress import pack_svd
 from prinmix_jax.core.gptq import GPTQResult
 
 
@@ -111,7 +111,7 @@ def test_real_model_shapes_pack_within_budget(shape):
     g = cfg.group_size
     v_res = GPTQResult(None, codes_v, np.ones((k, -(-n // g))), np.zeros((k, -(-n // g))), None)
     u_res = GPTQResult(None, codes_u, np.ones((k, -(-m // g))), np.zeros((k, -(-m // g))), None)
-    cm = _pack_svd((m, n), sigma[keep], w, v_res, u_res, cfg, "prinmix")
+    cm = pack_svd((m, n), sigma[keep], w, v_res, u_res, cfg, "prinmix")
     assert cm.nbytes == _leaf_bytes(cm) == alloc.cost_bits // 8
     assert cm.nbytes <= cfg.ratio * 2 * m * n
 
@@ -250,3 +250,18 @@ def test_u_error_term_lowers_the_end_to_end_error():
         _, off = compress_matrix(d, h, dataclasses.replace(cfg, u_error=False), return_info=True)
         gains.append(off["rel_output_error"] - on["rel_output_error"])
     assert min(gains) > 0, gains
+
+
+def test_method_registry_matches_methods_and_svd_sharded_is_the_one_path():
+    from prinmix_jax.core.svd import svd_delta, svd_sharded
+    from prinmix_jax.methods import REGISTRY, get_method
+
+    assert tuple(REGISTRY) == METHODS and all(get_method(m).name == m for m in METHODS)
+    with pytest.raises(ValueError, match="unknown method 'svd'"):
+        get_method("svd")
+    d = np.random.default_rng(0).standard_normal((3, 24, 16)).astype(np.float32)
+    u, s, v = svd_sharded(d)       # 3 matrices over 8 devices: padded, then the padding dropped
+    assert np.asarray(u).shape == (3, 24, 16) and np.asarray(s).shape == (3, 16) and np.asarray(v).shape == (3, 16, 16)
+    np.testing.assert_allclose(np.asarray(s), np.asarray(svd_delta(d)[1]), rtol=1e-5)
+    with pytest.raises(ValueError, match="upcast"):
+        svd_sharded(jnp.asarray(d, jnp.bfloat16))

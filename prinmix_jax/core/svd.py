@@ -1,10 +1,16 @@
-"""Thin SVD of deltas, ``ΔW = U diag(σ) V`` with V's rows orthonormal (numpy's ``Vᵀ``)."""
+"""Thin SVD of deltas, ``ΔW = U diag(σ) V`` with V's rows orthonormal (numpy's ``Vᵀ``).
+
+The one SVD path of the project: :func:`compress_stack <prinmix_jax.compress.compress_stack>` and
+:func:`error_tables <prinmix_jax.compress.error_tables>` call :func:`svd_sharded`.
+"""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+
+from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded
 
 
 def _check_dtype(x):
@@ -14,10 +20,12 @@ def _check_dtype(x):
             "upcast the delta first, e.g. delta.astype(jnp.float32)")
 
 
-@jax.jit
-def _svd(delta):
-    u, s, v = jnp.linalg.svd(delta, full_matrices=False)
-    return u, s, v
+def thin_svd(delta):
+    """``(U, σ, V)`` of one float32/float64 ``(m, n)`` delta: the traced function, not jitted."""
+    return jnp.linalg.svd(delta, full_matrices=False)
+
+
+_svd = jax.jit(thin_svd)
 
 
 def svd_delta(delta):
@@ -35,34 +43,24 @@ def svd_delta(delta):
     return _svd(delta)
 
 
-def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = "batch"):
+def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS):
     """SVD of a stack ``(batch, m, n)`` of same-shape deltas, spread over the devices of ``mesh``.
 
-    The batch is padded with zero matrices to a multiple of the mesh size (SVD only shards
-    over the batch axis), computed under ``jax.jit`` with batch-sharded in/out shardings, and
-    the padding is removed.
+    One ``jax.jit``-compiled ``vmap`` of :func:`thin_svd` with batch-sharded in/out shardings
+    (:func:`~prinmix_jax.core.mesh.run_sharded`): the batch is padded to a multiple of the mesh size
+    and the padding removed.
 
     Args:
-      deltas: float32/float64 array (batch, m, n).
+      deltas: float32/float64 array (batch, m, n); bf16/f16 is refused. A numpy array goes to the
+        devices shard by shard.
       mesh: a 1-D mesh; default all devices.
       axis: the mesh axis name.
 
     Returns:
-      ``(U, σ, V)`` for the unpadded batch.
+      ``(U, σ, V)`` for the unpadded batch: on the mesh, or on the host (numpy) when it was padded.
     """
-    deltas = jnp.asarray(deltas)
+    deltas = deltas if isinstance(deltas, (np.ndarray, jax.Array)) else jnp.asarray(deltas)
     _check_dtype(deltas)
     if deltas.ndim != 3:
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
-    if mesh is None:
-        mesh = Mesh(np.asarray(jax.devices()), (axis,))
-    ndev = mesh.shape[axis]
-    b = deltas.shape[0]
-    pad = (-b) % ndev
-    if pad:
-        deltas = jnp.concatenate([deltas, jnp.zeros((pad,) + deltas.shape[1:], deltas.dtype)])
-    sh = NamedSharding(mesh, P(axis))
-    fn = jax.jit(lambda d: jnp.linalg.svd(d, full_matrices=False), in_shardings=sh,
-                 out_shardings=(sh, sh, sh))
-    u, s, v = fn(jax.device_put(deltas, sh))
-    return u[:b], s[:b], v[:b]
+    return run_sharded(thin_svd, default_mesh(mesh, axis), deltas, axis=axis)

@@ -1,0 +1,31 @@
+"""The byte-exact storage cost of a singular index (method.md §3, the cost ``c[i, b]``)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def index_cost_bits(m: int, n: int, widths, group_size: int | None, *, scale_bits: int = 16,
+                    zero_bits: int = 8, sigma_bits: int = 32, width_bits: int = 8) -> np.ndarray:
+    """Byte-exact storage cost ``c[b]`` in bits of one singular index at each width.
+
+    An index at width ``b > 0`` stores ``u_i`` (m codes) and ``V_i`` (n codes) packed at b bits in
+    uint8 words (each row padded to a multiple of 8 values), one scale and one zero per group of
+    ``group_size`` entries of each, its σ and its width. Width 0 costs nothing.
+
+    Returns:
+      int64 array, one cost per entry of ``widths``.
+    """
+    def ngroups(length):
+        return 1 if not group_size or group_size >= length else math.ceil(length / group_size)
+
+    out = []
+    for b in widths:
+        if b == 0:
+            out.append(0)
+            continue
+        codes = 8 * b * (math.ceil(m / 8) + math.ceil(n / 8))
+        groups = (scale_bits + zero_bits) * (ngroups(m) + ngroups(n))
+        out.append(codes + groups + sigma_bits + width_bits)
+    return np.asarray(out, dtype=np.int64)

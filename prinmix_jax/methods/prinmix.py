@@ -1,0 +1,160 @@
+"""PrinMix (method.md §1–4) and the uniform-width baseline, which share the error-table path.
+
+Both run the SVD, the exact error table of every index at every width (GPTQ of V, §2) plus the
+optional U-side estimate, choose widths from the table (PrinMix: the ILP of §3; uniform: one width
+for the top-k indices), then the U step. Given widths (a global allocation) skip the table.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prinmix_jax.allocation import allocate_bits
+from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
+from prinmix_jax.core.mesh import run_sharded
+from prinmix_jax.methods.base import Method, Stack
+from prinmix_jax.methods.shared import (check_widths, fixed_width_rows, gptq_kw, hessian_stack, index_costs,
+                                        max_kept_rank, quantize_stack, stack_svd)
+
+
+@functools.cache
+def _error_table_fn(**kw):
+    return lambda v, s, h, damp: error_table(v, s, h, damp, **kw)
+
+
+def allocation_tables(u, sigma, v, h_all, cfg, mesh):
+    """The tables the allocation sees for a stack: the exact V-step table (method.md §2), plus the U-side
+    estimate when ``cfg.u_error``; returns ``(tables float64 (B, r, nw), the V GPTQ passes)``."""
+    e, passes = run_sharded(_error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), mesh, v, sigma, h_all,
+                            np.float32(cfg.damp))
+    tables = np.asarray(e, np.float64)
+    if cfg.u_error:
+        tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
+    return tables, passes
+
+
+def _u_error_tables(u, sigma, v, h_all, cfg):
+    """The U-side estimate (:func:`u_error_estimate`) for a stack of matrices."""
+    out = []
+    for i in range(len(u)):
+        d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]), jnp.asarray(h_all[i]))
+        out.append(u_error_estimate(jnp.asarray(u[i]), d0, widths=cfg.bits, group_size=cfg.group_size,
+                                    scale_dtype=cfg.scale_jnp_dtype))
+    return np.asarray(out, np.float64)
+
+
+class TableMethod(Method):
+    """A method that chooses each matrix's widths from its error table (:meth:`choose`)."""
+
+    def choose(self, e: np.ndarray, active: np.ndarray, stack: Stack, info: dict) -> np.ndarray:
+        """(r,) widths of one matrix from its (r, nw) table; ``active``: the indices with σ > 0."""
+        raise NotImplementedError
+
+    def compress(self, stack: Stack) -> list:
+        cfg = stack.cfg
+        m, n = stack.shape
+        u, sigma, v = stack_svd(stack)
+        sig_np = np.asarray(sigma)
+        h_all = hessian_stack(stack)
+        t = time.perf_counter()
+        u_rank = stack.u_rank
+        if stack.widths is not None:
+            widths = check_widths(stack.widths, len(stack.pairs), sig_np.shape[1], cfg.bits) * (sig_np > 0)
+            if u_rank is None:
+                u_rank = int((widths > 0).sum(axis=1).max())
+            select = fixed_width_rows(stack, v, h_all, widths)
+        else:
+            if u_rank is None:
+                u_rank = max_kept_rank(m, n, cfg)
+            select = self._table_rows(stack, u, sigma, v, h_all)
+        t_stage1 = (time.perf_counter() - t) / len(stack.pairs)
+        return quantize_stack(stack, u, sigma, h_all, select, u_rank=u_rank, rtc=cfg.rtc, t_stage1=t_stage1)
+
+    def _table_rows(self, stack, u, sigma, v, h_all):
+        """The V step from the error tables: ``select(i, info) -> (widths, V̂ rows)`` (see
+        :func:`~prinmix_jax.methods.shared.quantize_stack`)."""
+        cfg = stack.cfg
+        tables, passes = allocation_tables(u, sigma, v, h_all, cfg, stack.mesh)
+        sig_np = np.asarray(sigma)
+        r = sig_np.shape[1]
+
+        def select(i, info):
+            e_i = tables[i]
+            w = self.choose(e_i, sig_np[i] > 0, stack, info)
+            info["error_table_objective"] = float(e_i[np.arange(r), [cfg.bits.index(b) for b in w]].sum())
+            info["v_damp"] = float(np.max(np.asarray(passes.damp)[i]))
+            keep = np.nonzero(w > 0)[0]
+            return w, select_rows(jax.tree.map(lambda a: np.asarray(a[i]), passes), cfg.bits, keep, w[keep])
+        return select
+
+    def one_index_bits(self, m, n, cfg):
+        costs = index_costs(m, n, cfg)
+        return int(costs[costs > 0].min())
+
+    def check_settings(self, blocks, globs, cfg, scope):
+        if 0 in cfg.bits:
+            return
+        bits = ",".join(map(str, cfg.bits))
+        if scope == "global":
+            raise ValueError(f"bit widths {bits} (--bits) lack 0: the global allocation (--scope global, the "
+                             "default for prinmix) must be able to drop singular vectors; add 0, e.g. "
+                             f"--bits 0,{bits}")
+        for m, n in sorted(set(blocks + globs)):
+            need = min(m, n) * int(min(index_costs(m, n, cfg)))
+            if need > cfg.budget_bits(m, n):
+                raise ValueError(f"bit widths {bits} (--bits) lack 0, so all {min(m, n)} singular vectors of a "
+                                 f"{m}x{n} matrix must be stored: at least {need // 8} bytes, but ratio "
+                                 f"{cfg.ratio:.4g} (--ratio) allows {cfg.budget_bits(m, n) // 8}; add 0 to --bits")
+
+
+class PrinMix(TableMethod):
+    """PrinMix: widths from the allocation ILP (method.md §3), then RTC and GPTQ of U (§4)."""
+    name = "prinmix"
+
+    def choose(self, e, active, stack, info):
+        cfg = stack.cfg
+        r = e.shape[0]
+        w = np.zeros(r, np.int64)
+        idx = np.nonzero(active)[0]
+        if 0 not in cfg.bits and idx.size < r:
+            raise ValueError("the delta has zero singular values but bits has no 0 width to drop them")
+        alloc = allocate_bits(e[idx], index_costs(*stack.shape, cfg), stack.budget, cfg.bits,
+                              max_widths=cfg.max_widths, solver=cfg.solver, time_limit=cfg.time_limit,
+                              mip_rel_gap=cfg.ilp_gap)
+        w[idx] = alloc.widths
+        info.update(allocation_objective=alloc.objective, allocation_seconds=alloc.seconds, solver=alloc.solver)
+        return w
+
+
+class Uniform(TableMethod):
+    """Baseline: one width for all kept indices (the top-k by σ), to show why mixing matters."""
+    name = "uniform"
+
+    def choose(self, e, active, stack, info):
+        w = np.zeros(e.shape[0], np.int64)
+        idx = np.nonzero(active)[0]
+        w[idx] = uniform_widths(e[idx], index_costs(*stack.shape, stack.cfg), stack.budget, stack.cfg.bits)
+        return w
+
+
+def uniform_widths(e, costs, budget, bits):
+    """One width for the top-k indices: the (width, k) with the least table error under budget."""
+    r = e.shape[0]
+    best, best_w = None, np.zeros(r, np.int64)
+    zero_err = e[:, bits.index(0)] if 0 in bits else None
+    for j, b in enumerate(bits):
+        if b == 0:
+            continue
+        k = min(r, budget // int(costs[j]))
+        if zero_err is None and k < r:
+            continue
+        err = e[:k, j].sum() + (zero_err[k:].sum() if zero_err is not None else 0.0)
+        if best is None or err < best:
+            best, best_w = err, np.where(np.arange(r) < k, b, 0)
+    if best is None:
+        raise ValueError(f"budget of {budget} bits cannot store every index at any width of {bits}; add 0")
+    return best_w

@@ -1,0 +1,248 @@
+"""Steps shared by the SVD-based methods (method.md §1 and §4) and the bookkeeping of every method.
+
+The SVD of a stack, the V step at given widths, the U step (RTC, GPTQ of U), packing, and the
+per-matrix loop that ties them together: a method decides which widths each singular index gets
+and hands them here.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from prinmix_jax.config import CompressionConfig
+from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
+from prinmix_jax.core.mesh import run_sharded
+from prinmix_jax.core.packing import pack_bits
+from prinmix_jax.core.rtc import rtc_target, u_hessian
+from prinmix_jax.core.svd import svd_sharded
+from prinmix_jax.costs import index_cost_bits
+from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta
+from prinmix_jax.methods.base import Stack
+
+
+def gptq_kw(cfg: CompressionConfig) -> dict:
+    """The GPTQ settings of a config (static arguments of the jitted GPTQ and error-table programs)."""
+    return dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
+                scale_dtype=cfg.scale_jnp_dtype)
+
+
+def index_costs(m: int, n: int, cfg: CompressionConfig, bits=None) -> np.ndarray:
+    """:func:`~prinmix_jax.costs.index_cost_bits` of an (m, n) matrix under ``cfg`` (default ``cfg.bits``)."""
+    return index_cost_bits(m, n, cfg.bits if bits is None else bits, cfg.group_size, scale_bits=cfg.scale_bits)
+
+
+def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
+    """The most singular indices an (m, n) matrix can keep within its budget: every kept index costs at
+    least its cost at the smallest nonzero width of ``bits`` (default ``cfg.bits``)."""
+    bits = cfg.bits if bits is None else bits
+    r = min(m, n)
+    if 0 not in bits:
+        return r
+    costs = index_costs(m, n, cfg, bits)
+    return int(min(r, cfg.budget_bits(m, n) // int(costs[costs > 0].min())))
+
+
+def rank_bucket(k: int) -> int:
+    """Smallest size >= k among 32, 40, 48, 56, 64, 80, 96, ... (four per octave, <= 25% padding)."""
+    size = 32
+    while size < k:
+        step = 1 << max(0, size.bit_length() - 3)
+        size += step
+    return size
+
+
+def padded_u_inputs(sigma_k, v_q, widths_k, kb: int):
+    """The U step's inputs for k kept indices, inertly padded to ``kb`` on the host and put on the device:
+    ``(σ (kb,) padded with ones, V̂ (kb, n) padded with zero rows, valid (kb,) bool, widths (kb,) int32
+    padded with 1)``."""
+    k = len(widths_k)
+    pad = kb - k
+    sigma_k = np.asarray(sigma_k)
+    return jax.device_put((np.concatenate([sigma_k, np.ones(pad, sigma_k.dtype)]),
+                           np.pad(np.asarray(v_q, np.float32), ((0, pad), (0, 0))),
+                           np.arange(kb) < k,
+                           np.concatenate([widths_k, np.ones(pad, np.int64)]).astype(np.int32)))
+
+
+def output_error(delta, approx, hessian=None) -> float:
+    """Relative output error ``‖(ΔW − ΔŴ) X‖ / ‖ΔW X‖`` with ``H = X Xᵀ / N`` (identity if None)."""
+    d = jnp.asarray(delta, jnp.float32)
+    a = jnp.asarray(approx, jnp.float32)
+    h = None if hessian is None else jnp.asarray(hessian, jnp.float32)
+    num, den = _error_terms(d, a, h)
+    return float(jnp.sqrt(num / den)) if float(den) > 0 else 0.0
+
+
+@jax.jit
+def _error_terms(d, a, h):
+    e = d - a
+    if h is None:
+        return jnp.sum(e * e), jnp.sum(d * d)
+    return (jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e),
+            jnp.sum(jnp.matmul(d, h, precision=HIGHEST) * d))
+
+
+@jax.jit
+def _factored_error_terms(d, u_q, sigma, v_q, h):
+    """``_error_terms`` of ``d`` and ``u_q diag(σ) v_q`` (padded indices have zero rows of ``v_q``)."""
+    return _error_terms(d, jnp.matmul(u_q * sigma[None, :], v_q, precision=HIGHEST), h)
+
+
+@jax.jit
+def reconstruct(cm: CompressedMatrix):
+    """``cm.reconstruct()`` as one compiled program (faster than op-by-op for repeated shapes)."""
+    return cm.reconstruct()
+
+
+def stack_svd(stack: Stack):
+    """``(U, σ, V)`` of every delta of the stack (:func:`~prinmix_jax.core.svd.svd_sharded`)."""
+    return svd_sharded(stack.deltas(), stack.mesh)
+
+
+def hessian_stack(stack: Stack):
+    """(B, n, n) Hessians; identities for data-free (``None``) entries."""
+    pairs = stack.pairs
+    if pairs[0][1] is None:
+        n = stack.shape[1]
+        return jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (len(pairs), n, n))
+    return np.stack([p[1] for p in pairs])
+
+
+def check_widths(widths, b, r, bits):
+    """Given widths as a (b, r) int64 array, every value among the candidate ``bits``."""
+    w = np.asarray([np.asarray(x) for x in widths], np.int64)
+    if w.shape != (b, r):
+        raise ValueError(f"widths must be {b} arrays of {r} widths, got shape {w.shape}")
+    bad = set(np.unique(w).tolist()) - set(bits)
+    if bad:
+        raise ValueError(f"widths {sorted(bad)} are not among the candidate bits {bits}")
+    return w
+
+
+@functools.cache
+def _v_gptq_fn(**kw):
+    return lambda v, h, bits, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
+
+
+def fixed_width_rows(stack: Stack, v, h_all, widths):
+    """The V step at widths already decided, (B, r): one GPTQ pass per matrix, sharded over the mesh.
+
+    Returns:
+      ``select(i, info) -> (widths (r,), V̂ rows of the kept indices)`` for :func:`quantize_stack`.
+    """
+    cfg = stack.cfg
+    v_res = run_sharded(_v_gptq_fn(**gptq_kw(cfg)), stack.mesh, v, h_all, np.maximum(widths, 1),
+                        np.float32(cfg.damp))
+
+    def select(i, info):
+        w = widths[i]
+        keep = np.nonzero(w > 0)[0]
+        info["v_damp"] = float(np.asarray(v_res.damp)[i])
+        return w, _take(v_res, i, keep)
+    return select
+
+
+def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
+    """Rows ``rows`` of matrix ``i`` of a stacked result, gathered on the host (numpy)."""
+    rows = np.asarray(rows, np.int64)
+    return GPTQResult(*(np.asarray(a[i])[rows] for a in res[:4]), np.asarray(res.damp[i]))
+
+
+def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: bool, t_stage1: float) -> list:
+    """The U step (:func:`svd_quant`) of every matrix of the stack, whose V step ``select`` gives."""
+    out = []
+    for i, ((d_np, h_np), info) in enumerate(zip(stack.pairs, stack.infos)):
+        t1 = time.perf_counter()
+        info["seconds_stage1"] = t_stage1
+        w, v_rows = select(i, info)
+        d = jnp.asarray(d_np)
+        h = jnp.asarray(h_all[i])
+        cm = svd_quant(d, h, u[i], sigma[i], w, v_rows, stack.cfg, stack.method, rtc=rtc, info=info,
+                       want_error=stack.return_info, u_rank=u_rank)
+        info["seconds_stage2"] = time.perf_counter() - t1
+        out.append(finish(cm, d, h_np, info, stack))
+    return out
+
+
+def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info, want_error, u_rank):
+    """Steps 2–4 of method.md §4 (RTC, GPTQ of U, packing) for the kept indices ``widths > 0``.
+
+    The k kept indices are padded to :func:`rank_bucket` (max(k, ``u_rank``)) with inert entries (zero
+    rows of V̂, zero columns of the target, decoupled Hessian entries), so the U-side programs compile
+    once per padded rank rather than once per rank; the padding is built and dropped on the host
+    (numpy), where rank-dependent shapes cost no compilation. ``v_rows`` holds numpy arrays.
+    With ``want_error``, also records ``info["rel_output_error"]`` of ``Û diag(σ) V̂`` (from the padded
+    factors: the same numbers as the packed result, without a program per rank).
+    """
+    keep = np.nonzero(widths > 0)[0]
+    kw = widths[keep]
+    k = keep.size
+    if k == 0:
+        empty = GPTQResult(*(np.zeros((0, 0)),) * 5)
+        if want_error:
+            info["rel_output_error"] = 1.0 if float(jnp.sum(delta * delta)) > 0 else 0.0
+        return pack_svd(delta.shape, [], kw, empty, empty, cfg, method)
+    kb = rank_bucket(max(k, u_rank))
+    sig_k = np.asarray(sigma)[keep]
+    sig_p, v_hat, valid, bits = padded_u_inputs(sig_k, v_rows.q, kw, kb)
+    t = time.perf_counter()
+    if rtc:
+        target, damp_used = rtc_target(delta, h, v_hat, sig_p, cfg.rtc_damp, valid)
+        info["rtc_damp"] = float(damp_used)
+    else:
+        target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, kb - k))))
+    g = u_hessian(v_hat, sig_p, h, valid)
+    u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **gptq_kw(cfg))
+    if want_error:
+        num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h)
+        info["rel_output_error"] = float(np.sqrt(num / den)) if float(den) > 0 else 0.0
+    u_res = jax.tree.map(np.asarray, u_pad)
+    u_res = GPTQResult(u_res.q[:, :k], u_res.codes[:, :k], u_res.scale[:k], u_res.zero[:k], u_res.damp)
+    info["u_damp"] = float(u_res.damp)
+    info["seconds_u"] = time.perf_counter() - t
+    return pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
+
+
+def pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, method) -> SVDQuantDelta:
+    """Groups the kept indices by width and packs their codes (host side, numpy; one transfer at the end).
+
+    Everything here has rank-dependent shapes, so it stays off the device: an eager jax op or
+    ``jnp.asarray`` would compile a small program per shape, and over many blocks those pile up.
+    """
+    sdt = cfg.scale_jnp_dtype
+    m, n = shape
+    sigma, widths = np.asarray(sigma), np.asarray(widths)
+    vc, vs, vz = np.asarray(v_res.codes), np.asarray(v_res.scale), np.asarray(v_res.zero)
+    uc, us, uz = np.asarray(u_res.codes).T, np.asarray(u_res.scale), np.asarray(u_res.zero)
+    fields = {k: [] for k in ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero")}
+    group_bits, all_w = [], []
+    for b in sorted({int(x) for x in widths}, reverse=True):
+        idx = np.nonzero(widths == b)[0]
+        group_bits.append(b)
+        all_w.append(np.full(idx.size, b, np.uint8))
+        fields["sigma"].append(sigma[idx].astype(np.float32))
+        fields["v_codes"].append(pack_bits(vc[idx], b))
+        fields["v_scale"].append(vs[idx].astype(sdt))
+        fields["v_zero"].append(vz[idx].astype(np.uint8))
+        fields["u_codes"].append(pack_bits(uc[idx], b))
+        fields["u_scale"].append(us[idx].astype(sdt))
+        fields["u_zero"].append(uz[idx].astype(np.uint8))
+    w = np.concatenate(all_w) if all_w else np.zeros(0, np.uint8)
+    fields, w = jax.device_put(({k: tuple(v) for k, v in fields.items()}, w))
+    return SVDQuantDelta(widths=w, shape=(m, n), group_bits=tuple(group_bits),
+                         group_size=cfg.group_size or max(m, n), method=method, **fields)
+
+
+def finish(cm: CompressedMatrix, d, h_np, info: dict, stack: Stack):
+    """Records the size and time of one result; with ``stack.return_info`` returns ``(cm, info)``."""
+    info["nbytes"] = cm.nbytes
+    info["seconds"] = time.perf_counter() - stack.t0
+    if not stack.return_info:
+        return cm
+    if "rel_output_error" not in info:     # the SVD methods record it from their padded factors
+        info["rel_output_error"] = output_error(d, reconstruct(cm), h_np)
+    return cm, info
