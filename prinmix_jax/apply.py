@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prinmix_jax.pipeline import merge_block, param_groups
+from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, check_output_location,
                                  is_prinmix_output,
                                  load_delta, write_output_marker,
@@ -24,12 +24,6 @@ __all__ = ["apply_delta", "apply_delta_to_model", "apply_delta_to_checkpoint", "
            "check_base_compatible", "FingerprintMismatchError"]
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _model_config_of(delta: DeltaCheckpoint):
     from prinmix_jax.models import ModelConfig
 
@@ -37,22 +31,18 @@ def _model_config_of(delta: DeltaCheckpoint):
 
 
 def check_base_compatible(base_config, delta: DeltaCheckpoint) -> None:
-    """Architecture and shapes of the base must match the delta's model (not overridable by ``force``)."""
-    from prinmix_jax.models.llama.params import expected_tensors
+    """Architecture and shapes of the base must match the delta's model (not overridable by ``force``).
 
-    dcfg = _model_config_of(delta)
-    if base_config.architecture != dcfg.architecture:
-        raise ValueError(f"the delta is for a {dcfg.architecture} but the base is a {base_config.architecture}")
-    eb, ed = expected_tensors(base_config), expected_tensors(dcfg)
-    if {k: v[1] for k, v in eb.items()} != {k: v[1] for k, v in ed.items()}:
-        diff = sorted(k for k in set(eb) | set(ed) if eb.get(k, (0, None))[1] != ed.get(k, (0, None))[1])
-        raise ValueError(f"the base's tensors differ in names or shapes from the delta's model, e.g. {diff[:4]}")
+    Raises:
+      IncompatibleModelsError: (a ``ValueError``) they differ.
+    """
+    check_compatible(base_config, _model_config_of(delta), "base", "delta's model")
 
 
 def _check_digest(delta: DeltaCheckpoint, step: int, base_tree, table, force: bool) -> None:
     if force:
         return
-    got = tensor_digest([("/".join(p), _get(base_tree, p)) for p, _ in table])
+    got = tensor_digest([("/".join(p), get_path(base_tree, p)) for p, _ in table])
     want = delta.meta["base"]["step_digests"][step]
     if got != want:
         what = "the embedding / final norm / output head" if step == 0 else f"decoder block {step - 1}"
@@ -167,13 +157,13 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
 
             def emit(prefix, merged, native, table):
                 for path, _ in table:
-                    arr = np.asarray(_get(merged, path))
+                    arr = np.asarray(get_path(merged, path))
                     name = prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg)
                     if not np.all(np.isfinite(arr)):
                         raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds "
                                          "non-finite numbers); nothing was written")
                     if dtype is None:
-                        arr = arr.astype(_get(native, path).dtype)
+                        arr = arr.astype(get_path(native, path).dtype)
                     writer.add(name, arr)
 
             native_g = jax.tree.map(lambda a: np.array(a, copy=True), reader.read_globals(None, device_put=False))

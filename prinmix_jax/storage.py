@@ -52,7 +52,8 @@ from prinmix_jax.formats import CompressedMatrix, from_state, to_state
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "DeltaFormatError",
            "FingerprintMismatchError", "StepStore", "BlockDelta", "DeltaCheckpoint", "load_delta",
-           "encode_step", "decode_step", "owned_tree", "OwnedArray", "tensor_digest", "combine_fingerprint",
+           "MatrixEntry", "ZeroEntry", "DenseEntry", "encode_step", "decode_step", "owned_tree", "OwnedArray",
+           "tensor_digest", "combine_fingerprint",
            "OUTPUT_MARKER", "is_prinmix_output", "write_output_marker", "check_output_location", "publish"]
 
 FORMAT = "prinmix-delta"
@@ -95,6 +96,37 @@ def combine_fingerprint(step_digests) -> str:
 
 
 # ----- encoding one step -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MatrixEntry:
+    """A compressed decoder-block (or embedding / head) linear and its JSON-able ``info``."""
+    matrix: CompressedMatrix
+    info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroEntry:
+    """A delta that is exactly zero: only its ``shape`` is recorded (and ``info``, for linears)."""
+    shape: tuple
+    info: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseEntry:
+    """A dense delta (norm, bias, or an embedding / head the policy stores or skips).
+
+    ``kind="store"``: ``array`` is stored as given. ``kind="skip"``: nothing is stored; ``shape`` and the
+    delta's largest absolute value ``max_abs`` are recorded.
+    """
+    kind: str
+    shape: tuple
+    array: np.ndarray | None = None
+    max_abs: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("store", "skip"):
+            raise ValueError(f"unknown dense entry kind {self.kind!r}")
+
+
 def _sha(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 
@@ -103,16 +135,15 @@ def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, d
     """Turns one step's results into ``(arrays tree, JSON meta)``.
 
     Args:
-      linears: ``{name: ("matrix", CompressedMatrix, info) | ("zero", shape, info)}``.
-      dense: ``{"a/b/c": ("store", np.ndarray) | ("zero", shape) | ("skip", shape, max_abs)}``; the key is
-        the param path inside the step's tree joined by ``/``.
+      linears: ``{name: MatrixEntry | ZeroEntry}``.
+      dense: ``{"a/b/c": DenseEntry | ZeroEntry}``; the key is the param path inside the step's tree joined
+        by ``/``.
     """
     arrays: dict = {}
     meta: dict = {"linears": {}, "dense": {}}
     for name, entry in linears.items():
-        kind = entry[0]
-        if kind == "matrix":
-            cm, info = entry[1], entry[2]
+        if isinstance(entry, MatrixEntry):
+            cm, info = entry.matrix, entry.info
             st_arrays, st_meta = to_state(cm)
             keep, empty, sha, layout = {}, {}, {}, {}
             for k, a in st_arrays.items():
@@ -127,14 +158,13 @@ def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, d
                 arrays.setdefault("linears", {})[name] = keep
             meta["linears"][name] = {"kind": "matrix", "state": st_meta, "empty": empty, "sha256": sha,
                                      "arrays": layout, "nbytes": int(cm.nbytes), "info": info}
-        elif kind == "zero":
-            meta["linears"][name] = {"kind": "zero", "shape": list(entry[1]), "nbytes": 0, "info": entry[2]}
+        elif isinstance(entry, ZeroEntry):
+            meta["linears"][name] = {"kind": "zero", "shape": list(entry.shape), "nbytes": 0, "info": entry.info}
         else:
-            raise ValueError(f"unknown linear entry kind {kind!r}")
+            raise ValueError(f"unknown linear entry {entry!r}")
     for path, entry in dense.items():
-        kind = entry[0]
-        if kind == "store":
-            a = np.ascontiguousarray(entry[1])
+        if isinstance(entry, DenseEntry) and entry.kind == "store":
+            a = np.ascontiguousarray(entry.array)
             node = arrays.setdefault("dense", {})
             parts = path.split("/")
             for p in parts[:-1]:
@@ -142,13 +172,13 @@ def encode_step(linears: dict[str, Any], dense: dict[str, Any]) -> tuple[dict, d
             node[parts[-1]] = a
             meta["dense"][path] = {"kind": "store", "shape": list(a.shape), "dtype": a.dtype.name,
                                    "nbytes": int(a.nbytes), "sha256": _sha(a)}
-        elif kind == "zero":
-            meta["dense"][path] = {"kind": "zero", "shape": list(entry[1]), "nbytes": 0}
-        elif kind == "skip":
-            meta["dense"][path] = {"kind": "skip", "shape": list(entry[1]), "nbytes": 0,
-                                   "max_abs_delta": float(entry[2])}
+        elif isinstance(entry, ZeroEntry):
+            meta["dense"][path] = {"kind": "zero", "shape": list(entry.shape), "nbytes": 0}
+        elif isinstance(entry, DenseEntry):
+            meta["dense"][path] = {"kind": "skip", "shape": list(entry.shape), "nbytes": 0,
+                                   "max_abs_delta": float(entry.max_abs)}
         else:
-            raise ValueError(f"unknown dense entry kind {kind!r}")
+            raise ValueError(f"unknown dense entry {entry!r}")
     meta["nbytes"] = int(sum(e["nbytes"] for e in meta["linears"].values())
                          + sum(e["nbytes"] for e in meta["dense"].values()))
     return arrays, meta

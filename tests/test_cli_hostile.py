@@ -275,12 +275,13 @@ def test_ratio_accepts_fractions(root, pair):
 def test_bad_option_combinations_fail_before_any_work(root, pair, monkeypatch):
     import prinmix_jax.compress as core
     import prinmix_jax.pipeline as pipeline
+    import prinmix_jax.step_compress as step_compress
 
     def never(*a, **k):
         raise AssertionError("compression work started")
 
     monkeypatch.setattr(pipeline, "error_tables", never)
-    monkeypatch.setattr(pipeline, "compress_stack", never)
+    monkeypatch.setattr(step_compress, "compress_stack", never)
     monkeypatch.setattr(core, "compress_stack", never)
     out = os.path.join(root, "combo")
     msg = _err(run("compress", *pair, out, "--data-free", "--bits", "2,4", "--no-progress"))

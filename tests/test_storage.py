@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from prinmix_jax.formats import LowRankDelta, SignDelta, SVDQuantDelta
-from prinmix_jax.storage import (DeltaFormatError, StepStore, combine_fingerprint, decode_step, encode_step,
-                                 load_delta, tensor_digest)
+from prinmix_jax.storage import (DeltaFormatError, DenseEntry, MatrixEntry, StepStore, ZeroEntry, combine_fingerprint,
+                                 decode_step, encode_step, load_delta, tensor_digest)
 
 
 def _empty_svd(m=8, n=12):
@@ -25,10 +25,11 @@ def _entries():
                        v=rng.standard_normal((2, 12)).astype(np.float16), shape=(8, 12))
     sign = SignDelta(signs=rng.integers(0, 255, (8, 2), dtype=np.uint8), scale=np.array([0.5], np.float32),
                      shape=(8, 12))
-    linears = {"q_proj": ("matrix", low, {"rel_output_error": 0.1}), "k_proj": ("matrix", sign, {}),
-               "v_proj": ("matrix", _empty_svd(), {}), "o_proj": ("zero", (8, 12), {})}
-    dense = {"input_layernorm/weight": ("store", np.ones(12, np.float16)),
-             "self_attn/q_proj/bias": ("zero", (8,)), "post_attention_layernorm/weight": ("skip", (12,), 0.3)}
+    linears = {"q_proj": MatrixEntry(low, {"rel_output_error": 0.1}), "k_proj": MatrixEntry(sign, {}),
+               "v_proj": MatrixEntry(_empty_svd(), {}), "o_proj": ZeroEntry((8, 12), {})}
+    dense = {"input_layernorm/weight": DenseEntry("store", (12,), array=np.ones(12, np.float16)),
+             "self_attn/q_proj/bias": ZeroEntry((8,)),
+             "post_attention_layernorm/weight": DenseEntry("skip", (12,), max_abs=0.3)}
     return linears, dense
 
 
@@ -37,7 +38,7 @@ def test_encode_decode_round_trip_and_store(tmp_path):
     arrays, meta = encode_step(linears, dense)
     assert "v_proj" not in arrays.get("linears", {})  # only zero-size arrays: kept out of the tree
     assert meta["linears"]["v_proj"]["empty"]["widths"] == [[0], "uint8"]
-    assert meta["nbytes"] == linears["q_proj"][1].nbytes + linears["k_proj"][1].nbytes + 24
+    assert meta["nbytes"] == linears["q_proj"].matrix.nbytes + linears["k_proj"].matrix.nbytes + 24
     store = StepStore(os.path.join(tmp_path, "steps"), {"run": 1})
     assert store.latest_step() is None
     store.save(0, arrays, meta)
@@ -48,8 +49,8 @@ def test_encode_decode_round_trip_and_store(tmp_path):
     a, m = store.restore(0)
     bd = decode_step(a, m)
     np.testing.assert_array_equal(np.asarray(bd.linears["q_proj"].reconstruct()),
-                                  np.asarray(linears["q_proj"][1].reconstruct()))
-    np.testing.assert_array_equal(np.asarray(bd.linears["k_proj"].signs), np.asarray(linears["k_proj"][1].signs))
+                                  np.asarray(linears["q_proj"].matrix.reconstruct()))
+    np.testing.assert_array_equal(np.asarray(bd.linears["k_proj"].signs), np.asarray(linears["k_proj"].matrix.signs))
     assert bd.linears["v_proj"].rank == 0 and np.all(np.asarray(bd.linears["v_proj"].reconstruct()) == 0)
     assert bd.linears["o_proj"] is None
     assert bd.dense["input_layernorm/weight"].dtype == np.float16

@@ -151,6 +151,12 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}")
         return os.path.join(self.path, self._where[name])
 
+    def tensor_header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """``(shape, stored dtype)`` of tensor ``name`` as its safetensors header gives them (e.g. ``"BF16"``);
+        reads no tensor data."""
+        sl = self._open(os.path.basename(self.file_of(name))).get_slice(name)
+        return tuple(sl.get_shape()), sl.get_dtype()
+
     def read(self, name: str, dtype=None) -> np.ndarray:
         """Read one tensor into host memory as a NumPy array, optionally cast to ``dtype``."""
         f = self._open(os.path.basename(self.file_of(name)))

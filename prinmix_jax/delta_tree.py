@@ -1,0 +1,92 @@
+"""The delta tree of one step, shared by compression (:mod:`prinmix_jax.pipeline`) and apply
+(:mod:`prinmix_jax.apply`): which parameter is which kind, ``base + delta`` for one step, and the check that
+two models have the same architecture and tensors.
+
+A step's params are the nested dict of :mod:`prinmix_jax.models.llama.params` (a decoder block's subtree,
+or the globals: embedding, final norm, output head); paths into it are tuples, read and written with
+:func:`~prinmix_jax.models.llama.params.get_path` / :func:`~prinmix_jax.models.llama.params.set_path`.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from prinmix_jax.models.llama.params import block_param_table, expected_tensors, get_path, global_param_table, set_path
+
+__all__ = ["IncompatibleModelsError", "check_compatible", "param_groups", "entry_name", "merge_block",
+           "get_path", "set_path"]
+
+
+class IncompatibleModelsError(ValueError):
+    """Two models (base and fine-tuned, or a base and a delta's model) differ in architecture, tensor names
+    or shapes."""
+
+
+def check_compatible(config_a, config_b, label_a: str = "base", label_b: str = "fine-tuned model") -> None:
+    """Raises :class:`IncompatibleModelsError` unless both configs describe the same architecture with the
+    same tensor names and shapes (a delta between them is defined).
+
+    Args:
+      config_a, config_b: the two ``ModelConfig``\\ s.
+      label_a, label_b: what the messages call them (e.g. ``"base"``, ``"delta's model"``).
+    """
+    ca, cb = config_a, config_b
+    if ca.architecture != cb.architecture or ca.model_type != cb.model_type:
+        raise IncompatibleModelsError(f"the {label_a} is a {ca.architecture} ({ca.model_type}) but the {label_b} is "
+                                      f"a {cb.architecture} ({cb.model_type}); a delta needs the same architecture")
+    ea, eb = expected_tensors(ca), expected_tensors(cb)
+    if set(ea) != set(eb):
+        diff = sorted(set(ea) ^ set(eb))
+        raise IncompatibleModelsError(f"the {label_a} and the {label_b} have different tensors, e.g. {diff[:4]}")
+    for name in sorted(ea):
+        if ea[name][1] != eb[name][1]:
+            raise IncompatibleModelsError(f"tensor {name!r} has shape {ea[name][1]} in the {label_a} but "
+                                          f"{eb[name][1]} in the {label_b} (different sizes or vocabulary)")
+
+
+def _kind(path) -> str:
+    if path[-1] == "bias":
+        return "biases"
+    if path[0] == "embed_tokens":
+        return "embeddings"
+    if path[0] == "lm_head":
+        return "lm_head"
+    if path[-2].endswith("norm"):
+        return "norms"
+    return "linear"
+
+
+def param_groups(config) -> tuple[list, list]:
+    """``(block_table, global_table)``: for every tensor, ``(path, policy_key)`` where policy_key is
+    ``"linear"``, ``"norms"``, ``"biases"``, ``"embeddings"`` or ``"lm_head"``."""
+    return ([(p, _kind(p)) for _, p, _ in block_param_table(config)],
+            [(p, _kind(p)) for _, p, _ in global_param_table(config)])
+
+
+def entry_name(path) -> str:
+    """The name a compressed matrix is stored under: for a ``weight`` its module's name (``"q_proj"``,
+    ``"embed_tokens"``), else the path joined by ``/`` (dense deltas are keyed by the joined path)."""
+    return path[-2] if path[-1] == "weight" else "/".join(path)
+
+
+def merge_block(base_tree: dict, bd, table) -> dict:
+    """``base + reconstructed delta`` for one step, in float32 (a new tree; ``base_tree`` is not changed).
+
+    Args:
+      base_tree: the step's base params (float32 NumPy), block subtree or globals dict.
+      bd: the step's :class:`~prinmix_jax.storage.BlockDelta`.
+      table: the step's ``(path, kind)`` list from :func:`param_groups`.
+    """
+    out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)
+    for path, _ in table:
+        base = np.asarray(get_path(base_tree, path), np.float32)
+        key, name = "/".join(path), entry_name(path)
+        if name in bd.linears:
+            cm = bd.linears[name]
+            if cm is not None:
+                out = set_path(out, path, base + np.asarray(cm.reconstruct(), np.float32))
+        elif key in bd.dense:
+            d = bd.dense[key]
+            if d is not None:
+                out = set_path(out, path, base + d.astype(np.float32))
+    return out

@@ -1,0 +1,201 @@
+"""The step loop of a compress run: step 0 (the globals), then one step per decoder block, each written to
+the step store as soon as it is finished; then the summary, and the atomic publication of ``OUT``.
+
+Calibration hidden states flow from block to block: ``"parallel"`` through the fine-tuned blocks (the
+Hessians come from the same pass), ``"sequential"`` through the compressed blocks, read back from the
+(shared) checkpoint. A resumed run replays the hidden states through the finished blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from prinmix_jax.config import CompressionConfig
+from prinmix_jax.delta_tree import get_path, merge_block
+from prinmix_jax.distributed import barrier, broadcast_int
+from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
+from prinmix_jax.policy import ParamPolicy
+from prinmix_jax.run_summary import build_summary, result_problems
+from prinmix_jax.step_compress import compress_entries, save_step, step_items
+from prinmix_jax.storage import decode_step, publish, tensor_digest, write_summary
+
+__all__ = ["RunPlan", "run_steps", "progress_bar"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """The settings and constants of one compress run (everything but the model sources and the store).
+
+    Attributes:
+      work, out: the working folder (``out + ".partial"``) and the final output folder.
+      model_config: the fine-tuned model's ``ModelConfig``.
+      block_table, global_table: ``(path, kind)`` lists (:func:`~prinmix_jax.delta_tree.param_groups`).
+      config, method, policy: what to compress and how.
+      calibration_mode: ``"parallel"`` or ``"sequential"``.
+      ids: calibration token ids ``(N, T)``, or None (data-free); ``calibration``: their provenance.
+      mesh: the device mesh for the stacked SVD / error tables.
+      identity: the run identity (decides whether an unfinished run may be resumed).
+      widths: ``{(block, name): widths}`` of a global allocation, or None; ``widths_digest``: its SHA-256.
+      chunk_size: calibration sequences per jitted step.
+      overwrite, progress: replace an existing ``out``; show progress bars.
+      log: receives one-line status messages.
+      stop_after_steps: stop after this many steps (tests of resume); None = run to the end.
+      t_start: ``time.perf_counter()`` when the run started.
+    """
+    work: str
+    out: str
+    model_config: Any
+    block_table: list
+    global_table: list
+    config: CompressionConfig
+    method: str
+    policy: ParamPolicy
+    calibration_mode: str
+    ids: np.ndarray | None
+    calibration: dict | None
+    mesh: Any
+    identity: dict
+    widths: dict | None = None
+    widths_digest: str | None = None
+    chunk_size: int = 8
+    overwrite: bool = False
+    progress: bool = False
+    log: Callable[[str], None] = lambda message: None
+    stop_after_steps: int | None = None
+    t_start: float = 0.0
+
+    @property
+    def num_steps(self) -> int:
+        return self.model_config.num_layers + 1
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str):
+    """A tqdm bar on stderr (disabled: a no-op bar)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _largest_ranks(widths) -> dict | None:
+    """The largest kept rank of every linear name over the model (see :func:`compress_entries`)."""
+    if widths is None:
+        return None
+    u_ranks = {}
+    for (_, name), w in widths.items():
+        u_ranks[name] = max(u_ranks.get(name, 0), int(np.count_nonzero(w)))
+    return u_ranks
+
+
+def _step_meta(plan: RunPlan, step: int, t0: float, table, base_tree, ft_tree) -> dict:
+    return {"step": step, "block": None if step == 0 else step - 1, "seconds": time.perf_counter() - t0,
+            "widths_digest": plan.widths_digest,
+            "base_digest": tensor_digest([("/".join(p), get_path(base_tree, p)) for p, _ in table]),
+            "finetuned_digest": tensor_digest([("/".join(p), get_path(ft_tree, p)) for p, _ in table])}
+
+
+def _compress_globals(plan: RunPlan, store, base_g: dict, ft_src) -> None:
+    """Step 0: the embedding, final norm and output head (data-free)."""
+    t0 = time.perf_counter()
+    ft_g = ft_src.globals()
+    items, dense = step_items(plan.global_table, base_g, ft_g, plan.policy)
+    entries = compress_entries(items, plan.config, plan.method, plan.mesh, 0)
+    save_step(store, 0, items, entries, dense, _step_meta(plan, 0, t0, plan.global_table, base_g, ft_g))
+
+
+def _first_hidden(plan: RunPlan, store, base_g: dict, ft_src):
+    """The calibration hidden states entering block 0 (through the compressed embedding when sequential)."""
+    if plan.calibration_mode == "sequential":
+        g_delta = decode_step(*store.restore(0))
+        return embed(merge_block(base_g, g_delta, plan.global_table), plan.model_config, plan.ids)
+    return embed(ft_src.globals(), plan.model_config, plan.ids)
+
+
+def _through_compressed(plan: RunPlan, store, base_b: dict, b: int, h):
+    """Hidden states after the compressed block ``b`` (read back from the shared checkpoint)."""
+    merged = merge_block(base_b, decode_step(*store.restore(b + 1)), plan.block_table)
+    return block_forward(merged, plan.model_config, h, layer=b, chunk_size=plan.chunk_size)
+
+
+def _replay_block(plan: RunPlan, store, base_src, ft_src, b: int, h):
+    """Carries the calibration state through block ``b``, finished by an earlier run."""
+    if h is None:
+        return None
+    if plan.calibration_mode == "parallel":
+        return block_forward_with_hessians(ft_src.block(b), plan.model_config, h, layer=b,
+                                           chunk_size=plan.chunk_size)[0]
+    return _through_compressed(plan, store, base_src.block(b), b, h)
+
+
+def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
+    """Step ``b + 1``: compresses and writes decoder block ``b``; returns the next hidden states."""
+    t0 = time.perf_counter()
+    step = b + 1
+    base_b, ft_b = base_src.block(b), ft_src.block(b)
+    hess = h_next = None
+    if h is not None:
+        h_next, hess = block_forward_with_hessians(ft_b, plan.model_config, h, layer=b, chunk_size=plan.chunk_size)
+    items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy, hess)
+    del hess
+    step_widths = None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
+    entries = compress_entries(items, plan.config, plan.method, plan.mesh, step, step_widths, u_ranks)
+    save_step(store, step, items, entries, dense, _step_meta(plan, step, t0, plan.block_table, base_b, ft_b))
+    del items, dense, entries
+    if h is None or plan.calibration_mode == "parallel":
+        return h_next
+    return _through_compressed(plan, store, base_b, b, h)
+
+
+def run_steps(plan: RunPlan, store, base_src, ft_src) -> dict:
+    """Compresses every step not yet in ``store``, then publishes ``plan.out``.
+
+    Returns:
+      The summary (``prinmix_delta.json``), or ``{"stopped_after_steps": n}`` when ``plan.stop_after_steps``
+      ended the run early.
+    """
+    latest = store.latest_step()
+    num_steps, stop_after = plan.num_steps, plan.stop_after_steps
+    start = broadcast_int(-1 if latest is None else latest) + 1
+    if start > 0:
+        plan.log(f"{start} of {num_steps} steps already finished; resuming")
+    bar = progress_bar(plan.progress and jax.process_index() == 0, num_steps, start, "compress")
+    done_this_run = 0
+    base_g = base_src.globals()
+    if start == 0:
+        _compress_globals(plan, store, base_g, ft_src)
+        bar.update(1)
+        done_this_run += 1
+    h = None if plan.ids is None else _first_hidden(plan, store, base_g, ft_src)
+    del base_g
+    u_ranks = _largest_ranks(plan.widths)
+    for b in range(plan.model_config.num_layers):
+        if stop_after is not None and done_this_run >= stop_after:
+            break
+        if b + 1 < start:
+            h = _replay_block(plan, store, base_src, ft_src, b, h)
+            continue
+        h = _compress_block(plan, store, base_src, ft_src, b, h, u_ranks)
+        bar.update(1)
+        done_this_run += 1
+    bar.close()
+    if stop_after is not None and store.latest_step() != num_steps - 1:
+        store.close()
+        return {"stopped_after_steps": done_this_run}
+    return _finish(plan, store, base_src, ft_src)
+
+
+def _finish(plan: RunPlan, store, base_src, ft_src) -> dict:
+    """Every process reads the step metadata; process 0 writes the summary and publishes ``plan.out``."""
+    summary = build_summary(store, plan, base_src, ft_src, time.perf_counter() - plan.t_start)
+    summary["problems"] = result_problems(summary)
+    store.close()
+    if jax.process_index() == 0:
+        summary = write_summary(plan.work, summary)
+        publish(plan.work, plan.out, plan.overwrite)
+    barrier("prinmix-published")
+    return summary

@@ -1,0 +1,116 @@
+"""Model sources for compression: a checkpoint folder, a ``CheckpointReader``, an NNX model or a param tree,
+read one step at a time (the globals, or one decoder block) as float32 NumPy, with every tensor checked
+finite as it is read."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from prinmix_jax.models import CheckpointReader, check_params, params_from_model
+from prinmix_jax.models.llama.params import block_param_table, get_path, global_param_table, iter_leaves
+
+__all__ = ["ModelSource", "NonFiniteWeightsError"]
+
+
+class NonFiniteWeightsError(ValueError):
+    """A base or fine-tuned tensor holds NaN or Inf."""
+
+
+class ModelSource:
+    """A checkpoint folder, a CheckpointReader, an NNX model or a param tree, read block by block.
+
+    Args:
+      obj: the model.
+      model_config: its ``ModelConfig`` when ``obj`` is a param tree (else ignored).
+      label: what messages call it (``"base"``, ``"fine-tuned"``).
+
+    Attributes:
+      config: the model's ``ModelConfig``.
+      path: the checkpoint folder, or None for in-memory models.
+      label: as given.
+    """
+
+    def __init__(self, obj, model_config, label: str):
+        self.label, self.reader, self.params, self.path = label, None, None, None
+        if isinstance(obj, (str, os.PathLike)):
+            self.path = os.fspath(obj)
+            self.reader = CheckpointReader(self.path)
+            self.config = self.reader.config
+        elif isinstance(obj, CheckpointReader):
+            self.reader, self.path, self.config = obj, obj.path, obj.config
+        elif isinstance(obj, nnx.Module):
+            self.params, self.config = params_from_model(obj), obj.config
+        elif isinstance(obj, dict):
+            if model_config is None:
+                raise ValueError(f"{label}: a param tree needs model_config=ModelConfig(...)")
+            self.params, self.config = obj, model_config
+            check_params(self.params, self.config)
+        else:
+            raise TypeError(f"{label}: expected a checkpoint folder, CheckpointReader, CausalLM or param tree, "
+                            f"got {type(obj).__name__}")
+
+    def _read(self, fn):
+        # Copy out of the memory map and drop the file handles after every read: mapped pages count towards
+        # the process RSS, so keeping the maps open would make the peak grow with the model size.
+        tree = jax.tree.map(lambda a: np.array(a, np.float32, copy=True), fn())
+        self.reader.close()
+        return tree
+
+    def block(self, b: int) -> dict:
+        """Decoder block ``b``'s params (float32 NumPy)."""
+        if self.reader is not None:
+            tree = self._read(lambda: self.reader.read_block(b, None, device_put=False))
+        else:
+            tree = jax.tree.map(lambda a: np.asarray(a, np.float32), self.params["layers"][b])
+        return self._check_finite(tree, b)
+
+    def globals(self) -> dict:
+        """The params outside the decoder blocks (float32 NumPy)."""
+        if self.reader is not None:
+            tree = self._read(lambda: self.reader.read_globals(None, device_put=False))
+        else:
+            tree = {k: jax.tree.map(lambda a: np.asarray(a, np.float32), v)
+                    for k, v in self.params.items() if k != "layers"}
+        return self._check_finite(tree, None)
+
+    def _check_finite(self, tree: dict, block: int | None) -> dict:
+        """Refuses a tensor with NaN or Inf as soon as it is read, naming it (HF name) and its block."""
+        table = [(f"model.layers.{block}.{suffix}", path) for suffix, path, _ in block_param_table(self.config)] \
+            if block is not None else [(name, path) for name, path, _ in global_param_table(self.config)]
+        for name, path in table:
+            try:
+                a = get_path(tree, path)
+            except ValueError:      # absent from this tree
+                continue
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                where = f"block {block}" if block is not None else "outside the decoder blocks"
+                src = f" ({self.path})" if self.path else ""
+                raise NonFiniteWeightsError(
+                    f"{self.label} model{src}: tensor {name} ({where}) has {bad} NaN/Inf value(s) of {a.size}; "
+                    "a checkpoint with non-finite weights cannot be compressed")
+        return tree
+
+    def header_digest(self) -> str:
+        """Cheap identity: tensor names, shapes and stored dtypes (and file sizes for folders)."""
+        h = hashlib.sha256()
+        if self.reader is not None:
+            for name in self.reader.names():
+                shape, dtype = self.reader.tensor_header(name)
+                h.update(f"{name}:{list(shape)}:{dtype};".encode())
+            for f in sorted({self.reader.file_of(n) for n in self.reader.names()}):
+                h.update(f"{os.path.basename(f)}={os.path.getsize(f)};".encode())
+        else:
+            for path, leaf in sorted(iter_leaves(self.params), key=lambda x: str(x[0])):
+                h.update(f"{path}:{tuple(leaf.shape)}:{leaf.dtype};".encode())
+                h.update(np.asarray(leaf, np.float32).tobytes())
+        return h.hexdigest()
+
+    def close(self):
+        """Drops the reader's file handles (it reopens them when read again)."""
+        if self.reader is not None and self.path is not None:
+            self.reader.close()
