@@ -15,6 +15,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from prinmix_jax.plotting import pyplot, save_png
+from prinmix_jax.plotting import write_text_atomic as _write_atomic
+
 __all__ = ["run_demo", "format_table", "DEFAULT_RATIOS", "parse_ratio"]
 
 DEFAULT_RATIOS = (1 / 32, 1 / 16, 1 / 8)
@@ -69,16 +72,13 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 
 def _plot(res: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The demo's PNG: task accuracy of every model at the main ratio, and accuracy against the budget."""
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     main = [r for r in res["rows"] if r["method"] is not None]
     names = ["base", "fine-tuned"] + [r["method"] for r in main]
     accs = [res["base"]["accuracy"], res["finetuned"]["accuracy"]] + [r["accuracy"] for r in main]
-    colors = ["#999999", "#333333"] + ["C%d" % i for i in range(len(main))]
+    colors = ["#999999", "#333333"] + [f"C{i}" for i in range(len(main))]
     a1.bar(range(len(names)), accs, color=colors)
     a1.set_xticks(range(len(names)), names, rotation=30, ha="right")
     a1.set_ylabel("exact-match accuracy")
@@ -99,17 +99,7 @@ def _plot(res: dict, path: str) -> None:
     a2.legend(fontsize=8)
     a2.set_title("accuracy vs budget")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1 / 16,

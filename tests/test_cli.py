@@ -185,7 +185,7 @@ def test_console_script_exit_code(root, tmp_path_factory):
 
 
 def test_gpu_autotune_is_off_by_default_only_where_cuda_is(monkeypatch):
-    import prinmix_jax.cli as cli
+    import prinmix_jax.cli.runtime as cli
 
     flag = "--xla_gpu_autotune_level=0"
     monkeypatch.setattr(cli, "CUDA_PLUGINS", ("json",))                # an importable module stands for the plugin

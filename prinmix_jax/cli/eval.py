@@ -1,93 +1,19 @@
-"""``prinmix demo`` and ``prinmix eval`` (registered on :data:`prinmix_jax.cli.main`, which imports this module)."""
+"""``prinmix eval``: BASE + each DELTA (and BASE itself) scored against FINETUNED."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
-from prinmix_jax.cli import EXIT_INTERRUPTED, epilog, main
+from prinmix_jax.cli.group import EXIT_INTERRUPTED, epilog
+from prinmix_jax.cli.options import compile_cache_option
+from prinmix_jax.cli.runtime import use_compile_cache
 
-__all__ = ["demo", "eval_cmd"]
-
-
-def _parse_ratios(ctx, param, value):
-    from prinmix_jax.demo import parse_ratio
-
-    if value is None:
-        return None
-    if value.strip().lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(parse_ratio(x) for x in value.split(",") if x.strip())
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+__all__ = ["eval_cmd"]
 
 
-def _parse_one_ratio(ctx, param, value):
-    from prinmix_jax.demo import parse_ratio
-
-    try:
-        return parse_ratio(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-@main.command(epilog=epilog(f"{EXIT_INTERRUPTED}  interrupted (Ctrl-C)"))
-@click.option("--out", type=click.Path(file_okay=False), default="prinmix-demo", show_default=True,
-              help="Output folder: deltas/, demo_results.json, .md and .png.")
-@click.option("--quick", is_flag=True, help="Tiny pair and small evaluation (seconds; for tests and smoke runs).")
-@click.option("--ratio", callback=_parse_one_ratio, default="1/16", show_default=True,
-              help="Budget of the main table, relative to a 16-bit delta.")
-@click.option("--ratios", callback=_parse_ratios, default="1/32,1/16,1/8", show_default=True,
-              help="Budgets of the accuracy-vs-ratio plot ('none' to skip the sweep).")
-@click.option("--methods", default=None, help="Comma-separated methods of the main table [default: all].")
-@click.option("--sweep-methods", default="prinmix,deltacome,lowrank,bitdelta", show_default=True,
-              help="Comma-separated methods of the accuracy-vs-ratio sweep.")
-@click.option("--calibration-mode", type=click.Choice(["parallel", "sequential"]), default="parallel",
-              show_default=True)
-@click.option("--scope", type=click.Choice(["matrix", "global"]), default="global", show_default=True,
-              help="PrinMix allocation: one ILP per matrix, or one over every block linear (total budget).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Where the SFT pair is cached [default: $PRINMIX_SFT_CACHE or ~/.cache/prinmix-jax/sft].")
-@click.option("--rebuild", is_flag=True, help="Retrain the SFT pair even if it is cached.")
-@click.option("--num-test", type=click.IntRange(min=1), default=None, help="Task prompts scored [default 300].")
-@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr [default: when a terminal].")
-def demo(out, quick, ratio, ratios, methods, sweep_methods, calibration_mode, scope, cache_dir, rebuild, num_test, progress):
-    """The main job in one command: a real fine-tuning delta, compressed by PrinMix and every baseline.
-
-    \b
-    1. builds (or reuses from the cache) a small Llama pretrained on the Python standard library's
-       sources and fully fine-tuned to sort letters ("sort: qdmax =>" -> " admqx");
-    2. compresses the fine-tuning delta at --ratio with prinmix, deltacome, bitdelta, lowrank, uniform;
-    3. applies each delta and prints bytes, model-level ratio, task accuracy, relative layer-output error,
-       KL to the fine-tuned model and time; writes the table as JSON / Markdown and a PNG plot.
-
-    \b
-    Example:
-      prinmix demo --quick --out demo-out/
-    """
-    from prinmix_jax.config import METHODS
-    from prinmix_jax.demo import run_demo
-
-    def parse(text, hint):
-        ms = tuple(m.strip() for m in text.split(",") if m.strip())
-        bad = [m for m in ms if m not in METHODS]
-        if bad:
-            raise click.BadParameter(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}", param_hint=hint)
-        return ms
-
-    ms = parse(methods, "--methods") if methods else None
-    sweep = parse(sweep_methods, "--sweep-methods")
-    if progress is None:
-        progress = sys.stderr.isatty()
-    run_demo(out, quick=quick, ratio=ratio, ratios=ratios, methods=ms, sweep_methods=sweep, calibration_mode=calibration_mode, scope=scope,
-             cache_dir=cache_dir, rebuild=rebuild, num_test=num_test, progress=progress,
-             log=lambda s: click.echo(s))
-
-
-@main.command("eval", epilog=epilog(f"{EXIT_INTERRUPTED}  interrupted (Ctrl-C)"))
+@click.command("eval", epilog=epilog(f"{EXIT_INTERRUPTED}  interrupted (Ctrl-C)"))
 @click.argument("base", type=click.Path(file_okay=False))
 @click.argument("finetuned", type=click.Path(file_okay=False))
 @click.argument("deltas", nargs=-1, type=click.Path(file_okay=False))
@@ -106,8 +32,9 @@ def demo(out, quick, ratio, ratios, methods, sweep_methods, calibration_mode, sc
 @click.option("--no-base", is_flag=True, help="Do not score the base model itself.")
 @click.option("--force", is_flag=True, help="Apply deltas even if BASE's fingerprint differs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@compile_cache_option
 def eval_cmd(base, finetuned, deltas, text, task, seq_len, num_sequences, max_new_tokens, batch_size, no_base,
-             force, as_json):
+             force, as_json, compile_cache):
     """Score BASE + each DELTA (and BASE itself) against FINETUNED.
 
     \b
@@ -125,7 +52,13 @@ def eval_cmd(base, finetuned, deltas, text, task, seq_len, num_sequences, max_ne
     """
     if text is None and task is None:
         raise click.UsageError("pass --text FILE and/or --task FILE.jsonl")
-    from prinmix_jax.evaluation import exact_match, load_prompt_tokenizer, perplexity, token_metrics
+    use_compile_cache(compile_cache)
+    from prinmix_jax.evaluation import (
+        exact_match,
+        load_prompt_tokenizer,
+        perplexity,
+        token_metrics,
+    )
     from prinmix_jax.models import ModelConfig, load_hf_params
     from prinmix_jax.models.calibration import check_context, tokenize_calibration
     from prinmix_jax.sft.data import read_task_jsonl
@@ -174,7 +107,9 @@ def eval_cmd(base, finetuned, deltas, text, task, seq_len, num_sequences, max_ne
     hdr = f"{'model':<24} {'KL':>9} {'top-1':>7} {'ppl':>9} {'exact':>7}"
     click.echo(hdr)
     click.echo("-" * len(hdr))
+    def cell(r, k, spec):
+        return "-" if r.get(k) is None else format(r[k], spec)
+
     for r in rows:
-        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
-        click.echo(f"{r['model'][:24]:<24} {f('kl', '.5f'):>9} {f('top1', '.1%'):>7} {f('ppl', '.3f'):>9} "
-                   f"{f('exact', '.1%'):>7}")
+        click.echo(f"{r['model'][:24]:<24} {cell(r, 'kl', '.5f'):>9} {cell(r, 'top1', '.1%'):>7} "
+                   f"{cell(r, 'ppl', '.3f'):>9} {cell(r, 'exact', '.1%'):>7}")

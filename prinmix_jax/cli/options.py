@@ -1,0 +1,86 @@
+"""Option types, value parsers and options shared by several commands."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+import click
+
+__all__ = ["LibraryChoice", "compile_cache_option", "library_choices", "parse_bits", "parse_group", "parse_ratio",
+           "progress_option"]
+
+
+class LibraryChoice(click.Choice):
+    """A :class:`click.Choice` whose choices are constants of the library, read on first use (when the option
+    is parsed or its command's help shown): importing the library loads JAX, which ``prinmix --help`` and
+    usage errors should not wait for."""
+
+    def __init__(self, load: Callable[[], Sequence[str]], case_sensitive: bool = True):
+        self._load, self._loaded = load, None
+        super().__init__((), case_sensitive)
+
+    @property
+    def choices(self):
+        if self._loaded is None:
+            self._loaded = tuple(self._load())
+        return self._loaded
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns the (empty) placeholder
+        pass
+
+
+def library_choices(module: str, name: str, key: str | None = None) -> LibraryChoice:
+    """``LibraryChoice`` of ``module.name`` (or of ``module.name[key]`` for a dict of choice lists)."""
+
+    def load():
+        import importlib
+
+        value = getattr(importlib.import_module(module), name)
+        return value[key] if key is not None else value
+
+    return LibraryChoice(load)
+
+
+def parse_bits(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 0,2,3,4,8, got {value!r}") from None
+
+
+def parse_ratio(ctx, param, value):
+    """A number or a fraction: 0.0625, 1/16, 1e-2."""
+    text = str(value).strip()
+    try:
+        r = float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise click.BadParameter(f"expected a number or a fraction like 1/16 or 0.0625, got {value!r}") from None
+    if not math.isfinite(r) or r <= 0:
+        raise click.BadParameter(f"must be > 0 (1/16 = 1 bit/param), got {value!r}")
+    return r
+
+
+def parse_group(ctx, param, value):
+    if value is None or value.lower() == "none":
+        return None if value is not None else 128
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or 'none', got {value!r}") from None
+
+
+#: ``--compile-cache/--no-compile-cache`` (see :mod:`prinmix_jax.cli.runtime`); the command passes the value
+#: to :func:`~prinmix_jax.cli.runtime.use_compile_cache` before any JAX work.
+compile_cache_option = click.option(
+    "--compile-cache/--no-compile-cache", default=None,
+    help="Keep XLA's compiled programs on disk for the next run: $PRINMIX_CACHE_DIR, else "
+         "~/.cache/prinmix-jax/jax ($XDG_CACHE_HOME), or your own JAX_COMPILATION_CACHE_DIR "
+         "[default: on, off with PRINMIX_NO_COMPILE_CACHE=1].")
+
+
+def progress_option(help: str = "Progress bar on stderr [default: when a terminal]."):
+    return click.option("--progress/--no-progress", default=None, help=help)
