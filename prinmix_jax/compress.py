@@ -25,8 +25,6 @@ __all__ = ["BATCH_AXIS", "DELTACOME_BITS", "DELTACOME_SCHEDULE", "METHODS", "REG
            "compress_matrix", "compress_stack", "default_mesh", "error_tables", "gptq_kw", "max_kept_rank",
            "output_error", "pack_svd", "padded_u_inputs", "rank_bucket", "reconstruct"]
 
-#: Kept for :mod:`prinmix_jax.pipeline` until it uses :func:`default_mesh`.
-_default_mesh = default_mesh
 
 
 def _validate(delta, hessian):

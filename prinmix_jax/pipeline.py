@@ -45,6 +45,7 @@ import numpy as np
 from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
 from prinmix_jax.compress import check_settings, error_tables
 from prinmix_jax.config import METHODS, CompressionConfig
+from prinmix_jax.core.mesh import default_mesh
 from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, get_path, merge_block, param_groups
 from prinmix_jax.distributed import (allgather_arrays, barrier, broadcast_array, check_shared, init_distributed,
                                      owner)
@@ -57,7 +58,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, StepStore, _file_sha256, check_output_location,
+from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, StepStore, check_output_location, file_sha256,
                                  write_output_marker)
 
 __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "NonFiniteWeightsError",
@@ -144,7 +145,7 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
                 "finetuned_header": ft_src.header_digest()}
     plan = RunPlan(work=work, out=out, model_config=mcfg, block_table=block_table, global_table=global_table,
                    config=cfg, method=method, policy=pol, calibration_mode=calibration_mode, ids=ids,
-                   calibration=calib_prov, mesh=mesh if mesh is not None else _default_mesh(),
+                   calibration=calib_prov, mesh=default_mesh(mesh),
                    identity=json.loads(json.dumps(identity)), chunk_size=calib_chunk_size, overwrite=overwrite,
                    progress=progress, log=say, stop_after_steps=_stop_after_steps, t_start=t_start)
     _prepare_work_dir(plan, base_src, ft_src)
@@ -230,16 +231,10 @@ def _calibration_ids(calib, ft: ModelSource, tokenizer_dir, seq_len, num_sequenc
     prov = {"num_sequences": int(ids.shape[0]), "seq_len": int(ids.shape[1]), "tokens": int(ids.size),
             "ids_sha256": hashlib.sha256(np.ascontiguousarray(ids, np.int32).tobytes()).hexdigest()}
     if isinstance(calib, (str, os.PathLike)):
-        prov.update(source=os.path.basename(os.fspath(calib)), file_sha256=_file_sha256(os.fspath(calib)))
+        prov.update(source=os.path.basename(os.fspath(calib)), file_sha256=file_sha256(os.fspath(calib)))
     else:
         prov["source"] = "in-memory ids"
     return ids, prov
-
-
-def _default_mesh():
-    from jax.sharding import Mesh
-
-    return Mesh(np.array(jax.local_devices()), ("batch",))
 
 
 # ----- the first pass of the global scope --------------------------------------------------------

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["ParamPolicy"]
+__all__ = ["ParamPolicy", "POLICY_CHOICES"]
 
-_POLICY_CHOICES = {"norms": ("store", "skip"), "biases": ("store", "skip"),
+POLICY_CHOICES = {"norms": ("store", "skip"), "biases": ("store", "skip"),
                    "embeddings": ("compress", "store", "skip"), "lm_head": ("compress", "store", "skip")}
 _STORE_DTYPES = ("float16", "float32")
 
@@ -33,7 +33,7 @@ class ParamPolicy:
     store_dtype: str = "float16"
 
     def __post_init__(self):
-        for k, choices in _POLICY_CHOICES.items():
+        for k, choices in POLICY_CHOICES.items():
             if getattr(self, k) not in choices:
                 raise ValueError(f"policy {k}={getattr(self, k)!r}: choose one of {', '.join(choices)}")
         if self.store_dtype not in _STORE_DTYPES:

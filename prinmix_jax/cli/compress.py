@@ -23,7 +23,7 @@ def _pipeline():
 
 def _policy(field: str) -> LibraryChoice:
     """The choices of one :class:`~prinmix_jax.policy.ParamPolicy` field."""
-    return library_choices("prinmix_jax.policy", "_POLICY_CHOICES", field)
+    return library_choices("prinmix_jax.policy", "POLICY_CHOICES", field)
 
 
 @click.command(epilog=epilog(

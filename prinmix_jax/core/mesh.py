@@ -13,8 +13,9 @@ BATCH_AXIS = "batch"
 
 
 def default_mesh(mesh: Mesh | None = None, axis: str = BATCH_AXIS) -> Mesh:
-    """``mesh``, or a 1-D mesh over all devices when it is ``None``."""
-    return mesh if mesh is not None else Mesh(np.asarray(jax.devices()), (axis,))
+    """``mesh``, or a 1-D mesh over this process's devices when it is ``None`` (the inputs are host-local
+    arrays; in a multi-process run each process compresses its own share)."""
+    return mesh if mesh is not None else Mesh(np.asarray(jax.local_devices()), (axis,))
 
 
 def single_device_mesh(axis: str = BATCH_AXIS) -> Mesh:
