@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from benchmarks.synthetic import long_tailed_delta  # noqa: E402
 from prinmix_jax import METHODS, CompressionConfig, compress_matrix  # noqa: E402
+from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
 
 def main(argv=None):

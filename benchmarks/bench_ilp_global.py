@@ -1,7 +1,7 @@
 """The global bit allocation on real error tables: the exact Lagrangian reduction versus the full MILP.
 
-For each block count, the synthetic Llama pair of ``bench_memory.py`` is written, the data-free error
-table of every block linear is computed with the library's own ``error_tables`` (what the global scope's
+For each block count, a synthetic Llama pair (``prinmix_jax.synthetic.write_llama_pair``) is written, the
+data-free error table of every block linear is computed with the library's own ``error_tables`` (what the global scope's
 first pass does), and ``allocate_bits_global`` (gap 1e-4, as ``CompressionConfig``) is solved twice, each
 in a fresh process so that its peak RSS is its own: with the reduction (the default) and without it
 (``reduce=False``, the whole problem handed to HiGHS). Reported: binary variables the MILP saw, seconds,
@@ -48,12 +48,12 @@ def solve(tables_file: str, reduce: bool) -> dict:
 
 
 def make_tables(root: str, blocks: int, hidden: int, inter: int, vocab: int) -> str:
-    from benchmarks.bench_memory import write_pair
     from prinmix_jax import CompressionConfig, error_tables, index_cost_bits
     from prinmix_jax.models.hf_io import CheckpointReader
+    from prinmix_jax.synthetic import write_llama_pair
 
     cfg = CompressionConfig(group_size=64)
-    base_dir, ft_dir = write_pair(root, blocks, hidden, inter, vocab)
+    base_dir, ft_dir = write_llama_pair(root, blocks, hidden, inter, vocab)
     base, ft = CheckpointReader(base_dir), CheckpointReader(ft_dir)
     out, costs, budget = {}, [], 0
     names = [n for n in base.names() if n.startswith("model.layers.") and n.endswith("proj.weight")]

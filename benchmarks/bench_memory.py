@@ -18,45 +18,7 @@ import tempfile
 
 import numpy as np
 
-
-def write_pair(root: str, blocks: int, hidden: int, inter: int, vocab: int, seed: int = 0) -> tuple[str, str]:
-    from safetensors.numpy import save_file
-
-    rng = np.random.default_rng(seed)
-    heads = max(2, hidden // 64)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-           "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": blocks,
-           "num_attention_heads": heads, "num_key_value_heads": heads, "max_position_embeddings": 256,
-           "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32"}
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
-    for b in range(blocks):
-        p = f"model.layers.{b}."
-        shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
-                       p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter)})
-    dirs = []
-    for kind in ("base", "ft"):
-        d = os.path.join(root, f"{kind}-{blocks}")
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "config.json"), "w") as f:
-            json.dump(cfg, f)
-        dirs.append(d)
-    base, ft = {}, {}
-    for name, shape in shapes.items():
-        w = (1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1
-             else rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-        base[name] = w
-        if len(shape) == 2:
-            a, c = rng.standard_normal((shape[0], 8)), rng.standard_normal((8, shape[1]))
-            ft[name] = (w + 0.02 * (a @ c) / np.sqrt(shape[1]) + 1e-3 * rng.standard_normal(shape)).astype(np.float32)
-        else:
-            ft[name] = (w + 0.01 * rng.standard_normal(shape)).astype(np.float32)
-    save_file(base, os.path.join(dirs[0], "model.safetensors"), metadata={"format": "pt"})
-    save_file(ft, os.path.join(dirs[1], "model.safetensors"), metadata={"format": "pt"})
-    return dirs[0], dirs[1]
+from prinmix_jax.synthetic import write_llama_pair
 
 
 def run(base, ft, out, calib, method) -> tuple[float, float]:
@@ -94,7 +56,7 @@ def main():
                 for _ in range(16):
                     f.write(json.dumps({"ids": rng.integers(0, args.vocab, 64).tolist()}) + "\n")
         for n in args.blocks:
-            base, ft = write_pair(root, n, args.hidden, args.inter, args.vocab)
+            base, ft = write_llama_pair(root, n, args.hidden, args.inter, args.vocab)
             size = os.path.getsize(os.path.join(base, "model.safetensors")) / 2 ** 20
             peak, secs = run(base, ft, os.path.join(root, f"delta-{n}"), calib, args.method)
             print(f"{n:>6} {size:>9.1f} {peak:>12.1f} {secs:>8.1f}", flush=True)

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.synthetic import long_tailed_delta  # noqa: E402
+from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
 
 # ----- PyTorch Delta-CoMe-style pipeline ----------------------------------------------------------

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cli_helpers import FAST, run
 from cli_helpers import cli_error as _err
-from test_pipeline_fixtures import jax_cache_env, make_finetuned, make_pair, write_calib
+from pipeline_fixtures import jax_cache_env, make_finetuned, make_pair, write_calib
 
 from prinmix_jax.cli import main
 

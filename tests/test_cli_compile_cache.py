@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from test_pipeline_fixtures import jax_cache_env, make_pair
+from pipeline_fixtures import jax_cache_env, make_pair
 
 from prinmix_jax.cli.runtime import compile_cache_dir, use_compile_cache
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from cli_helpers import FAST, run
 from cli_helpers import cli_error as _err
-from test_pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays
+from pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays
 
 from prinmix_jax import CompressionConfig
 from prinmix_jax.cli import EXIT_DEGENERATE

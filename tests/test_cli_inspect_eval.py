@@ -12,7 +12,7 @@ import pytest
 
 from cli_helpers import cli_error as _err
 from cli_helpers import run
-from test_pipeline_fixtures import DIMS, jax_cache_env, make_pair, write_calib
+from pipeline_fixtures import DIMS, jax_cache_env, make_pair, write_calib
 
 from prinmix_jax.cli import epilog
 

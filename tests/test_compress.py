@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.synthetic import long_tailed_delta
 from prinmix_jax import (METHODS, CompressionConfig, SVDQuantDelta, allocate_bits, allocate_bits_global,
                          compress_matrix, compress_stack, error_tables, from_state, index_cost_bits, to_state)
 from prinmix_jax.compress import pack_svd
 from prinmix_jax.core.gptq import GPTQResult
+from prinmix_jax.synthetic import long_tailed_delta
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (704, 256), (128, 256)])

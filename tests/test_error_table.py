@@ -2,9 +2,9 @@
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.synthetic import long_tailed_delta
 from prinmix_jax import error_table, gptq_quantize, svd_delta
 from prinmix_jax.core.error_table import select_rows
+from prinmix_jax.synthetic import long_tailed_delta
 
 WIDTHS = (0, 2, 3, 4, 8)
 

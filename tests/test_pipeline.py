@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from jax.sharding import Mesh
 
-from test_pipeline_fixtures import SMALL_CONFIG, make_pair, read_arrays, write_calib
+from pipeline_fixtures import SMALL_CONFIG, make_pair, read_arrays, write_calib
 
 from prinmix_jax import CompressionConfig
 from prinmix_jax.apply import apply_delta, apply_delta_to_checkpoint, apply_delta_to_model, factored_linear
@@ -185,11 +185,11 @@ def test_baselines_data_free_and_skip_policy(root):
 def test_one_set_of_u_programs_per_shape_over_the_blocks(tmp_path):
     """The blocks' U steps are padded to each shape's largest kept rank over the model, so the programs
     compiled do not grow with the number of blocks (they were the growth of peak memory)."""
-    from benchmarks.bench_memory import write_pair
     from prinmix_jax.compress import rank_bucket
     from prinmix_jax.core.rtc import rtc_target
+    from prinmix_jax.synthetic import write_llama_pair
 
-    base, ft = write_pair(str(tmp_path), 3, 64, 128, 64)     # shapes 64x64, 128x64, 64x128
+    base, ft = write_llama_pair(str(tmp_path), 3, 64, 128, 64)     # shapes 64x64, 128x64, 64x128
     jax.clear_caches()
     s = compress_model(base, ft, str(tmp_path / "out"), config=CompressionConfig(ratio=0.5, group_size=16),
                        scope="global", policy=STORE_GLOBALS)

@@ -2,8 +2,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.synthetic import long_tailed_delta
 from prinmix_jax import CompressionConfig, compress_matrix, gptq_quantize, output_error, rtc_target, svd_delta
+from prinmix_jax.synthetic import long_tailed_delta
 
 
 def test_corrected_target_is_the_least_squares_optimum():

@@ -9,7 +9,8 @@ import pytest
 
 from prinmix_jax.sft import data as D
 from prinmix_jax.sft import tokenizer as T
-from prinmix_jax.sft.train import QUICK, SFTSettings, init_params, make_sft_pair, model_config, train_lm
+from prinmix_jax.sft.train import (QUICK, SFTSettings, init_params, make_sft_pair, model_config, text_batches,
+                                   train_lm)
 
 TINY = dataclasses.replace(QUICK, hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, pretrain_steps=3,
                            pretrain_batch=4, pretrain_seq=32, pretrain_bytes=20_000, finetune_steps=3,
@@ -72,9 +73,7 @@ def test_training_is_deterministic_and_lowers_the_loss():
     text = D.corpus_ids("train", max_bytes=20_000)
 
     def run():
-        from prinmix_jax.sft.train import _text_batches
-
-        return train_lm(init_params(cfg, 0), cfg, _text_batches(text, 4, 32, 0), steps=12, lr=3e-3, progress=False)
+        return train_lm(init_params(cfg, 0), cfg, text_batches(text, 4, 32, 0), steps=12, lr=3e-3, progress=False)
 
     p1, l1 = run()
     p2, l2 = run()

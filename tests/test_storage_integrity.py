@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from cli_helpers import FAST
 from hf_fixtures import random_torch_model, save_checkpoint, save_tiny_tokenizer
-from test_pipeline_fixtures import DIMS, jax_cache_env, make_finetuned, make_pair
+from pipeline_fixtures import DIMS, jax_cache_env, make_finetuned, make_pair
 
 from prinmix_jax.cli import main
 from prinmix_jax.storage import DeltaCheckpoint, DeltaFormatError, StepStore, decode_step

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from test_pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays, write_calib
+from pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays, write_calib
 
 SCRIPTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "tpu_scripts", "*.sh")))
 

@@ -26,7 +26,7 @@ from prinmix_jax.sft import data as D
 from prinmix_jax.sft.tokenizer import EOS_ID, VOCAB_SIZE, save_hf_tokenizer
 
 __all__ = ["SFTSettings", "SFTPair", "make_sft_pair", "model_config", "init_params", "train_lm",
-           "default_cache_dir", "QUICK", "FULL"]
+           "text_batches", "default_cache_dir", "QUICK", "FULL"]
 
 _FORMAT = 1
 
@@ -165,7 +165,12 @@ def train_lm(params, cfg, batches: Callable[[int], tuple[np.ndarray, np.ndarray]
     return params, losses
 
 
-def _text_batches(ids: np.ndarray, batch: int, seq: int, seed: int):
+def text_batches(ids: np.ndarray, batch: int, seq: int, seed: int):
+    """Random language-model windows of a token stream, as :func:`train_lm`'s ``batches``.
+
+    Returns ``get(step) -> (ids, loss_mask)``: ``batch`` windows of ``seq + 1`` tokens (int32) at random starts
+    from a generator seeded by ``seed`` (the same sequence of batches for the same seed), and an all-ones mask.
+    """
     rng = np.random.default_rng(seed)
     n = len(ids) - seq - 1
 
@@ -181,7 +186,7 @@ def _mixed_batches(s: SFTSettings, text: np.ndarray, examples: list[dict], seed:
     n_text = int(round(s.text_mix * s.finetune_batch))
     n_task = s.finetune_batch - n_text
     seq = s.task_seq
-    text_get = _text_batches(text, max(n_text, 1), seq - 1, seed + 2)
+    text_get = text_batches(text, max(n_text, 1), seq - 1, seed + 2)
 
     def get(i):
         pick = rng.integers(0, len(examples), size=n_task)
@@ -235,7 +240,7 @@ def make_sft_pair(settings: SFTSettings = FULL, *, cache_dir: str | None = None,
         params = init_params(cfg, s.seed)
         say(f"pretraining a {sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))}-param "
             f"Llama on {len(text)} bytes of the standard library's sources")
-        params, pre_losses = train_lm(params, cfg, _text_batches(text, s.pretrain_batch, s.pretrain_seq, s.seed),
+        params, pre_losses = train_lm(params, cfg, text_batches(text, s.pretrain_batch, s.pretrain_seq, s.seed),
                                       steps=s.pretrain_steps, lr=s.pretrain_lr, desc="pretrain", progress=progress)
         pre_seconds = time.perf_counter() - t0
         tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache)
