@@ -194,23 +194,7 @@ class ModelConfig:
           d: the parsed config.json.
           source: file name used in error messages.
         """
-        archs = d.get("architectures") or []
-        model_type = d.get("model_type")
-        supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        for arch in archs:
-            if arch not in _ARCH_TO_TYPE:
-                raise UnsupportedArchitectureError(
-                    f"{source}: unsupported architecture {arch!r} (model_type {model_type!r}); "
-                    f"supported architectures: {supported}")
-        if model_type is None and archs:
-            model_type = _ARCH_TO_TYPE[archs[0]]
-        if model_type not in _FAMILIES:
-            raise UnsupportedArchitectureError(
-                f"{source}: unsupported model_type {model_type!r} (architectures {archs}); "
-                f"supported architectures: {supported}")
-        for arch in archs:
-            if _ARCH_TO_TYPE[arch] != model_type:
-                raise CheckpointError(f"{source}: architecture {arch!r} does not match model_type {model_type!r}")
+        model_type = _model_type(d, source)
         fam = _FAMILIES[model_type]
 
         def req(key):
@@ -240,23 +224,7 @@ class ModelConfig:
             qkv_bias = o_bias = attn_bias
             qk_norm = True
 
-        sliding, layer_types = None, None
-        if model_type == "mistral":
-            sliding = d.get("sliding_window", fam.sliding_window)
-            layer_types = ("sliding_attention" if sliding else "full_attention",) * num_layers
-        elif model_type in ("qwen2", "qwen3"):
-            sliding = d.get("sliding_window", fam.sliding_window) if d.get("use_sliding_window") else None
-            if d.get("layer_types"):
-                layer_types = tuple(d["layer_types"])
-            else:
-                mwl = d.get("max_window_layers", 28)
-                layer_types = tuple("sliding_attention" if sliding is not None and i >= mwl else "full_attention"
-                                    for i in range(num_layers))
-        for t in layer_types or ():
-            if t not in ("full_attention", "sliding_attention"):
-                raise CheckpointError(f"{source}: layer type {t!r} is not supported")
-        if layer_types and "sliding_attention" in layer_types and not sliding:
-            raise CheckpointError(f"{source}: layer_types has sliding_attention layers but no sliding_window")
+        sliding, layer_types = _sliding_layers(d, model_type, num_layers, source)
 
         return cls(
             model_type=model_type,
@@ -337,6 +305,52 @@ class ModelConfig:
         if dtype:
             d["dtype"] = dtype
         return d
+
+
+def _model_type(d: dict[str, Any], source: str) -> str:
+    """The supported ``model_type`` of a config.json dict, checked against its ``architectures``."""
+    archs = d.get("architectures") or []
+    model_type = d.get("model_type")
+    supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    for arch in archs:
+        if arch not in _ARCH_TO_TYPE:
+            raise UnsupportedArchitectureError(
+                f"{source}: unsupported architecture {arch!r} (model_type {model_type!r}); "
+                f"supported architectures: {supported}")
+    if model_type is None and archs:
+        model_type = _ARCH_TO_TYPE[archs[0]]
+    if model_type not in _FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{source}: unsupported model_type {model_type!r} (architectures {archs}); "
+            f"supported architectures: {supported}")
+    for arch in archs:
+        if _ARCH_TO_TYPE[arch] != model_type:
+            raise CheckpointError(f"{source}: architecture {arch!r} does not match model_type {model_type!r}")
+    return model_type
+
+
+def _sliding_layers(d: dict[str, Any], model_type: str, num_layers: int, source: str
+                    ) -> tuple[int | None, tuple[str, ...] | None]:
+    """``(sliding_window, layer_types)`` of a config.json dict (None, None: full attention everywhere)."""
+    fam = _FAMILIES[model_type]
+    sliding, layer_types = None, None
+    if model_type == "mistral":
+        sliding = d.get("sliding_window", fam.sliding_window)
+        layer_types = ("sliding_attention" if sliding else "full_attention",) * num_layers
+    elif model_type in ("qwen2", "qwen3"):
+        sliding = d.get("sliding_window", fam.sliding_window) if d.get("use_sliding_window") else None
+        if d.get("layer_types"):
+            layer_types = tuple(d["layer_types"])
+        else:
+            mwl = d.get("max_window_layers", 28)
+            layer_types = tuple("sliding_attention" if sliding is not None and i >= mwl else "full_attention"
+                                for i in range(num_layers))
+    for t in layer_types or ():
+        if t not in ("full_attention", "sliding_attention"):
+            raise CheckpointError(f"{source}: layer type {t!r} is not supported")
+    if layer_types and "sliding_attention" in layer_types and not sliding:
+        raise CheckpointError(f"{source}: layer_types has sliding_attention layers but no sliding_window")
+    return sliding, layer_types
 
 
 def _parse_rope(d: dict[str, Any], max_pos: int, source: str) -> RopeConfig:

@@ -1,50 +1,35 @@
-"""Hugging Face checkpoint folders <-> NNX param trees, streamed tensor by tensor through safetensors.
+"""Hugging Face checkpoint folders -> NNX param trees, streamed tensor by tensor through safetensors.
 
 Reading never builds a whole-model copy besides the returned params: each tensor is read from the
 memory-mapped safetensors file, cast, moved to the device and released before the next one. Sharded
 checkpoints (``model.safetensors.index.json``) are handled; pickle-based ``*.bin`` checkpoints are refused.
 
-Writing produces ``model.safetensors`` or, above ``max_shard_size``, ``model-0000k-of-0000n.safetensors``
-shards plus ``model.safetensors.index.json``, and a config.json, in the layout ``transformers`` loads.
+Writing (:class:`CheckpointWriter`, :func:`save_hf_model`) lives in :mod:`prinmix_jax.models.hf_writer`
+and is re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 from typing import Any
 
-import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' numpy backend needs)
 import numpy as np
-from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from prinmix_jax.models.checkpoint_files import SAFE_INDEX, SAFE_SINGLE, TOKENIZER_FILES, numpy_dtype
 from prinmix_jax.models.config import ModelConfig
 from prinmix_jax.models.errors import CheckpointError
+from prinmix_jax.models.hf_writer import CheckpointWriter, parse_size, save_hf_model
 from prinmix_jax.models.llama import params as P
-from prinmix_jax.models.llama.modeling import CausalLM, model_from_params, params_from_model
+from prinmix_jax.models.llama.modeling import CausalLM, model_from_params
 
 __all__ = ["CheckpointReader", "CheckpointWriter", "load_hf_params", "load_hf_model", "read_block",
            "read_globals", "save_hf_model", "parse_size", "TOKENIZER_FILES"]
 
-SAFE_SINGLE = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-#: Non-weight files copied next to a saved checkpoint from ``config_from`` (when it is a folder).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints carry
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-
-
-def _np_dtype(dtype) -> np.dtype | None:
-    return None if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
 class CheckpointReader:
@@ -164,7 +149,7 @@ class CheckpointReader:
             arr = f.get_tensor(name)
         except Exception as e:
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({e})") from e
-        dt = _np_dtype(dtype)
+        dt = numpy_dtype(dtype)
         return arr if dt is None or arr.dtype == dt else arr.astype(dt)
 
     def _read_into(self, rows, dtype, device_put: bool) -> dict:
@@ -267,154 +252,3 @@ def load_hf_model(path: str | os.PathLike, dtype=None) -> CausalLM:
     """
     with CheckpointReader(path) as r:
         return model_from_params(r.config, r.read_params(dtype))
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like "5GB", "200MB", "2GiB" (decimal and binary units)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot parse size {size!r}; use bytes or e.g. '5GB', '500MB'")
-    unit = m.group(2).upper()
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]] if unit != "B" else 0
-    return int(float(m.group(1)) * base ** power)
-
-
-class CheckpointWriter:
-    """Write a checkpoint tensor by tensor (or block by block), sharding above ``max_shard_size``.
-
-    Only one shard's worth of tensors is held in host memory at a time. :meth:`close` checks that
-    exactly the tensors of ``config`` were written, names the shards, writes the index (when sharded) and
-    config.json. Stale ``model*.safetensors`` files and index in ``path`` are removed first, like
-    ``save_pretrained`` does.
-
-    Args:
-      path: output folder (created).
-      config: the model config written to config.json.
-      dtype: cast every tensor to this dtype (default: keep); recorded in config.json.
-      max_shard_size: bytes or a string like "5GB".
-    """
-
-    def __init__(self, path, config: ModelConfig, *, dtype=None, max_shard_size: int | str = "5GB"):
-        self.path, self.config = os.fspath(path), config
-        self.dtype = _np_dtype(dtype)
-        self.max_shard_size = parse_size(max_shard_size)
-        os.makedirs(self.path, exist_ok=True)
-        for n in os.listdir(self.path):
-            if n in (SAFE_SINGLE, SAFE_INDEX) or _SHARD_RE.match(n):
-                os.remove(os.path.join(self.path, n))
-        self._expected = P.expected_tensors(config)
-        self._pending: dict[str, np.ndarray] = {}
-        self._pending_bytes = 0
-        self._shards: list[tuple[str, list[str]]] = []  # (temp file name, names)
-        self._written: set[str] = set()
-        self._dtypes: set[str] = set()
-        self._total = 0
-
-    def add(self, name: str, array) -> None:
-        """Queue one tensor (HF name, HF layout); flushes a shard when the size limit would be passed."""
-        if name not in self._expected:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is not part of a {self.config.architecture} "
-                                  f"with this config")
-        if name in self._written or name in self._pending:
-            raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
-        arr = np.asarray(jax.device_get(array))
-        if self.dtype is not None and arr.dtype != self.dtype:
-            arr = arr.astype(self.dtype)
-        if tuple(arr.shape) != self._expected[name][1]:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {arr.shape}, config implies "
-                                  f"{self._expected[name][1]}")
-        if self._pending and self._pending_bytes + arr.nbytes > self.max_shard_size:
-            self._flush()
-        self._pending[name] = np.ascontiguousarray(arr)
-        self._pending_bytes += arr.nbytes
-        self._dtypes.add(jnp.dtype(arr.dtype).name)
-
-    def add_block(self, block: int, block_params: dict) -> None:
-        """Queue every tensor of one decoder block's param subtree."""
-        for suffix, path, _ in P.block_param_table(self.config):
-            self.add(f"model.layers.{block}.{suffix}", P.get_path(block_params, path))
-
-    def add_globals(self, params: dict) -> None:
-        """Queue the embedding, final norm and (untied) output head from a tree holding them."""
-        for name, path, _ in P.global_param_table(self.config):
-            self.add(name, P.get_path(params, path))
-
-    def _flush(self) -> None:
-        tmp = f".tmp-shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, os.path.join(self.path, tmp), metadata={"format": "pt"})
-        self._shards.append((tmp, list(self._pending)))
-        self._written.update(self._pending)
-        self._total += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
-
-    def close(self, copy_from: str | None = None) -> None:
-        """Finish the checkpoint: last shard, shard names, index.json, config.json.
-
-        Args:
-          copy_from: a checkpoint folder whose tokenizer/generation files (:data:`TOKENIZER_FILES`) are
-            copied next to the weights.
-        """
-        if self._pending:
-            self._flush()
-        missing = sorted(set(self._expected) - self._written)
-        if missing:
-            raise CheckpointError(f"{self.path}: not written: {len(missing)} tensor(s), e.g. {missing[:5]}")
-        n = len(self._shards)
-        weight_map = {}
-        for k, (tmp, names) in enumerate(self._shards):
-            final = SAFE_SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.path, tmp), os.path.join(self.path, final))
-            weight_map.update({nm: final for nm in names})
-        if n > 1:
-            index = {"metadata": {"total_size": self._total},
-                     "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-            with open(os.path.join(self.path, SAFE_INDEX), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-        dtype = self._dtypes.pop() if len(self._dtypes) == 1 else None
-        with open(os.path.join(self.path, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(self.config.to_hf_dict(dtype=dtype), f, indent=2, sort_keys=True)
-        if copy_from and os.path.isdir(copy_from) and os.path.abspath(copy_from) != os.path.abspath(self.path):
-            for fname in TOKENIZER_FILES:
-                src = os.path.join(copy_from, fname)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(self.path, fname))
-
-
-def save_hf_model(model_or_params, path: str | os.PathLike, config_from=None, *, dtype=None,
-                  max_shard_size: int | str = "5GB") -> None:
-    """Write a model or param tree as a Hugging Face checkpoint folder that ``transformers`` loads.
-
-    Args:
-      model_or_params: a :class:`CausalLM` or a param tree in its state layout.
-      path: output folder.
-      config_from: where config.json comes from: a checkpoint folder (its config.json is the template,
-        so unknown keys survive, and its tokenizer/generation files are copied), a :class:`ModelConfig`,
-        or a config.json dict. Default: ``model.config`` when a model is given.
-      dtype: cast every tensor (e.g. ``jnp.bfloat16``); default keeps each array's dtype.
-      max_shard_size: shard above this many bytes (int or "5GB"-style string).
-    """
-    copy_from = None
-    if isinstance(config_from, (str, os.PathLike)):
-        copy_from = os.fspath(config_from)
-        cfg = ModelConfig.from_pretrained_dir(copy_from)
-    elif isinstance(config_from, ModelConfig):
-        cfg = config_from
-    elif isinstance(config_from, dict):
-        cfg = ModelConfig.from_hf_config(config_from, source="config_from")
-    elif config_from is None and isinstance(model_or_params, nnx.Module):
-        cfg = model_or_params.config
-    else:
-        raise ValueError("save_hf_model needs config_from (checkpoint folder, ModelConfig or config dict) "
-                         "when given a param tree")
-    params = params_from_model(model_or_params) if isinstance(model_or_params, nnx.Module) else model_or_params
-    P.check_params(params, cfg)
-    w = CheckpointWriter(path, cfg, dtype=dtype, max_shard_size=max_shard_size)
-    w.add(P.global_param_table(cfg)[0][0], params["embed_tokens"]["weight"])
-    for i in range(cfg.num_layers):
-        w.add_block(i, params["layers"][i])
-    for name, tree_path, _ in P.global_param_table(cfg)[1:]:
-        w.add(name, P.get_path(params, tree_path))
-    w.close(copy_from=copy_from)

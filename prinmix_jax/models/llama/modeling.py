@@ -22,8 +22,9 @@ from prinmix_jax.models.config import ModelConfig
 from prinmix_jax.models.llama.params import check_block_params, check_params
 from prinmix_jax.models.rope import apply_rope, rope_cos_sin
 
-__all__ = ["Linear", "RMSNorm", "Embed", "Attention", "attend", "MLP", "DecoderLayer", "CausalLM",
-           "model_from_params", "params_from_model", "layer_from_params", "causal_mask"]
+__all__ = ["Linear", "RMSNorm", "rms_norm", "Embed", "unembed", "Attention", "attend", "MLP", "DecoderLayer",
+           "CausalLM", "model_from_params", "params_from_model", "layer_from_params", "logits_from_params",
+           "causal_mask"]
 
 Params = dict[str, Any]
 
@@ -55,9 +56,14 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...] * xf.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """``weight * x / rms(x)`` over the last axis; statistics in float32, output in the input dtype."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
 
 
 class Embed(nnx.Module):
@@ -70,7 +76,12 @@ class Embed(nnx.Module):
         return jnp.take(self.weight[...], ids_bt, axis=0)
 
     def attend(self, x_btd: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,vd->btv", x_btd, self.weight[...])
+        return unembed(x_btd, self.weight[...])
+
+
+def unembed(x_btd: jax.Array, head_vd: jax.Array) -> jax.Array:
+    """Output head: hidden (B, T, D) times ``head[V, D]`` (the tied embedding or lm_head) -> (B, T, V)."""
+    return jnp.einsum("btd,vd->btv", x_btd, head_vd)
 
 
 def causal_mask(seq_len: int, window: int | None = None, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -266,6 +277,13 @@ def layer_from_params(config: ModelConfig, layer: int, block_params: Params) -> 
     graphdef, state = _abstract(lambda: DecoderLayer(config, layer, rngs=nnx.Rngs(0), dtype=jnp.float32))
     nnx.replace_by_pure_dict(state, block_params)
     return nnx.merge(graphdef, state)
+
+
+def logits_from_params(config: ModelConfig, params: Params, x_btd: jax.Array) -> jax.Array:
+    """:meth:`CausalLM.logits` from a tree holding only the global params (``{"embed_tokens", "norm"[,
+    "lm_head"]}``, e.g. :func:`~prinmix_jax.models.hf_io.read_globals` output): (B, T, D) -> (B, T, V)."""
+    head = params["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return unembed(rms_norm(x_btd, params["norm"]["weight"], config.rms_norm_eps), head["weight"])
 
 
 def params_from_model(model: nnx.Module) -> Params:
