@@ -182,19 +182,25 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                 bar.update(1)
             bar.close()
             writer.close(copy_from=hf_dir if hf_dir else os.fspath(base_dir))
-            if hf_dir is None or not any(os.path.isfile(os.path.join(hf_dir, f)) for f in
-                                         ("tokenizer.json", "tokenizer.model", "vocab.json")):
-                from prinmix_jax.models.hf_io import TOKENIZER_FILES
-
-                for f in TOKENIZER_FILES:  # fall back to the base's tokenizer
-                    src = os.path.join(os.fspath(base_dir), f)
-                    if os.path.isfile(src) and not os.path.exists(os.path.join(tmp, f)):
-                        shutil.copyfile(src, os.path.join(tmp, f))
+            _tokenizer_fallback(hf_dir, os.fspath(base_dir), tmp)
             publish(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _tokenizer_fallback(hf_dir: str | None, base_dir: str, dst: str) -> None:
+    """Copies the base's tokenizer files into ``dst`` when the delta kept no tokenizer of the fine-tune."""
+    if hf_dir is not None and any(os.path.isfile(os.path.join(hf_dir, f))
+                                  for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return
+    from prinmix_jax.models.hf_io import TOKENIZER_FILES
+
+    for f in TOKENIZER_FILES:
+        src = os.path.join(base_dir, f)
+        if os.path.isfile(src) and not os.path.exists(os.path.join(dst, f)):
+            shutil.copyfile(src, os.path.join(dst, f))
 
 
 def _pid_alive(pid: int) -> bool:

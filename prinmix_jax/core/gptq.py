@@ -105,6 +105,9 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     Returns:
       A :class:`GPTQResult`.
     """
+    # One function on purpose: the lazy-batch loop bodies below (lax.fori_loop) close over the per-call
+    # set-up (permutation, damped Cholesky, group layout), and the code follows the reference GPTQ line by
+    # line so that tests/gptq_reference.py can be compared with it code for code.
     if scale_axis not in ("row", "col"):
         raise ValueError(f"scale_axis must be 'row' or 'col', got {scale_axis!r}")
     rows, cols = w.shape
