@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups
+from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups, step_digest
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, check_output_location,
                                  is_prinmix_output,
-                                 load_delta, write_output_marker,
-                                 tensor_digest)
+                                 load_delta, write_output_marker)
 
 __all__ = ["apply_delta", "apply_delta_to_model", "apply_delta_to_checkpoint", "factored_linear",
            "check_base_compatible", "FingerprintMismatchError"]
@@ -42,7 +41,7 @@ def check_base_compatible(base_config, delta: DeltaCheckpoint) -> None:
 def _check_digest(delta: DeltaCheckpoint, step: int, base_tree, table, force: bool) -> None:
     if force:
         return
-    got = tensor_digest([("/".join(p), get_path(base_tree, p)) for p, _ in table])
+    got = step_digest(base_tree, table)
     want = delta.meta["base"]["step_digests"][step]
     if got != want:
         what = "the embedding / final norm / output head" if step == 0 else f"decoder block {step - 1}"

@@ -3,11 +3,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from fractions import Fraction
 
 import jax.numpy as jnp
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank", "uniform")
 _SCALE_DTYPES = {"float16": jnp.float16, "float32": jnp.float32}
+
+
+def parse_ratio(text: str) -> float:
+    """A storage ratio written as a number or a fraction (``"1/16"``, ``"0.0625"``, ``"1e-2"``) -> float > 0.
+
+    Raises:
+      ValueError: not a number or a fraction, or not > 0.
+    """
+    try:
+        r = float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"expected a number or a fraction like 1/16 or 0.0625, got {text!r}") from None
+    if not r > 0:
+        raise ValueError(f"must be > 0 (1/16 = 1 bit/param), got {text!r}")
+    return r
 
 
 @dataclasses.dataclass(frozen=True)

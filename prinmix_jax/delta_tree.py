@@ -12,9 +12,10 @@ import jax
 import numpy as np
 
 from prinmix_jax.models.llama.params import block_param_table, expected_tensors, get_path, global_param_table, set_path
+from prinmix_jax.storage import tensor_digest
 
 __all__ = ["IncompatibleModelsError", "check_compatible", "param_groups", "entry_name", "merge_block",
-           "get_path", "set_path"]
+           "step_digest", "get_path", "set_path"]
 
 
 class IncompatibleModelsError(ValueError):
@@ -90,3 +91,10 @@ def merge_block(base_tree: dict, bd, table) -> dict:
             if d is not None:
                 out = set_path(out, path, base + d.astype(np.float32))
     return out
+
+
+def step_digest(tree: dict, table) -> str:
+    """The fingerprint digest of one step's tensors (``tensor_digest`` over the ``(path, kind)`` of
+    ``table``, from :func:`param_groups`): what a step records of the base and fine-tuned weights it
+    consumed, what a resume and ``apply`` compare against."""
+    return tensor_digest([("/".join(p), get_path(tree, p)) for p, _ in table])

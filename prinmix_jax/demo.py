@@ -10,11 +10,11 @@ import math
 import os
 import sys
 import time
-from fractions import Fraction
 from typing import Callable, Sequence
 
 import numpy as np
 
+from prinmix_jax.config import parse_ratio
 from prinmix_jax.plotting import pyplot, save_png
 from prinmix_jax.plotting import write_text_atomic as _write_atomic
 
@@ -22,17 +22,6 @@ __all__ = ["run_demo", "format_table", "DEFAULT_RATIOS", "parse_ratio"]
 
 DEFAULT_RATIOS = (1 / 32, 1 / 16, 1 / 8)
 SWEEP_METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
-
-
-def parse_ratio(text: str) -> float:
-    """``"1/16"`` or ``"0.0625"`` -> float (> 0)."""
-    try:
-        r = float(Fraction(text.strip()))
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"bad ratio {text!r}: expected e.g. 1/16 or 0.0625") from None
-    if not r > 0:
-        raise ValueError(f"ratio must be > 0, got {text!r}")
-    return r
 
 
 def _ratio_label(r: float) -> str:

@@ -58,8 +58,8 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, StepStore, check_output_location, file_sha256,
-                                 write_output_marker)
+from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
+                                 file_sha256, write_output_marker)
 
 __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleModelsError", "NonFiniteWeightsError",
            "result_problems", "CALIBRATION_MODES",
@@ -122,13 +122,8 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     scope = _check_arguments(cfg, method, calibration_mode, scope, calib)
     pol = policy if policy is not None else ParamPolicy()
     inputs = [x for x in (base, finetuned, calib, tokenizer_dir) if isinstance(x, (str, os.PathLike))]
-    out = check_output_location(out, overwrite, inputs)
-    work = out + ".partial"
-    for x in inputs:
-        rx, rw = os.path.realpath(os.fspath(x)), os.path.realpath(work)
-        if rx == rw or rx.startswith(rw + os.sep):
-            raise ValueError(f"the input {os.fspath(x)!r} lies in {work!r}, the folder compress works in; "
-                             "choose another output")
+    out = check_output_location(out, overwrite, inputs, scratch_suffixes=(WORK_SUFFIX,))
+    work = out + WORK_SUFFIX
 
     base_src = ModelSource(base, model_config, "base")
     ft_src = ModelSource(finetuned, model_config, "fine-tuned")

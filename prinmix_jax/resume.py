@@ -10,9 +10,9 @@ import shutil
 import jax
 import numpy as np
 
-from prinmix_jax.delta_tree import get_path
+from prinmix_jax.delta_tree import step_digest
 from prinmix_jax.distributed import barrier, broadcast_int
-from prinmix_jax.storage import OUTPUT_MARKER, STEPS_DIR, StepStore, tensor_digest
+from prinmix_jax.storage import OUTPUT_MARKER, STEPS_DIR, StepStore
 
 __all__ = ["step_digests", "reuse_or_discard", "widths_digest", "restart_if_widths_changed"]
 
@@ -22,7 +22,7 @@ def step_digests(step: int, base_src, ft_src, block_table, global_table) -> tupl
     table = global_table if step == 0 else block_table
     trees = (base_src.globals(), ft_src.globals()) if step == 0 else (base_src.block(step - 1),
                                                                       ft_src.block(step - 1))
-    return tuple(tensor_digest([("/".join(p), get_path(t, p)) for p, _ in table]) for t in trees)
+    return tuple(step_digest(t, table) for t in trees)
 
 
 def _changed_inputs(store, num_steps, base_src, ft_src, block_table, global_table) -> str | None:

@@ -16,13 +16,13 @@ import jax
 import numpy as np
 
 from prinmix_jax.config import CompressionConfig
-from prinmix_jax.delta_tree import get_path, merge_block
+from prinmix_jax.delta_tree import merge_block, step_digest
 from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
 from prinmix_jax.step_compress import compress_entries, save_step, step_items
-from prinmix_jax.storage import decode_step, publish, tensor_digest, write_summary
+from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
 
@@ -95,8 +95,7 @@ def _largest_ranks(widths) -> dict | None:
 def _step_meta(plan: RunPlan, step: int, t0: float, table, base_tree, ft_tree) -> dict:
     return {"step": step, "block": None if step == 0 else step - 1, "seconds": time.perf_counter() - t0,
             "widths_digest": plan.widths_digest,
-            "base_digest": tensor_digest([("/".join(p), get_path(base_tree, p)) for p, _ in table]),
-            "finetuned_digest": tensor_digest([("/".join(p), get_path(ft_tree, p)) for p, _ in table])}
+            "base_digest": step_digest(base_tree, table), "finetuned_digest": step_digest(ft_tree, table)}
 
 
 def _compress_globals(plan: RunPlan, store, base_g: dict, ft_src) -> None:

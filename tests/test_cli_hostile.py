@@ -113,6 +113,11 @@ def test_overwrite_never_replaces_an_input(root, pair, delta):
     assert "is the input" in msg
     msg = _err(run("compress", base, ft, root, *FAST, "--overwrite"))     # OUT contains both inputs
     assert "contains the input" in msg
+    inside_work = os.path.join(root, "scratch.partial")     # an input where compress would work: OUT.partial
+    shutil.copytree(ft, inside_work)
+    msg = _err(run("compress", base, inside_work, os.path.join(root, "scratch"), *FAST))
+    assert "work folder" in msg and "is the input" in msg
+    assert os.listdir(inside_work) == os.listdir(ft)
     msg = _err(run("apply", base, delta, base, "--overwrite"))
     assert "is the input" in msg
     msg = _err(run("apply", base, delta, delta, "--overwrite"))

@@ -6,39 +6,25 @@ import sys
 import click
 
 from prinmix_jax.cli.group import EXIT_INTERRUPTED, epilog
-from prinmix_jax.cli.options import compile_cache_option, library_choices, progress_option
+from prinmix_jax.cli.options import compile_cache_option, library_choices, parse_ratio, progress_option
 from prinmix_jax.cli.runtime import use_compile_cache
 
 __all__ = ["demo"]
 
 
 def _parse_ratios(ctx, param, value):
-    from prinmix_jax.demo import parse_ratio
-
     if value is None:
         return None
     if value.strip().lower() in ("", "none"):
         return ()
-    try:
-        return tuple(parse_ratio(x) for x in value.split(",") if x.strip())
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
-def _parse_one_ratio(ctx, param, value):
-    from prinmix_jax.demo import parse_ratio
-
-    try:
-        return parse_ratio(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+    return tuple(parse_ratio(ctx, param, x) for x in value.split(",") if x.strip())
 
 
 @click.command(epilog=epilog(f"{EXIT_INTERRUPTED}  interrupted (Ctrl-C)"))
 @click.option("--out", type=click.Path(file_okay=False), default="prinmix-demo", show_default=True,
               help="Output folder: deltas/, demo_results.json, .md and .png.")
 @click.option("--quick", is_flag=True, help="Tiny pair and small evaluation (seconds; for tests and smoke runs).")
-@click.option("--ratio", callback=_parse_one_ratio, default="1/16", show_default=True,
+@click.option("--ratio", callback=parse_ratio, default="1/16", show_default=True,
               help="Budget of the main table, relative to a 16-bit delta.")
 @click.option("--ratios", callback=_parse_ratios, default="1/32,1/16,1/8", show_default=True,
               help="Budgets of the accuracy-vs-ratio plot ('none' to skip the sweep).")

@@ -1,9 +1,7 @@
 """Option types, value parsers and options shared by several commands."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 
 import click
 
@@ -53,15 +51,13 @@ def parse_bits(ctx, param, value):
 
 
 def parse_ratio(ctx, param, value):
-    """A number or a fraction: 0.0625, 1/16, 1e-2."""
-    text = str(value).strip()
+    """Click callback: :func:`prinmix_jax.config.parse_ratio` (0.0625, 1/16, 1e-2), errors as usage errors."""
+    from prinmix_jax.config import parse_ratio as parse
+
     try:
-        r = float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise click.BadParameter(f"expected a number or a fraction like 1/16 or 0.0625, got {value!r}") from None
-    if not math.isfinite(r) or r <= 0:
-        raise click.BadParameter(f"must be > 0 (1/16 = 1 bit/param), got {value!r}")
-    return r
+        return parse(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def parse_group(ctx, param, value):

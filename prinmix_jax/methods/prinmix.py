@@ -17,8 +17,8 @@ from prinmix_jax.allocation import allocate_bits
 from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
-from prinmix_jax.methods.shared import (check_widths, fixed_width_rows, gptq_kw, hessian_stack, index_costs,
-                                        max_kept_rank, quantize_stack, stack_svd)
+from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, fixed_width_rows, gptq_kw, hessian_stack,
+                                        index_costs, max_kept_rank, quantize_stack, stack_svd)
 
 
 @functools.cache
@@ -92,8 +92,7 @@ class TableMethod(Method):
         return select
 
     def one_index_bits(self, m, n, cfg):
-        costs = index_costs(m, n, cfg)
-        return int(costs[costs > 0].min())
+        return cheapest_index_bits(m, n, cfg)
 
     def check_settings(self, blocks, globs, cfg, scope):
         if 0 in cfg.bits:

@@ -35,6 +35,12 @@ def index_costs(m: int, n: int, cfg: CompressionConfig, bits=None) -> np.ndarray
     return index_cost_bits(m, n, cfg.bits if bits is None else bits, cfg.group_size, scale_bits=cfg.scale_bits)
 
 
+def cheapest_index_bits(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
+    """What one kept singular index costs at the smallest nonzero width of ``bits`` (default ``cfg.bits``)."""
+    costs = index_costs(m, n, cfg, bits)
+    return int(costs[costs > 0].min())
+
+
 def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
     """The most singular indices an (m, n) matrix can keep within its budget: every kept index costs at
     least its cost at the smallest nonzero width of ``bits`` (default ``cfg.bits``)."""
@@ -42,8 +48,7 @@ def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
     r = min(m, n)
     if 0 not in bits:
         return r
-    costs = index_costs(m, n, cfg, bits)
-    return int(min(r, cfg.budget_bits(m, n) // int(costs[costs > 0].min())))
+    return int(min(r, cfg.budget_bits(m, n) // cheapest_index_bits(m, n, cfg, bits)))
 
 
 def rank_bucket(k: int) -> int:

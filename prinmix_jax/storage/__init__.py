@@ -35,15 +35,15 @@ of ``"prinmix-fingerprint-v1"`` and the step digests in step order. It is comput
 extra pass), is independent of the storage dtype (bf16/f16 values are exact in float32) and lets ``apply``
 refuse a wrong base block by block.
 """
-from prinmix_jax.storage.format import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, BlockDelta, DeltaFormatError,
-                                        DenseEntry, FingerprintMismatchError, MatrixEntry, ZeroEntry, array_sha256,
+from prinmix_jax.storage.format import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, WORK_SUFFIX, BlockDelta,
+                                        DeltaFormatError, DenseEntry, FingerprintMismatchError, MatrixEntry, ZeroEntry, array_sha256,
                                         combine_fingerprint, decode_step, encode_step, meta_digest, tensor_digest)
 from prinmix_jax.storage.outputs import (OUTPUT_MARKER, check_output_location, file_sha256, is_prinmix_output, publish,
                                          write_json_atomic, write_output_marker, write_summary)
 from prinmix_jax.storage.step_store import OwnedArray, StepStore, owned_tree
 from prinmix_jax.storage.delta import DeltaCheckpoint, load_delta
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "DeltaFormatError",
+__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "WORK_SUFFIX", "DeltaFormatError",
            "FingerprintMismatchError", "StepStore", "BlockDelta", "DeltaCheckpoint", "load_delta",
            "MatrixEntry", "ZeroEntry", "DenseEntry", "encode_step", "decode_step", "owned_tree", "OwnedArray",
            "tensor_digest", "combine_fingerprint", "meta_digest", "array_sha256", "file_sha256",

@@ -5,7 +5,7 @@ import json
 import os
 
 from prinmix_jax.formats import CompressedMatrix
-from prinmix_jax.storage.format import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, BlockDelta,
+from prinmix_jax.storage.format import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, WORK_SUFFIX, BlockDelta,
                                         DeltaFormatError, decode_step, meta_digest)
 from prinmix_jax.storage.outputs import file_sha256
 from prinmix_jax.storage.step_store import StepStore
@@ -26,13 +26,13 @@ class DeltaCheckpoint:
         self.path = os.path.abspath(os.fspath(path))
         if not os.path.isdir(self.path):
             hint = ""
-            if os.path.isdir(self.path + ".partial"):
+            if os.path.isdir(self.path + WORK_SUFFIX):
                 hint = f"; an unfinished run is in {self.path}.partial: rerun the same compress command to finish it"
             raise FileNotFoundError(f"delta checkpoint {self.path!r} does not exist{hint}")
         mfile = os.path.join(self.path, META_FILE)
         if not os.path.isfile(mfile):
             hint = ""
-            if os.path.isdir(self.path + ".partial"):
+            if os.path.isdir(self.path + WORK_SUFFIX):
                 hint = f"; an unfinished run is in {self.path}.partial: rerun the same compress command to resume"
             raise DeltaFormatError(f"{self.path}: not a complete prinmix delta checkpoint (no {META_FILE}){hint}")
         try:

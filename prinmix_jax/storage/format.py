@@ -14,7 +14,7 @@ import numpy as np
 
 from prinmix_jax.formats import CompressedMatrix, from_state, to_state
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "DeltaFormatError",
+__all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "WORK_SUFFIX", "DeltaFormatError",
            "FingerprintMismatchError", "tensor_digest", "combine_fingerprint", "MatrixEntry", "ZeroEntry",
            "DenseEntry", "encode_step", "BlockDelta", "meta_digest", "decode_step", "array_sha256"]
 
@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 META_FILE = "prinmix_delta.json"
 STEPS_DIR = "steps"
 HF_DIR = "hf"
+#: Suffix of the folder a compress run works in before it is renamed to the output.
+WORK_SUFFIX = ".partial"
 
 
 class DeltaFormatError(ValueError):

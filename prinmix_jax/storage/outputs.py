@@ -45,7 +45,7 @@ def _inside(child: str, parent: str) -> bool:
     return child == parent or child.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_output_location(out, overwrite: bool, inputs=()) -> str:
+def check_output_location(out, overwrite: bool, inputs=(), scratch_suffixes=()) -> str:
     """Absolute ``out`` after checking it can be (re)created, before any work starts.
 
     Refuses: ``out`` equal to or containing one of ``inputs`` (with or without ``overwrite``); an existing
@@ -57,17 +57,20 @@ def check_output_location(out, overwrite: bool, inputs=()) -> str:
       out: the output folder.
       overwrite: whether an existing prinmix output at ``out`` may be replaced.
       inputs: paths the command reads (checkpoints, calibration file); ``None`` entries are ignored.
+      scratch_suffixes: folders ``out + suffix`` the command works in before publishing (``".partial"``);
+        they may not hold an input either.
     """
     out = os.path.abspath(os.fspath(out))
-    real_out = os.path.realpath(out)
-    for inp in inputs:
-        if inp is None or not isinstance(inp, (str, os.PathLike)):
-            continue
-        real_in = os.path.realpath(os.fspath(inp))
-        if _inside(real_in, real_out):
-            what = "is" if real_in == real_out else "contains"
-            raise ValueError(f"the output {out!r} {what} the input {os.fspath(inp)!r}: writing there would "
-                             "destroy the input; choose another output folder")
+    for folder, role in [(out, "the output")] + [(out + s, "the work folder") for s in scratch_suffixes]:
+        real_folder = os.path.realpath(folder)
+        for inp in inputs:
+            if inp is None or not isinstance(inp, (str, os.PathLike)):
+                continue
+            real_in = os.path.realpath(os.fspath(inp))
+            if _inside(real_in, real_folder):
+                what = "is" if real_in == real_folder else "contains"
+                raise ValueError(f"{role} {folder!r} {what} the input {os.fspath(inp)!r}: writing there would "
+                                 "destroy the input; choose another output folder")
     if os.path.lexists(out):
         if not overwrite:
             raise FileExistsError(f"output {out!r} already exists (pass --overwrite / overwrite=True to replace it)")
