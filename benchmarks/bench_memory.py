@@ -22,8 +22,10 @@ from prinmix_jax.synthetic import write_llama_pair
 
 
 def run(base, ft, out, calib, method) -> tuple[float, float]:
+    # --no-compile-cache: every run compiles in a cold process, as the figures have always meant (the CLI's
+    # persistent cache would make the later block counts reuse the first one's programs)
     cmd = [sys.executable, "-m", "prinmix_jax.cli", "compress", base, ft, out, "--method", method, "--no-progress",
-           "--group-size", "64"]
+           "--group-size", "64", "--no-compile-cache"]
     cmd += ["--calib", calib, "--seq-len", "64"] if calib else ["--data-free"]
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     import time
