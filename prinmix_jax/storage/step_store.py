@@ -105,14 +105,21 @@ def _short(e: BaseException, limit: int = 240) -> str:
 
 
 # ----- the step store ----------------------------------------------------------------------------
-def _drop_closed_loop_reports() -> None:
-    """Orbax awaits tensorstore reads on an asyncio loop of its own; when one read fails, the error is raised
-    and the loop closed while other reads are still in flight, and each of those reports ``RuntimeError:
-    Event loop is closed`` through ``sys.unraisablehook`` from a tensorstore thread when it finishes (at any
-    moment: before the caller has even seen the error). The failure itself reaches the caller; these reports
-    carry nothing, so a hook that drops them (and passes everything else on) is installed once per process."""
+_STORE_DIRS: set[str] = set()   # directories of the step stores opened in this process
+
+
+def _drop_orphaned_read_reports(directory: str) -> None:
+    """Orbax awaits tensorstore reads on an asyncio loop of its own; when one read of a damaged store fails,
+    the error is raised (and reaches the caller) while the other reads are still in flight. Those report
+    afterwards, at any moment, through two channels: ``RuntimeError: Event loop is closed`` through
+    ``sys.unraisablehook`` from a tensorstore thread, and asyncio's "Task (or Future) exception was never
+    retrieved" log record when their task is collected. Both carry nothing the caller has not been told, so hooks that drop
+    them (and pass everything else on) are installed once per process; the log filter drops only records whose
+    exception names a step store opened here, so a user's own asyncio errors still show."""
+    import logging
     import sys
 
+    _STORE_DIRS.add(directory)
     hook = sys.unraisablehook
     if getattr(hook, "_prinmix_drops_closed_loop", False):
         return
@@ -122,8 +129,15 @@ def _drop_closed_loop_reports() -> None:
             return
         hook(u)
 
+    def orphaned_read(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or "exception was never retrieved" not in str(record.msg):
+            return True
+        return not any(d in str(exc) for d in _STORE_DIRS)
+
     filtered._prinmix_drops_closed_loop = True
     sys.unraisablehook = filtered
+    logging.getLogger("asyncio").addFilter(orphaned_read)
 
 
 class StepStore:
@@ -143,9 +157,9 @@ class StepStore:
         import orbax.checkpoint as ocp
 
         quiet_orbax()
-        _drop_closed_loop_reports()
         self._ocp = ocp
         self.directory = os.path.abspath(os.fspath(directory))
+        _drop_orphaned_read_reports(self.directory)
         if read_only and not os.path.isdir(self.directory):
             raise DeltaFormatError(f"{self.directory}: no step directory")
         opts = ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=False,
