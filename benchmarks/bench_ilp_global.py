@@ -1,10 +1,12 @@
-"""The global bit allocation on real error tables: the exact Lagrangian reduction versus the full MILP.
+"""The global bit allocation on real error tables: the MCKP solver (default), and the 0/1 MILP (``method="milp"``)
+with the exact Lagrangian reduction or on the full problem.
 
 For each block count, a synthetic Llama pair (``prinmix_jax.synthetic.write_llama_pair``) is written, the
 data-free error table of every block linear is computed with the library's own ``error_tables`` (what the global scope's
 first pass does), and ``allocate_bits_global`` (gap 1e-4, as ``CompressionConfig``) is solved twice, each
 in a fresh process so that its peak RSS is its own: with the reduction (the default) and without it
-(``reduce=False``, the whole problem handed to HiGHS). Reported: binary variables the MILP saw, seconds,
+(``reduce=False``, the whole problem handed to HiGHS), and with the default ``method="mckp"``.
+Reported: binary variables (pairs) the MILP saw, seconds,
 the growth of peak RSS during the solve, and the objective (sum of per-matrix relative errors).
 
     python benchmarks/bench_ilp_global.py --blocks 8 32
@@ -29,7 +31,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def solve(tables_file: str, reduce: bool) -> dict:
+def solve(tables_file: str, mode: str) -> dict:
     from prinmix_jax import CompressionConfig
     from prinmix_jax.allocation import allocate_bits_global
 
@@ -41,7 +43,7 @@ def solve(tables_file: str, reduce: bool) -> dict:
     before = _rss_mb()
     t = time.perf_counter()
     _, alloc = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=cfg.ilp_gap, time_limit=600,
-                                    reduce=reduce)
+                                    reduce=mode != "full", method="mckp" if mode == "mckp" else "milp")
     return {"seconds": time.perf_counter() - t, "objective": alloc.objective, "milp_pairs": alloc.milp_pairs,
             "pairs": int(sum(t.size for t in tables)), "rss_growth_mb": _rss_mb() - before,
             "cost_bytes": alloc.cost_bits // 8, "budget_bytes": budget // 8}
@@ -74,11 +76,11 @@ def main():
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--inter", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--solve", choices=("reduced", "full"), help=argparse.SUPPRESS)
+    ap.add_argument("--solve", choices=("mckp", "reduced", "full"), help=argparse.SUPPRESS)
     ap.add_argument("--tables", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.solve:
-        print(json.dumps(solve(args.tables, args.solve == "reduced")))
+        print(json.dumps(solve(args.tables, args.solve)))
         return
     import platform
 
@@ -91,7 +93,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="prinmix-ilp-") as root:
         for n in args.blocks:
             path = make_tables(root, n, args.hidden, args.inter, args.vocab)
-            for mode in ("reduced", "full"):
+            for mode in ("mckp", "reduced", "full"):
                 r = subprocess.run([sys.executable, __file__, "--solve", mode, "--tables", path], capture_output=True,
                                    text=True)
                 if r.returncode:

@@ -40,14 +40,15 @@ def random_instance(rng):
     return e, c, budget, widths
 
 
+@pytest.mark.parametrize("method", ["mckp", "milp"])
 @pytest.mark.parametrize("solver", ["HIGHS", "SCIPY"])
-def test_matches_dynamic_programming_on_random_instances(solver):
+def test_matches_dynamic_programming_on_random_instances(solver, method):
     if solver not in milp_solvers_installed():
         pytest.skip(f"{solver} not installed")
     rng = np.random.default_rng(0)
     for _ in range(60):
         e, c, budget, widths = random_instance(rng)
-        alloc = allocate_bits(e, c, budget, widths, solver=solver)
+        alloc = allocate_bits(e, c, budget, widths, solver=solver, method=method)
         assert alloc.cost_bits <= budget
         assert alloc.objective == pytest.approx(dp_optimum(e, c, budget), rel=1e-7, abs=1e-12)
         chosen = e[np.arange(e.shape[0]), alloc.choice]
@@ -59,8 +60,8 @@ def test_highs_and_scipy_agree():
     rng = np.random.default_rng(1)
     for _ in range(20):
         e, c, budget, widths = random_instance(rng)
-        a = allocate_bits(e, c, budget, widths, solver="HIGHS")
-        b = allocate_bits(e, c, budget, widths, solver="SCIPY")
+        a = allocate_bits(e, c, budget, widths, solver="HIGHS", method="milp")
+        b = allocate_bits(e, c, budget, widths, solver="SCIPY", method="milp")
         assert a.objective == pytest.approx(b.objective, rel=1e-7, abs=1e-12)
 
 
@@ -69,7 +70,7 @@ def test_cap_on_distinct_widths_matches_exhaustive_optimum():
     for _ in range(15):
         e, c, budget, widths = random_instance(rng)
         for cap in (1, 2):
-            alloc = allocate_bits(e, c, budget, widths, max_widths=cap)
+            alloc = allocate_bits(e, c, budget, widths, max_widths=cap, method="milp")
             assert len(set(alloc.widths.tolist())) <= cap
             assert alloc.objective == pytest.approx(dp_optimum_capped(e, c, budget, cap), rel=1e-7, abs=1e-12)
 
@@ -77,7 +78,9 @@ def test_cap_on_distinct_widths_matches_exhaustive_optimum():
 def test_infeasible_budget_names_solver_and_status():
     e = np.ones((3, 2))
     with pytest.raises(ValueError, match=r"HIGHS.*infeasible"):
-        allocate_bits(e, np.array([5, 10]), 4, (2, 4))        # no 0 width, budget below 3 x 5
+        allocate_bits(e, np.array([5, 10]), 4, (2, 4), method="milp")   # no 0 width, budget below 3 x 5
+    with pytest.raises(ValueError, match=r"MCKP.*infeasible"):
+        allocate_bits(e, np.array([5, 10]), 4, (2, 4))
 
 
 def test_unknown_and_missing_solvers():
@@ -96,7 +99,7 @@ def test_time_limit_is_an_error_not_a_zero_answer():
     e = (rng.pareto(1.2, r)[:, None] + 1e-3) * 4.0 ** -np.asarray(widths, float) * rng.uniform(0.5, 1.5, (r, 8))
     c = np.where(np.asarray(widths) == 0, 0, rng.integers(90, 110, (r, 1)) * np.asarray(widths) + rng.integers(0, 30, (r, 8)))
     with pytest.raises(ValueError, match=r"HIGHS.*(time|limit)"):
-        allocate_bits(e, c, int(c[:, 2].sum()), widths, max_widths=3, time_limit=1e-3)
+        allocate_bits(e, c, int(c[:, 2].sum()), widths, max_widths=3, time_limit=1e-3, method="milp")
 
 
 def test_bad_tables():
@@ -118,7 +121,7 @@ def test_gap_bounds_the_objective():
     rng = np.random.default_rng(4)
     for _ in range(20):
         e, c, budget, widths = random_instance(rng)
-        alloc = allocate_bits(e, c, budget, widths, mip_rel_gap=1e-2)
+        alloc = allocate_bits(e, c, budget, widths, mip_rel_gap=1e-2, method="milp")
         best = dp_optimum(e, c, budget)
         assert best - 1e-12 <= alloc.objective <= best * (1 + 1e-2) + 1e-12
 
@@ -169,9 +172,13 @@ def test_global_allocation_reduces_to_a_small_milp_with_the_same_optimum():
                       * (1 + 0.05 * rng.standard_normal((128, 5))).clip(0.5))
     costs = [index_cost_bits(128, 128, widths, 32)] * 60
     budget = 60 * 128 * 128
-    w, alloc = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=1e-4, time_limit=120)
+    w, alloc = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=1e-4, time_limit=120, method="milp")
     assert alloc.cost_bits <= budget and sum(len(x) for x in w) == 60 * 128
     assert 0 < alloc.milp_pairs < 0.05 * 60 * 128 * 5
-    _, full = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=1e-4, time_limit=120, reduce=False)
+    _, full = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=1e-4, time_limit=120, reduce=False,
+                                   method="milp")
     assert full.milp_pairs == 60 * 128 * 5 and full.cost_bits <= budget
     assert alloc.objective == pytest.approx(full.objective, rel=2e-4)
+    _, mckp = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=1e-4)
+    assert mckp.cost_bits <= budget and mckp.gap <= 1e-4
+    assert mckp.objective <= full.objective * (1 + 1e-9) and full.objective <= mckp.objective * (1 + 2e-4)
