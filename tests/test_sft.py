@@ -119,3 +119,47 @@ def test_settings_key_depends_on_every_field():
         v = getattr(SFTSettings(), f.name)
         keys.add(dataclasses.replace(SFTSettings(), **{f.name: v * 2 if v else 1}).key())
     assert len(keys) == len(dataclasses.fields(SFTSettings)) + 1
+
+
+def test_every_task_answers_its_own_transformation_of_shared_words():
+    words = None
+    oracle = {"sort": lambda w: "".join(sorted(w)), "reverse": lambda w: "".join(reversed(w)),
+              "sortdesc": lambda w: "".join(sorted(w))[::-1], "upper": lambda w: w.upper()}
+    assert set(D.TASKS) == set(oracle)
+    for task, fn in oracle.items():
+        ex = D.make_task(40, seed=7, min_len=3, max_len=6, task=task)
+        head = D.prompt_format(task).split("{}")[0]
+        w = [e["prompt"][len(head):-len(" =>")] for e in ex]
+        assert all(e["answer"] == " " + fn(x) for e, x in zip(ex, w))
+        assert words is None or w == words     # one seed, one list of words for every task
+        words = w
+        s = dataclasses.replace(TINY, task=task, task_max_len=6)
+        ids, _ = D.task_batch(ex, s.task_seq)   # the longest example fits the task's sequence
+        assert ids.shape == (40, s.task_seq)
+    with pytest.raises(ValueError, match="unknown SFT task 'shout'.*sort"):
+        D.make_task(2, seed=0, task="shout")
+
+
+def test_family_shares_one_pretrained_base_across_task_fine_tunes(tmp_path):
+    import jax
+
+    from prinmix_jax.models import load_hf_params
+    from prinmix_jax.sft import make_sft_family
+
+    logs = []
+    fam = make_sft_family(TINY, ("sort", "reverse", "upper"), cache_dir=str(tmp_path), progress=False,
+                          log=logs.append)
+    assert list(fam.finetuned) == ["sort", "reverse", "upper"]
+    assert sum("pretraining" in s for s in logs) == 1     # one pretraining for the three fine-tunes
+    base = jax.tree.leaves(load_hf_params(fam.base))
+    fts = {t: jax.tree.leaves(load_hf_params(p)) for t, p in fam.finetuned.items()}
+    for t, pair in fam.pairs.items():
+        assert json.load(open(os.path.join(pair.root, "info.json")))["task"] == t
+        same_base = jax.tree.leaves(load_hf_params(pair.base))
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(base, same_base))
+    a, b = fts["sort"], fts["reverse"]
+    assert not all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    # the sort fine-tune is the plain pair of the same settings (one cache for both makers)
+    assert make_sft_pair(TINY, cache_dir=str(tmp_path), progress=False).root == fam.pairs["sort"].root
+    with pytest.raises(ValueError, match="repeat"):
+        make_sft_family(TINY, ("sort", "sort"), cache_dir=str(tmp_path), progress=False)

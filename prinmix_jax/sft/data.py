@@ -1,12 +1,14 @@
-"""Data of the SFT pair: pretraining text from the Python standard library's own sources (ships with every
-Python install, read deterministically) and an exact-match fine-tuning task (sorting letters).
+"""Data of the SFT pairs: pretraining text from the Python standard library's own sources (ships with every
+Python install, read deterministically) and exact-match fine-tuning tasks on a word of distinct lowercase
+letters (:data:`TASKS`). Task format (bytes, see :mod:`prinmix_jax.sft.tokenizer`)::
 
-Task format (bytes, see :mod:`prinmix_jax.sft.tokenizer`)::
+    sort      prompt "sort: qdmax =>"      answer " admqx"   then EOS
+    reverse   prompt "reverse: qdmax =>"   answer " xamdq"
+    sortdesc  prompt "sort desc: qdmax =>" answer " xqmda"
+    upper     prompt "upper: qdmax =>"     answer " QDMAX"
 
-    prompt  "sort: qdmax =>"     answer " admqx"   then EOS
-
-The letters are distinct lowercase letters, 4..8 of them by default. The base model (pretrained on code)
-scores ~0 exact match; the fully fine-tuned model learns it.
+The base model (pretrained on code) scores ~0 exact match on each; a fully fine-tuned model learns its task.
+Several fine-tunes of one base (one per task) make a multi-tenant setting (:func:`~prinmix_jax.sft.make_sft_family`).
 """
 from __future__ import annotations
 
@@ -21,10 +23,27 @@ import numpy as np
 
 from prinmix_jax.sft.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
 
-__all__ = ["stdlib_files", "corpus_ids", "text_windows", "make_task", "task_batch", "write_task_jsonl",
-           "read_task_jsonl", "corpus_fingerprint"]
+__all__ = ["TASKS", "TASK_TITLES", "stdlib_files", "corpus_ids", "text_windows", "make_task", "task_batch", "write_task_jsonl",
+           "read_task_jsonl", "corpus_fingerprint", "prompt_format"]
 
-PROMPT_FMT = "sort: {} =>"
+#: Fine-tuning tasks: name -> (prompt format, answer of a word).
+TASKS = {
+    "sort": ("sort: {} =>", lambda w: "".join(sorted(w))),
+    "reverse": ("reverse: {} =>", lambda w: w[::-1]),
+    "sortdesc": ("sort desc: {} =>", lambda w: "".join(sorted(w, reverse=True))),
+    "upper": ("upper: {} =>", str.upper),
+}
+#: What each task asks, in words.
+TASK_TITLES = {"sort": "sort letters", "reverse": "reverse letters", "sortdesc": "sort letters descending",
+               "upper": "upper-case letters"}
+PROMPT_FMT = TASKS["sort"][0]
+
+
+def prompt_format(task: str) -> str:
+    """The prompt format of ``task`` (ValueError naming the known tasks when it is unknown)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown SFT task {task!r}; known: {', '.join(TASKS)}")
+    return TASKS[task][0]
 
 
 def stdlib_files(stdlib_dir: str | None = None) -> list[str]:
@@ -70,15 +89,21 @@ def text_windows(ids: np.ndarray, seq_len: int, num: int | None = None) -> np.nd
     return np.asarray(ids[:k * seq_len], np.int32).reshape(k, seq_len)
 
 
-def make_task(n: int, *, seed: int, min_len: int = 4, max_len: int = 8) -> list[dict]:
-    """``n`` sorting examples ``{"prompt": "sort: qdmax =>", "answer": " admqx"}`` (distinct letters)."""
+def make_task(n: int, *, seed: int, min_len: int = 4, max_len: int = 8, task: str = "sort") -> list[dict]:
+    """``n`` examples of ``task`` (:data:`TASKS`), e.g. ``{"prompt": "sort: qdmax =>", "answer": " admqx"}``.
+
+    The words (distinct lowercase letters, ``min_len..max_len`` of them) depend on ``seed`` only, so two tasks
+    with one seed share their words.
+    """
+    fmt = prompt_format(task)
+    answer = TASKS[task][1]
     rng = np.random.default_rng(seed)
     letters = np.array(list(string.ascii_lowercase))
     out = []
     for _ in range(n):
         k = int(rng.integers(min_len, max_len + 1))
         w = "".join(rng.choice(letters, size=k, replace=False))
-        out.append({"prompt": PROMPT_FMT.format(w), "answer": " " + "".join(sorted(w))})
+        out.append({"prompt": fmt.format(w), "answer": " " + answer(w)})
     return out
 
 

@@ -1,5 +1,7 @@
 """The SFT pair maker: pretrain a small Llama on the standard library's sources, then fully fine-tune every
-parameter on the sorting task; save both as Hugging Face checkpoints (with a byte-level tokenizer).
+parameter on a task (sorting letters by default; :data:`~prinmix_jax.sft.data.TASKS`); save both as Hugging
+Face checkpoints (with a byte-level tokenizer). :func:`make_sft_family` makes one fine-tune per task of one
+pretrained base.
 
 Deterministic given the settings (fixed data order, ``jax.random`` keys), cached under
 ``$PRINMIX_SFT_CACHE`` (default ``~/.cache/prinmix-jax/sft``) in a folder named by a hash of the settings
@@ -25,7 +27,7 @@ import optax
 from prinmix_jax.sft import data as D
 from prinmix_jax.sft.tokenizer import EOS_ID, VOCAB_SIZE, save_hf_tokenizer
 
-__all__ = ["SFTSettings", "SFTPair", "make_sft_pair", "model_config", "init_params", "train_lm",
+__all__ = ["SFTSettings", "SFTPair", "SFTFamily", "make_sft_pair", "make_sft_family", "model_config", "init_params", "train_lm",
            "text_batches", "default_cache_dir", "QUICK", "FULL"]
 
 _FORMAT = 1
@@ -39,8 +41,9 @@ class SFTSettings:
       hidden, layers, heads, kv_heads, intermediate: model shape (LlamaForCausalLM, vocab 264, untied head).
       seed: the one seed (init, data order).
       pretrain_steps, pretrain_batch, pretrain_seq, pretrain_lr, pretrain_bytes: pretraining on the stdlib.
-      finetune_steps, finetune_batch, finetune_lr, finetune_examples: full fine-tuning on sorting.
-      task_min_len, task_max_len: letters per sorting example.
+      finetune_steps, finetune_batch, finetune_lr, finetune_examples: full fine-tuning on the task.
+      task_min_len, task_max_len: letters per task example.
+      task: the fine-tuning task, a key of :data:`~prinmix_jax.sft.data.TASKS`.
       text_mix: fraction of each fine-tuning batch that is still pretraining text (keeps the LM alive).
     """
     hidden: int = 128
@@ -61,6 +64,7 @@ class SFTSettings:
     task_min_len: int = 3
     task_max_len: int = 6
     text_mix: float = 0.1
+    task: str = "sort"
 
     _PRETRAIN_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "seed", "pretrain_steps",
                         "pretrain_batch", "pretrain_seq", "pretrain_lr", "pretrain_bytes")
@@ -70,6 +74,8 @@ class SFTSettings:
         d = dataclasses.asdict(self)
         if pretrain_only:
             d = {k: d[k] for k in self._PRETRAIN_FIELDS}
+        if d.get("task") == "sort":
+            del d["task"]       # the default task keeps the keys of the pairs made before tasks existed
         d["_format"] = _FORMAT
         d["_corpus"] = D.corpus_fingerprint(D.stdlib_files())
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -78,7 +84,7 @@ class SFTSettings:
     def task_seq(self) -> int:
         # BOS + prompt + " " + answer + EOS; the model sees seq - 1 tokens, a multiple of 16 (XLA:CPU
         # compiles some odd shapes extremely slowly).
-        need = len(D.PROMPT_FMT.format("x" * self.task_max_len)) + self.task_max_len + 3
+        need = len(D.prompt_format(self.task).format("x" * self.task_max_len)) + self.task_max_len + 3
         return -(-need // 16) * 16 + 1
 
 
@@ -206,8 +212,12 @@ def _save(params, cfg, path):
 
 
 def make_sft_pair(settings: SFTSettings = FULL, *, cache_dir: str | None = None, progress: bool = True,
-                  log: Callable[[str], None] | None = None, rebuild: bool = False) -> SFTPair:
+                  log: Callable[[str], None] | None = None, rebuild: bool = False,
+                  rebuild_base: bool | None = None) -> SFTPair:
     """Build (or reuse from the cache) the (base, fine-tuned) pair of ``settings``.
+
+    ``rebuild`` retrains the pair even when it is cached; the pretrained base too unless ``rebuild_base`` is
+    False (default: as ``rebuild``).
 
     Returns:
       :class:`SFTPair`; ``info`` holds the losses, times and the task/holdout description.
@@ -228,7 +238,9 @@ def make_sft_pair(settings: SFTSettings = FULL, *, cache_dir: str | None = None,
     t0 = time.perf_counter()
     text = D.corpus_ids("train", max_bytes=s.pretrain_bytes)
     pre_root = os.path.join(cache, "pretrained-" + s.key(pretrain_only=True))
-    if os.path.isfile(os.path.join(pre_root, "info.json")) and not rebuild:
+    if rebuild_base is None:
+        rebuild_base = rebuild
+    if os.path.isfile(os.path.join(pre_root, "info.json")) and not rebuild_base:
         from prinmix_jax.models import load_hf_params
 
         say(f"reusing the pretrained base in {pre_root}")
@@ -255,7 +267,8 @@ def make_sft_pair(settings: SFTSettings = FULL, *, cache_dir: str | None = None,
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     t1 = time.perf_counter()
-    examples = D.make_task(s.finetune_examples, seed=s.seed + 1000, min_len=s.task_min_len, max_len=s.task_max_len)
+    examples = D.make_task(s.finetune_examples, seed=s.seed + 1000, min_len=s.task_min_len, max_len=s.task_max_len,
+                           task=s.task)
     base_params = params
     ft_params, ft_losses = train_lm(params, cfg, _mixed_batches(s, text, examples, s.seed),
                                     steps=s.finetune_steps, lr=s.finetune_lr, desc="fine-tune", progress=progress)
@@ -265,7 +278,7 @@ def make_sft_pair(settings: SFTSettings = FULL, *, cache_dir: str | None = None,
         _save(base_params, cfg, os.path.join(tmp, "base"))
         _save(ft_params, cfg, os.path.join(tmp, "finetuned"))
         info = {"settings": dataclasses.asdict(s), "pretrain_losses": pre_losses, "finetune_losses": ft_losses,
-                "pretrain_seconds": pre_seconds, "finetune_seconds": t2 - t1, "task_seed": s.seed + 1000,
+                "pretrain_seconds": pre_seconds, "finetune_seconds": t2 - t1, "task": s.task, "task_seed": s.seed + 1000,
                 "num_params": int(sum(int(np.prod(a.shape)) for a in jax.tree.leaves(base_params))),
                 "corpus": "python stdlib *.py sources (train: files i % 10 != 0; heldout: i % 10 == 0)"}
         with open(os.path.join(tmp, "info.json"), "w", encoding="utf-8") as f:
@@ -278,3 +291,40 @@ def make_sft_pair(settings: SFTSettings = FULL, *, cache_dir: str | None = None,
         raise
     say(f"wrote the SFT pair to {root} (pretrain {pre_seconds:.0f}s, fine-tune {t2 - t1:.0f}s)")
     return SFTPair(root, base, ft, s, info)
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTFamily:
+    """Several fine-tunes of one pretrained base (one per task). ``base`` is an HF checkpoint folder;
+    ``finetuned`` maps each task to its fine-tuned checkpoint folder; ``pairs`` maps each task to its
+    :class:`SFTPair` (whose ``base`` folders all hold the same weights as ``base``)."""
+    base: str
+    finetuned: dict
+    pairs: dict
+
+
+def make_sft_family(settings: SFTSettings = FULL, tasks=("sort", "reverse", "sortdesc", "upper"), *,
+                    cache_dir: str | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+                    rebuild: bool = False) -> SFTFamily:
+    """One pretrained base (``settings``' pretraining, made once) fully fine-tuned on each of ``tasks``.
+
+    Each fine-tune is cached like :func:`make_sft_pair`'s pair (``settings`` with ``task`` replaced), so a
+    family shares its pairs with :func:`make_sft_pair` and with families of other task lists.
+
+    Returns:
+      :class:`SFTFamily`.
+    """
+    tasks = tuple(tasks)
+    if not tasks:
+        raise ValueError("make_sft_family needs at least one task")
+    for t in tasks:
+        D.prompt_format(t)      # unknown tasks fail before any training
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks repeat: {tasks}")
+    pairs = {}
+    for i, t in enumerate(tasks):
+        # a forced rebuild retrains the shared base once, with the first task
+        pairs[t] = make_sft_pair(dataclasses.replace(settings, task=t), cache_dir=cache_dir, progress=progress,
+                                 log=log, rebuild=rebuild, rebuild_base=rebuild and i == 0)
+    first = pairs[tasks[0]]
+    return SFTFamily(first.base, {t: p.finetuned for t, p in pairs.items()}, pairs)
