@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from typing import Callable, Sequence
 
@@ -91,8 +90,92 @@ def _plot(res: dict, path: str) -> None:
     save_png(fig, path)
 
 
+class _Phases:
+    """One progress line per phase of the demo, ``[k/n] what (seconds since the start)``."""
+
+    def __init__(self, n: int, say: Callable[[str], None]):
+        self.n, self.k, self.say, self.t0 = n, 0, say, time.perf_counter()
+
+    def __call__(self, what: str) -> None:
+        self.k += 1
+        self.say(f"[{self.k}/{self.n}] {what} ({time.perf_counter() - self.t0:.0f}s)")
+
+
+def _data(s, num_test: int, calib_sequences: int, eval_sequences: int, calib_len: int):
+    """The test prompts of the pair's task and the held-out calibration / evaluation windows."""
+    from prinmix_jax.sft import data as D
+
+    test = D.make_task(num_test, seed=s.seed + 2000, min_len=s.task_min_len, max_len=s.task_max_len, task=s.task)
+    held = D.corpus_ids("heldout", max_bytes=(calib_sequences + eval_sequences) * calib_len)
+    windows = D.text_windows(held, calib_len, calib_sequences + eval_sequences)
+    return test, windows[:calib_sequences], windows[calib_sequences:]
+
+
+def _jobs(methods, ratio, ratios, sweep_methods) -> list[tuple[str, float]]:
+    jobs = [(m, ratio) for m in methods]
+    for r in (ratios or ()):
+        if abs(r - ratio) > 1e-12:
+            jobs += [(m, r) for m in sweep_methods]
+    return jobs
+
+
+def _compress_and_score(pair, m: str, r: float, out: str, calib_ids, calib_len: int, evaluate, base_p, *, scope,
+                        calibration_mode, overrides: dict, extra: dict) -> dict:
+    """One method at one ratio: compress the pair's delta, apply it, score the merged model."""
+    from prinmix_jax.apply import apply_delta
+    from prinmix_jax.config import CompressionConfig
+    from prinmix_jax.pipeline import compress_model
+
+    dpath = os.path.join(out, "deltas", f"{m}-{_ratio_label(r).replace('/', 'of')}")
+    kw = dict(extra)
+    if m == "prinmix" and scope != "matrix":
+        kw["scope"] = scope
+    t = time.perf_counter()
+    summ = compress_model(pair.base, pair.finetuned, dpath, calib=calib_ids, config=CompressionConfig(ratio=r, **overrides),
+                          method=m, calibration_mode=calibration_mode, seq_len=calib_len, overwrite=True,
+                          progress=False, **kw)
+    secs = time.perf_counter() - t
+    acc, tm = evaluate(apply_delta(base_p, dpath))
+    return {"method": m, "ratio": r, "bytes": summ["bytes"]["total"], "model_ratio": summ["ratio"],
+            "bits_per_param": summ["bits_per_param"], "within_budget": summ["within_budget"],
+            "ratio_block_linears": summ["ratio_block_linears"], "accuracy": acc,
+            "layer_error": _block_error(summ), "kl": tm["kl"], "top1": tm["top1"], "seconds": secs}
+
+
+def _rows(pair, results: dict, methods, ratio, base_acc, base_tm, ft_acc) -> list[dict]:
+    gain = ft_acc - base_acc
+    rows = [{"model": "base", "method": None, "ratio": "-", "accuracy": base_acc, "gain_kept": 0.0,
+             "kl": base_tm["kl"], "top1": base_tm["top1"]},
+            {"model": "fine-tuned", "method": None, "ratio": "-", "bytes": 2 * int(pair.info["num_params"]),
+             "model_ratio": 1.0, "bits_per_param": 16.0, "accuracy": ft_acc, "gain_kept": 1.0 if gain > 0 else None,
+             "kl": 0.0, "top1": 1.0}]
+    for m in methods:
+        e = results[(m, ratio)]
+        kept = (e["accuracy"] - base_acc) / gain if gain > 0 else None
+        rows.append(dict(e, model=m, ratio=_ratio_label(ratio), gain_kept=kept))
+    return rows
+
+
+def _write(out: str, res: dict, rows: list[dict], say) -> None:
+    sweep = res["sweep"]
+    say("")
+    say(f"PrinMix demo: {res['pair']['num_params']}-param Llama pretrained on the Python stdlib, fully fine-tuned "
+        f"to {res['task']['name']}; delta budget {res['ratio_label']} of 16 bits "
+        f"({res['bits_per_param_nominal']:.3g} bit/param), {res['task']['num_test']} test prompts")
+    say(format_table(rows))
+    if sweep:
+        say("")
+        say("accuracy vs budget: " + "; ".join(
+            f"{m}: " + ", ".join(f"{_ratio_label(p['ratio'])}={p['accuracy']:.1%}" for p in sorted(
+                pts, key=lambda p: p["ratio"])) for m, pts in sweep.items()))
+    _write_atomic(os.path.join(out, "demo_results.json"), json.dumps(res, indent=1, default=float))
+    _write_atomic(os.path.join(out, "demo_results.md"), format_table(rows, markdown=True) + "\n")
+    _plot(res, os.path.join(out, "demo_results.png"))
+    say(f"wrote {os.path.join(out, 'demo_results.json')}, .md, .png ({res['seconds_total']:.0f}s in all)")
+
+
 def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1 / 16,
-             ratios: Sequence[float] | None = DEFAULT_RATIOS, methods: Sequence[str] | None = None,
+             ratios: Sequence[float] | None = None, methods: Sequence[str] | None = None,
              sweep_methods: Sequence[str] = SWEEP_METHODS, calibration_mode: str = "parallel", scope: str = "global",
              cache_dir: str | None = None, rebuild: bool = False, settings=None, num_test: int | None = None,
              calib_sequences: int | None = None, calib_len: int = 128, eval_sequences: int | None = None,
@@ -104,7 +187,8 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
       out: output folder (deltas under ``out/deltas``; results ``demo_results.{json,md,png}``).
       quick: the tiny pair and small evaluation sets (tests; the pair does not learn the task well).
       ratio: the budget of the main table (1/16 = 1 bit per delta parameter).
-      ratios: budgets of the accuracy-vs-ratio sweep (``sweep_methods``); None or empty: no sweep.
+      ratios: budgets of the accuracy-vs-ratio sweep of ``sweep_methods`` (e.g. :data:`DEFAULT_RATIOS`);
+        None or empty: no sweep (the default: every method at ``ratio`` only).
       methods: methods of the main table (default :data:`prinmix_jax.METHODS`).
       calibration_mode: ``"parallel"`` or ``"sequential"`` (see :func:`prinmix_jax.pipeline.compress_model`).
       scope: PrinMix's allocation scope, ``"matrix"`` (one ILP per matrix) or ``"global"`` (one ILP over every
@@ -114,16 +198,15 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
       calib_sequences, calib_len: held-out stdlib text windows for calibration (default 64, quick 16).
       eval_sequences: held-out windows (disjoint from calibration) for KL / top-1 (default 32, quick 8).
       config_overrides: extra :class:`~prinmix_jax.CompressionConfig` fields (e.g. ``{"group_size": 64}``).
-      extra_compress_kwargs: passed to ``compress_model`` (e.g. a future ``scope=``).
+      extra_compress_kwargs: passed to ``compress_model``.
+      log: where the phase lines and the table go (None: silent).
 
     Returns:
       The results dict that is also written as JSON.
     """
-    from prinmix_jax.apply import apply_delta
-    from prinmix_jax.config import METHODS, CompressionConfig
+    from prinmix_jax.config import METHODS
     from prinmix_jax.evaluation import byte_tokenizer, exact_match, token_metrics
     from prinmix_jax.models import ModelConfig, load_hf_params
-    from prinmix_jax.pipeline import compress_model
     from prinmix_jax.sft import FULL, QUICK, make_sft_pair
     from prinmix_jax.sft import data as D
 
@@ -139,68 +222,34 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
     num_test = num_test or (64 if quick else 300)
     calib_sequences = calib_sequences or (16 if quick else 64)
     eval_sequences = eval_sequences or (8 if quick else 32)
+    jobs = _jobs(methods, ratio, ratios, sweep_methods)
+    phase = _Phases(3 + len(jobs), say)
 
+    phase("the SFT pair: a small Llama pretrained on the Python stdlib, then fully fine-tuned (cached after the "
+          "first run)")
     t0 = time.perf_counter()
     pair = make_sft_pair(s, cache_dir=cache_dir, progress=progress, log=say, rebuild=rebuild)
     pair_seconds = time.perf_counter() - t0
     cfg = ModelConfig.from_pretrained_dir(pair.finetuned)
     base_p, ft_p = load_hf_params(pair.base), load_hf_params(pair.finetuned)
     tok = byte_tokenizer()
-    test = D.make_task(num_test, seed=s.seed + 2000, min_len=s.task_min_len, max_len=s.task_max_len)
-    held = D.corpus_ids("heldout", max_bytes=(calib_sequences + eval_sequences) * calib_len)
-    windows = D.text_windows(held, calib_len, calib_sequences + eval_sequences)
-    calib_ids, eval_ids = windows[:calib_sequences], windows[calib_sequences:]
+    test, calib_ids, eval_ids = _data(s, num_test, calib_sequences, eval_sequences, calib_len)
 
     def evaluate(params):
-        acc = exact_match(params, cfg, test, tok)["accuracy"]
-        tm = token_metrics(ft_p, params, cfg, eval_ids)
-        return acc, tm
+        return exact_match(params, cfg, test, tok)["accuracy"], token_metrics(ft_p, params, cfg, eval_ids)
 
-    say(f"evaluating base and fine-tuned on {num_test} sorting prompts")
+    phase(f"scoring the base and the fine-tuned model on {num_test} task prompts")
     base_acc, base_tm = evaluate(base_p)
     ft_acc = exact_match(ft_p, cfg, test, tok)["accuracy"]
-    gain = ft_acc - base_acc
-
-    def kept(acc):
-        return (acc - base_acc) / gain if gain > 0 else None
-
     overrides = dict(config_overrides or {})
-    jobs = [(m, ratio) for m in methods]
-    for r in (ratios or ()):
-        if abs(r - ratio) > 1e-12:
-            jobs += [(m, r) for m in sweep_methods]
     results: dict[tuple[str, float], dict] = {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(jobs, desc="methods", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for m, r in bar:
-        bar.set_postfix(method=m, ratio=_ratio_label(r))
-        dpath = os.path.join(out, "deltas", f"{m}-{_ratio_label(r).replace('/', 'of')}")
-        cc = CompressionConfig(ratio=r, **overrides)
-        t = time.perf_counter()
-        kw = dict(extra_compress_kwargs or {})
-        if m == "prinmix" and scope != "matrix":
-            kw["scope"] = scope
-        summ = compress_model(pair.base, pair.finetuned, dpath, calib=calib_ids, config=cc, method=m,
-                              calibration_mode=calibration_mode, seq_len=calib_len, overwrite=True, progress=False,
-                              **kw)
-        secs = time.perf_counter() - t
-        merged = apply_delta(base_p, dpath)
-        acc, tm = evaluate(merged)
-        results[(m, r)] = {"method": m, "ratio": r, "bytes": summ["bytes"]["total"], "model_ratio": summ["ratio"],
-                           "bits_per_param": summ["bits_per_param"], "within_budget": summ["within_budget"],
-                           "ratio_block_linears": summ["ratio_block_linears"], "accuracy": acc,
-                           "layer_error": _block_error(summ), "kl": tm["kl"], "top1": tm["top1"], "seconds": secs}
-    bar.close()
-
-    rows = [{"model": "base", "method": None, "ratio": "-", "accuracy": base_acc, "gain_kept": 0.0,
-             "kl": base_tm["kl"], "top1": base_tm["top1"]},
-            {"model": "fine-tuned", "method": None, "ratio": "-", "bytes": 2 * int(pair.info["num_params"]), "model_ratio": 1.0,
-             "bits_per_param": 16.0, "accuracy": ft_acc, "gain_kept": 1.0 if gain > 0 else None, "kl": 0.0,
-             "top1": 1.0}]
-    for m in methods:
-        e = results[(m, ratio)]
-        rows.append(dict(e, model=m, ratio=_ratio_label(ratio), gain_kept=kept(e["accuracy"])))
+    for m, r in jobs:
+        phase(f"{m} at {_ratio_label(r)}: compress, apply, score")
+        results[(m, r)] = _compress_and_score(pair, m, r, out, calib_ids, calib_len, evaluate, base_p, scope=scope,
+                                              calibration_mode=calibration_mode, overrides=overrides,
+                                              extra=dict(extra_compress_kwargs or {}))
+    phase("writing the results")
+    rows = _rows(pair, results, methods, ratio, base_acc, base_tm, ft_acc)
     sweep = {}
     for (m, r), e in results.items():
         if m in sweep_methods and (ratios or ()):
@@ -209,31 +258,12 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
     res = {"pair": {"root": pair.root, "settings": pair.info["settings"], "num_params": pair.info["num_params"],
                     "pretrain_seconds": pair.info["pretrain_seconds"],
                     "finetune_seconds": pair.info["finetune_seconds"], "seconds_this_run": pair_seconds},
-           "task": {"name": "sort distinct lowercase letters", "num_test": num_test, "example": test[0]},
-           "scope": scope, "calibration": {"mode": calibration_mode, "sequences": calib_sequences, "seq_len": calib_len,
-                           "source": "held-out stdlib sources"},
+           "task": {"name": D.TASK_TITLES[s.task], "num_test": num_test, "example": test[0]},
+           "scope": scope, "calibration": {"mode": calibration_mode, "sequences": calib_sequences,
+                                           "seq_len": calib_len, "source": "held-out stdlib sources"},
            "ratio": ratio, "ratio_label": _ratio_label(ratio), "bits_per_param_nominal": 16 * ratio,
            "base": {"accuracy": base_acc, "kl": base_tm["kl"], "top1": base_tm["top1"]},
-           "finetuned": {"accuracy": ft_acc}, "rows": [r for r in rows], "sweep": sweep,
-           "config_overrides": overrides, "seconds_total": None}
-    # base / fine-tuned rows carry method None; methods carry their name
-    for r in res["rows"]:
-        r.setdefault("method", None)
-    res["seconds_total"] = time.perf_counter() - t_all
-    text = format_table(rows)
-    md = format_table(rows, markdown=True)
-    say("")
-    say(f"PrinMix demo: {pair.info['num_params']}-param Llama pretrained on the Python stdlib, fully fine-tuned on "
-        f"sorting letters; delta budget {_ratio_label(ratio)} of 16 bits ({16 * ratio:.3g} bit/param), "
-        f"{num_test} test prompts")
-    say(text)
-    if sweep:
-        say("")
-        say("accuracy vs budget: " + "; ".join(
-            f"{m}: " + ", ".join(f"{_ratio_label(p['ratio'])}={p['accuracy']:.1%}" for p in sorted(
-                pts, key=lambda p: p["ratio"])) for m, pts in sweep.items()))
-    _write_atomic(os.path.join(out, "demo_results.json"), json.dumps(res, indent=1, default=float))
-    _write_atomic(os.path.join(out, "demo_results.md"), md + "\n")
-    _plot(res, os.path.join(out, "demo_results.png"))
-    say(f"wrote {os.path.join(out, 'demo_results.json')}, .md, .png ({res['seconds_total']:.0f}s in all)")
+           "finetuned": {"accuracy": ft_acc}, "rows": rows, "sweep": sweep,
+           "config_overrides": overrides, "seconds_total": time.perf_counter() - t_all}
+    _write(out, res, rows, say)
     return res

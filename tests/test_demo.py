@@ -43,6 +43,11 @@ def test_demo_prints_and_writes_the_table(demo_run):
         assert r["model_ratio"] < 1 / 16 * 1.1  # everything stored is counted: still about 1 bit/param
         assert f"{m:<10}" in printed
     assert rows["fine-tuned"]["kl"] == 0.0
+    # one progress line per phase: pair, baselines' scoring, each (method, ratio) job, writing
+    phases = [ln for ln in printed.splitlines() if ln.startswith("[")]
+    n = 3 + len(METHODS) + 1
+    assert [p.split("]")[0] for p in phases] == [f"[{k}/{n}" for k in range(1, n + 1)], phases
+    assert "SFT pair" in phases[0] and "prinmix at 1/4" in phases[-2] and "writing" in phases[-1]
     md = open(os.path.join(out, "demo_results.md")).read()
     assert md.startswith("| model |") and md.count("\n") == 2 + 2 + len(METHODS)
     assert list(res["sweep"]) == ["prinmix"] and sorted(p["ratio"] for p in res["sweep"]["prinmix"]) == [1 / 16, 1 / 4]
@@ -101,3 +106,18 @@ def test_cli_usage_errors(tmp_path):
     r = CliRunner().invoke(main, ["demo", "--methods", "nope"])
     assert r.exit_code == 2 and "nope" in r.output
     assert "demo" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_sweep_only_on_request(monkeypatch):
+    """Every method at --ratio by default; the accuracy-vs-budget sweep with --sweep (default budgets) or with
+    explicit --ratios."""
+    import prinmix_jax.demo as demo_mod
+
+    seen = []
+    monkeypatch.setattr(demo_mod, "run_demo", lambda out, **kw: seen.append(kw["ratios"]))
+    for args in ([], ["--sweep"], ["--ratios", "1/64,1/32"], ["--sweep", "--ratios", "none"]):
+        r = CliRunner().invoke(main, ["demo", "--no-compile-cache", *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    assert seen == [(), demo_mod.DEFAULT_RATIOS, (1 / 64, 1 / 32), ()]
+    assert demo_mod._jobs(("a", "b"), 1 / 16, (), ("a",)) == [("a", 1 / 16), ("b", 1 / 16)]
+    assert demo_mod._jobs(("a", "b"), 1 / 16, (1 / 32, 1 / 16), ("a",)) == [("a", 1 / 16), ("b", 1 / 16), ("a", 1 / 32)]
