@@ -128,7 +128,7 @@ def _compress_and_score(pair, m: str, r: float, out: str, calib_ids, calib_len: 
 
     dpath = os.path.join(out, "deltas", f"{m}-{_ratio_label(r).replace('/', 'of')}")
     kw = dict(extra)
-    if m == "prinmix" and scope != "matrix":
+    if m == "prinmix":      # the baselines allocate per matrix by construction
         kw["scope"] = scope
     t = time.perf_counter()
     summ = compress_model(pair.base, pair.finetuned, dpath, calib=calib_ids, config=CompressionConfig(ratio=r, **overrides),
@@ -136,7 +136,7 @@ def _compress_and_score(pair, m: str, r: float, out: str, calib_ids, calib_len: 
                           progress=False, **kw)
     secs = time.perf_counter() - t
     acc, tm = evaluate(apply_delta(base_p, dpath))
-    return {"method": m, "ratio": r, "bytes": summ["bytes"]["total"], "model_ratio": summ["ratio"],
+    return {"method": m, "ratio": r, "scope": summ["scope"], "bytes": summ["bytes"]["total"], "model_ratio": summ["ratio"],
             "bits_per_param": summ["bits_per_param"], "within_budget": summ["within_budget"],
             "ratio_block_linears": summ["ratio_block_linears"], "accuracy": acc,
             "layer_error": _block_error(summ), "kl": tm["kl"], "top1": tm["top1"], "seconds": secs}

@@ -43,6 +43,7 @@ def test_demo_prints_and_writes_the_table(demo_run):
         assert r["model_ratio"] < 1 / 16 * 1.1  # everything stored is counted: still about 1 bit/param
         assert f"{m:<10}" in printed
     assert rows["fine-tuned"]["kl"] == 0.0
+    assert rows["prinmix"]["scope"] == "global" and {rows[m]["scope"] for m in METHODS[1:]} == {"matrix"}
     # one progress line per phase: pair, baselines' scoring, each (method, ratio) job, writing
     phases = [ln for ln in printed.splitlines() if ln.startswith("[")]
     n = 3 + len(METHODS) + 1
@@ -121,3 +122,20 @@ def test_sweep_only_on_request(monkeypatch):
     assert seen == [(), demo_mod.DEFAULT_RATIOS, (1 / 64, 1 / 32), ()]
     assert demo_mod._jobs(("a", "b"), 1 / 16, (), ("a",)) == [("a", 1 / 16), ("b", 1 / 16)]
     assert demo_mod._jobs(("a", "b"), 1 / 16, (1 / 32, 1 / 16), ("a",)) == [("a", 1 / 16), ("b", 1 / 16), ("a", 1 / 32)]
+
+
+def test_demo_scope_matrix_reaches_prinmix(demo_run, tmp_path):
+    """--scope matrix is PrinMix's per-matrix allocation (it used to be dropped, and the default scope, global
+    with parallel calibration, ran instead)."""
+    from prinmix_jax.demo import _compress_and_score
+    from prinmix_jax.models import load_hf_params
+    from prinmix_jax.sft import QUICK, make_sft_pair
+    from prinmix_jax.sft import data as D
+
+    pair = make_sft_pair(QUICK, cache_dir=demo_run[1], progress=False)
+    (tmp_path / "deltas").mkdir()
+    calib = D.text_windows(D.corpus_ids("heldout", max_bytes=4 * 64), 64, 4)
+    row = _compress_and_score(pair, "prinmix", 1 / 16, str(tmp_path), calib, 64, lambda p: (0.0, {"kl": 0.0, "top1": 0.0}),
+                              load_hf_params(pair.base), scope="matrix", calibration_mode="parallel", overrides={},
+                              extra={})
+    assert row["scope"] == "matrix" and row["within_budget"]
