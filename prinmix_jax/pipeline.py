@@ -44,7 +44,7 @@ import numpy as np
 
 from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
 from prinmix_jax.compress import check_settings, error_tables
-from prinmix_jax.config import METHODS, CompressionConfig
+from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionConfig
 from prinmix_jax.core.mesh import default_mesh
 from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, get_path, merge_block, param_groups
 from prinmix_jax.distributed import (allgather_arrays, barrier, broadcast_array, check_shared, init_distributed,
@@ -65,8 +65,6 @@ __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleMod
            "result_problems", "CALIBRATION_MODES",
            "merge_block", "param_groups"]
 
-CALIBRATION_MODES = ("parallel", "sequential")
-SCOPES = ("matrix", "global")
 
 
 def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfig | None = None,

@@ -15,10 +15,10 @@ from prinmix_jax.cli.runtime import gpu_xla_flags, use_compile_cache
 __all__ = ["compress"]
 
 
-def _pipeline():
-    import prinmix_jax.pipeline
+def _config():
+    import prinmix_jax.config
 
-    return prinmix_jax.pipeline
+    return prinmix_jax.config
 
 
 def _policy(field: str) -> LibraryChoice:
@@ -47,10 +47,10 @@ def _policy(field: str) -> LibraryChoice:
               help="Entries per quantization scale along V rows and U columns ('none' = whole row).")
 @click.option("--method", type=library_choices("prinmix_jax.config", "METHODS"),
               default="prinmix", show_default=True, help="Compression method (the others are baselines).")
-@click.option("--calibration-mode", type=library_choices("prinmix_jax.pipeline", "CALIBRATION_MODES"), default="parallel",
+@click.option("--calibration-mode", type=library_choices("prinmix_jax.config", "CALIBRATION_MODES"), default="parallel",
               show_default=True, help="parallel: Hessians from one pass of FINETUNED; sequential: each block "
                                       "sees hidden states from the already-compressed blocks.")
-@click.option("--scope", type=LibraryChoice(lambda: ("auto", *_pipeline().SCOPES)), default="auto", show_default=True,
+@click.option("--scope", type=LibraryChoice(lambda: ("auto", *_config().SCOPES)), default="auto", show_default=True,
               help="matrix: one bit-allocation ILP per matrix within its own budget; global (prinmix): one ILP "
                    "over every block linear under their total budget (parallel calibration or --data-free); "
                    "auto: global for prinmix where possible (best on the SFT pair), else matrix.")

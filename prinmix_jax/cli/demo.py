@@ -33,9 +33,9 @@ def _parse_ratios(ctx, param, value):
 @click.option("--methods", default=None, help="Comma-separated methods of the main table [default: all].")
 @click.option("--sweep-methods", default="prinmix,deltacome,lowrank,bitdelta", show_default=True,
               help="Comma-separated methods of the accuracy-vs-ratio sweep.")
-@click.option("--calibration-mode", type=library_choices("prinmix_jax.pipeline", "CALIBRATION_MODES"), default="parallel",
+@click.option("--calibration-mode", type=library_choices("prinmix_jax.config", "CALIBRATION_MODES"), default="parallel",
               show_default=True)
-@click.option("--scope", type=library_choices("prinmix_jax.pipeline", "SCOPES"), default="global", show_default=True,
+@click.option("--scope", type=library_choices("prinmix_jax.config", "SCOPES"), default="global", show_default=True,
               help="PrinMix allocation: one ILP per matrix, or one over every block linear (total budget).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where the SFT pair is cached [default: $PRINMIX_SFT_CACHE or ~/.cache/prinmix-jax/sft].")
