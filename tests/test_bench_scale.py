@@ -1,0 +1,58 @@
+"""The synthetic 7B-shaped checkpoint writer of benchmarks/bench_scale.py, at a tiny scale: sharded bf16
+safetensors with an index, a config transformers reads, tensors prinmix_jax.models reads back."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import bench_scale  # noqa: E402
+
+
+@pytest.mark.parametrize("key", ["llama3", "qwen25"])
+def test_writer_tiny_pair_reads_back(tmp_path, key):
+    spec = bench_scale.scaled_spec(key, 1 / 64, layers=1)        # hidden 64 / 56, heads kept, head_dim 2
+    assert spec["hidden"] == spec["heads"] * spec["head_dim"]
+    pair = bench_scale.write_pair(str(tmp_path), spec, shard_bytes=64 << 10)
+    assert pair["num_shards"] > 1
+    shapes = dict(bench_scale.tensor_shapes(spec))
+    for kind in ("base", "ft"):
+        folder = pair[kind]
+        with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+            index = json.load(f)
+        assert set(index["weight_map"]) == set(shapes)
+        assert index["metadata"]["total_size"] == 2 * sum(int(np.prod(s)) for s in shapes.values())
+        assert set(index["weight_map"].values()) == {f for f in os.listdir(folder) if f.endswith(".safetensors")}
+
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(folder)
+        assert (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size) == (spec["hidden"], spec["inter"], spec["vocab"])
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (spec["heads"], spec["kv_heads"])
+
+    from prinmix_jax.models import CheckpointReader, ModelConfig, load_hf_params
+
+    mcfg = ModelConfig.from_pretrained_dir(pair["ft"])
+    assert mcfg.qkv_bias == (key == "qwen25")
+    reader = CheckpointReader(pair["ft"])
+    assert sorted(reader.names()) == sorted(shapes)
+    assert all(reader.tensor_header(n)[0] == tuple(s) for n, s in shapes.items())
+    reader.close()
+    base = load_hf_params(pair["base"], device_put=False)
+    ft = load_hf_params(pair["ft"], device_put=False)
+    d = np.asarray(ft["embed_tokens"]["weight"], np.float32)
+    b = np.asarray(base["embed_tokens"]["weight"], np.float32)
+    rel = np.linalg.norm(d - b) / np.linalg.norm(b)
+    assert 2e-4 < rel < 3e-3          # ~1e-3 before bf16 rounding; some of it survives
+    st = pair["delta_stats"]["q_proj"]
+    assert st["planted_share_survived"] > 2 * st["planted_share_white"]   # still far from white
+
+
+def test_help_runs():
+    with pytest.raises(SystemExit) as e:
+        bench_scale.main(["--help"])
+    assert e.value.code == 0
