@@ -17,7 +17,7 @@ from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, single_device_mesh
 from prinmix_jax.methods import REGISTRY, Stack, get_method
 from prinmix_jax.methods.baselines import DELTACOME_BITS, DELTACOME_SCHEDULE
-from prinmix_jax.methods.prinmix import allocation_tables
+from prinmix_jax.methods.prinmix import stack_tables, table_svd_rank
 from prinmix_jax.methods.shared import (gptq_kw, hessian_stack, max_kept_rank, output_error, pack_svd,
                                         padded_u_inputs, rank_bucket, reconstruct, stack_svd)
 
@@ -174,12 +174,17 @@ def error_tables(deltas, hessians=None, config: CompressionConfig | None = None,
     This is the first pass of a global allocation: the tables of every matrix of a model go to
     :func:`allocate_bits_global`, whose widths then go to :func:`compress_stack`.
 
+    With a truncated SVD (``config.svd``, :func:`~prinmix_jax.methods.shared.svd_rank`) the rows past its
+    rank stand for the indices it did not compute (:func:`~prinmix_jax.methods.prinmix.pad_tail`): they
+    carry the rest of ``‖ΔW X‖² / N`` in column 0 and are never worth keeping; :func:`compress_stack`
+    with the same config computes the same SVD.
+
     Returns:
-      One float64 array (r, len(config.bits)) per delta.
+      One float64 array (r, len(config.bits)) per delta, ``r = min(m, n)``.
     """
     cfg, pairs, _ = _prepare(deltas, hessians, config, "prinmix")
     if not pairs:
         return []
     stack = Stack(method="prinmix", pairs=pairs, cfg=cfg, mesh=default_mesh(mesh))
-    u, sigma, v = stack_svd(stack)
-    return list(allocation_tables(u, sigma, v, hessian_stack(stack), cfg, stack.mesh)[0])
+    u, sigma, v = stack_svd(stack, table_svd_rank(stack))
+    return list(stack_tables(stack, u, sigma, v, hessian_stack(stack))[0])

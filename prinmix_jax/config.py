@@ -5,10 +5,15 @@ import dataclasses
 import math
 from fractions import Fraction
 
-import jax.numpy as jnp
+import numpy as np
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank", "uniform")
-_SCALE_DTYPES = {"float16": jnp.float16, "float32": jnp.float32}
+SVD_MODES = ("auto", "full", "truncated")
+_SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
+#: How calibration inputs reach each block (:func:`prinmix_jax.pipeline.compress_model`).
+CALIBRATION_MODES = ("parallel", "sequential")
+#: Allocation scopes: one ILP per matrix, or one over every block linear under their total budget.
+SCOPES = ("matrix", "global")
 
 
 def parse_ratio(text: str) -> float:
@@ -41,13 +46,23 @@ class CompressionConfig:
       rtc_damp: relative damping of the RTC least-squares solve.
       block_size: GPTQ lazy-batch block size (does not change the result).
       max_widths: optional cap on the number of distinct widths (ILP constraint).
-      solver: CVXPY MILP solver for the allocation (``"HIGHS"``, ``"SCIPY"``, ...).
-      time_limit: optional ILP time limit in seconds (hitting it is an error).
-      ilp_gap: relative optimality gap the ILP solver must prove (status optimal within it); 0 asks
-        for a proof of the exact optimum, which can take minutes for thousands of indices.
+      solver: CVXPY MILP solver (``"HIGHS"``, ``"SCIPY"``, ...) of the allocation's count MILP, used
+        when the special-purpose MCKP solver's bound alone does not prove ``ilp_gap``
+        (:mod:`prinmix_jax.allocation`).
+      time_limit: optional MILP time limit in seconds (hitting it is an error).
+      ilp_gap: relative optimality gap the allocation must prove against a lower bound on the optimum
+        (reported as ``Allocation.gap``); 0 asks for the exact optimum (to the solver's tolerances).
       scale_dtype: ``"float16"`` or ``"float32"`` storage of quantisation scales.
       u_error: add an estimate of each index's U-side quantisation error to the (exact, V-only)
         error table before the allocation (project choice; the paper allocates on V alone).
+      svd: ``"truncated"``: the top ``k = ceil((1 + svd_margin) · k_max)`` SVD triplets from a randomized
+        range finder (``k_max``: the most indices the budget can keep); ``"full"``: XLA's full thin SVD;
+        ``"auto"`` (default): truncated where its sample is at most half of ``min(m, n)``, full otherwise
+        (:func:`~prinmix_jax.methods.shared.svd_rank`, docs/method.md "Truncated SVD").
+      svd_margin: extra indices over ``k_max`` the truncated SVD returns, as a fraction of ``k_max`` (the
+        allocation may keep an index of smaller σ; indices beyond ``k`` are dropped).
+      svd_oversample: extra random samples of the range finder, as a fraction of ``k``.
+      svd_iters: subspace (power) iterations of the range finder.
     """
     ratio: float = 1 / 16
     bits: tuple[int, ...] = (0, 2, 3, 4, 8)
@@ -63,6 +78,10 @@ class CompressionConfig:
     ilp_gap: float = 1e-4
     scale_dtype: str = "float16"
     u_error: bool = True
+    svd: str = "auto"
+    svd_margin: float = 0.25
+    svd_oversample: float = 0.5
+    svd_iters: int = 4
 
     def __post_init__(self):
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
@@ -93,6 +112,14 @@ class CompressionConfig:
             raise ValueError(f"ilp_gap must be in [0, 1), got {self.ilp_gap!r}")
         if self.time_limit is not None and not self.time_limit > 0:
             raise ValueError(f"time_limit must be > 0 or None, got {self.time_limit!r}")
+        if self.svd not in SVD_MODES:
+            raise ValueError(f"svd must be one of {', '.join(SVD_MODES)}, got {self.svd!r}")
+        for name in ("svd_margin", "svd_oversample"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(self.svd_iters, bool) or not isinstance(self.svd_iters, int) or self.svd_iters < 0:
+            raise ValueError(f"svd_iters must be an integer >= 0, got {self.svd_iters!r}")
 
     @property
     def scale_jnp_dtype(self):
@@ -100,7 +127,7 @@ class CompressionConfig:
 
     @property
     def scale_bits(self) -> int:
-        return 8 * jnp.dtype(self.scale_jnp_dtype).itemsize
+        return 8 * np.dtype(self.scale_jnp_dtype).itemsize
 
     def budget_bits(self, m: int, n: int) -> int:
         """The storage budget ``C = ratio · 16 · m · n`` bits (rounded down)."""

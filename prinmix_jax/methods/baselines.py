@@ -13,7 +13,7 @@ from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.formats import LowRankDelta, SignDelta
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (finish, fixed_width_rows, hessian_stack, index_costs, max_kept_rank,
-                                        quantize_stack, stack_svd)
+                                        quantize_stack, stack_svd, svd_rank)
 
 # Widths of Delta-CoMe by singular-value rank: (count, bits); the rest at 2 bits, then dropped.
 DELTACOME_SCHEDULE = ((2, 8), (32, 3))
@@ -43,7 +43,7 @@ class DeltaCoMe(Method):
             raise ValueError(f"given widths only apply to prinmix/uniform, not {self.name!r}")
         cfg = stack.cfg
         m, n = stack.shape
-        u, sigma, v = stack_svd(stack)
+        u, sigma, v = stack_svd(stack, svd_rank(m, n, cfg, max_kept_rank(m, n, cfg, DELTACOME_BITS)))
         h_all = hessian_stack(stack)
         t = time.perf_counter()
         widths = np.stack([deltacome_widths(s, m, n, stack.budget, cfg) for s in np.asarray(sigma)])
@@ -84,7 +84,8 @@ class LowRank(Method):
 
     def compress(self, stack: Stack) -> list:
         m, n = stack.shape
-        u, sigma, v = stack_svd(stack)
+        k_max = min(min(m, n), stack.budget // self.one_index_bits(m, n, stack.cfg))
+        u, sigma, v = stack_svd(stack, svd_rank(m, n, stack.cfg, k_max))
         sig_np = np.asarray(sigma)
         out = []
         for i, ((d_np, h_np), info) in enumerate(zip(stack.pairs, stack.infos)):

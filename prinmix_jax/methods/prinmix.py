@@ -18,7 +18,7 @@ from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, fixed_width_rows, gptq_kw, hessian_stack,
-                                        index_costs, max_kept_rank, quantize_stack, stack_svd)
+                                        index_costs, max_kept_rank, quantize_stack, stack_energy, stack_svd, svd_rank)
 
 
 @functools.cache
@@ -26,15 +26,52 @@ def _error_table_fn(**kw):
     return lambda v, s, h, damp: error_table(v, s, h, damp, **kw)
 
 
-def allocation_tables(u, sigma, v, h_all, cfg, mesh):
+def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None, energy=None):
     """The tables the allocation sees for a stack: the exact V-step table (method.md §2), plus the U-side
-    estimate when ``cfg.u_error``; returns ``(tables float64 (B, r, nw), the V GPTQ passes)``."""
+    estimate when ``cfg.u_error``; returns ``(tables float64 (B, r, nw), the V GPTQ passes)``.
+
+    The GPTQ passes run on the k rows of ``v`` only. When the SVD was truncated (k < ``rank`` =
+    ``min(m, n)``) the table is completed to ``rank`` rows by :func:`pad_tail` from ``energy`` (B,)
+    (:func:`~prinmix_jax.methods.shared.stack_energy`), so that its column ``e[:, 0]`` still sums to the
+    matrix's ``‖ΔW X‖² / N`` (the normalisation of the global allocation) and no tail index is kept.
+    """
     e, passes = run_sharded(_error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), mesh, v, sigma, h_all,
                             np.float32(cfg.damp))
     tables = np.asarray(e, np.float64)
     if cfg.u_error:
         tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
+    if rank is not None and rank > tables.shape[1]:
+        tables = pad_tail(tables, rank, energy, cfg.bits)
     return tables, passes
+
+
+def pad_tail(tables, rank: int, energy, bits) -> np.ndarray:
+    """(B, k, nw) tables of the top k indices → (B, rank, nw): the rows k.. stand for the indices a truncated
+    SVD did not compute. They share the rest of the energy, ``e[i, 0] = (energy − Σ_{j<k} e[j, 0]) /
+    (rank − k)``, and keeping one at any width costs that plus the matrix's whole energy (a pair no optimal
+    allocation picks, which the Lagrangian reduction removes at once)."""
+    _, k, nw = tables.shape
+    z = bits.index(0)
+    energy = np.asarray(energy, np.float64)
+    tail = np.maximum(energy - tables[:, :, z].sum(axis=1), 0.0) / (rank - k)          # (B,)
+    penalty = np.where(energy > 0, energy, 1.0)
+    rows = np.repeat((tail + penalty)[:, None, None], rank - k, axis=1) * np.ones((1, 1, nw))
+    rows[:, :, z] = tail[:, None]
+    return np.concatenate([tables, rows], axis=1)
+
+
+def table_svd_rank(stack) -> int | None:
+    """The truncated SVD rank of a table method's stack (:func:`~prinmix_jax.methods.shared.svd_rank` of the
+    most indices its budget keeps), or ``None`` for the full SVD."""
+    m, n = stack.shape
+    return svd_rank(m, n, stack.cfg, max_kept_rank(m, n, stack.cfg))
+
+
+def stack_tables(stack, u, sigma, v, h_all):
+    """:func:`allocation_tables` of a stack whose SVD :func:`table_svd_rank` computed, with ``min(m, n)`` rows."""
+    r = min(stack.shape)
+    energy = stack_energy(stack, h_all) if v.shape[1] < r else None
+    return allocation_tables(u, sigma, v, h_all, stack.cfg, stack.mesh, rank=r, energy=energy)
 
 
 def _u_error_tables(u, sigma, v, h_all, cfg):
@@ -57,13 +94,19 @@ class TableMethod(Method):
     def compress(self, stack: Stack) -> list:
         cfg = stack.cfg
         m, n = stack.shape
-        u, sigma, v = stack_svd(stack)
+        rank = table_svd_rank(stack)
+        given = None
+        if stack.widths is not None:
+            given = check_widths(stack.widths, len(stack.pairs), min(m, n), cfg.bits)
+            if rank is not None and given[:, rank:].any():   # widths from elsewhere reach beyond the truncation
+                rank = None
+        u, sigma, v = stack_svd(stack, rank)
         sig_np = np.asarray(sigma)
         h_all = hessian_stack(stack)
         t = time.perf_counter()
         u_rank = stack.u_rank
-        if stack.widths is not None:
-            widths = check_widths(stack.widths, len(stack.pairs), sig_np.shape[1], cfg.bits) * (sig_np > 0)
+        if given is not None:
+            widths = given[:, :sig_np.shape[1]] * (sig_np > 0)
             if u_rank is None:
                 u_rank = int((widths > 0).sum(axis=1).max())
             select = fixed_width_rows(stack, v, h_all, widths)
@@ -78,15 +121,21 @@ class TableMethod(Method):
         """The V step from the error tables: ``select(i, info) -> (widths, V̂ rows)`` (see
         :func:`~prinmix_jax.methods.shared.quantize_stack`)."""
         cfg = stack.cfg
-        tables, passes = allocation_tables(u, sigma, v, h_all, cfg, stack.mesh)
+        tables, passes = stack_tables(stack, u, sigma, v, h_all)
         sig_np = np.asarray(sigma)
-        r = sig_np.shape[1]
+        k = sig_np.shape[1]                 # the computed indices (all min(m, n) of them for the full SVD)
+        r = tables.shape[1]
+        z = cfg.bits.index(0) if 0 in cfg.bits else None
 
         def select(i, info):
             e_i = tables[i]
-            w = self.choose(e_i, sig_np[i] > 0, stack, info)
+            active = np.concatenate([sig_np[i] > 0, e_i[k:, z] > 0]) if r > k else sig_np[i] > 0
+            w = self.choose(e_i, active, stack, info)
+            w[k:] = 0                         # never chosen (pad_tail); dropping one only lowers the error
             info["error_table_objective"] = float(e_i[np.arange(r), [cfg.bits.index(b) for b in w]].sum())
             info["v_damp"] = float(np.max(np.asarray(passes.damp)[i]))
+            info["svd_rank"] = int(k)
+            w = w[:k]
             keep = np.nonzero(w > 0)[0]
             return w, select_rows(jax.tree.map(lambda a: np.asarray(a[i]), passes), cfg.bits, keep, w[keep])
         return select

@@ -7,6 +7,7 @@ and hands them here.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
@@ -49,6 +50,32 @@ def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
     if 0 not in bits:
         return r
     return int(min(r, cfg.budget_bits(m, n) // cheapest_index_bits(m, n, cfg, bits)))
+
+
+#: ``"auto"`` truncates the SVD only where the range finder's sample ``l = k · (1 + svd_oversample)`` is
+#: at most this fraction of ``min(m, n)``; above it the full SVD is as fast (docs/method.md "Truncated SVD").
+SVD_AUTO_MAX_FRACTION = 0.5
+
+
+def svd_rank(m: int, n: int, cfg: CompressionConfig, k_max: int) -> int | None:
+    """The rank of the truncated SVD of an (m, n) delta whose allocation keeps at most ``k_max`` indices,
+    or ``None`` for the full SVD.
+
+    ``k = min(min(m, n), ceil((1 + cfg.svd_margin) · k_max))``: ``k_max`` bounds how many indices are
+    kept, not which; with a calibration Hessian the allocation can keep an index of smaller σ whose
+    ``σ² V_i H V_iᵀ`` is larger (down to ~1.6 ``k_max`` on the calibrated synthetic deltas), and indices
+    beyond ``k`` are dropped; the default margin 0.25 costs at most ~0.1% of the table objective there
+    (docs/method.md "Truncated SVD"). ``cfg.svd``: ``"full"`` → ``None``; ``"truncated"`` → ``k`` unless
+    ``k_max`` is every index; ``"auto"`` → ``k`` where the sample ``k · (1 + cfg.svd_oversample)`` is at
+    most :data:`SVD_AUTO_MAX_FRACTION` of ``min(m, n)``.
+    """
+    r = min(m, n)
+    if cfg.svd == "full" or k_max >= r:
+        return None
+    k = min(r, max(1, math.ceil((1 + cfg.svd_margin) * k_max - 1e-9)))
+    if cfg.svd == "auto" and k * (1 + cfg.svd_oversample) > SVD_AUTO_MAX_FRACTION * r:
+        return None
+    return k
 
 
 def rank_bucket(k: int) -> int:
@@ -103,9 +130,31 @@ def reconstruct(cm: CompressedMatrix):
     return cm.reconstruct()
 
 
-def stack_svd(stack: Stack):
-    """``(U, σ, V)`` of every delta of the stack (:func:`~prinmix_jax.core.svd.svd_sharded`)."""
-    return svd_sharded(stack.deltas(), stack.mesh)
+def stack_svd(stack: Stack, rank: int | None = None):
+    """``(U, σ, V)`` of every delta of the stack (:func:`~prinmix_jax.core.svd.svd_sharded`): the full thin
+    SVD (``rank=None``) or the top ``rank`` triplets (:func:`svd_rank`; ``cfg.svd_oversample``, ``svd_iters``)."""
+    cfg = stack.cfg
+    if rank is None:
+        return svd_sharded(stack.deltas(), stack.mesh)
+    return svd_sharded(stack.deltas(), stack.mesh, rank=rank, oversample=oversample_columns(rank, cfg),
+                       iters=cfg.svd_iters)
+
+
+def oversample_columns(rank: int, cfg: CompressionConfig) -> int:
+    """The range finder's extra samples for a truncated SVD of rank ``rank``: ``ceil(svd_oversample · rank)``."""
+    return int(math.ceil(cfg.svd_oversample * rank - 1e-9))
+
+
+def stack_energy(stack: Stack, h_all) -> np.ndarray:
+    """(B,) float64 ``‖ΔW X‖² / N = tr(ΔW H ΔWᵀ)`` of every matrix (``‖ΔW‖²_F`` data-free): the sum of the
+    whole column ``e[:, 0]`` of an error table, also over the indices a truncated SVD leaves out."""
+    if stack.pairs[0][1] is None:
+        return np.asarray([np.sum(np.square(p[0], dtype=np.float64)) for p in stack.pairs])
+    return np.asarray(run_sharded(_energy, stack.mesh, stack.deltas(), h_all, np.float32(1)), np.float64)
+
+
+def _energy(d, h, scale):   # run_sharded batches every argument but a trailing scalar
+    return scale * jnp.sum(jnp.matmul(d, h, precision=HIGHEST) * d)
 
 
 def hessian_stack(stack: Stack):
