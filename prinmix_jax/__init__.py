@@ -24,8 +24,9 @@ _EXPORTS = {
     **dict.fromkeys(['DeltaCheckpoint', 'load_delta'], "prinmix_jax.storage"),
     **dict.fromkeys(['apply_delta', 'apply_delta_to_checkpoint', 'apply_delta_to_model', 'factored_linear'], "prinmix_jax.apply"),
     **dict.fromkeys(['exact_match', 'greedy_generate', 'perplexity', 'token_metrics'], "prinmix_jax.evaluation"),
-    **dict.fromkeys(['SFTSettings', 'make_sft_pair'], "prinmix_jax.sft"),
+    **dict.fromkeys(['SFTSettings', 'make_sft_family', 'make_sft_pair'], "prinmix_jax.sft"),
     **dict.fromkeys(['run_demo'], "prinmix_jax.demo"),
+    **dict.fromkeys(['DeltaBank', 'SlotCapacityError', 'UnsupportedDeltaError'], "prinmix_jax.serving"),
 }
 
 __all__ = sorted(_EXPORTS)

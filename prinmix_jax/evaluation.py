@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["token_metrics", "perplexity", "greedy_generate", "exact_match", "PromptTokenizer",
-           "load_prompt_tokenizer", "byte_tokenizer"]
+           "load_prompt_tokenizer", "byte_tokenizer", "decoder_block"]
 
 
 # ----- teacher-forced metrics --------------------------------------------------------------------
@@ -85,8 +85,9 @@ def perplexity(params: dict, config, ids, *, batch_size: int = 8) -> float:
 
 
 # ----- greedy decoding with a KV cache -----------------------------------------------------------
-def _block(layer, cfg, li, x, cos, sin, kc, vc, slot, key_ok):
-    """One decoder block over ``t`` new tokens written at cache slots ``slot..slot+t-1``.
+def decoder_block(layer, cfg, li, x, cos, sin, kc, vc, slot, key_ok):
+    """One decoder block of a KV-cache decode over ``t`` new tokens written at cache slots ``slot..slot+t-1``
+    (returns ``(x, kc, vc)``; shared with :mod:`prinmix_jax.serving`).
 
     ``key_ok`` (B, S): cache slots that hold real (non-padding) tokens; positions are slots minus padding.
     """
@@ -128,7 +129,7 @@ def _generate(params, config, ids, pad, max_new_tokens):
         cos, sin = rope_cos_sin(config, pos, x.dtype)
         new = []
         for li, layer in enumerate(model.layers):
-            x, kc, vc = _block(layer, config, li, x, cos, sin, caches[li][0], caches[li][1], slot, key_ok)
+            x, kc, vc = decoder_block(layer, config, li, x, cos, sin, caches[li][0], caches[li][1], slot, key_ok)
             new.append((kc, vc))
         return model.logits(x[:, -1:])[:, 0].astype(jnp.float32), new
 

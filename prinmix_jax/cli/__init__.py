@@ -10,7 +10,7 @@ A new command is a module with a ``@click.command()`` function, added below with
 """
 from __future__ import annotations
 
-from prinmix_jax.cli import apply, compress, demo, eval, inspect
+from prinmix_jax.cli import apply, compress, demo, eval, generate, inspect, serve
 from prinmix_jax.cli.group import EXIT_BROKEN_PIPE, EXIT_DEGENERATE, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from prinmix_jax.cli.group import epilog, main
 from prinmix_jax.cli.runtime import CUDA_PLUGINS, gpu_xla_flags
@@ -23,3 +23,5 @@ main.add_command(apply.apply)
 main.add_command(inspect.inspect)
 main.add_command(eval.eval_cmd, "eval")
 main.add_command(demo.demo)
+main.add_command(serve.serve)
+main.add_command(generate.generate)
