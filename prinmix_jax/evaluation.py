@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["token_metrics", "perplexity", "greedy_generate", "exact_match", "PromptTokenizer",
-           "load_prompt_tokenizer", "byte_tokenizer", "decoder_block"]
+           "load_prompt_tokenizer", "byte_tokenizer", "decoder_block", "cached_decode"]
 
 
 # ----- teacher-forced metrics --------------------------------------------------------------------
@@ -110,22 +110,31 @@ def decoder_block(layer, cfg, li, x, cos, sin, kc, vc, slot, key_ok):
     return x, kc, vc
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
-def _generate(params, config, ids, pad, max_new_tokens):
-    from prinmix_jax.models import model_from_params
+def cached_decode(model, config, ids, pad, max_new_tokens: int, pick, cache_dtype):
+    """The decode loop shared by every generator (traced, not jitted): a prefill of the left-padded ``ids``
+    (B, P), then a ``lax.scan`` of one-token steps against a preallocated KV cache of ``P + max_new_tokens``
+    slots, through the model's own :func:`decoder_block`.
+
+    Args:
+      model: a model with ``embed``, ``layers`` and ``logits`` (e.g. ``model_from_params``'s, or the serving
+        bank's patched one).
+      pad: (B,) left padding of each row (positions start at 0 on each prompt's first real token).
+      pick: ``(logits (B, V) float32, step) -> (B,) int32`` next tokens; ``step`` 0 is the prefill's.
+      cache_dtype: dtype of the KV cache (the params' dtype).
+
+    Returns:
+      (B, max_new_tokens) int32 tokens.
+    """
     from prinmix_jax.models.rope import rope_cos_sin
 
-    model = model_from_params(config, params)
     b, p = ids.shape
     s_len = p + max_new_tokens
-    dtype = params["embed_tokens"]["weight"].dtype
     key_ok = jnp.arange(s_len)[None, :] >= pad[:, None]
-    caches = [(jnp.zeros((b, s_len, config.num_kv_heads, config.head_dim), dtype),) * 2
+    caches = [(jnp.zeros((b, s_len, config.num_kv_heads, config.head_dim), cache_dtype),) * 2
               for _ in range(config.num_layers)]
 
     def run(x, slot, caches):
-        t = x.shape[1]
-        pos = jnp.maximum(slot + jnp.arange(t)[None, :] - pad[:, None], 0)
+        pos = jnp.maximum(slot + jnp.arange(x.shape[1])[None, :] - pad[:, None], 0)
         cos, sin = rope_cos_sin(config, pos, x.dtype)
         new = []
         for li, layer in enumerate(model.layers):
@@ -134,16 +143,24 @@ def _generate(params, config, ids, pad, max_new_tokens):
         return model.logits(x[:, -1:])[:, 0].astype(jnp.float32), new
 
     logits, caches = run(model.embed(ids), 0, caches)
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    tok = pick(logits, 0)
 
     def step(carry, i):
         tok, caches = carry
         logits, caches = run(model.embed(tok[:, None]), p + i, caches)
-        nxt = jnp.argmax(logits, -1).astype(jnp.int32)
-        return (nxt, caches), tok
+        return (pick(logits, i + 1), caches), tok
 
     (last, _), toks = jax.lax.scan(step, (tok, caches), jnp.arange(max_new_tokens - 1))
     return jnp.concatenate([toks.T, last[:, None]], axis=1) if max_new_tokens > 1 else tok[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate(params, config, ids, pad, max_new_tokens):
+    from prinmix_jax.models import model_from_params
+
+    return cached_decode(model_from_params(config, params), config, ids, pad, max_new_tokens,
+                         lambda logits, step: jnp.argmax(logits, -1).astype(jnp.int32),
+                         params["embed_tokens"]["weight"].dtype)
 
 
 def greedy_generate(params: dict, config, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

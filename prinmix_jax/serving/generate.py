@@ -1,6 +1,7 @@
 """Mixed-batch generation through a :class:`~prinmix_jax.serving.DeltaBank`: prefill, then a ``lax.scan`` of
 one-token steps against a preallocated KV cache, every row through its own delta; greedy or sampled
-(temperature, top-p) per row. The decoder block with its cache is :func:`prinmix_jax.evaluation.decoder_block`.
+(temperature, top-p) per row. The decode loop is :func:`prinmix_jax.evaluation.cached_decode`, the one
+greedy evaluation uses (with the model's own decoder block).
 
 Shapes are padded to buckets (rows to a power of two, prompt length to a multiple of 8, new tokens to a
 multiple of 8) so that a server compiles a handful of programs, not one per request.
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prinmix_jax.evaluation import decoder_block
+from prinmix_jax.evaluation import cached_decode
 from prinmix_jax.serving.forward import bucket, patched_model
 
 __all__ = ["bank_logits", "generate", "ContextLengthError"]
@@ -55,36 +56,10 @@ def _sample(logits, temperature, top_p, keys, step, greedy):
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "max_new_tokens"))
 def _generate(params, state, config, spec, ids, pad, slots, temperature, top_p, seeds, max_new_tokens):
-    from prinmix_jax.models.rope import rope_cos_sin
-
-    model = patched_model(config, params, state, slots, spec)
-    b, p = ids.shape
-    s_len = p + max_new_tokens
-    dtype = params["embed_tokens"]["weight"].dtype
-    key_ok = jnp.arange(s_len)[None, :] >= pad[:, None]
-    caches = [(jnp.zeros((b, s_len, config.num_kv_heads, config.head_dim), dtype),) * 2
-              for _ in range(config.num_layers)]
     keys = jax.vmap(jax.random.key)(seeds)
-
-    def run(x, slot, caches):
-        pos = jnp.maximum(slot + jnp.arange(x.shape[1])[None, :] - pad[:, None], 0)
-        cos, sin = rope_cos_sin(config, pos, x.dtype)
-        new = []
-        for li, layer in enumerate(model.layers):
-            x, kc, vc = decoder_block(layer, config, li, x, cos, sin, caches[li][0], caches[li][1], slot, key_ok)
-            new.append((kc, vc))
-        return model.logits(x[:, -1:])[:, 0].astype(jnp.float32), new
-
-    logits, caches = run(model.embed(ids), 0, caches)
-    tok = _pick(logits, temperature, top_p, keys, 0)
-
-    def step(carry, i):
-        tok, caches = carry
-        logits, caches = run(model.embed(tok[:, None]), p + i, caches)
-        return (_pick(logits, temperature, top_p, keys, i + 1), caches), tok
-
-    (last, _), toks = jax.lax.scan(step, (tok, caches), jnp.arange(max_new_tokens - 1))
-    return jnp.concatenate([toks.T, last[:, None]], axis=1) if max_new_tokens > 1 else tok[:, None]
+    return cached_decode(patched_model(config, params, state, slots, spec), config, ids, pad, max_new_tokens,
+                         lambda logits, step: _pick(logits, temperature, top_p, keys, step),
+                         params["embed_tokens"]["weight"].dtype)
 
 
 def _per_row(value, n: int, name: str, cast):
