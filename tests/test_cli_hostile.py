@@ -222,6 +222,20 @@ def test_result_problems_over_budget_and_degenerate(delta):
     assert any("no matrix keeps" in p for p in result_problems(nothing))
 
 
+def test_over_budget_result_exits_3_through_the_cli(root, pair, monkeypatch):
+    """No valid option makes a method go over its budget, so BitDelta's uncounted 4-byte scale is made to count
+    8 bytes against it: the real command then prints "within budget: NO", names the matrix on stderr and exits 3
+    (the delta is still written). Fails when compress exits 0 over budget."""
+    from prinmix_jax import run_summary
+
+    monkeypatch.setattr(run_summary, "_bitdelta_slack", lambda method: -8)
+    out = os.path.join(root, "over")
+    res = run("compress", *pair, out, *FAST)
+    assert res.exit_code == EXIT_DEGENERATE, res.output
+    assert "within budget: NO" in res.stdout and "result: over budget" in res.stderr and "q_proj" in res.stderr
+    assert "Traceback" not in res.stderr and os.path.isfile(os.path.join(out, "prinmix_delta.json"))
+
+
 # ----- 7, 11. NaN / Inf named when read --------------------------------------------------------------
 def test_nan_in_norm_is_refused_naming_tensor_and_block(root, pair):
     base, ft = pair
@@ -301,6 +315,37 @@ def test_bad_option_combinations_fail_before_any_work(root, pair, monkeypatch):
     res = run("compress", *pair, out, "--data-free", "--method", "lowrank", "--scope", "global")
     assert res.exit_code == 2 and "--scope global" in res.stderr
     assert not any(n.startswith("combo") for n in os.listdir(root))
+
+
+def test_bad_option_values_are_usage_errors_naming_the_option(root, pair, delta):
+    """Widths outside 0..8, widths without a nonzero one, a group size below 1 and an unparsable shard size are
+    usage errors (status 2) naming the option, before JAX starts; they were status 1 in the library's words
+    ("bit widths must be in 0..8, got (9,)", "group_size must be a positive integer or None, got 0") after
+    the checkpoints were opened."""
+    out = os.path.join(root, "badval")
+    cases = [(["--bits", "9"], "--bits"), (["--bits", "0,2,12"], "--bits"), (["--bits", "0"], "--bits"),
+             (["--bits", "0,-2"], "--bits"), (["--group-size", "0"], "--group-size"),
+             (["--group-size=-16"], "--group-size")]
+    for extra, opt in cases:
+        res = run("compress", *pair, out, "--data-free", "--no-progress", *extra)
+        assert res.exit_code == 2 and f"Invalid value for '{opt}'" in res.stderr, (extra, res.output)
+    for size in ("banana", "0GB"):
+        res = run("apply", pair[0], delta, out, "--max-shard-size", size)
+        assert res.exit_code == 2 and "Invalid value for '--max-shard-size'" in res.stderr, (size, res.output)
+    assert not any(n.startswith("badval") for n in os.listdir(root))
+
+
+def test_interrupt_message_promises_only_what_the_command_does(root, pair, delta, monkeypatch):
+    """Ctrl-C during apply: status 130 and no word about resuming a compress run (which apply cannot do)."""
+    import prinmix_jax.apply
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prinmix_jax.apply, "apply_delta_to_checkpoint", interrupted)
+    res = run("apply", pair[0], delta, os.path.join(root, "int-merged"))
+    assert res.exit_code == 130, res.output
+    assert res.stderr.strip() == "error: interrupted (nothing was written; rerun to start again)", res.stderr
 
 
 # ----- 16. help: an example each, and a calibration line -------------------------------------------------

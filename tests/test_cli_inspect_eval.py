@@ -153,11 +153,31 @@ def test_compress_seq_len_beyond_context(root, pair):
     msg = _err(run("compress", *pair, out, "--calib", write_calib(root, "ids"), "--seq-len", str(CONTEXT + 36),
                    *FAST))
     assert str(CONTEXT + 36) in msg and str(CONTEXT) in msg and "context" in msg, msg
+    assert "--seq-len" in msg, msg          # the option the user set (was the library's "seq_len=100")
     assert not [n for n in os.listdir(root) if n.startswith("long")]
 
 
+def test_eval_missing_input_file_names_the_option(pair, weightless, root):
+    """Was: "error: [Errno 2] No such file or directory: '...'" after the tokenizer was loaded."""
+    for opt in ("--task", "--text"):
+        missing = os.path.join(root, f"no-such{opt}.jsonl")
+        msg = _err(run("eval", pair[0], weightless, opt, missing))
+        assert msg == f"error: {opt} {missing}: no such file", msg
+
+
+def test_eval_text_ids_beyond_the_vocabulary(pair, weightless, root):
+    """Was: exit 0 with scores (JAX clamps an out-of-range embedding index); compress already refused them.
+    Checked before any weights are loaded (FINETUNED here has no weights)."""
+    path = os.path.join(root, "ids-beyond-vocab.jsonl")
+    vocab = DIMS["vocab_size"]
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"ids": list(range(3, 20)) + [vocab + 7]}) + "\n" for _ in range(3))
+    msg = _err(run("eval", pair[0], weightless, "--text", path, "--seq-len", "16"))
+    assert "--text" in msg and str(vocab + 7) in msg and str(vocab) in msg and "vocabulary" in msg, msg
+
+
 # ----- help --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["inspect", "eval", "demo"])
+@pytest.mark.parametrize("command", ["inspect", "eval", "demo", "serve", "generate"])
 def test_help_has_an_example_and_only_its_own_exit_statuses(command):
     """Was: no example, and the shared epilog promised resuming compress runs."""
     res = run(command, "--help")

@@ -6,7 +6,7 @@ import sys
 import click
 
 from prinmix_jax.cli.group import EXIT_INTERRUPTED, epilog
-from prinmix_jax.cli.options import compile_cache_option, progress_option
+from prinmix_jax.cli.options import compile_cache_option, parse_size, progress_option
 from prinmix_jax.cli.runtime import use_compile_cache
 
 __all__ = ["apply"]
@@ -20,7 +20,8 @@ __all__ = ["apply"]
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier prinmix output.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="dtype of the written weights [default: the base's].")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Shard the safetensors above this size.")
+@click.option("--max-shard-size", default="5GB", show_default=True, callback=parse_size,
+              help="Shard the safetensors above this size (bytes, or e.g. 500MB, 2GiB).")
 @progress_option()
 @compile_cache_option
 def apply(base, delta, out, force, overwrite, dtype, max_shard_size, progress, compile_cache):

@@ -136,11 +136,16 @@ def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, group_siz
     pol = ParamPolicy(norms=norms, biases=biases, embeddings=embeddings, lm_head=lm_head)
     if progress is None:
         progress = sys.stderr.isatty()
-    summary = compress_model(base, finetuned, out, calib=calib, config=cfg, method=method,
-                             calibration_mode=calibration_mode, scope=None if scope == "auto" else scope,
-                             policy=pol, seq_len=seq_len,
-                             num_sequences=num_sequences, overwrite=overwrite, progress=progress,
-                             log=lambda s: click.echo(s, err=True))
+    from prinmix_jax.models.errors import CalibrationDataError
+
+    try:
+        summary = compress_model(base, finetuned, out, calib=calib, config=cfg, method=method,
+                                 calibration_mode=calibration_mode, scope=None if scope == "auto" else scope,
+                                 policy=pol, seq_len=seq_len,
+                                 num_sequences=num_sequences, overwrite=overwrite, progress=progress,
+                                 log=lambda s: click.echo(s, err=True))
+    except CalibrationDataError as e:
+        raise _in_option_words(e, seq_len) from None
     import jax
 
     if jax.process_index() != 0:
@@ -157,3 +162,10 @@ def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, group_siz
         click.echo(f"result: {p}", err=True)
     if problems:
         ctx.exit(EXIT_DEGENERATE)
+
+
+def _in_option_words(e: Exception, seq_len: int) -> Exception:
+    """The library's calibration checks name its argument (``seq_len=100 is longer than the model's context``,
+    ``shorter than one sequence of seq_len=32``); the user set ``--seq-len``."""
+    msg = str(e)
+    return type(e)(msg.replace(f"seq_len={seq_len}", f"--seq-len={seq_len}")) if f"seq_len={seq_len}" in msg else e

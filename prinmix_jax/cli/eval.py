@@ -52,6 +52,9 @@ def eval_cmd(base, finetuned, deltas, text, task, seq_len, num_sequences, max_ne
     """
     if text is None and task is None:
         raise click.UsageError("pass --text FILE and/or --task FILE.jsonl")
+    for opt, path in (("--text", text), ("--task", task)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{opt} {path}: no such file")
     use_compile_cache(compile_cache)
     from prinmix_jax.evaluation import (
         exact_match,
@@ -75,6 +78,9 @@ def eval_cmd(base, finetuned, deltas, text, task, seq_len, num_sequences, max_ne
     examples = None if task is None else read_task_jsonl(task)
     ids = None if text is None else tokenize_calibration(text, finetuned, seq_len=seq_len,
                                                          num_sequences=num_sequences, model_config=cfg)
+    if ids is not None and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
+        raise ValueError(f"--text {text}: token ids span [{ids.min()}, {ids.max()}] but the model's vocabulary has "
+                         f"{cfg.vocab_size} entries (ids made with another tokenizer?)")
     ft_p = load_hf_params(finetuned)
     base_p = load_hf_params(base)
 

@@ -47,6 +47,11 @@ def epilog(*extra_lines: str) -> str:
     return f"\b\nExit status:\n{body}\nSet PRINMIX_DEBUG=1 to see tracebacks.\n"
 
 
+#: What the "interrupted" line adds, per command (only what that command does).
+_INTERRUPTED_HINT = {"compress": " (rerun the same command to resume)",
+                     "apply": " (nothing was written; rerun to start again)"}
+
+
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if isinstance(e, KeyError):
@@ -102,7 +107,7 @@ class _Main(click.Group):
                 pass
             ctx.exit(EXIT_BROKEN_PIPE)
         except KeyboardInterrupt:
-            click.echo("error: interrupted (rerun the same command to resume a compress run)", err=True)
+            click.echo(f"error: interrupted{_INTERRUPTED_HINT.get(ctx.invoked_subcommand, '')}", err=True)
             ctx.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001 -- every other error becomes a user-facing one-liner
             if os.environ.get("PRINMIX_DEBUG"):

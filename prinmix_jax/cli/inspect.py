@@ -79,8 +79,10 @@ def inspect(delta, plot, as_json, verify):
     click.echo(f"total      {b['total']} bytes (matrices {b['linears']}, dense {b['dense']}) = "
                f"{m['bits_per_param']:.3f} bits/param; ratio {m['ratio']:.4f} of a 16-bit delta "
                f"({b['dense_16bit_delta']} bytes); block linears {m['ratio_block_linears']:.4f}")
+    # BitDelta's one float32 scale per matrix is not counted against its budget (run_summary._bitdelta_slack)
+    slack = ", plus BitDelta's uncounted 4-byte scale per matrix" if m["method"] == "bitdelta" else ""
     click.echo(f"budget     matrices within budget: {'yes' if m['within_budget'] else 'NO'} "
-               f"({b['linears']} of {b['budget_bytes_linears']} bytes)")
+               f"({b['linears']} of {b['budget_bytes_linears']} bytes{slack})")
     for p in m.get("problems", []):   # recorded by compress (which exited with status 3)
         click.echo(f"problem    {p}")
     if verify:

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import click
 
 __all__ = ["LibraryChoice", "compile_cache_option", "library_choices", "parse_bits", "parse_group", "parse_ratio",
-           "progress_option"]
+           "parse_size", "progress_option"]
 
 
 class LibraryChoice(click.Choice):
@@ -45,9 +45,15 @@ def parse_bits(ctx, param, value):
     if value is None:
         return None
     try:
-        return tuple(int(x) for x in value.split(",") if x.strip())
+        bits = tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers like 0,2,3,4,8, got {value!r}") from None
+    if any(not 0 <= b <= 8 for b in bits):   # checked here too, so that it is a usage error in the user's words
+        raise click.BadParameter(f"widths are 0..8 bits (0 = a vector may be dropped), got {value!r}")
+    if not any(bits):
+        raise click.BadParameter(f"needs at least one width in 1..8 (0 only drops vectors), got {value!r}; "
+                                 "e.g. 0,2,3,4,8")
+    return bits
 
 
 def parse_ratio(ctx, param, value):
@@ -64,9 +70,29 @@ def parse_group(ctx, param, value):
     if value is None or value.lower() == "none":
         return None if value is not None else 128
     try:
-        return int(value)
+        size = int(value)
     except ValueError:
         raise click.BadParameter(f"expected an integer or 'none', got {value!r}") from None
+    if size < 1:
+        raise click.BadParameter(f"expected a positive integer (entries per scale) or 'none', got {value!r}")
+    return size
+
+
+def parse_size(ctx, param, value):
+    """Click callback: a shard size, bytes (returned as an int) or a string like 5GB / 500MB / 2GiB (checked,
+    returned as given); errors as usage errors."""
+    if value is None:
+        return None
+    from prinmix_jax.models.hf_writer import parse_size as parse
+
+    if value.strip().isdigit():     # plain bytes, as the message below suggests
+        value = int(value)
+    try:
+        if parse(value) < 1:
+            raise ValueError(f"must be more than 0 bytes, got {value!r}")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
 
 
 #: ``--compile-cache/--no-compile-cache`` (see :mod:`prinmix_jax.cli.runtime`); the command passes the value
