@@ -9,6 +9,10 @@ import numpy as np
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank", "uniform")
 SVD_MODES = ("auto", "full", "truncated")
+GRIDS = ("mse", "minmax")
+#: The candidate widths at ratios of 1/16 and above, and below it (``CompressionConfig.bits=None``).
+DEFAULT_BITS = (0, 2, 3, 4, 8)
+LOW_BUDGET_BITS = (0, 1, 2, 3, 4, 8)          # prinmix_jax.core.quantizer.GRIDS (not imported: config stays jax-free)
 _SCALE_DTYPES = {"float16": np.float16, "float32": np.float32}
 #: How calibration inputs reach each block (:func:`prinmix_jax.pipeline.compress_model`).
 CALIBRATION_MODES = ("parallel", "sequential")
@@ -37,7 +41,10 @@ class CompressionConfig:
 
     Attributes:
       ratio: storage budget relative to a 16-bit delta (1/16 = one bit per parameter).
-      bits: candidate widths of a singular index; 0 = the index may be dropped.
+      bits: candidate widths of a singular index; 0 = the index may be dropped. ``None`` (default):
+        :data:`DEFAULT_BITS` at ``ratio >= 1/16``, :data:`LOW_BUDGET_BITS` (with 1-bit sign codes) below,
+        where they pay (docs/benchmarks.md "Below one bit"; at 1/16 they do not, and they would make the
+        truncated SVD fall back to the full one).
       group_size: entries per quantisation scale/zero along each row of V and column of U
         (``None`` = one group per row/column).
       rtc: apply Reconstruction Target Correction before quantising U.
@@ -53,6 +60,15 @@ class CompressionConfig:
       ilp_gap: relative optimality gap the allocation must prove against a lower bound on the optimum
         (reported as ``Allocation.gap``); 0 asks for the exact optimum (to the solver's tolerances).
       scale_dtype: ``"float16"`` or ``"float32"`` storage of quantisation scales.
+      grid: the quantisation grid of U and V codes: ``"mse"`` (default: symmetric grids at widths 1–2,
+        shrunk min–max ranges at ≥ 3, scales of least squared error) or ``"minmax"`` (the reference
+        GPTQ's); :mod:`prinmix_jax.core.quantizer`.
+      whiten: with a calibration Hessian, take the SVD of ``ΔW L`` (``H + λI = L Lᵀ``) and store
+        ``V' L⁻¹``: singular indices ordered by output error, not weight error (project choice;
+        :func:`~prinmix_jax.methods.prinmix.table_svd`). Data-free runs are unaffected.
+      whiten_damp: the relative damping λ / mean(diag H) of the whitening factor.
+      refit_sigma: after GPTQ of U, store the least-squares σ of the quantised factors
+        (:func:`~prinmix_jax.core.rtc.refit_sigma`; project choice).
       u_error: add an estimate of each index's U-side quantisation error to the (exact, V-only)
         error table before the allocation (project choice; the paper allocates on V alone).
       svd: ``"truncated"``: the top ``k = ceil((1 + svd_margin) · k_max)`` SVD triplets from a randomized
@@ -65,7 +81,7 @@ class CompressionConfig:
       svd_iters: subspace (power) iterations of the range finder.
     """
     ratio: float = 1 / 16
-    bits: tuple[int, ...] = (0, 2, 3, 4, 8)
+    bits: tuple[int, ...] | None = None
     group_size: int | None = 128
     rtc: bool = True
     act_order: bool = True
@@ -77,6 +93,10 @@ class CompressionConfig:
     time_limit: float | None = None
     ilp_gap: float = 1e-4
     scale_dtype: str = "float16"
+    grid: str = "mse"
+    whiten: bool = False
+    refit_sigma: bool = False
+    whiten_damp: float = 0.01
     u_error: bool = True
     svd: str = "auto"
     svd_margin: float = 0.25
@@ -84,6 +104,8 @@ class CompressionConfig:
     svd_iters: int = 4
 
     def __post_init__(self):
+        if self.bits is None and isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool):
+            object.__setattr__(self, "bits", DEFAULT_BITS if self.ratio >= 1 / 16 - 1e-12 else LOW_BUDGET_BITS)
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) \
                 or not math.isfinite(self.ratio) or self.ratio <= 0:
             raise ValueError(f"ratio must be a finite number > 0, got {self.ratio!r}")
@@ -100,12 +122,14 @@ class CompressionConfig:
             raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size!r}")
-        for name in ("damp", "rtc_damp"):
+        for name in ("damp", "rtc_damp", "whiten_damp"):
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {v!r}")
         if self.max_widths is not None and self.max_widths < 1:
             raise ValueError(f"max_widths must be >= 1 or None, got {self.max_widths!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if not 0 <= self.ilp_gap < 1:

@@ -20,7 +20,7 @@ import numpy as np
 
 from prinmix_jax.core.gptq import HIGHEST
 from prinmix_jax.core.packing import unpack_bits
-from prinmix_jax.core.quantizer import expand_groups
+from prinmix_jax.core.quantizer import dequantize, expand_groups
 
 
 def _nbytes(tree) -> int:
@@ -32,7 +32,7 @@ def _dequant_rows(codes, scale, zero, bits: int, length: int, group_size: int):
     g = length if not group_size or group_size >= length else group_size
     s = expand_groups(scale.astype(jnp.float32), length, g)
     z = expand_groups(zero.astype(jnp.float32), length, g)
-    return s * (q - z)
+    return dequantize(q, s, z, bits)
 
 
 @dataclasses.dataclass(frozen=True)

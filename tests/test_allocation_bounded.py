@@ -87,7 +87,7 @@ def test_near_tie_datafree_copy_within_gap_of_the_optimum():
     """Scaled-down copies of the data-free 4096x4096 allocation (default config): the LP bound alone is not
     within 1e-4 of the answer (near-ties: what took HiGHS minutes on the 0/1 problem), so the count MILP
     proves it; the answer is within the stated gap of the exact (DP) optimum."""
-    cfg = CompressionConfig()
+    cfg = CompressionConfig(bits=WIDTHS)   # the widths the modelled tables have
     for (m, n), seed in itertools.product([(384, 384), (512, 512), (256, 512)], range(2)):
         e = datafree_table(m, n, seed)
         c = index_cost_bits(m, n, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
@@ -106,7 +106,7 @@ def test_near_tie_datafree_copy_within_gap_of_the_optimum():
 def test_mckp_bound_alone_proves_large_problems():
     """Many matrices of one shape in one global problem: the LP bound and the DP completion prove the gap
     without any MILP; the answer matches the 0/1 MILP's."""
-    cfg = CompressionConfig()
+    cfg = CompressionConfig(bits=WIDTHS)   # the widths the modelled tables have
     tables = [datafree_table(256, 256, s) for s in range(12)]
     c = index_cost_bits(256, 256, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
     budget = 12 * cfg.budget_bits(256, 256)
@@ -136,7 +136,7 @@ def test_cap_on_distinct_widths(gap):
 
 
 def test_cap_on_a_near_tie_table():
-    cfg = CompressionConfig()
+    cfg = CompressionConfig(bits=WIDTHS)   # the widths the modelled tables have
     e = datafree_table(192, 192, 3)
     c = index_cost_bits(192, 192, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits)
     budget = cfg.budget_bits(192, 192)
@@ -148,7 +148,7 @@ def test_cap_on_a_near_tie_table():
 
 def test_global_tables_of_several_shapes_match_the_oracle():
     """The global scope: tables of three shapes (three cost vectors) under one budget, normalised."""
-    cfg = CompressionConfig(group_size=32)
+    cfg = CompressionConfig(bits=WIDTHS, group_size=32)
     shapes = [(96, 96), (96, 96), (160, 96), (96, 160), (160, 96)]
     tables = [datafree_table(m, n, s) * (1 + s) for s, (m, n) in enumerate(shapes)]
     costs = [index_cost_bits(m, n, cfg.bits, cfg.group_size) for m, n in shapes]

@@ -19,8 +19,9 @@ from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.error_table import error_table, u_error_estimate
 from prinmix_jax.core.gptq import gptq_quantize
 from prinmix_jax.core.packing import pack_bits, unpack_bits
-from prinmix_jax.core.rtc import rtc_target, u_hessian
+from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
 from prinmix_jax.core.svd import thin_svd, truncated_svd
+from prinmix_jax.methods.prinmix import _unwhiten, _whiten
 from prinmix_jax.methods.shared import _energy, _error_terms, _factored_error_terms
 from prinmix_jax.synthetic import long_tailed_delta
 
@@ -51,6 +52,15 @@ def _programs():
                       (u, np.eye(K, dtype=np.float32), bits, np.float32(0.01))),
         "u_error_estimate": (functools.partial(u_error_estimate, widths=(0, 2, 3, 4, 8), group_size=16,
                                                scale_dtype=jnp.float16), (u, s)),
+        "error_table_mse": (functools.partial(error_table, widths=(0, 1, 2, 3, 8), grid="mse", **GPTQ),
+                            (v, s, h, np.float32(0.01))),
+        "gptq_cols_mse": (functools.partial(gptq_quantize, scale_axis="col", grid="mse", **GPTQ),
+                          (u, np.eye(K, dtype=np.float32), np.full(K, 1, np.int32), np.float32(0.01))),
+        "u_error_estimate_mse": (functools.partial(u_error_estimate, widths=(0, 1, 2, 8), group_size=16,
+                                                   scale_dtype=jnp.float16, grid="mse"), (u, s)),
+        "refit_sigma": (refit_sigma, (d, h, u, v, s, valid)),
+        "whiten": (_whiten, (d, h, np.float32(0.01))),
+        "unwhiten": (_unwhiten, (v, np.linalg.cholesky(h).astype(np.float32), np.float32(1))),
         "rtc_target": (rtc_target, (d, h, v, s, np.float32(1e-4), valid)),
         "u_hessian": (u_hessian, (v, s, h, valid)),
         "pack_bits": (functools.partial(pack_bits, bits=3), (codes,)),

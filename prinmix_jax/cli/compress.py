@@ -41,8 +41,12 @@ def _policy(field: str) -> LibraryChoice:
 @click.option("--ratio", callback=parse_ratio, default="1/16", show_default=True,
               help="Storage budget of every matrix relative to a 16-bit delta, a number or a fraction "
                    "(1/16 = 1 bit/param, 1/32 = half a bit).")
-@click.option("--bits", callback=parse_bits, default="0,2,3,4,8", show_default=True,
-              help="Candidate widths of a singular vector (0 = may be dropped).")
+@click.option("--bits", callback=parse_bits, default=None,
+              help="Candidate widths of a singular vector (0 = may be dropped; 1 = sign codes). "
+                   "[default: 0,2,3,4,8 at --ratio 1/16 and above, 0,1,2,3,4,8 below]")
+@click.option("--grid", type=library_choices("prinmix_jax.config", "GRIDS"), default="mse", show_default=True,
+              help="Quantization grid: 'mse' (least-squares scales, symmetric 1- and 2-bit grids) or 'minmax' "
+                   "(the reference GPTQ's).")
 @click.option("--group-size", callback=parse_group, default="128", show_default=True,
               help="Entries per quantization scale along V rows and U columns ('none' = whole row).")
 @click.option("--method", type=library_choices("prinmix_jax.config", "METHODS"),
@@ -81,7 +85,7 @@ def _policy(field: str) -> LibraryChoice:
                    "does not set it): it makes compiling much slower for runs barely faster (docs/benchmarks.md).")
 @compile_cache_option
 @click.pass_context
-def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, group_size, method, calibration_mode, scope, seq_len,
+def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, grid, group_size, method, calibration_mode, scope, seq_len,
              num_sequences, embeddings, lm_head, norms, biases, overwrite, progress, as_json, distributed,
              coordinator, num_processes, process_id, gpu_autotune, compile_cache):
     """Compress FINETUNED − BASE into a delta checkpoint folder OUT.
@@ -132,7 +136,7 @@ def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, group_siz
     from prinmix_jax.config import CompressionConfig
     from prinmix_jax.pipeline import ParamPolicy, compress_model
 
-    cfg = CompressionConfig(ratio=ratio, bits=bits, group_size=group_size)
+    cfg = CompressionConfig(ratio=ratio, bits=bits, group_size=group_size, grid=grid)
     pol = ParamPolicy(norms=norms, biases=biases, embeddings=embeddings, lm_head=lm_head)
     if progress is None:
         progress = sys.stderr.isatty()

@@ -22,9 +22,9 @@ def row_hessian_norms(e, h):
     return jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e, axis=-1)
 
 
-@partial(jax.jit, static_argnames=("widths", "group_size", "act_order", "block_size", "scale_dtype"))
+@partial(jax.jit, static_argnames=("widths", "group_size", "act_order", "block_size", "scale_dtype", "grid"))
 def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: int | None = 128,
-                act_order: bool = True, block_size: int = 128, scale_dtype=None):
+                act_order: bool = True, block_size: int = 128, scale_dtype=None, grid: str = "minmax"):
     """Error table of every singular index at every candidate width.
 
     Args:
@@ -33,7 +33,7 @@ def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: 
       h: (n, n) input Hessian (the undamped one is used for the errors).
       damp: GPTQ relative damping.
       widths: candidate widths, 0 allowed (static).
-      group_size, act_order, block_size, scale_dtype: GPTQ settings of the V side.
+      group_size, act_order, block_size, scale_dtype, grid: GPTQ settings of the V side.
 
     Returns:
       ``(e, passes)``: ``e`` (r, len(widths)) float; ``passes`` a :class:`GPTQResult` whose
@@ -45,7 +45,7 @@ def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: 
     bits = jnp.asarray(nz, jnp.int32)[:, None] * jnp.ones((1, r), jnp.int32)
     passes = jax.vmap(lambda bb: gptq_quantize(v, h, bb, damp, group_size=group_size, act_order=act_order,
                                                block_size=block_size, scale_axis="row",
-                                               scale_dtype=scale_dtype))(bits)
+                                               scale_dtype=scale_dtype, grid=grid))(bits)
     s2 = sigma.astype(v.dtype) ** 2
     d_nz = row_hessian_norms(v[None] - passes.q, h)                     # (nnz, r)
     d_0 = row_hessian_norms(v, h)                                       # (r,)
@@ -74,8 +74,9 @@ def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
                       passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
 
 
-@partial(jax.jit, static_argnames=("widths", "group_size", "scale_dtype"))
-def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None = 128, scale_dtype=None):
+@partial(jax.jit, static_argnames=("widths", "group_size", "scale_dtype", "grid"))
+def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None = 128, scale_dtype=None,
+                     grid: str = "minmax"):
     """Estimated U-side error of every index at every width (project choice, not in the paper).
 
     Quantising ``u_i`` adds ``σ_i² ‖δu_i‖² · V_i H V_iᵀ`` to the output error (cross terms ignored).
@@ -99,6 +100,6 @@ def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None =
         if b == 0:
             cols.append(jnp.zeros((r,), u.dtype))
             continue
-        deq = rtn_quantize(ut, jnp.full((r,), b, jnp.int32), group_size, scale_dtype)[0]
+        deq = rtn_quantize(ut, jnp.full((r,), b, jnp.int32), group_size, scale_dtype, grid)[0]
         cols.append(jnp.sum((ut - deq) ** 2, axis=1) * d0)
     return jnp.stack(cols, axis=1)

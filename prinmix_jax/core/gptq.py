@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.scipy.linalg import cho_solve
 
-from prinmix_jax.core.quantizer import expand_groups, group_params, minmax_params, quantize
+from prinmix_jax.core.quantizer import expand_groups, grid_params, group_params, quantize
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -84,9 +84,10 @@ def inverse_cholesky_upper(h, damp, max_tries: int = 12):
     return r, d
 
 
-@partial(jax.jit, static_argnames=("group_size", "act_order", "block_size", "scale_axis", "scale_dtype"))
+@partial(jax.jit, static_argnames=("group_size", "act_order", "block_size", "scale_axis", "scale_dtype", "grid"))
 def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_order: bool = False,
-                  block_size: int = 128, scale_axis: str = "row", scale_dtype=None) -> GPTQResult:
+                  block_size: int = 128, scale_axis: str = "row", scale_dtype=None,
+                  grid: str = "minmax") -> GPTQResult:
     """Quantises ``w`` (rows, cols) with GPTQ under the input Hessian ``h`` (cols, cols).
 
     Args:
@@ -101,6 +102,8 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         row-group mode, so that a group never straddles a block).
       scale_axis: ``"row"`` or ``"col"``, see the module docstring.
       scale_dtype: dtype the scales are stored in (rounded before use), or ``None``.
+      grid: ``"minmax"`` (the reference GPTQ's) or ``"mse"`` (:mod:`prinmix_jax.core.quantizer`); a
+        group's grid is chosen from its values when its scale is fixed, as above.
 
     Returns:
       A :class:`GPTQResult`.
@@ -124,7 +127,7 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     g = axis_len if (group_size is None or group_size <= 0 or group_size >= axis_len) else group_size
     static = row_mode and (act_order or g == cols)
     if static:
-        s_static, z_static = group_params(w, maxq, g, scale_dtype)          # original column order
+        s_static, z_static = group_params(w, maxq, g, scale_dtype, grid)          # original column order
 
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(cols)
     w = w[:, perm]
@@ -163,14 +166,14 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         if row_mode:
             def fresh(_):
                 blk = lax.dynamic_slice_in_dim(w1, jl, g, axis=1)
-                return minmax_params(blk.min(1), blk.max(1), maxq, scale_dtype)
+                return grid_params(blk, maxq, scale_dtype, jnp.minimum(g, cols - j), grid)   # last group may be short
             cur = lax.cond(j % g == 0, fresh, lambda _: cur, None)
             store = tuple(lax.dynamic_update_index_in_dim(a, p, j // g, 1) for a, p in zip(store, cur))
             q, deq = quantize(x, cur[0], cur[1], maxq)
             return q, deq, cur, store
         xg = jnp.pad(x, (0, ngr * g - rows)).reshape(ngr, g)
         mq = maxq[j]
-        sc, zc = minmax_params(xg.min(1), xg.max(1), mq, scale_dtype)
+        sc, zc = grid_params(xg, mq, scale_dtype, jnp.minimum(g, rows - g * jnp.arange(ngr)), grid)
         store = tuple(lax.dynamic_update_index_in_dim(a, p, j, 0) for a, p in zip(store, (sc, zc)))
         sc_r = jnp.repeat(sc, g, total_repeat_length=ngr * g)[:rows]
         zc_r = jnp.repeat(zc, g, total_repeat_length=ngr * g)[:rows]

@@ -1,10 +1,25 @@
-"""Asymmetric min–max round-to-nearest quantisation (the grid GPTQ rounds onto).
+"""Round-to-nearest quantisation grids (the grids GPTQ rounds onto).
 
-Conventions (method.md §5): the range of a row/group is widened to contain 0, an all-zero
-range becomes ``[-1, 1]``; ``scale = (xmax - xmin) / (2**b - 1)``, ``zero = round(-xmin / scale)``,
-``q = clip(round(x / scale) + zero, 0, 2**b - 1)``, value ``scale * (q - zero)``.
-When ``scale_dtype`` is given the scale is rounded to that dtype *before* the zero point and
-codes are computed, so the stored scale reproduces the quantised values exactly.
+Every grid stores codes ``q`` in ``0 .. maxq = 2**b - 1`` and a value ``scale * (q - zero)`` per
+group of entries. Two grids (``grid=``):
+
+* ``"minmax"`` (method.md §5, the reference GPTQ's): the range of a group is widened to contain 0,
+  an all-zero range becomes ``[-1, 1]``; ``scale = (xmax - xmin) / maxq``,
+  ``zero = round(-xmin / scale)``, ``q = clip(round(x / scale) + zero, 0, maxq)``.
+* ``"mse"`` (project choice, the default since format version 2): per group, the candidate grid with
+  the least squared error among the min–max grids of shrunk ranges ``p · [xmin, xmax]`` (``p`` in
+  :data:`MSE_STEPS`, ``p = 1`` being the min–max grid itself, so it never does worse) and, at widths
+  1 and 2, symmetric grids without a zero level, ``zero = maxq / 2`` (levels ``±s/2`` at 1 bit,
+  ``±s/2, ±3s/2`` at 2 bits) with ``s`` a fraction ``p`` of the full-range scale or, at 1 bit, the
+  least-squares scale ``2 · mean|x|`` of a sign code.
+  At 2 bits a min–max grid over a Gaussian-like singular vector has a zero level and one wasted
+  level and loses about 26% of its energy; the symmetric grid with the best scale about 12%
+  (the Lloyd–Max optimum is 11.75%). At 1 bit min–max would be ``{0, ±range}``; the symmetric grid
+  is a sign code with the least-squares scale ``2 · mean|x|``.
+
+Zero points are integers on the min–max grid and half-integers on the symmetric one; storage keeps
+them in half steps for widths ≤ 2 (:func:`stored_zero`). When ``scale_dtype`` is given the scale is
+rounded to that dtype *before* the codes are computed, so the stored scale reproduces the values.
 """
 from __future__ import annotations
 
@@ -12,6 +27,20 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+GRIDS = ("minmax", "mse")
+#: Candidate scale factors of the ``"mse"`` grid: the shrink of the range at widths ≥ 3, the fraction
+#: of the full-range scale at widths ≤ 2 (1 bit uses its closed form instead).
+MSE_STEPS = tuple(1.0 - 0.04 * i for i in range(19))          # 1.0 .. 0.28
+#: Widths whose zero point is stored in half steps (the symmetric grid's zero is ``maxq / 2``).
+HALF_ZERO_MAX_BITS = 2
+
+
+def _round_scale(scale, scale_dtype):
+    if scale_dtype is None:
+        return scale
+    info = jnp.finfo(scale_dtype)
+    return jnp.clip(scale, info.tiny, info.max).astype(scale_dtype).astype(scale.dtype)
 
 
 def minmax_params(xmin, xmax, maxq, scale_dtype=None):
@@ -32,27 +61,95 @@ def minmax_params(xmin, xmax, maxq, scale_dtype=None):
     xmin = jnp.where(empty, -1.0, xmin)
     xmax = jnp.where(empty, 1.0, xmax)
     maxq = jnp.asarray(maxq, dt)
-    scale = (xmax - xmin) / maxq
-    if scale_dtype is not None:
-        info = jnp.finfo(scale_dtype)
-        scale = jnp.clip(scale, info.tiny, info.max).astype(scale_dtype).astype(dt)
+    scale = _round_scale((xmax - xmin) / maxq, scale_dtype)
     zero = jnp.clip(jnp.round(-xmin / scale), 0, maxq)
     return scale, zero
 
 
 def quantize(x, scale, zero, maxq):
-    """Codes and dequantised values of ``x`` on the grid ``(scale, zero, maxq)``."""
-    q = jnp.clip(jnp.round(x / scale) + zero, 0, jnp.asarray(maxq, x.dtype))
+    """Codes and dequantised values of ``x`` on the grid ``(scale, zero, maxq)`` (``zero`` may be a
+    half-integer: the symmetric grid)."""
+    base = jnp.floor(zero)
+    q = jnp.clip(jnp.round(x / scale + (zero - base)) + base, 0, jnp.asarray(maxq, x.dtype))
     return q, scale * (q - zero)
 
 
-def group_params(x, maxq, group_size: int, scale_dtype=None):
+def _sq_error(xg, scale, zero, maxq, mask):
+    _, deq = quantize(xg, scale[..., None], zero[..., None], maxq[..., None])
+    return jnp.sum(jnp.where(mask, (xg - deq) ** 2, 0), axis=-1)
+
+
+def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
+    """Scale and zero point of groups of values on ``grid`` (module docstring).
+
+    Args:
+      xg: (..., g) values of each group; entries past ``count`` are padding and ignored.
+      maxq: ``2**bits - 1``, broadcastable to ``xg.shape[:-1]``.
+      scale_dtype: optional dtype the scale is stored in.
+      count: real entries per group (broadcastable to ``xg.shape[:-1]``); default ``g``.
+      grid: ``"minmax"`` or ``"mse"``.
+
+    Returns:
+      ``(scale, zero)`` of shape ``xg.shape[:-1]``.
+    """
+    dt = xg.dtype
+    shape = xg.shape[:-1]
+    maxq = jnp.broadcast_to(jnp.asarray(maxq, dt), shape)
+    count = jnp.broadcast_to(jnp.asarray(xg.shape[-1] if count is None else count, dt), shape)
+    mask = jnp.arange(xg.shape[-1]) < count[..., None]
+    xg = jnp.where(mask, xg, 0)
+    if grid == "minmax":
+        return minmax_params(xg.min(-1), xg.max(-1), maxq, scale_dtype)
+    if grid != "mse":
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    steps = jnp.asarray(MSE_STEPS, dt)[:, None]
+    flat = lambda a: a.reshape(1, -1)
+    xf, mf = xg.reshape(-1, xg.shape[-1]), mask.reshape(-1, xg.shape[-1])
+    mq = maxq.reshape(-1)
+    # min-max grids of shrunk ranges (step 1.0: the plain min-max grid, so "mse" never does worse)
+    lo, hi = flat(xf.min(-1)), flat(xf.max(-1))
+    s_mm, z_mm = minmax_params(steps * lo, steps * hi, flat(mq), scale_dtype)
+    # symmetric grids (zero = maxq / 2) for widths <= 2: fractions of the full-range scale, and at 1 bit
+    # the least-squares scale of a sign code
+    amax = jnp.max(jnp.abs(xf), axis=-1)
+    s_full = 2 * jnp.where(amax > 0, amax, 1.0) / mq
+    s_sym = _round_scale(steps * flat(s_full), scale_dtype)
+    s_sign = _round_scale(jnp.maximum(2 * jnp.sum(jnp.abs(xf), -1) / count.reshape(-1), jnp.finfo(dt).tiny),
+                          scale_dtype)
+    s_sym = jnp.concatenate([s_sym, flat(jnp.where(mq == 1, s_sign, s_sym[0]))])
+    z_sym = jnp.broadcast_to(flat(mq / 2), s_sym.shape)
+    sym_ok = flat(mq <= 2 ** HALF_ZERO_MAX_BITS - 1)
+    big = jnp.asarray(jnp.finfo(dt).max, dt)
+    # a symmetric candidate of a wider width gets an infinite error (its zero would not be storable)
+    errs = jnp.concatenate([jax.vmap(lambda s_, z_: _sq_error(xf, s_, z_, mq, mf))(s_mm, z_mm),
+                            jnp.where(sym_ok, jax.vmap(lambda s_, z_: _sq_error(xf, s_, z_, mq, mf))(s_sym, z_sym),
+                                      big)])
+    pick = jnp.argmin(errs, axis=0)[None]
+    scale = jnp.take_along_axis(jnp.concatenate([s_mm, s_sym]), pick, axis=0)[0]
+    zero = jnp.take_along_axis(jnp.concatenate([z_mm, z_sym]), pick, axis=0)[0]
+    return scale.reshape(shape), zero.reshape(shape)
+
+
+def stored_zero(zero, bits: int):
+    """Zero points as stored (uint8): half steps (``2 · zero``) for widths ≤ :data:`HALF_ZERO_MAX_BITS`."""
+    return zero * 2 if bits <= HALF_ZERO_MAX_BITS else zero
+
+
+def dequantize(q, scale, stored, bits: int):
+    """Stored codes -> values ``scale * (q - zero)``, ``zero`` read back from its stored form
+    (:func:`stored_zero`; ``bits`` static)."""
+    zero = stored / 2 if bits <= HALF_ZERO_MAX_BITS else stored
+    return scale * (q - zero)
+
+
+def group_params(x, maxq, group_size: int, scale_dtype=None, grid: str = "minmax"):
     """Per-row, per-group-of-columns params of ``x`` (rows, cols) -> (rows, ngroups) each."""
     rows, cols = x.shape
     ng = -(-cols // group_size)
     xp = jnp.pad(x, ((0, 0), (0, ng * group_size - cols))).reshape(rows, ng, group_size)
     maxq = jnp.broadcast_to(jnp.asarray(maxq, x.dtype).reshape(-1, 1), (rows, ng))
-    return minmax_params(xp.min(-1), xp.max(-1), maxq, scale_dtype)
+    count = jnp.minimum(group_size, cols - group_size * jnp.arange(ng)).astype(x.dtype)
+    return grid_params(xp, maxq, scale_dtype, count, grid)
 
 
 def expand_groups(p, cols: int, group_size: int):
@@ -60,8 +157,8 @@ def expand_groups(p, cols: int, group_size: int):
     return jnp.repeat(p, group_size, axis=1, total_repeat_length=p.shape[1] * group_size)[:, :cols]
 
 
-@partial(jax.jit, static_argnames=("group_size", "scale_dtype"))
-def rtn_quantize(w, bits, group_size: int | None = None, scale_dtype=None):
+@partial(jax.jit, static_argnames=("group_size", "scale_dtype", "grid"))
+def rtn_quantize(w, bits, group_size: int | None = None, scale_dtype=None, grid: str = "minmax"):
     """Round-to-nearest with per-row widths ``bits`` (rows,) and groups of columns.
 
     Returns:
@@ -71,6 +168,6 @@ def rtn_quantize(w, bits, group_size: int | None = None, scale_dtype=None):
     rows, cols = w.shape
     g = cols if not group_size or group_size >= cols else group_size
     maxq = (2 ** jnp.asarray(bits, jnp.int32) - 1).astype(w.dtype)
-    scale, zero = group_params(w, maxq, g, scale_dtype)
+    scale, zero = group_params(w, maxq, g, scale_dtype, grid)
     q, deq = quantize(w, expand_groups(scale, cols, g), expand_groups(zero, cols, g), maxq[:, None])
     return deq, q.astype(jnp.uint8), scale, zero

@@ -65,3 +65,39 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
     r, d = inverse_cholesky_upper(inert_padding((m + m.T) / 2, valid), damp)                  # (M+λ'I)^{-1} = RᵀR
     ustar = jnp.matmul(jnp.matmul(p, r.T, precision=HIGHEST), r, precision=HIGHEST)
     return ustar / sigma[None, :], d
+
+
+@jax.jit
+def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6):
+    """σ refitted to the quantised factors: the least-squares σ of ``‖ΔW X − Û diag(σ) V̂ X‖²``
+    (project choice; one step of alternating refinement after RTC and GPTQ of U).
+
+    With ``a_j = û_j`` and ``b_j = V̂_j X`` the error is a quadratic in σ,
+    ``M σ = c`` with ``M = (ÛᵀÛ) ⊙ (V̂ H V̂ᵀ)`` and ``c_j = û_jᵀ ΔW H V̂_jᵀ``, solved with a small damping
+    ``damp · mean(diag M)``. The result is kept only if its error is not larger than with ``sigma``
+    (float rounding, a singular ``M``).
+
+    Args:
+      delta: (m, n) ΔW; h: (n, n) input Hessian (identity data-free).
+      u_hat: (m, k) and v_hat: (k, n) the quantised factors; sigma: (k,) the σ they were fitted with.
+      valid: optional (k,) bool mask of real indices (padding keeps its σ).
+
+    Returns:
+      (k,) σ.
+    """
+    k = sigma.shape[0]
+    valid = jnp.ones((k,), bool) if valid is None else valid
+    hv = jnp.matmul(h, v_hat.T, precision=HIGHEST)                                   # (n, k)
+    m = jnp.matmul(u_hat.T, u_hat, precision=HIGHEST) * jnp.matmul(v_hat, hv, precision=HIGHEST)
+    c = jnp.sum(u_hat * jnp.matmul(delta, hv, precision=HIGHEST), axis=0)
+    both = valid[:, None] & valid[None, :]
+    m = jnp.where(both, m, jnp.eye(k, dtype=m.dtype))
+    c = jnp.where(valid, c, sigma)
+    md = jnp.mean(jnp.where(valid, jnp.diag(m), 0)) * k / jnp.maximum(jnp.sum(valid), 1)
+    s_new = jnp.linalg.solve(m + damp * jnp.where(md > 0, md, 1.0) * jnp.eye(k, dtype=m.dtype), c)
+    s_new = jnp.where(valid, s_new, sigma)
+
+    def err(s):   # ‖ΔW X − Û diag(s) V̂ X‖² / N up to the constant tr(ΔW H ΔWᵀ)
+        return s @ m @ s - 2 * s @ c
+    ok = jnp.all(jnp.isfinite(s_new)) & (err(s_new) <= err(sigma))
+    return jnp.where(ok, s_new, sigma)

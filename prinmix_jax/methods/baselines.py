@@ -4,6 +4,8 @@ The uniform-width baseline shares PrinMix's error-table path: :mod:`prinmix_jax.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 
 import jax.numpy as jnp
@@ -35,12 +37,14 @@ def deltacome_widths(sig, m, n, budget, cfg):
 
 
 class DeltaCoMe(Method):
-    """Delta-CoMe: fixed widths by σ rank, GPTQ of V then of U with inputs ``Σ V̂ X``, no RTC."""
+    """Delta-CoMe: fixed widths by σ rank, GPTQ of V then of U with inputs ``Σ V̂ X``, no RTC, on the
+    published method's min–max grid whatever ``cfg.grid`` says."""
     name = "deltacome"
 
     def compress(self, stack: Stack) -> list:
         if stack.widths is not None:
             raise ValueError(f"given widths only apply to prinmix/uniform, not {self.name!r}")
+        stack = dataclasses.replace(stack, cfg=dataclasses.replace(stack.cfg, grid="minmax"))
         cfg = stack.cfg
         m, n = stack.shape
         u, sigma, v = stack_svd(stack, svd_rank(m, n, cfg, max_kept_rank(m, n, cfg, DELTACOME_BITS)))

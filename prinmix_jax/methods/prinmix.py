@@ -6,6 +6,7 @@ for the top-k indices), then the U step. Given widths (a global allocation) skip
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.allocation import allocate_bits
+from prinmix_jax.core.gptq import HIGHEST
 from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
@@ -60,6 +62,47 @@ def pad_tail(tables, rank: int, energy, bits) -> np.ndarray:
     return np.concatenate([tables, rows], axis=1)
 
 
+def _whiten_factor(h, damp):
+    """Lower Cholesky factor ``L`` of ``H + damp · mean(diag H) · I`` (``H = L Lᵀ``; an empty or non-finite
+    mean diagonal counts as 1)."""
+    n = h.shape[0]
+    md = jnp.mean(jnp.diag(h))
+    md = jnp.where(jnp.isfinite(md) & (md > 0), md, 1.0)
+    return jnp.linalg.cholesky(h + (damp * md) * jnp.eye(n, dtype=h.dtype))
+
+
+def _whiten(d, h, damp):
+    low = _whiten_factor(h, damp)
+    return jnp.matmul(d, low, precision=HIGHEST), low
+
+
+def _unwhiten(v, low, scale):   # V' L⁻¹: rows of V with the metric of H
+    return scale * jax.scipy.linalg.solve_triangular(low, v.T, lower=True, trans=1).T
+
+
+def table_svd(stack, rank: int | None):
+    """``(U, σ, V)`` of a table method's stack: :func:`~prinmix_jax.methods.shared.stack_svd`, or with
+    ``cfg.whiten`` and a calibration Hessian the SVD in the metric of the layer's inputs (project choice,
+    after SVD-LLM's truncation-aware whitening):
+
+        ΔW L = U Σ V'   (H + λ·mean(diag H)·I = L Lᵀ),    V = V' L⁻¹,    so  ΔW = U Σ V.
+
+    U keeps orthonormal columns, so the error table still splits exactly over indices (method.md §1), and
+    ``V_i H V_iᵀ ≈ 1``: σ_i² is what dropping index i costs in output error, and the top k indices are the
+    best rank-k output approximation instead of the best rank-k weight approximation.
+    """
+    cfg = stack.cfg
+    if not cfg.whiten or stack.pairs[0][1] is None:
+        return stack_svd(stack, rank)
+    damp = np.float32(cfg.whiten_damp)
+    dw, low = run_sharded(_whiten, stack.mesh, stack.deltas(), np.stack([p[1] for p in stack.pairs]), damp)
+    dw, low = np.asarray(dw), np.asarray(low)
+    white = dataclasses.replace(stack, pairs=[(dw[i], p[1]) for i, p in enumerate(stack.pairs)])
+    u, sigma, v = stack_svd(white, rank)
+    v = run_sharded(_unwhiten, stack.mesh, v, low, np.float32(1))
+    return u, sigma, v
+
+
 def table_svd_rank(stack) -> int | None:
     """The truncated SVD rank of a table method's stack (:func:`~prinmix_jax.methods.shared.svd_rank` of the
     most indices its budget keeps), or ``None`` for the full SVD."""
@@ -80,7 +123,7 @@ def _u_error_tables(u, sigma, v, h_all, cfg):
     for i in range(len(u)):
         d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]), jnp.asarray(h_all[i]))
         out.append(u_error_estimate(jnp.asarray(u[i]), d0, widths=cfg.bits, group_size=cfg.group_size,
-                                    scale_dtype=cfg.scale_jnp_dtype))
+                                    scale_dtype=cfg.scale_jnp_dtype, grid=cfg.grid))
     return np.asarray(out, np.float64)
 
 
@@ -100,7 +143,7 @@ class TableMethod(Method):
             given = check_widths(stack.widths, len(stack.pairs), min(m, n), cfg.bits)
             if rank is not None and given[:, rank:].any():   # widths from elsewhere reach beyond the truncation
                 rank = None
-        u, sigma, v = stack_svd(stack, rank)
+        u, sigma, v = table_svd(stack, rank)
         sig_np = np.asarray(sigma)
         h_all = hessian_stack(stack)
         t = time.perf_counter()

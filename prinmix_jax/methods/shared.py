@@ -18,7 +18,8 @@ from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.core.packing import pack_bits
-from prinmix_jax.core.rtc import rtc_target, u_hessian
+from prinmix_jax.core.quantizer import stored_zero
+from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
 from prinmix_jax.core.svd import svd_sharded
 from prinmix_jax.costs import index_cost_bits
 from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta
@@ -28,7 +29,7 @@ from prinmix_jax.methods.base import Stack
 def gptq_kw(cfg: CompressionConfig) -> dict:
     """The GPTQ settings of a config (static arguments of the jitted GPTQ and error-table programs)."""
     return dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
-                scale_dtype=cfg.scale_jnp_dtype)
+                scale_dtype=cfg.scale_jnp_dtype, grid=cfg.grid)
 
 
 def index_costs(m: int, n: int, cfg: CompressionConfig, bits=None) -> np.ndarray:
@@ -251,6 +252,9 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
         target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, kb - k))))
     g = u_hessian(v_hat, sig_p, h, valid)
     u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **gptq_kw(cfg))
+    if rtc and cfg.refit_sigma:          # the PrinMix family (Delta-CoMe has no RTC and no refit)
+        sig_p = refit_sigma(delta, h, u_pad.q, v_hat, sig_p, valid)
+        sig_k = np.asarray(sig_p)[:k]
     if want_error:
         num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h)
         info["rel_output_error"] = float(np.sqrt(num / den)) if float(den) > 0 else 0.0
@@ -281,10 +285,10 @@ def pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, me
         fields["sigma"].append(sigma[idx].astype(np.float32))
         fields["v_codes"].append(pack_bits(vc[idx], b))
         fields["v_scale"].append(vs[idx].astype(sdt))
-        fields["v_zero"].append(vz[idx].astype(np.uint8))
+        fields["v_zero"].append(stored_zero(vz[idx], b).astype(np.uint8))
         fields["u_codes"].append(pack_bits(uc[idx], b))
         fields["u_scale"].append(us[idx].astype(sdt))
-        fields["u_zero"].append(uz[idx].astype(np.uint8))
+        fields["u_zero"].append(stored_zero(uz[idx], b).astype(np.uint8))
     w = np.concatenate(all_w) if all_w else np.zeros(0, np.uint8)
     fields, w = jax.device_put(({k: tuple(v) for k, v in fields.items()}, w))
     return SVDQuantDelta(widths=w, shape=(m, n), group_bits=tuple(group_bits),

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from prinmix_jax.core.packing import unpack_bits
+from prinmix_jax.core.quantizer import dequantize
 from prinmix_jax.formats import HIGHEST
 from prinmix_jax.models.llama.modeling import rms_norm, unembed
 
@@ -61,10 +62,12 @@ def _expand(p, length: int, g: int):
 
 
 def _dequant(codes, scale, zero, bits: int, length: int, group_size: int):
-    """Packed rows (..., words) -> float32 rows (..., length): ``scale * (code - zero)`` per group."""
+    """Packed rows (..., words) -> float32 rows (..., length): ``scale * (code - zero)`` per group, the zero
+    read back from its stored form (:func:`~prinmix_jax.core.quantizer.dequantize`)."""
     g = length if not group_size or group_size >= length else group_size
     q = unpack_bits(codes, bits, length).astype(jnp.float32)
-    return _expand(scale.astype(jnp.float32), length, g) * (q - _expand(zero.astype(jnp.float32), length, g))
+    return dequantize(q, _expand(scale.astype(jnp.float32), length, g), _expand(zero.astype(jnp.float32), length, g),
+                      bits)
 
 
 def slot_factors(groups: dict, m: int, n: int, spec: BankSpec):

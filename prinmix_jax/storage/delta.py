@@ -5,7 +5,7 @@ import json
 import os
 
 from prinmix_jax.formats import CompressedMatrix
-from prinmix_jax.storage.format import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, WORK_SUFFIX, BlockDelta,
+from prinmix_jax.storage.format import (FORMAT, HF_DIR, READABLE_VERSIONS, META_FILE, STEPS_DIR, WORK_SUFFIX, BlockDelta,
                                         DeltaFormatError, decode_step, meta_digest)
 from prinmix_jax.storage.outputs import file_sha256
 from prinmix_jax.storage.step_store import StepStore
@@ -42,9 +42,10 @@ class DeltaCheckpoint:
             raise DeltaFormatError(f"{mfile}: corrupted metadata (not valid JSON: {e})") from e
         if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
             raise DeltaFormatError(f"{mfile}: not a prinmix delta metadata file")
-        if self.meta.get("format_version") != FORMAT_VERSION:
+        if self.meta.get("format_version") not in READABLE_VERSIONS:
             raise DeltaFormatError(f"{mfile}: format version {self.meta.get('format_version')} is not supported "
-                                   f"(this prinmix reads version {FORMAT_VERSION})")
+                                   f"(this prinmix reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+        self.version = int(self.meta["format_version"])
         if "meta_sha256" in self.meta and self.meta["meta_sha256"] != meta_digest(self.meta):
             raise DeltaFormatError(f"{mfile}: corrupted metadata (its SHA-256 does not match the content)")
         try:
@@ -73,7 +74,7 @@ class DeltaCheckpoint:
         if not 0 <= step < self.num_steps:
             raise ValueError(f"step {step} out of range (0..{self.num_steps - 1})")
         arrays, meta = self._store.restore(step)
-        return decode_step(arrays, meta, where=f"{self.path}/{STEPS_DIR}/{step}")
+        return decode_step(arrays, meta, where=f"{self.path}/{STEPS_DIR}/{step}", version=self.version)
 
     def globals(self) -> BlockDelta:
         """The embedding / final norm / output head entries."""

@@ -12,14 +12,19 @@ from typing import Any
 
 import numpy as np
 
-from prinmix_jax.formats import CompressedMatrix, from_state, to_state
+from prinmix_jax.core.quantizer import HALF_ZERO_MAX_BITS
+from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta, from_state, to_state
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "WORK_SUFFIX", "DeltaFormatError",
            "FingerprintMismatchError", "tensor_digest", "combine_fingerprint", "MatrixEntry", "ZeroEntry",
-           "DenseEntry", "encode_step", "BlockDelta", "meta_digest", "decode_step", "array_sha256"]
+           "DenseEntry", "encode_step", "BlockDelta", "meta_digest", "decode_step", "array_sha256",
+           "READABLE_VERSIONS", "upgrade_v1"]
 
 FORMAT = "prinmix-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this prinmix reads. Version 1 stored the zero points of widths 1–2 as integers (the min–max grid
+#: only); version 2 stores them in half steps (:func:`prinmix_jax.core.quantizer.stored_zero`).
+READABLE_VERSIONS = (1, 2)
 META_FILE = "prinmix_delta.json"
 STEPS_DIR = "steps"
 HF_DIR = "hf"
@@ -169,8 +174,20 @@ def _check_sha(where: str, key: str, a: np.ndarray, want: str | None):
         raise DeltaFormatError(f"{where}: array {key!r} is corrupted (SHA-256 mismatch)")
 
 
-def decode_step(arrays: dict, meta: dict, where: str = "delta step") -> BlockDelta:
-    """Inverse of :func:`encode_step` (validates presence, byte counts and checksums)."""
+def upgrade_v1(cm):
+    """A matrix read from a format-1 checkpoint in this version's terms: the zero points of its width-1 and
+    width-2 groups (integers in version 1) doubled into half steps. Other entries are returned unchanged."""
+    if not isinstance(cm, SVDQuantDelta) or not any(b <= HALF_ZERO_MAX_BITS for b in cm.group_bits):
+        return cm
+
+    def half(zeros):
+        return tuple(np.asarray(z) * 2 if b <= HALF_ZERO_MAX_BITS else z for z, b in zip(zeros, cm.group_bits))
+    return dataclasses.replace(cm, v_zero=half(cm.v_zero), u_zero=half(cm.u_zero))
+
+
+def decode_step(arrays: dict, meta: dict, where: str = "delta step", version: int = FORMAT_VERSION) -> BlockDelta:
+    """Inverse of :func:`encode_step` (validates presence, byte counts and checksums); a step of format
+    ``version`` 1 is upgraded (:func:`upgrade_v1`)."""
     arrays = arrays or {}
     linears, dense = {}, {}
     try:
@@ -191,6 +208,8 @@ def decode_step(arrays: dict, meta: dict, where: str = "delta step") -> BlockDel
                 st[k] = np.zeros(shape, np.dtype(dt))
             try:
                 linears[name] = from_state(st, e["state"])
+                if version == 1:
+                    linears[name] = upgrade_v1(linears[name])
             except (ValueError, TypeError) as err:
                 raise DeltaFormatError(f"{where}: matrix {name!r}: {err}") from err
         for path, e in meta["dense"].items():

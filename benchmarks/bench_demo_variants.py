@@ -1,0 +1,97 @@
+"""Compression variants on the demo's SFT pair (issue 12's ablation): each variant compresses the pair's delta
+with the demo's own steps (global scope for PrinMix, parallel calibration), applies it and scores the task.
+Prints one JSON line per (ratio, variant) and a Markdown table at the end.
+
+    python benchmarks/bench_demo_variants.py --ratios 1/16 1/32 1/64
+    python benchmarks/bench_demo_variants.py --ratios 1/32 --calibration task-mix
+
+``--calibration text`` is the demo's (64 held-out stdlib windows); ``task-mix`` replaces half of them with
+windows of task examples from another seed than the test prompts (a user calibrating on fine-tuning data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+#: (label, method, CompressionConfig overrides); "before" is the configuration before issue 12.
+VARIANTS = (
+    ("PrinMix before", "prinmix", dict(grid="minmax", bits=(0, 2, 3, 4, 8))),
+    ("+ least-squares grids (default at >= 1/16)", "prinmix", dict(bits=(0, 2, 3, 4, 8))),
+    ("+ 1-bit widths (default below 1/16)", "prinmix", dict(bits=(0, 1, 2, 3, 4, 8))),
+    ("default + sigma refit", "prinmix", dict(refit_sigma=True)),
+    ("default + whitened SVD", "prinmix", dict(whiten=True)),
+    ("uniform (default grids)", "uniform", {}),
+    ("uniform (before)", "uniform", dict(grid="minmax", bits=(0, 2, 3, 4, 8))),
+    ("Delta-CoMe", "deltacome", {}),
+)
+
+
+def task_windows(settings, num: int, seq_len: int, seed: int) -> np.ndarray:
+    """``num`` windows of ``seq_len`` ids cut from a stream of ``BOS prompt answer EOS`` task examples."""
+    from prinmix_jax.sft import data as D
+
+    ex = D.make_task(num * 12, seed=seed, min_len=settings.task_min_len, max_len=settings.task_max_len,
+                     task=settings.task)
+    stream = np.concatenate([np.concatenate([D.encode(e["prompt"], bos=True), D.encode(e["answer"], eos=True)])
+                             for e in ex])
+    return stream[: num * seq_len].reshape(num, seq_len)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", nargs="+", default=("1/16", "1/32", "1/64"))
+    ap.add_argument("--variants", default=None, help="comma-separated labels (default: all)")
+    ap.add_argument("--calibration", choices=("text", "task-mix"), default="text")
+    ap.add_argument("--num-test", type=int, default=300)
+    args = ap.parse_args(argv)
+
+    from prinmix_jax import demo as Dm
+    from prinmix_jax.config import parse_ratio
+    from prinmix_jax.evaluation import byte_tokenizer, exact_match, token_metrics
+    from prinmix_jax.models import ModelConfig, load_hf_params
+    from prinmix_jax.sft import FULL, make_sft_pair
+
+    s = FULL
+    pair = make_sft_pair(s, progress=False, log=None)
+    cfg = ModelConfig.from_pretrained_dir(pair.finetuned)
+    base_p, ft_p = load_hf_params(pair.base), load_hf_params(pair.finetuned)
+    tok = byte_tokenizer()
+    test, calib, eval_ids = Dm._data(s, args.num_test, 64, 32, 128)
+    if args.calibration == "task-mix":
+        calib = np.concatenate([calib[:32], task_windows(s, 32, 128, s.seed + 3000).astype(calib.dtype)])
+
+    def evaluate(params):
+        return exact_match(params, cfg, test, tok)["accuracy"], token_metrics(ft_p, params, cfg, eval_ids)
+
+    base_acc = exact_match(base_p, cfg, test, tok)["accuracy"]
+    ft_acc = exact_match(ft_p, cfg, test, tok)["accuracy"]
+    chosen = [v for v in VARIANTS if args.variants is None or v[0] in args.variants.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.makedirs(os.path.join(tmp, "deltas"))
+        for text in args.ratios:
+            for label, method, over in chosen:
+                r = Dm._compress_and_score(pair, method, parse_ratio(text), tmp, calib, 128, evaluate, base_p,
+                                           scope="global", calibration_mode="parallel", overrides=over, extra={})
+                row = dict(ratio=text, variant=label, calibration=args.calibration, accuracy=r["accuracy"],
+                           gain_kept=(r["accuracy"] - base_acc) / (ft_acc - base_acc), layer_error=r["layer_error"],
+                           kl=r["kl"], bytes=r["bytes"], seconds=r["seconds"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print(f"\nfine-tuned {ft_acc:.1%}, base {base_acc:.1%}, {args.num_test} prompts, calibration {args.calibration}\n")
+    print("| ratio | variant | task acc | gain kept | layer err | KL to ft | bytes | time s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['ratio']} | {r['variant']} | {r['accuracy']:.1%} | {r['gain_kept']:.0%} | {r['layer_error']:.4f} "
+              f"| {r['kl']:.4f} | {r['bytes']} | {r['seconds']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
