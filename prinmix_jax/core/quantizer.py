@@ -118,15 +118,14 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
                           scale_dtype)
     s_sym = jnp.concatenate([s_sym, flat(jnp.where(mq == 1, s_sign, s_sym[0]))])
     z_sym = jnp.broadcast_to(flat(mq / 2), s_sym.shape)
+    scales, zeros = jnp.concatenate([s_mm, s_sym]), jnp.concatenate([z_mm, z_sym])
+    errs = jax.vmap(lambda s_, z_: _sq_error(xf, s_, z_, mq, mf))(scales, zeros)
+    # a symmetric candidate of a wider width is never chosen (its half-integer zero would not be storable)
     sym_ok = flat(mq <= 2 ** HALF_ZERO_MAX_BITS - 1)
-    big = jnp.asarray(jnp.finfo(dt).max, dt)
-    # a symmetric candidate of a wider width gets an infinite error (its zero would not be storable)
-    errs = jnp.concatenate([jax.vmap(lambda s_, z_: _sq_error(xf, s_, z_, mq, mf))(s_mm, z_mm),
-                            jnp.where(sym_ok, jax.vmap(lambda s_, z_: _sq_error(xf, s_, z_, mq, mf))(s_sym, z_sym),
-                                      big)])
+    errs = errs.at[len(s_mm):].set(jnp.where(sym_ok, errs[len(s_mm):], jnp.finfo(dt).max))
     pick = jnp.argmin(errs, axis=0)[None]
-    scale = jnp.take_along_axis(jnp.concatenate([s_mm, s_sym]), pick, axis=0)[0]
-    zero = jnp.take_along_axis(jnp.concatenate([z_mm, z_sym]), pick, axis=0)[0]
+    scale = jnp.take_along_axis(scales, pick, axis=0)[0]
+    zero = jnp.take_along_axis(zeros, pick, axis=0)[0]
     return scale.reshape(shape), zero.reshape(shape)
 
 
