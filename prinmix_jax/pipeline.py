@@ -46,6 +46,7 @@ from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
 from prinmix_jax.compress import check_settings, error_tables
 from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionConfig
 from prinmix_jax.core.mesh import default_mesh
+from prinmix_jax.core.svd import reusing_svds
 from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, get_path, merge_block, param_groups
 from prinmix_jax.distributed import (allgather_arrays, barrier, broadcast_array, check_shared, init_distributed,
                                      owner)
@@ -58,6 +59,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
+from prinmix_jax.step_compress import SVD_DIR, SVDStore, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -65,6 +67,9 @@ __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleMod
            "result_problems", "CALIBRATION_MODES",
            "merge_block", "param_groups"]
 
+#: What the global scope's first pass keeps of its SVDs for the second (:class:`~prinmix_jax.step_compress.
+#: SVDStore` policy): ``"auto"`` (when recomputing would take longer than reading back), ``"always"``, ``"never"``.
+SVD_REUSE = "auto"
 
 
 def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfig | None = None,
@@ -142,11 +147,15 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
                    identity=json.loads(json.dumps(identity)), chunk_size=calib_chunk_size, overwrite=overwrite,
                    progress=progress, log=say, stop_after_steps=_stop_after_steps, t_start=t_start)
     _prepare_work_dir(plan, base_src, ft_src)
+    if scope == "global":
+        svd_folder = os.path.join(work, SVD_DIR, f"p{jax.process_index()}")
+        plan = dataclasses.replace(plan, svd_store=SVDStore(svd_folder, SVD_REUSE))
     store = StepStore(os.path.join(work, STEPS_DIR), plan.identity)
     created_here = store.latest_step() is None
     try:
         if scope == "global":
             widths = _global_widths(plan, base_src, ft_src)
+            plan.svd_store.freeze()
             plan = dataclasses.replace(plan, widths=widths, widths_digest=widths_digest(widths))
         store, restarted = restart_if_widths_changed(store, work, plan.identity, plan.widths_digest, say)
         created_here = created_here or restarted
@@ -160,6 +169,8 @@ def compress_model(base, finetuned, out, *, calib=None, config: CompressionConfi
     finally:
         base_src.close()
         ft_src.close()
+        if plan.svd_store is not None:
+            plan.svd_store.remove()
 
 
 def _check_arguments(cfg, method: str, calibration_mode: str, scope: str | None, calib) -> str:
@@ -259,8 +270,9 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
             groups.setdefault((d.shape, hk), []).append((name, d, hm))
         for members in groups.values():
             hs = None if members[0][2] is None else [m[2] for m in members]
-            for (name, d, _), e in zip(members, error_tables([m[1] for m in members], hs, plan.config,
-                                                             mesh=plan.mesh)):
+            with reusing_svds(plan.svd_store, [svd_key(b, m[0]) for m in members]):
+                tables = error_tables([m[1] for m in members], hs, plan.config, mesh=plan.mesh)
+            for (name, d, _), e in zip(members, tables):
                 mine.append(([b, name, list(d.shape)], np.asarray(e)))
         del base_b, ft_b, groups
         bar.update(1)
@@ -269,7 +281,8 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
 
 
 def _global_widths(plan: RunPlan, base_src, ft_src) -> dict:
-    """First pass of the global scope: every block linear's error table, then one ILP.
+    """First pass of the global scope: every block linear's error table, then one ILP. The SVDs go to
+    ``plan.svd_store``, which keeps those worth reading back in the second pass.
 
     With several processes each computes the tables of the matrices it will compress; the tables are
     gathered and process 0 solves the ILP and broadcasts the widths, so every process uses the same

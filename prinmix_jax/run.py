@@ -8,6 +8,8 @@ Hessians come from the same pass), ``"sequential"`` through the compressed block
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -21,7 +23,7 @@ from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
-from prinmix_jax.step_compress import compress_entries, save_step, step_items
+from prinmix_jax.step_compress import SVD_DIR, compress_entries, save_step, step_items
 from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
@@ -46,6 +48,8 @@ class RunPlan:
       log: receives one-line status messages.
       stop_after_steps: stop after this many steps (tests of resume); None = run to the end.
       t_start: ``time.perf_counter()`` when the run started.
+      svd_store: the global scope's :class:`~prinmix_jax.step_compress.SVDStore` (SVDs of the first pass
+        for the second), or None.
     """
     work: str
     out: str
@@ -68,6 +72,7 @@ class RunPlan:
     log: Callable[[str], None] = lambda message: None
     stop_after_steps: int | None = None
     t_start: float = 0.0
+    svd_store: Any = None
 
     @property
     def num_steps(self) -> int:
@@ -142,7 +147,8 @@ def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
     items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy, hess)
     del hess
     step_widths = None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
-    entries = compress_entries(items, plan.config, plan.method, plan.mesh, step, step_widths, u_ranks)
+    entries = compress_entries(items, plan.config, plan.method, plan.mesh, step, step_widths, u_ranks,
+                               plan.svd_store)
     save_step(store, step, items, entries, dense, _step_meta(plan, step, t0, plan.block_table, base_b, ft_b))
     del items, dense, entries
     if h is None or plan.calibration_mode == "parallel":
@@ -193,7 +199,11 @@ def _finish(plan: RunPlan, store, base_src, ft_src) -> dict:
     summary = build_summary(store, plan, base_src, ft_src, time.perf_counter() - plan.t_start)
     summary["problems"] = result_problems(summary)
     store.close()
+    if plan.svd_store is not None:
+        plan.log(plan.svd_store.summary())
+        plan.svd_store.remove()
     if jax.process_index() == 0:
+        shutil.rmtree(os.path.join(plan.work, SVD_DIR), ignore_errors=True)   # the SVDs are not published
         summary = write_summary(plan.work, summary)
         publish(plan.work, plan.out, plan.overwrite)
     barrier("prinmix-published")

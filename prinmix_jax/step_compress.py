@@ -1,20 +1,26 @@
 """One step of a compress run: the deltas of a step's tensors, the compression of its matrices (same-shape
 matrices that share an input Hessian as one stack), and writing the step (every process writes what it
-compressed; see :mod:`prinmix_jax.distributed` for who owns what)."""
+compressed; see :mod:`prinmix_jax.distributed` for who owns what), and :class:`SVDStore`, which keeps the
+global scope's SVDs between its two passes."""
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import time
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from prinmix_jax.compress import compress_stack
+from prinmix_jax.core.svd import reusing_svds
 from prinmix_jax.delta_tree import entry_name, get_path
 from prinmix_jax.distributed import allgather_json, owner
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
 
-__all__ = ["StepItem", "step_items", "dense_entry", "compress_entries", "save_step"]
+__all__ = ["StepItem", "step_items", "dense_entry", "compress_entries", "save_step", "SVDStore", "SVD_DIR"]
 
 _INFO_KEYS = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
               "seconds_error_table", "seconds_u", "v_damp", "u_damp", "rtc_damp")
@@ -81,13 +87,14 @@ def _json_info(info: dict, cm) -> dict:
 
 
 def compress_entries(items: list[StepItem], config, method: str, mesh, step: int, widths=None,
-                     u_ranks=None) -> dict:
+                     u_ranks=None, svd_store=None) -> dict:
     """Compresses this process's share of a step's ``items``; returns ``{name: MatrixEntry | ZeroEntry}`` in
     ``items`` order.
 
     ``widths``: optional ``{name: (r,) widths}`` from a global allocation; ``u_ranks`` then maps every
     linear name to its largest kept rank over the model, and each shape's U step is padded to the largest
-    of its names (one set of U programs per shape for the whole model).
+    of its names (one set of U programs per shape for the whole model). ``svd_store``: an
+    :class:`SVDStore` holding SVDs of the first pass, keyed ``"{block}/{name}"`` (decoder blocks only).
     """
     me = jax.process_index()
     entries, groups = {}, {}
@@ -103,8 +110,10 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
         hs = None if members[0].hessian is None else np.stack([m.hessian for m in members])
         ws = None if widths is None else [widths[m.name] for m in members]
         ur = None if u_ranks is None else max(u_ranks.get(it.name, 0) for it in items if it.delta.shape == shape)
-        results = compress_stack(np.stack([m.delta for m in members]), hs, config, method, mesh=mesh, widths=ws,
-                                 u_rank=ur, return_info=True)
+        keys = [svd_key(step - 1, m.name) for m in members]
+        with reusing_svds(svd_store if step > 0 else None, keys):
+            results = compress_stack(np.stack([m.delta for m in members]), hs, config, method, mesh=mesh,
+                                     widths=ws, u_rank=ur, return_info=True)
         for m, (cm, info) in zip(members, results):
             entries[m.name] = MatrixEntry(cm, _json_info(info, cm))
     return {it.name: entries[it.name] for it in items if it.name in entries}
@@ -125,3 +134,133 @@ def save_step(store, step: int, items: list[StepItem], local: dict, dense: dict,
     owners.update({("dense", path): owner(step, len(items) + k) for k, path in enumerate(dense)})
     store.save(step, owned_tree(arrays, meta, lambda kind, name: owners[kind, name], jax.process_index()), meta)
     return meta
+
+
+# ----- SVDs kept between the two passes of the global scope --------------------------------------
+#: The folder of the work folder (``OUT.partial``) where :class:`SVDStore` keeps SVDs.
+SVD_DIR = "svd-reuse"
+#: Disk throughput (bytes/s) assumed until the store has timed its own writes.
+SVD_DISK_BYTES_PER_S = 500e6
+#: Free disk space a kept SVD must leave.
+SVD_DISK_RESERVE_BYTES = 4 << 30
+SVD_POLICIES = ("auto", "always", "never")
+_FACTORS = ("u", "s", "v")
+
+
+def svd_key(block: int, name: str) -> str:
+    """The :class:`SVDStore` key of decoder block ``block``'s linear ``name`` (both passes use it)."""
+    return f"{block}/{name}"
+
+
+class SVDStore:
+    """SVDs computed by the global scope's first pass, kept on local disk for its second pass.
+
+    One folder per matrix (``u.npy``, ``s.npy``, ``v.npy``; written under a temporary name, then renamed;
+    read with ``allow_pickle=False``), named by the matrix's key and the SVD's settings, so a second pass
+    that needs another SVD (a full one) recomputes it. Host memory holds one stack at a time. The store
+    lives for one ``compress_model`` call: it starts empty (what a killed run left is deleted) and is
+    removed before the run is published, so nothing is trusted across changed inputs.
+
+    Args:
+      folder: this process's folder (under the work folder's :data:`SVD_DIR`).
+      policy: ``"auto"``: keep a stack's SVDs when computing them took longer than writing and reading them
+        back is expected to (at the throughput measured on this run's writes); ``"always"``; ``"never"``.
+        Nothing is kept that would leave less than :data:`SVD_DISK_RESERVE_BYTES` free.
+    """
+
+    def __init__(self, folder: str, policy: str = "auto"):
+        if policy not in SVD_POLICIES:
+            raise ValueError(f"SVD reuse policy must be one of {SVD_POLICIES}, got {policy!r}")
+        self.folder, self.policy, self.writing = folder, policy, True
+        self.bytes_per_s = SVD_DISK_BYTES_PER_S
+        self.stats = dict(kept=0, reused=0, computed=0, bytes_kept=0, seconds_svd=0.0, seconds_write=0.0,
+                          seconds_read=0.0)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+
+    def stack_svd(self, keys, deltas, compute, settings: str):
+        """``(U, σ, V)`` of a stack: the kept SVDs read back, the others computed (and, while
+        :attr:`writing`, offered to the store).
+
+        Args:
+          keys: one key per matrix (:func:`svd_key`).
+          deltas: returns the (B, m, n) stack (called only when something must be computed).
+          compute: ``(b, m, n) -> (U, σ, V)``, the SVD of some of the deltas.
+          settings: the SVD's settings (:func:`~prinmix_jax.core.svd.svd_settings`).
+
+        Returns:
+          ``compute(deltas())``'s result, or numpy arrays with the same bytes.
+        """
+        paths = [os.path.join(self.folder, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{k}@{settings}")) for k in keys]
+        got = [self._read(p) for p in paths]
+        miss = [i for i, g in enumerate(got) if g is None]
+        if miss:
+            d = deltas()
+            t = time.perf_counter()
+            res = jax.block_until_ready(compute(d if len(miss) == len(keys) else d[miss]))
+            seconds = time.perf_counter() - t
+            self.stats["computed"] += len(miss)
+            self.stats["seconds_svd"] += seconds
+            if len(miss) == len(keys) and not self.writing:
+                return res
+            res = [np.asarray(x) for x in res]
+            keep = self.writing and self._worth(seconds, sum(x.nbytes for x in res))
+            for j, i in enumerate(miss):
+                got[i] = tuple(x[j] for x in res)
+                if keep:
+                    self._write(paths[i], got[i])
+        return tuple(np.stack([g[f] for g in got]) for f in range(len(_FACTORS)))
+
+    def _worth(self, seconds: float, nbytes: int) -> bool:
+        """Whether SVDs that took ``seconds`` to compute and hold ``nbytes`` are kept."""
+        if self.policy == "never" or shutil.disk_usage(self.folder).free - nbytes < SVD_DISK_RESERVE_BYTES:
+            return False
+        return self.policy == "always" or seconds > 2 * nbytes / self.bytes_per_s
+
+    def _write(self, path: str, usv) -> None:
+        t = time.perf_counter()
+        tmp = f"{path}.tmp{os.getpid()}"
+        os.makedirs(tmp, exist_ok=True)
+        for f, x in zip(_FACTORS, usv):
+            np.save(os.path.join(tmp, f + ".npy"), np.ascontiguousarray(x), allow_pickle=False)
+        os.replace(tmp, path)
+        seconds = time.perf_counter() - t
+        nbytes = sum(x.nbytes for x in usv)
+        self.bytes_per_s = nbytes / max(seconds, 1e-6)
+        self.stats.update(kept=self.stats["kept"] + 1, bytes_kept=self.stats["bytes_kept"] + nbytes,
+                          seconds_write=self.stats["seconds_write"] + seconds)
+
+    def _read(self, path: str):
+        """The SVD kept at ``path`` or ``None``; in the second pass the entry is deleted once read."""
+        if not os.path.isdir(path):
+            return None
+        t = time.perf_counter()
+        try:
+            usv = tuple(np.load(os.path.join(path, f + ".npy"), allow_pickle=False) for f in _FACTORS)
+        except (OSError, ValueError):
+            usv = None
+        if usv is None or not self.writing:
+            shutil.rmtree(path, ignore_errors=True)
+        if usv is not None:
+            self.stats["reused"] += 1
+            self.stats["seconds_read"] += time.perf_counter() - t
+        return usv
+
+    def freeze(self) -> None:
+        """Ends the first pass: nothing more is kept, and what is read back is deleted."""
+        self.writing = False
+
+    def remove(self) -> None:
+        """Deletes the store's folder, and its parent once empty (idempotent)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            os.rmdir(os.path.dirname(self.folder))
+        except OSError:
+            pass
+
+    def summary(self) -> str:
+        """One line: what was kept and reused, and what it cost."""
+        s = self.stats
+        return (f"SVD reuse: {s['kept']} kept ({s['bytes_kept'] / 1e6:.0f} MB, {s['seconds_write']:.1f} s to "
+                f"write), {s['reused']} read back ({s['seconds_read']:.1f} s), {s['computed']} computed "
+                f"({s['seconds_svd']:.1f} s)")

@@ -1,7 +1,9 @@
-"""The 1-D device mesh of a stack of same-shape matrices, and ``vmap`` programs sharded over it."""
+"""The 1-D device mesh of a stack of same-shape matrices, and ``vmap`` programs sharded over it: whole
+matrices per device (:func:`run_sharded`), or tiles of the rows of a stack (:func:`run_rows_sharded`)."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,3 +62,147 @@ def run_sharded(fn, mesh: Mesh, *args, axis: str = BATCH_AXIS):
         return res
     # Slicing a sharded array compiles a program per shape; dropping the padding on the host is free.
     return jax.tree.map(lambda x: x[:b], jax.device_get(res))
+
+
+# ----- rows of a stack spread over the devices ---------------------------------------------------
+#: The row tiles a stack's rows are cut into (per ``ROW_TILES`` devices): every device count that divides it
+#: (1, 2, 4, 8) computes the same tiles, so the results do not depend on it and no device computes padding.
+ROW_TILES = 8
+
+
+class RowPlan(NamedTuple):
+    """How :func:`run_rows_sharded` cuts a (B, k) stack of rows into tiles.
+
+    Attributes:
+      tile: rows per tile.
+      rows: (tiles, tile) int: the flat row (``matrix · k + row``) each tile slot computes (padding slots
+        repeat their group's first row).
+      group: (tiles,) int: the matrix whose shared operands each tile uses.
+      slot: (B · k,) int: where each flat row's result is, ``tile_index · tile + position``.
+      first_tile: (B,) int: a tile of each matrix (its per-tile outputs).
+      needed: B · k, the rows the caller needs (the rest of ``tiles · tile`` is padding).
+    """
+    tile: int
+    rows: np.ndarray
+    group: np.ndarray
+    slot: np.ndarray
+    first_tile: np.ndarray
+    needed: int
+
+
+def _same_operand_groups(shared, b: int) -> list[list[int]]:
+    """The B matrices grouped by byte-equal shared operands (a tuple of (B, ...) arrays), in order of first use."""
+    groups: list[list[int]] = []
+    for i in range(b):
+        for g in groups:
+            if all(np.array_equal(s[g[0]], s[i]) for s in shared):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def row_plan(groups: list[list[int]], k: int, devices: int, tiles: int | None = None) -> RowPlan:
+    """Cuts the rows of a (B, k) stack into tiles (the rows of each group of matrices that share their operands
+    in tiles of their own), padded to a multiple of ``devices`` tiles.
+
+    Args:
+      groups: the matrices, grouped by shared operands (:func:`_same_operand_groups`).
+      k: rows per matrix.
+      devices: the device count.
+      tiles: the tile count aimed at; default :data:`ROW_TILES` times ``ceil(devices / ROW_TILES)``. The tile
+        size ``ceil(B · k / tiles)`` does not depend on ``devices`` below that, so neither do the results.
+
+    Returns:
+      A :class:`RowPlan`.
+    """
+    tiles = tiles or ROW_TILES * -(-devices // ROW_TILES)
+    needed = sum(len(g) for g in groups) * k
+    tile = max(1, -(-needed // tiles))
+    rows, real, group, first = [], [], [], {}
+    for g in groups:
+        flat = np.concatenate([np.arange(i * k, (i + 1) * k) for i in g])
+        nt = -(-flat.size // tile)
+        first.update({i: len(group) for i in g})
+        rows.append(np.concatenate([flat, np.full(nt * tile - flat.size, flat[0])]))
+        real.append(np.arange(nt * tile) < flat.size)
+        group += [g[0]] * nt
+    pad = (-len(group)) % devices
+    rows = np.concatenate(rows + [np.full(pad * tile, rows[0][0])]).reshape(-1, tile)
+    real = np.concatenate(real + [np.zeros(pad * tile, bool)])
+    slot = np.empty(needed, np.int64)
+    slot[rows.reshape(-1)[real]] = np.flatnonzero(real)        # every needed row is computed once
+    return RowPlan(tile, rows, np.asarray(group + group[:1] * pad), slot,
+                   np.asarray([first[i] for i in range(len(first))]), needed)
+
+
+@functools.cache
+def _compiled_rows(fn, mesh, n_rows, n_shared, with_scalar, axis):
+    """``vmap(fn)`` over the tiles, each device on its own tiles (``shard_map``: no collective, not even for a
+    batched ``while_loop`` predicate)."""
+    def tile_fn(*a):
+        rows, g, shared = a[:n_rows], a[n_rows], a[n_rows + 1:n_rows + 1 + n_shared]
+        return fn(*rows, *(s[g] for s in shared), *a[n_rows + 1 + n_shared:])
+
+    in_axes = (0,) * (n_rows + 1) + (None,) * (n_shared + with_scalar)
+    specs = (P(axis),) * (n_rows + 1) + (P(),) * (n_shared + with_scalar)
+    return jax.jit(jax.shard_map(jax.vmap(tile_fn, in_axes=in_axes), mesh=mesh, in_specs=specs,
+                                 out_specs=P(axis), check_vma=False))
+
+
+def run_rows_sharded(fn, mesh: Mesh, rows, shared, scalar=None, *, out_rows, axis: str = BATCH_AXIS,
+                     tiles: int | None = None):
+    """``vmap(fn)`` over a stack of matrices whose rows are independent, with the rows spread over ``mesh``.
+
+    Where :func:`run_sharded` gives each device whole matrices (padding the stack with copies to the device
+    count), this gives each device tiles of rows (:func:`row_plan`): a (B, k) stack costs at most
+    ``tiles - 1`` padding rows per group of matrices sharing their operands, whatever B. Every tile runs the
+    same program, whatever the device count (up to :data:`ROW_TILES` devices), so the results do not depend
+    on it. ``fn`` should be long-lived (its compiled program is cached by identity).
+
+    Args:
+      fn: ``fn(*row_args, *shared_args, [scalar]) -> pytree``; row ``j`` of each output's row axis must
+        depend only on row ``j`` of the ``row_args`` and on the shared arguments (e.g. GPTQ of V's rows: the
+        error feedback stays in a row, the Hessian is shared).
+      mesh: a 1-D mesh with axis ``axis``.
+      rows: tuple of (B, k, ...) arrays (V (B, k, n), σ (B, k), widths (B, k)).
+      shared: tuple of (B, ...) per-matrix operands (Hessians (B, n, n)); matrices whose operands are
+        byte-equal share tiles, each distinct operand goes to every device once.
+      scalar: an optional trailing scalar argument (the damping).
+      out_rows: a pytree prefix of ``fn``'s output: for each leaf, the axis of its rows, or ``None`` for a value
+        that depends on the shared operands only (taken from one tile of each matrix).
+      tiles: the tile count aimed at (:func:`row_plan`).
+
+    Returns:
+      ``vmap(fn)``'s result over the stack (numpy): a row leaf of per-call shape ``(..., k, ...)`` as
+      ``(B, ..., k, ...)``, a ``None`` leaf as ``(B, ...)``.
+    """
+    if mesh.axis_names != (axis,):
+        raise ValueError(f"mesh must be 1-D with axis name {axis!r}, got axes {mesh.axis_names}")
+    rows = [np.asarray(r) for r in rows]
+    shared = [np.asarray(s) for s in shared]
+    b, k = rows[0].shape[:2]
+    plan = row_plan(_same_operand_groups(shared, b), k, mesh.size, tiles)
+    tiled = [r.reshape(b * k, *r.shape[2:])[plan.rows] for r in rows]
+    uniq = sorted(set(plan.group.tolist()))
+    index = np.searchsorted(uniq, plan.group).astype(np.int32)
+    call = _compiled_rows(fn, mesh, len(rows), len(shared), scalar is not None, axis)
+    extra = () if scalar is None else (scalar,)
+    res = jax.device_get(call(*tiled, index, *(s[uniq] for s in shared), *extra))
+    return jax.tree.map(lambda ax, x: _untile(x, ax, plan, b, k), out_rows, res,
+                        is_leaf=lambda x: x is None)
+
+
+def _untile(x, ax, plan: RowPlan, b: int, k: int):
+    """One output leaf of the tiles (tiles, ...) back to the stack's layout (see :func:`run_rows_sharded`)."""
+    if ax is None:
+        return x[plan.first_tile]
+    x = np.moveaxis(x, ax + 1, 1)                                  # (tiles, tile, ...)
+    flat = x.reshape(-1, *x.shape[2:])[plan.slot]                  # (B·k, ...)
+    return np.moveaxis(flat.reshape(b, k, *flat.shape[1:]), 1, ax + 1)
+
+
+def useful_share(plan: RowPlan) -> float:
+    """The share of the rows computed under ``plan`` that the caller needs."""
+    return plan.needed / plan.rows.size

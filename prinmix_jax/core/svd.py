@@ -10,10 +10,14 @@ Two SVDs with one layout (``U`` (m, k), ``σ`` (k,) descending, ``V`` (k, n)):
   svd_rank`) and skip the 60–80% of the triplets a full SVD computes and throws away.
 
 The one SVD path of the project: :func:`compress_stack <prinmix_jax.compress.compress_stack>` and
-:func:`error_tables <prinmix_jax.compress.error_tables>` call :func:`svd_sharded`.
+:func:`error_tables <prinmix_jax.compress.error_tables>` call :func:`svd_sharded`. Within
+:func:`reusing_svds`, that path looks each matrix's SVD up in a store first (the global scope's two passes
+compute it once; the store, which does the I/O, is the caller's).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -147,3 +151,33 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
     fn = thin_svd if rank is None else truncated_svd_fn(rank, oversample, iters)
     return run_sharded(fn, default_mesh(mesh, axis), deltas, axis=axis)
+
+
+_REUSE: contextvars.ContextVar = contextvars.ContextVar("prinmix_svd_reuse", default=None)
+
+
+@contextlib.contextmanager
+def reusing_svds(store, keys):
+    """Within the ``with`` block, the stack SVDs (:func:`~prinmix_jax.methods.shared.stack_svd`) go through
+    ``store`` (looked up, or computed and offered to it) under one key per matrix of the stack.
+
+    Args:
+      store: an object with ``stack_svd(keys, deltas, compute, settings) -> (U, σ, V)`` (e.g.
+        :class:`~prinmix_jax.step_compress.SVDStore`), or ``None`` (the block then changes nothing).
+      keys: one string per matrix of the stacks computed in the block (e.g. ``"3/q_proj"``).
+    """
+    token = _REUSE.set(None if store is None else (store, tuple(keys)))
+    try:
+        yield
+    finally:
+        _REUSE.reset(token)
+
+
+def active_svd_reuse():
+    """``(store, keys)`` set by the innermost :func:`reusing_svds`, or ``None``."""
+    return _REUSE.get()
+
+
+def svd_settings(rank: int | None = None, oversample: int = 32, iters: int = 4) -> str:
+    """A short name of the SVD that :func:`svd_sharded` computes with these settings (part of a reuse key)."""
+    return "full" if rank is None else f"r{int(rank)}-o{int(oversample)}-i{int(iters)}-s{SVD_SEED}"

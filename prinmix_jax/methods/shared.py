@@ -20,7 +20,7 @@ from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.core.quantizer import stored_zero
 from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
-from prinmix_jax.core.svd import svd_sharded
+from prinmix_jax.core.svd import active_svd_reuse, svd_settings, svd_sharded
 from prinmix_jax.costs import index_cost_bits
 from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta
 from prinmix_jax.methods.base import Stack
@@ -133,12 +133,19 @@ def reconstruct(cm: CompressedMatrix):
 
 def stack_svd(stack: Stack, rank: int | None = None):
     """``(U, σ, V)`` of every delta of the stack (:func:`~prinmix_jax.core.svd.svd_sharded`): the full thin
-    SVD (``rank=None``) or the top ``rank`` triplets (:func:`svd_rank`; ``cfg.svd_oversample``, ``svd_iters``)."""
-    cfg = stack.cfg
-    if rank is None:
-        return svd_sharded(stack.deltas(), stack.mesh)
-    return svd_sharded(stack.deltas(), stack.mesh, rank=rank, oversample=oversample_columns(rank, cfg),
-                       iters=cfg.svd_iters)
+    SVD (``rank=None``) or the top ``rank`` triplets (:func:`svd_rank`; ``cfg.svd_oversample``, ``svd_iters``).
+
+    Inside :func:`~prinmix_jax.core.svd.reusing_svds` the store gives the SVDs it kept (the same bytes) and
+    is offered the ones computed here."""
+    kw = {} if rank is None else dict(rank=rank, oversample=oversample_columns(rank, stack.cfg),
+                                      iters=stack.cfg.svd_iters)
+    reuse = active_svd_reuse()
+    if reuse is None:
+        return svd_sharded(stack.deltas(), stack.mesh, **kw)
+    store, keys = reuse
+    if len(keys) != len(stack.pairs):
+        raise ValueError(f"{len(keys)} SVD reuse keys for a stack of {len(stack.pairs)} matrices")
+    return store.stack_svd(keys, stack.deltas, lambda d: svd_sharded(d, stack.mesh, **kw), svd_settings(**kw))
 
 
 def oversample_columns(rank: int, cfg: CompressionConfig) -> int:
