@@ -13,8 +13,8 @@ from jax.sharding import Mesh
 from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.gptq import GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import ROW_TILES, row_plan, run_rows_sharded, run_sharded, useful_share
-from prinmix_jax.methods.prinmix import _error_table_fn
-from prinmix_jax.methods.shared import gptq_kw
+from prinmix_jax.methods.prinmix import TABLE_ROWS as PIPELINE_TABLE_ROWS, _error_table_fn
+from prinmix_jax.methods.shared import V_ROWS, gptq_kw, max_kept_rank, svd_rank
 
 CFG = CompressionConfig(group_size=32)
 TABLE_ROWS = (0, GPTQResult(1, 1, 1, 1, None))       # e (k, nw); passes (nnz, k, n) ...; damp per Hessian
@@ -69,19 +69,6 @@ def test_llama_block_rows_need_no_padding_on_8_devices():
     assert plan.first_tile.tolist() == [0, 5, 0] and useful_share(plan) == 15 / 16
 
 
-def _child_outputs(tmp_path, devices: int) -> dict:
-    """The row-sharded and whole-matrix results of :func:`_outputs` in a child process with ``devices``
-    devices (one mesh per process, as in a run)."""
-    out = tmp_path / f"d{devices}.npz"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_mesh_rows as t; " \
-           f"t._outputs({str(out)!r})"
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    with np.load(out, allow_pickle=False) as z:
-        return dict(z)
-
-
 def _outputs(path: str) -> None:
     """Writes GPTQ of V at per-row widths (two settings) and the error-table program, by rows and by whole
     matrices, on every device of this process."""
@@ -108,7 +95,7 @@ def test_rows_are_byte_identical_on_1_and_8_devices(tmp_path):
     itself (a batched product) rounds with the batch, as whole matrices on 1 and 8 devices already do:
     within 1e-6 relative of them. (Not 2 or 4 devices: on this 2-core CPU, XLA hangs when several
     simulated devices each run a batch of more than one of these programs, with run_sharded too.)"""
-    runs = {d: _child_outputs(tmp_path, d) for d in (8, 1)}
+    runs = _children(tmp_path, "_outputs")
     rows = {k for k in runs[8] if "-rows/" in k}
     table = "table-rows/0"
     for d in (1,):
@@ -122,3 +109,144 @@ def test_rows_are_byte_identical_on_1_and_8_devices(tmp_path):
             else:
                 assert np.array_equal(runs[d][k], want), k
     assert runs[8]["act-rows/0"].shape == (3, 37, 96) and runs[8]["table-rows/0"].shape == (3, 40, len(CFG.bits))
+
+
+# ----- the pipeline's GPTQ passes of V go by rows (methods.prinmix.allocation_tables, shared.fixed_width_rows) ----
+#: A Llama-2-7B block as the pipeline stacks it (same shape and same input Hessian, step_compress): B, m, n.
+LLAMA_7B = {"q,k,v": (3, 4096, 4096), "o": (1, 4096, 4096), "gate,up": (2, 11008, 4096), "down": (1, 4096, 11008)}
+
+
+def llama_block_shares(stacks=None, devices: int = 8, cfg: CompressionConfig | None = None) -> dict:
+    """The useful share of the V passes' work (rows x n², a row's GPTQ cost) for a block's stacks (default
+    :data:`LLAMA_7B`, each sharing one Hessian) at the pipeline's SVD rank (:func:`svd_rank` of
+    :func:`max_kept_rank`, default config at 1/16): by rows (:func:`row_plan`) and by whole matrices padded to
+    the device count (:func:`run_sharded`).
+
+    Returns:
+      ``{stack: {k, rows, matrices}, "block": {rows, matrices}}``.
+    """
+    cfg = cfg or CompressionConfig(ratio=1 / 16)
+    out, tot = {}, np.zeros(3)
+    for name, (b, m, n) in (stacks or LLAMA_7B).items():
+        k = svd_rank(m, n, cfg, max_kept_rank(m, n, cfg)) or min(m, n)
+        plan = row_plan([list(range(b))], k, devices)
+        work = np.asarray([b * k, plan.rows.size, -(-b // devices) * devices * k], np.float64) * n * n
+        out[name] = dict(k=k, rows=useful_share(plan), matrices=work[0] / work[2])
+        tot += work
+    out["block"] = dict(rows=tot[0] / tot[1], matrices=tot[0] / tot[2])
+    return out
+
+
+def test_llama_7b_block_at_the_pipeline_ranks_is_all_useful_on_8_devices():
+    """The stacks of a 7B block the pipeline hands to the V passes at 1/16, with their truncated-SVD ranks: all
+    of the row work is useful on 8 devices, against under a quarter by whole matrices (also with q, k, v and o
+    in one stack)."""
+    for stacks in (LLAMA_7B, {"q,k,v,o": (4, 4096, 4096), **{k: v for k, v in LLAMA_7B.items() if k in
+                                                               ("gate,up", "down")}}):
+        shares = llama_block_shares(stacks)
+        assert all(v["rows"] == 1.0 for v in shares.values()), shares
+        assert shares["block"]["matrices"] < 0.25, shares
+
+
+def _entry_inputs():
+    """Three 40 x 56 deltas, two sharing a Hessian (a q/k-like pair) and one with its own, and widths for them
+    (the global scope's second pass)."""
+    from prinmix_jax.synthetic import long_tailed_delta
+    pairs = [long_tailed_delta(40, 56, seed=s) for s in (3, 4, 5)]
+    deltas = [p[0] for p in pairs]
+    hessians = [pairs[0][1], pairs[0][1], pairs[2][1]]
+    widths = [np.where(np.arange(40) < 6, 4, np.where(np.arange(40) < 14 + i, 2, 0)) for i in range(3)]
+    return deltas, hessians, widths
+
+
+def _by_whole_matrices(fn, mesh, rows, shared, scalar=None, *, out_rows, axis="batch"):
+    """:func:`run_rows_sharded`'s stand-in for the path before rows: ``vmap(fn)`` over whole matrices padded to
+    the device count (:func:`run_sharded`), on the host."""
+    return jax.tree.map(np.asarray, jax.device_get(run_sharded(fn, mesh, *rows, *shared, scalar, axis=axis)))
+
+
+def _entry_outputs(path: str) -> None:
+    """Writes what the entry points give on every device of this process (one mesh per process, as in a run),
+    and how often they went through :func:`run_rows_sharded`: the error tables (:func:`error_tables`) of one
+    delta and of the stack of three, and compress_stack of the three with prinmix (its own tables; given
+    widths, the global scope's second pass; data-free) and with deltacome. With several devices, also the
+    stack's tables by whole matrices (``run_sharded``, the path before rows)."""
+    import prinmix_jax.core.mesh as mesh_mod
+    from prinmix_jax import compress_stack, error_tables, to_state
+
+    calls = []
+    inner = mesh_mod.run_rows_sharded
+
+    def counted(*a, **kw):
+        calls.append(a[0])
+        return inner(*a, **kw)
+    mesh_mod.run_rows_sharded = counted
+    deltas, hessians, widths = _entry_inputs()
+    cfg = CompressionConfig(group_size=16)
+    res = {f"one/table/{i}": t for i, t in enumerate(error_tables(deltas[:1], hessians[:1], cfg))}
+    res.update({f"three/table/{i}": t for i, t in enumerate(error_tables(deltas, hessians, cfg))})
+    runs = {"prinmix": dict(method="prinmix"), "given": dict(method="prinmix", widths=widths),
+            "free": dict(method="prinmix", hessians=None), "deltacome": dict(method="deltacome")}
+    for tag, kw in runs.items():
+        kw = dict(kw)
+        h = kw.pop("hessians", hessians)
+        for i, cm in enumerate(compress_stack(deltas, h, cfg, **kw)):
+            arrays, meta = to_state(cm)
+            assert meta["format"] == "SVDQuantDelta"
+            res.update({f"three/{tag}/{i}/{k}": np.asarray(a) for k, a in arrays.items()})
+    res["calls"] = np.asarray(len(calls))
+    if jax.device_count() > 1:
+        mesh_mod.run_rows_sharded = _by_whole_matrices
+        res.update({f"matrices/table/{i}": t for i, t in enumerate(error_tables(deltas, hessians, cfg))})
+    mesh_mod.run_rows_sharded = inner
+    np.savez(path, **res)
+
+
+def _children(tmp_path, target: str, devices=(8, 1)) -> dict:
+    """``target(path)`` of this module in one child process per device count (simulated devices, set before JAX
+    initialises; the children run side by side); returns ``{devices: what it wrote}``."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = {}
+    for d in devices:
+        out = tmp_path / f"{target}-d{d}.npz"
+        code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_mesh_rows as t; " \
+               f"t.{target}({str(out)!r})"
+        procs[d] = out, subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                                         env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}"))
+    res = {}
+    for d, (out, p) in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        with np.load(out, allow_pickle=False) as z:
+            res[d] = dict(z)
+    return res
+
+
+def test_entry_points_by_rows_on_8_devices_match_1_device(tmp_path):
+    """error_tables and compress_stack (prinmix with its tables, with given widths, data-free; deltacome) on 8
+    devices, where the V passes go by rows (every entry point calls run_rows_sharded once), against 1 device,
+    where they go by whole matrices (run_sharded, the path before rows; no call): the compressed matrices are
+    the same bytes, and so are one delta's error tables. The tables of the stack of three are the same bytes as
+    whole matrices' on 8 devices; against 1 device they differ by the truncated SVD's last bits (vmapped over
+    3 matrices on one device, 1 per device on 8: V by <= 1e-7, from before rows), within 1e-4 relative."""
+    runs = _children(tmp_path, "_entry_outputs")
+    assert int(runs[8]["calls"]) == 6 and int(runs[1]["calls"]) == 0
+    one, eight = runs[1], runs[8]
+    assert eight.keys() - {"matrices/table/0", "matrices/table/1", "matrices/table/2"} == one.keys()
+    nw = len(CompressionConfig(group_size=16).bits)
+    for k in one:
+        if k.startswith("three/table/"):
+            assert eight[k].shape == (40, nw) and np.array_equal(eight[k], eight[k.replace("three", "matrices")]), k
+            np.testing.assert_allclose(eight[k], one[k], rtol=1e-4, err_msg=k)
+        elif k != "calls":
+            assert eight[k].dtype == one[k].dtype and np.array_equal(eight[k], one[k]), k
+    tags = {tuple(k.split("/")[:2]) for k in one}
+    assert tags == {("one", "table"), ("three", "table"), ("three", "prinmix"), ("three", "given"),
+                    ("three", "free"), ("three", "deltacome"), ("calls",)}
+
+
+def test_pipeline_row_axes_match_the_programs():
+    """The row axes the pipeline declares are those of its programs' outputs: the error table (e by row; the
+    passes (nnz, k, ...) by row at axis 1, their damping per Hessian) and GPTQ of V (by row, damping per
+    Hessian)."""
+    assert PIPELINE_TABLE_ROWS == TABLE_ROWS and V_ROWS == GPTQ_ROWS

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.allocation import allocate_bits
-from prinmix_jax.core.gptq import HIGHEST
+from prinmix_jax.core.gptq import HIGHEST, GPTQResult
 from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
-from prinmix_jax.core.mesh import run_sharded
+from prinmix_jax.core.mesh import run_sharded, run_stack_rows
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, fixed_width_rows, gptq_kw, hessian_stack,
                                         index_costs, max_kept_rank, quantize_stack, stack_energy, stack_svd, svd_rank)
@@ -28,6 +28,11 @@ def _error_table_fn(**kw):
     return lambda v, s, h, damp: error_table(v, s, h, damp, **kw)
 
 
+#: The row axes of :func:`error_table`'s outputs (:func:`~prinmix_jax.core.mesh.run_stack_rows`): ``e`` (k, nw)
+#: and the passes (nnz, k, ...) by row; the damping of the passes (nnz,) depends on the Hessian only.
+TABLE_ROWS = (0, GPTQResult(1, 1, 1, 1, None))
+
+
 def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None, energy=None):
     """The tables the allocation sees for a stack: the exact V-step table (method.md §2), plus the U-side
     estimate when ``cfg.u_error``; returns ``(tables float64 (B, r, nw), the V GPTQ passes)``.
@@ -36,9 +41,14 @@ def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None,
     ``min(m, n)``) the table is completed to ``rank`` rows by :func:`pad_tail` from ``energy`` (B,)
     (:func:`~prinmix_jax.methods.shared.stack_energy`), so that its column ``e[:, 0]`` still sums to the
     matrix's ``‖ΔW X‖² / N`` (the normalisation of the global allocation) and no tail index is kept.
+
+    The rows of V are spread over the devices (:func:`~prinmix_jax.core.mesh.run_stack_rows`): GPTQ's error
+    feedback stays in a row, so a device needs only its rows and their Hessian. For the same V the passes are
+    the same bytes on any device count, the table within 1e-6 relative (its batched ``(V − V̂) H (V − V̂)ᵀ``
+    may round with the batch).
     """
-    e, passes = run_sharded(_error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), mesh, v, sigma, h_all,
-                            np.float32(cfg.damp))
+    e, passes = run_stack_rows(_error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), mesh, (v, sigma), (h_all,),
+                               np.float32(cfg.damp), out_rows=TABLE_ROWS)
     tables = np.asarray(e, np.float64)
     if cfg.u_error:
         tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)

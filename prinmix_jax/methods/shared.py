@@ -16,7 +16,7 @@ import numpy as np
 
 from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
-from prinmix_jax.core.mesh import run_sharded
+from prinmix_jax.core.mesh import run_sharded, run_stack_rows
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.core.quantizer import stored_zero
 from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
@@ -190,15 +190,28 @@ def _v_gptq_fn(**kw):
     return lambda v, h, bits, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
 
 
+@functools.cache
+def _v_rows_fn(**kw):
+    """GPTQ of V's rows at per-row widths, in :func:`~prinmix_jax.core.mesh.run_stack_rows`' argument order
+    (rows, then the shared Hessian, then the damping); long-lived, as its compiled program is cached by it."""
+    return lambda v, bits, h, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
+
+
+#: The row axes of GPTQ of V's outputs (q, codes, scale, zero by row; the damping per Hessian).
+V_ROWS = GPTQResult(0, 0, 0, 0, None)
+
+
 def fixed_width_rows(stack: Stack, v, h_all, widths):
-    """The V step at widths already decided, (B, r): one GPTQ pass per matrix, sharded over the mesh.
+    """The V step at widths already decided, (B, r): one GPTQ pass per matrix, its rows spread over the mesh
+    (:func:`~prinmix_jax.core.mesh.run_stack_rows`; the same bytes on any device count). A dropped index
+    (width 0) is quantised at 1 bit and never used.
 
     Returns:
       ``select(i, info) -> (widths (r,), V̂ rows of the kept indices)`` for :func:`quantize_stack`.
     """
     cfg = stack.cfg
-    v_res = run_sharded(_v_gptq_fn(**gptq_kw(cfg)), stack.mesh, v, h_all, np.maximum(widths, 1),
-                        np.float32(cfg.damp))
+    v_res = run_stack_rows(_v_rows_fn(**gptq_kw(cfg)), stack.mesh, (v, np.maximum(widths, 1).astype(np.int32)),
+                           (h_all,), np.float32(cfg.damp), out_rows=V_ROWS)
 
     def select(i, info):
         w = widths[i]
