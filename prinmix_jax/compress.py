@@ -117,9 +117,11 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
                    return_info: bool = False) -> list:
     """Compresses a stack of same-shape deltas; the heavy steps run sharded over ``mesh``.
 
-    The SVDs and the error tables (or Delta-CoMe's V-side GPTQ) of all matrices run as one
-    ``jax.jit``-compiled, vmapped program whose batch axis is sharded over the mesh (padded to a
-    multiple of the device count). The allocations (CVXPY, host) and the U step follow per matrix.
+    The SVDs of all matrices run as one ``jax.jit``-compiled, vmapped program whose batch axis is
+    sharded over the mesh (padded to a multiple of the device count); the GPTQ passes over the rows of V
+    (error tables, the V step at given widths, Delta-CoMe's) spread the rows of the whole stack over the
+    devices in fixed tiles (:func:`~prinmix_jax.core.mesh.run_stack_rows`: no padding copies, the same
+    bytes on 1 and 8 devices). The allocations (host) and the U step follow per matrix.
     Each result equals :func:`compress_matrix` of that matrix.
 
     Args:

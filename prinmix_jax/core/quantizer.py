@@ -119,13 +119,21 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
     s_sym = jnp.concatenate([s_sym, flat(jnp.where(mq == 1, s_sign, s_sym[0]))])
     z_sym = jnp.broadcast_to(flat(mq / 2), s_sym.shape)
     scales, zeros = jnp.concatenate([s_mm, s_sym]), jnp.concatenate([z_mm, z_sym])
-    errs = jax.vmap(lambda s_, z_: _sq_error(xf, s_, z_, mq, mf))(scales, zeros)
     # a symmetric candidate of a wider width is never chosen (its half-integer zero would not be storable)
-    sym_ok = flat(mq <= 2 ** HALF_ZERO_MAX_BITS - 1)
-    errs = errs.at[len(s_mm):].set(jnp.where(sym_ok, errs[len(s_mm):], jnp.finfo(dt).max))
-    pick = jnp.argmin(errs, axis=0)[None]
-    scale = jnp.take_along_axis(scales, pick, axis=0)[0]
-    zero = jnp.take_along_axis(zeros, pick, axis=0)[0]
+    sym_ok = mq <= 2 ** HALF_ZERO_MAX_BITS - 1
+    allowed = jnp.concatenate([jnp.ones(s_mm.shape, bool), jnp.broadcast_to(flat(sym_ok), s_sym.shape)])
+
+    def better(best, cand):
+        """The running least-squares choice (the first of equal errors, as ``argmin``), one candidate at a
+        time: a (groups, g) array per candidate, never all candidates at once (an embedding's U is 0.5 GB)."""
+        s_, z_, ok = cand
+        err = jnp.where(ok, _sq_error(xf, s_, z_, mq, mf), jnp.finfo(dt).max)
+        take = err < best[0]
+        return (jnp.where(take, err, best[0]), jnp.where(take, s_, best[1]), jnp.where(take, z_, best[2])), None
+
+    first = (jnp.where(allowed[0], _sq_error(xf, scales[0], zeros[0], mq, mf), jnp.finfo(dt).max),
+             scales[0], zeros[0])
+    (_, scale, zero), _ = jax.lax.scan(better, first, (scales[1:], zeros[1:], allowed[1:]))
     return scale.reshape(shape), zero.reshape(shape)
 
 
