@@ -17,7 +17,7 @@ from prinmix_jax.config import METHODS, CompressionConfig
 from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, single_device_mesh
 from prinmix_jax.methods import REGISTRY, Stack, get_method
 from prinmix_jax.methods.baselines import DELTACOME_BITS, DELTACOME_SCHEDULE
-from prinmix_jax.methods.prinmix import stack_tables, table_svd, table_svd_rank
+from prinmix_jax.methods.prinmix import stack_tables, table_rows, table_svd, table_svd_rank
 from prinmix_jax.methods.shared import (gptq_kw, hessian_stack, max_kept_rank, output_error, pack_svd,
                                         padded_u_inputs, rank_bucket, reconstruct, stack_svd)
 
@@ -188,5 +188,5 @@ def error_tables(deltas, hessians=None, config: CompressionConfig | None = None,
     if not pairs:
         return []
     stack = Stack(method="prinmix", pairs=pairs, cfg=cfg, mesh=default_mesh(mesh))
-    u, sigma, v = table_svd(stack, table_svd_rank(stack))
+    u, sigma, v = table_rows(stack, *table_svd(stack, table_svd_rank(stack)))
     return list(stack_tables(stack, u, sigma, v, hessian_stack(stack))[0])

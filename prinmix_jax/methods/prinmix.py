@@ -120,6 +120,27 @@ def table_svd_rank(stack) -> int | None:
     return svd_rank(m, n, stack.cfg, max_kept_rank(m, n, stack.cfg))
 
 
+def table_rows(stack, u, sigma, v, given=None):
+    """The SVD a table method's GPTQ passes run on: under ``cfg.svd="auto"`` a full SVD (taken where the
+    range finder would not pay) is cut to the rank a truncated one would have had (``svd_rank`` with
+    ``"truncated"``: ``k_max`` plus its margin), so the error tables and the V step cost ``k`` rows, not
+    ``min(m, n)`` (a 7B ``down_proj``: 1704 of 4096), and the tail is completed by :func:`pad_tail` as for
+    a truncated SVD. ``cfg.svd="full"`` keeps every row (the reference), as do widths given beyond ``k``.
+
+    Returns:
+      ``(u, sigma, v)``, cut or as given.
+    """
+    cfg = stack.cfg
+    m, n = stack.shape
+    k = sigma.shape[1]
+    if cfg.svd != "auto" or k < min(m, n):
+        return u, sigma, v
+    cut = svd_rank(m, n, dataclasses.replace(cfg, svd="truncated"), max_kept_rank(m, n, cfg))
+    if cut is None or cut >= k or (given is not None and np.asarray(given)[:, cut:].any()):
+        return u, sigma, v
+    return u[:, :, :cut], sigma[:, :cut], v[:, :cut]
+
+
 def stack_tables(stack, u, sigma, v, h_all):
     """:func:`allocation_tables` of a stack whose SVD :func:`table_svd_rank` computed, with ``min(m, n)`` rows."""
     r = min(stack.shape)
@@ -153,7 +174,7 @@ class TableMethod(Method):
             given = check_widths(stack.widths, len(stack.pairs), min(m, n), cfg.bits)
             if rank is not None and given[:, rank:].any():   # widths from elsewhere reach beyond the truncation
                 rank = None
-        u, sigma, v = table_svd(stack, rank)
+        u, sigma, v = table_rows(stack, *table_svd(stack, rank), given)
         sig_np = np.asarray(sigma)
         h_all = hessian_stack(stack)
         t = time.perf_counter()
