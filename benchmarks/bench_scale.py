@@ -301,6 +301,7 @@ class _Timers:
         self.scope = "block"
         self.compile = {"block": 0.0, "once": 0.0}
         self.compile_events = {}
+        self.peak_stage = None
 
     def wrap(self, owner, attr: str, stage: str | None, *, block: bool = False, scope: str | None = None):
         import functools
@@ -319,6 +320,7 @@ class _Timers:
             if scope is not None:
                 timers.scope = scope
             timers.stack.append([time.perf_counter(), 0.0])
+            peak0 = _maxrss()
             try:
                 out = fn(*a, **k)
                 if block:
@@ -327,6 +329,12 @@ class _Timers:
             finally:
                 start, children = timers.stack.pop()
                 elapsed = time.perf_counter() - start
+                peak1 = _maxrss()
+                if peak1 > peak0 and (timers.peak_stage is None or peak1 > timers.peak_stage[2]):
+                    # the innermost stage that raised the peak owns it (outer ones see the same peak)
+                    timers.peak_stage = (stage or attr, timers.scope, peak1)
+                print(f"[stage] {timers.scope}/{stage or attr} {elapsed:.1f} s, peak RSS {peak1 / 1e9:.2f} GB",
+                      file=sys.stderr, flush=True)
                 if stage is not None:
                     key = (timers.scope, stage)
                     timers.seconds[key] = timers.seconds.get(key, 0.0) + elapsed - children
@@ -344,6 +352,12 @@ class _Timers:
             self.compile_events[event] = self.compile_events.get(event, 0.0) + duration
             if event.startswith("/jax/core/compile/") and event.endswith("_duration"):
                 self.compile[self.scope if self.scope == "once" else "block"] += duration
+
+
+def _maxrss() -> int:
+    """This process's peak RSS so far, bytes (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _install(timers: _Timers) -> None:
@@ -418,6 +432,7 @@ def _child(timings_path: str, cli_args: list[str], instrument: bool) -> int:
         out = {"seconds_in_child": time.perf_counter() - t0,
                "stages": [[sc, st, v, timers.calls.get((sc, st), 0)] for (sc, st), v in timers.seconds.items()],
                "compile_seconds": timers.compile, "compile_events": timers.compile_events,
+               "peak_rss_stage": timers.peak_stage,
                "platform": jax.devices()[0].platform, "device_count": jax.device_count(),
                "device_memory": None if not stats else {k: int(stats[k]) for k in keep if k in stats}}
         with open(timings_path, "w") as f:
@@ -462,7 +477,8 @@ def run_compress(pair: dict, out: str, calib: str | None, args, log_path: str) -
         with open(timings) as f:
             child = json.load(f)
     alloc_line = next((ln for ln in log_text.splitlines() if ln.startswith("global allocation")), None)
-    return {"wall_seconds": wall, "peak_rss_bytes": usage.ru_maxrss * 1024, "exit_status": rc, "summary": summary,
+    return {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg(),
+            "peak_rss_bytes": usage.ru_maxrss * 1024, "exit_status": rc, "summary": summary,
             "child": child, "log_allocation": alloc_line}
 
 
@@ -505,6 +521,25 @@ def _full_params(spec: dict) -> int:
     return sum(math.prod(s) for _, s in tensor_shapes(full))
 
 
+def rss_bound(spec: dict, block_params: int, args, calibrated: bool) -> dict:
+    """The host-memory bound of issue 14: three blocks of both models in float32, plus both models' embedding
+    and output head in float32, plus the calibration state (every sequence's hidden states in float32, twice:
+    a block's input and output, and one block's input Hessians: attention, MLP and down_proj inputs in
+    float32), plus the JAX process itself (``RUNTIME_BYTES``)."""
+    h, i, v = spec["hidden"], spec["inter"], spec["vocab"]
+    blocks = 3 * 2 * 4 * block_params
+    embeddings = 2 * 4 * 2 * v * h
+    calib = (2 * 4 * args.calib_seqs * args.seq_len * h + 4 * (2 * h * h + i * i)) if calibrated else 0
+    total = blocks + embeddings + calib + RUNTIME_BYTES
+    return {"blocks": blocks, "embeddings": embeddings, "calibration": calib, "runtime": RUNTIME_BYTES,
+            "total": total}
+
+
+#: What a ``prinmix compress`` process holds before it reads a tensor (Python, JAX, XLA:CPU, CVXPY; measured
+#: on the scaled-down smoke run, where the model itself is a few MB).
+RUNTIME_BYTES = int(1.1e9)
+
+
 def _gb(x) -> str:
     return "n/a" if x is None else f"{x / 1e9:.2f}"
 
@@ -525,15 +560,16 @@ def markdown(results: list[dict], args) -> str:
                      + " | ".join(_sec(st[c]) for c in cols)
                      + f" | {_sec(sum(comp.values())) if comp else '—'} |")
     lines += ["", "| model | mode | params (this pair) | peak host RSS GB | RSS / (1 block, both, f32) | "
-              "peak device mem GB | bytes | ratio (of 16-bit delta) | block-linears ratio | within budget | "
+              "bound GB (3 blocks + embeddings + calibration + runtime) | within bound | peak device mem GB | bytes | ratio (of 16-bit delta) | block-linears ratio | within budget | "
               f"full depth: projected s | full depth: bytes | full depth: ratio |",
-              "|" + "---|" * 13]
+              "|" + "---|" * 15]
     for r in results:
         s = r["run"]["summary"]
         dev = (r["run"]["child"].get("device_memory") or {}).get("peak_bytes_in_use")
         p = r["projection"]
         lines.append(f"| {r['title']} | {r['mode']} | {r['num_params'] / 1e6:.1f} M | {_gb(r['run']['peak_rss_bytes'])} "
-                     f"| {r['run']['peak_rss_bytes'] / r['block_f32_both']:.1f} | {_gb(dev)} | {s['bytes']['total']:,} | "
+                     f"| {r['run']['peak_rss_bytes'] / r['block_f32_both']:.1f} | {_gb(r['rss_bound']['total'])} "
+                     f"| {'yes' if r['run']['peak_rss_bytes'] <= r['rss_bound']['total'] else 'NO'} | {_gb(dev)} | {s['bytes']['total']:,} | "
                      f"{s['ratio']:.4f} | {s['ratio_block_linears']:.4f} | {'yes' if s['within_budget'] else 'NO'} | "
                      f"{_sec(p['seconds'])} | {p['bytes'] / 1e9:.3f} GB | {p['ratio']:.4f} |")
     lines += ["", "Delta that survives bf16 rounding (block 0; `planted share` = energy in the planted singular "
@@ -610,12 +646,14 @@ def main(argv=None):
                 row = {"key": key, "title": spec["title"] + ("" if args.shapes_scale == 1 else f" ×{args.shapes_scale:g}"),
                        "mode": mode, "spec": spec, "num_params": pair["num_params"],
                        "block_f32_both": 2 * 4 * block_params, "pair_seconds": pair["seconds"],
+                       "rss_bound": rss_bound(spec, block_params, args, mode == "calib"),
                        "delta_stats": pair["delta_stats"], "run": res,
                        "stages": _stage_table(res["child"], res["wall_seconds"], args.plain),
                        "projection": _projection(spec, res, args.plain)}
                 results.append(row)
                 s = res["summary"]
-                print(f"  {mode}: {res['wall_seconds']:.1f} s, peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB, "
+                print(f"  {mode}: {res['wall_seconds']:.1f} s ({res['cpu_seconds']:.0f} CPU s, load "
+                      f"{res['load_average'][1]:.1f} over 5 min), peak RSS {res['peak_rss_bytes'] / 1e9:.2f} GB, "
                       f"{s['bytes']['total']:,} bytes, ratio {s['ratio']:.4f}"
                       + (f"; {res['log_allocation']}" if res["log_allocation"] else ""), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
