@@ -105,7 +105,7 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
             entries[it.name] = ZeroEntry(it.delta.shape, {"rel_output_error": 0.0, "nbytes": 0})
             continue
         groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)
-    for members in groups.values():
+    for members in (chunk for group in groups.values() for chunk in stack_chunks(group, mesh)):
         shape = members[0].delta.shape
         hs = None if members[0].hessian is None else np.stack([m.hessian for m in members])
         ws = None if widths is None else [widths[m.name] for m in members]
@@ -117,6 +117,22 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
         for m, (cm, info) in zip(members, results):
             entries[m.name] = MatrixEntry(cm, _json_info(info, cm))
     return {it.name: entries[it.name] for it in items if it.name in entries}
+
+
+#: Matrices of at least this many float32 bytes (a 7B embedding: 0.5 GB) go to :func:`compress_stack` at most
+#: one per device at a time: stacking them saves no time and multiplies the peak host memory of the SVD,
+#: the error tables and the U step.
+STACK_SPLIT_BYTES = 256 << 20
+
+
+def stack_chunks(members: list, mesh) -> list[list]:
+    """A same-shape group of step items as the stacks :func:`compress_entries` compresses: all together, or,
+    for matrices of :data:`STACK_SPLIT_BYTES` or more, as many per stack as the mesh has devices (each
+    matrix's result does not depend on its stack)."""
+    if members[0].delta.nbytes < STACK_SPLIT_BYTES:
+        return [members]
+    size = max(1, jax.device_count() if mesh is None else mesh.size)
+    return [members[i:i + size] for i in range(0, len(members), size)]
 
 
 def save_step(store, step: int, items: list[StepItem], local: dict, dense: dict, extra_meta: dict) -> dict:

@@ -122,3 +122,27 @@ def test_auto_keeps_an_svd_only_when_reading_it_back_is_cheaper(tmp_path):
     assert not SVDStore(str(tmp_path / "p1"), "never")._worth(1e9, 1)
     with pytest.raises(ValueError, match="policy"):
         SVDStore(str(tmp_path / "p2"), "sometimes")
+
+
+def test_large_matrices_are_compressed_one_stack_per_device_with_the_same_bytes(pair, monkeypatch):
+    """Matrices above step_compress.STACK_SPLIT_BYTES (a 7B embedding and head) go to compress_stack one per
+    device, which bounds the peak memory of the globals step; the stored arrays do not change."""
+    import prinmix_jax.step_compress as sc
+
+    root = pair[0]
+    sizes = []
+    real = sc.compress_stack
+
+    def counting(deltas, *a, **kw):
+        sizes.append(len(deltas))
+        return real(deltas, *a, **kw)
+    monkeypatch.setattr(sc, "compress_stack", counting)
+    from prinmix_jax.core.mesh import single_device_mesh
+
+    _run(pair, "stacked", "never", monkeypatch, mesh=single_device_mesh())
+    stacked = list(sizes)
+    sizes.clear()
+    monkeypatch.setattr(sc, "STACK_SPLIT_BYTES", 0)
+    _run(pair, "split", "never", monkeypatch, mesh=single_device_mesh())
+    assert max(stacked) > 1 and set(sizes) == {1} and sum(sizes) == sum(stacked)
+    assert read_arrays(os.path.join(root, "split")) == read_arrays(os.path.join(root, "stacked"))
