@@ -174,6 +174,7 @@ def _entry_outputs(path: str) -> None:
     import prinmix_jax.core.mesh as mesh_mod
     from prinmix_jax import compress_stack, error_tables, to_state
 
+    mesh_mod.ROWS_ON_CPU = True                 # the row path on simulated CPU devices (off in runs)
     calls = []
     inner = mesh_mod.run_rows_sharded
 
@@ -250,3 +251,18 @@ def test_pipeline_row_axes_match_the_programs():
     passes (nnz, k, ...) by row at axis 1, their damping per Hessian) and GPTQ of V (by row, damping per
     Hessian)."""
     assert PIPELINE_TABLE_ROWS == TABLE_ROWS and V_ROWS == GPTQ_ROWS
+
+
+def test_cpu_devices_keep_whole_matrices_unless_asked(monkeypatch):
+    """On simulated CPU devices (this process has 8) the V passes go by whole matrices: tiles buy nothing on
+    shared cores, and XLA:CPU's shard_map hung once in CI there (mesh.ROWS_ON_CPU)."""
+    import prinmix_jax.core.mesh as mesh_mod
+    from prinmix_jax import error_tables
+
+    assert jax.device_count() > 1 and not mesh_mod.ROWS_ON_CPU
+
+    def refuse(*a, **kw):
+        raise AssertionError("run_rows_sharded called on CPU devices")
+    monkeypatch.setattr(mesh_mod, "run_rows_sharded", refuse)
+    d = np.random.default_rng(0).standard_normal((32, 48)).astype(np.float32)
+    assert error_tables([d], None, CompressionConfig(group_size=16))[0].shape[0] == 32

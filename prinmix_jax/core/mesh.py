@@ -195,9 +195,17 @@ def run_rows_sharded(fn, mesh: Mesh, rows, shared, scalar=None, *, out_rows, axi
                         is_leaf=lambda x: x is None)
 
 
+#: Whether :func:`run_stack_rows` tiles rows on a mesh of several *CPU* devices. Off: simulated CPU devices
+#: share the host's cores (tiles buy nothing there), and XLA:CPU's ``shard_map`` with several batch items per
+#: simulated device can hang in a futex wait (seen once in a CI run, in-process with 8 simulated devices).
+#: The row path is tested on CPU in child processes that turn this on (tests/test_mesh_rows.py).
+ROWS_ON_CPU = False
+
+
 def run_stack_rows(fn, mesh: Mesh, rows, shared, scalar=None, *, out_rows, axis: str = BATCH_AXIS):
     """``vmap(fn)`` over a stack whose rows are independent: by tiles of rows (:func:`run_rows_sharded`) on a
-    mesh of several devices, by whole matrices (:func:`run_sharded`) on one.
+    mesh of several accelerators, by whole matrices (:func:`run_sharded`) on one device or on CPU devices
+    (:data:`ROWS_ON_CPU`).
 
     One device computes no padding either way, and there fewer, larger batch items are faster: GPTQ's column
     loop costs about the same per batch item whatever its rows (on one CPU device the error tables of four
@@ -213,7 +221,7 @@ def run_stack_rows(fn, mesh: Mesh, rows, shared, scalar=None, *, out_rows, axis:
     Returns:
       ``vmap(fn)``'s result over the stack, on the host (numpy), laid out as :func:`run_rows_sharded`'s.
     """
-    if mesh.size > 1:
+    if mesh.size > 1 and (ROWS_ON_CPU or mesh.devices.flat[0].platform != "cpu"):
         return run_rows_sharded(fn, mesh, rows, shared, scalar, out_rows=out_rows, axis=axis)
     args = (*rows, *shared) + (() if scalar is None else (scalar,))
     return jax.tree.map(np.asarray, jax.device_get(run_sharded(fn, mesh, *args, axis=axis)))
