@@ -129,18 +129,14 @@ def block_rows(hidden: int, inter: int, ratio: float, reps: int):
     and the warm wall time of the error tables and of the V step, by whole matrices and by rows."""
     from jax.sharding import Mesh
 
-    from prinmix_jax.core.gptq import GPTQResult
     from prinmix_jax.core.mesh import row_plan, run_rows_sharded, run_sharded
-    from prinmix_jax.methods.prinmix import _error_table_fn
-    from prinmix_jax.methods.shared import _v_gptq_fn
+    from prinmix_jax.methods.prinmix import TABLE_ROWS, _error_table_fn
+    from prinmix_jax.methods.shared import V_ROWS, _v_rows_fn
 
     cfg = CompressionConfig(ratio=ratio)
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))
     d = mesh.size
-    table, vstep = _error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), _v_gptq_fn(**gptq_kw(cfg))
-
-    def v_rows(v, bits, h, damp):
-        return vstep(v, h, bits, damp)
+    table, vstep = _error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), _v_rows_fn(**gptq_kw(cfg))
     rng = np.random.default_rng(0)
     print(f"# Llama block {hidden}/{inter}, ratio {ratio:g}, {d} {jax.devices()[0].platform} devices, "
           f"{os.cpu_count()} cpus; warm, best of {reps}")
@@ -158,11 +154,9 @@ def block_rows(hidden: int, inter: int, ratio: float, reps: int):
         damp = np.float32(cfg.damp)
         rows_m, rows_r = -(-b // d) * d * k, row_plan([list(range(b))], k, d).rows.size
         t = [_best(lambda: run_sharded(table, mesh, v, s, h, damp), reps),
-             _best(lambda: run_rows_sharded(table, mesh, (v, s), (h,), damp,
-                                            out_rows=(0, GPTQResult(1, 1, 1, 1, None))), reps),
-             _best(lambda: run_sharded(vstep, mesh, v, h, bits, damp), reps),
-             _best(lambda: run_rows_sharded(v_rows, mesh, (v, bits), (h,), damp,
-                                            out_rows=GPTQResult(0, 0, 0, 0, None)), reps)]
+             _best(lambda: run_rows_sharded(table, mesh, (v, s), (h,), damp, out_rows=TABLE_ROWS), reps),
+             _best(lambda: run_sharded(vstep, mesh, v, bits, h, damp), reps),
+             _best(lambda: run_rows_sharded(vstep, mesh, (v, bits), (h,), damp, out_rows=V_ROWS), reps)]
         tot += [b * k * n * n, rows_m * n * n, rows_r * n * n, 0]
         print(f"| {name} | {b} x {k} ({n}) | {rows_m} / {rows_r} | {t[0]:.2f} / {t[1]:.2f} | {t[2]:.2f} / {t[3]:.2f} |",
               flush=True)

@@ -186,11 +186,6 @@ def check_widths(widths, b, r, bits):
 
 
 @functools.cache
-def _v_gptq_fn(**kw):
-    return lambda v, h, bits, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
-
-
-@functools.cache
 def _v_rows_fn(**kw):
     """GPTQ of V's rows at per-row widths, in :func:`~prinmix_jax.core.mesh.run_stack_rows`' argument order
     (rows, then the shared Hessian, then the damping); long-lived, as its compiled program is cached by it."""
