@@ -18,7 +18,9 @@ from prinmix_jax.core.quantizer import rtn_quantize
 
 
 def row_hessian_norms(e, h):
-    """``diag(E H Eᵀ)`` for a batch of row matrices ``e`` (..., r, n)."""
+    """``diag(E H Eᵀ)`` for a batch of row matrices ``e`` (..., r, n); ``h=None`` is the identity."""
+    if h is None:
+        return jnp.sum(e * e, axis=-1)
     return jnp.sum(jnp.matmul(e, h, precision=HIGHEST) * e, axis=-1)
 
 
@@ -30,7 +32,9 @@ def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: 
     Args:
       v: (r, n) right singular vectors (rows).
       sigma: (r,) singular values.
-      h: (n, n) input Hessian (the undamped one is used for the errors).
+      h: (n, n) input Hessian (the undamped one is used for the errors), or ``None`` for the identity
+        (data-free): the passes are then round-to-nearest, which is what GPTQ is under ``H = I``
+        (:func:`~prinmix_jax.core.gptq.gptq_quantize`), with no n×n matrix at all.
       damp: GPTQ relative damping.
       widths: candidate widths, 0 allowed (static).
       group_size, act_order, block_size, scale_dtype, grid: GPTQ settings of the V side.

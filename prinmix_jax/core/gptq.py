@@ -92,7 +92,8 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
 
     Args:
       w: weight, float32 or float64; the computation runs in this dtype.
-      h: Hessian of the layer inputs, ``X Xᵀ / N``.
+      h: Hessian of the layer inputs, ``X Xᵀ / N``; ``None`` stands for the identity (data-free), where
+        GPTQ is round-to-nearest (:func:`_identity_gptq`) and is computed as such, without an n×n matrix.
       bits: integer widths 1–8, shape (rows,) for ``scale_axis="row"``, (cols,) for ``"col"``.
       damp: relative damping added to the diagonal after the act-order permutation.
       group_size: columns per scale group (row mode) or rows per scale group (column mode);
@@ -113,6 +114,8 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     # line so that tests/gptq_reference.py can be compared with it code for code.
     if scale_axis not in ("row", "col"):
         raise ValueError(f"scale_axis must be 'row' or 'col', got {scale_axis!r}")
+    if h is None:
+        return _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid)
     rows, cols = w.shape
     dt = w.dtype
     row_mode = scale_axis == "row"
@@ -222,3 +225,25 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     else:
         scale, zero = (a[:cols][inv] for a in store)
     return GPTQResult(q, codes, scale, zero, damp_used)
+
+
+def _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid) -> GPTQResult:
+    """:func:`gptq_quantize` under the identity Hessian, as round-to-nearest (the same bytes, tested).
+
+    With ``H = I`` the damped inverse's Cholesky factor is diagonal, so GPTQ's error feedback
+    ``err · R[j, later]`` is exactly zero: every column is rounded as it was, act-order keeps the column
+    order (equal diagonal, stable sort), and a group's scale fixed "when reached" is the one of its original
+    values. What is left is round-to-nearest on the same grids, in ``O(rows · cols)`` and without the
+    ``n × n`` set-up (which at ``n = 11008`` holds ~3 GB of scratch).
+    """
+    dt = w.dtype
+    x = w if scale_axis == "row" else w.T
+    r, c = x.shape
+    g = c if (group_size is None or group_size <= 0 or group_size >= c) else group_size
+    maxq = (2 ** jnp.asarray(bits, jnp.int32) - 1).astype(dt)
+    scale, zero = group_params(x, maxq, g, scale_dtype, grid)
+    q, deq = quantize(x, expand_groups(scale, c, g), expand_groups(zero, c, g), maxq[:, None])
+    codes = q.astype(jnp.uint8)
+    if scale_axis == "col":
+        deq, codes = deq.T, codes.T
+    return GPTQResult(deq, codes, scale, zero, jnp.asarray(damp, dt))

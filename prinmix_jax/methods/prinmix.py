@@ -17,15 +17,22 @@ import numpy as np
 from prinmix_jax.allocation import allocate_bits
 from prinmix_jax.core.gptq import HIGHEST, GPTQResult
 from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
-from prinmix_jax.core.mesh import run_sharded, run_stack_rows
+from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, fixed_width_rows, gptq_kw, hessian_stack,
-                                        index_costs, max_kept_rank, quantize_stack, stack_energy, stack_svd, svd_rank)
+                                        index_costs, max_kept_rank, quantize_stack, stack_energy, stack_rows, stack_svd,
+                                        svd_rank)
 
 
 @functools.cache
 def _error_table_fn(**kw):
     return lambda v, s, h, damp: error_table(v, s, h, damp, **kw)
+
+
+@functools.cache
+def _error_table_identity_fn(**kw):
+    """:func:`_error_table_fn` under the identity Hessian (data-free): round-to-nearest passes, nothing n×n."""
+    return lambda v, s, damp: error_table(v, s, None, damp, **kw)
 
 
 #: The row axes of :func:`error_table`'s outputs (:func:`~prinmix_jax.core.mesh.run_stack_rows`): ``e`` (k, nw)
@@ -42,13 +49,17 @@ def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None,
     (:func:`~prinmix_jax.methods.shared.stack_energy`), so that its column ``e[:, 0]`` still sums to the
     matrix's ``‖ΔW X‖² / N`` (the normalisation of the global allocation) and no tail index is kept.
 
+    ``h_all`` (B, n, n), or ``None`` for a data-free stack: the identity, under which the GPTQ passes are
+    round-to-nearest and are computed as such (the same bytes, without an n×n set-up per pass).
+
     The rows of V are spread over the devices (:func:`~prinmix_jax.core.mesh.run_stack_rows`): GPTQ's error
     feedback stays in a row, so a device needs only its rows and their Hessian. For the same V the passes are
     the same bytes on any device count, the table within 1e-6 relative (its batched ``(V − V̂) H (V − V̂)ᵀ``
     may round with the batch).
     """
-    e, passes = run_stack_rows(_error_table_fn(widths=cfg.bits, **gptq_kw(cfg)), mesh, (v, sigma), (h_all,),
-                               np.float32(cfg.damp), out_rows=TABLE_ROWS)
+    kw = dict(widths=cfg.bits, **gptq_kw(cfg))
+    e, passes = stack_rows(_error_table_fn(**kw), _error_table_identity_fn(**kw), mesh, (v, sigma), h_all,
+                           cfg.damp, out_rows=TABLE_ROWS)
     tables = np.asarray(e, np.float64)
     if cfg.u_error:
         tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
@@ -152,7 +163,8 @@ def _u_error_tables(u, sigma, v, h_all, cfg):
     """The U-side estimate (:func:`u_error_estimate`) for a stack of matrices."""
     out = []
     for i in range(len(u)):
-        d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]), jnp.asarray(h_all[i]))
+        d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]),
+                                                            None if h_all is None else jnp.asarray(h_all[i]))
         out.append(u_error_estimate(jnp.asarray(u[i]), d0, widths=cfg.bits, group_size=cfg.group_size,
                                     scale_dtype=cfg.scale_jnp_dtype, grid=cfg.grid))
     return np.asarray(out, np.float64)

@@ -166,12 +166,27 @@ def _energy(d, h, scale):   # run_sharded batches every argument but a trailing 
 
 
 def hessian_stack(stack: Stack):
-    """(B, n, n) Hessians; identities for data-free (``None``) entries."""
+    """(B, n, n) Hessians, or ``None`` for a data-free stack (the identity: the GPTQ passes of V are then
+    round-to-nearest, :func:`~prinmix_jax.core.gptq.gptq_quantize`, and no n×n matrix is stored)."""
     pairs = stack.pairs
     if pairs[0][1] is None:
-        n = stack.shape[1]
-        return jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), (len(pairs), n, n))
+        return None
     return np.stack([p[1] for p in pairs])
+
+
+def stack_hessian(h_all, i: int, n: int):
+    """Matrix ``i``'s Hessian on the device: ``h_all[i]``, or the n×n identity when ``h_all`` is ``None``."""
+    return jnp.eye(n, dtype=jnp.float32) if h_all is None else jnp.asarray(h_all[i])
+
+
+def stack_rows(fn, fn_identity, mesh, rows, h_all, damp, *, out_rows):
+    """:func:`~prinmix_jax.core.mesh.run_stack_rows` of a GPTQ pass over V's rows: ``fn(*rows, h, damp)``
+    under each matrix's Hessian, or ``fn_identity(*rows, damp)`` for a data-free stack (``h_all`` ``None``),
+    where nothing n×n goes to the devices."""
+    damp = np.float32(damp)
+    if h_all is None:
+        return run_stack_rows(fn_identity, mesh, rows, (), damp, out_rows=out_rows)
+    return run_stack_rows(fn, mesh, rows, (h_all,), damp, out_rows=out_rows)
 
 
 def check_widths(widths, b, r, bits):
@@ -192,6 +207,12 @@ def _v_rows_fn(**kw):
     return lambda v, bits, h, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
 
 
+@functools.cache
+def _v_rows_identity_fn(**kw):
+    """:func:`_v_rows_fn` under the identity Hessian (data-free): round-to-nearest, nothing n×n."""
+    return lambda v, bits, damp: gptq_quantize(v, None, bits, damp, scale_axis="row", **kw)
+
+
 #: The row axes of GPTQ of V's outputs (q, codes, scale, zero by row; the damping per Hessian).
 V_ROWS = GPTQResult(0, 0, 0, 0, None)
 
@@ -204,9 +225,9 @@ def fixed_width_rows(stack: Stack, v, h_all, widths):
     Returns:
       ``select(i, info) -> (widths (r,), V̂ rows of the kept indices)`` for :func:`quantize_stack`.
     """
-    cfg = stack.cfg
-    v_res = run_stack_rows(_v_rows_fn(**gptq_kw(cfg)), stack.mesh, (v, np.maximum(widths, 1).astype(np.int32)),
-                           (h_all,), np.float32(cfg.damp), out_rows=V_ROWS)
+    kw = gptq_kw(stack.cfg)
+    v_res = stack_rows(_v_rows_fn(**kw), _v_rows_identity_fn(**kw), stack.mesh,
+                       (v, np.maximum(widths, 1).astype(np.int32)), h_all, stack.cfg.damp, out_rows=V_ROWS)
 
     def select(i, info):
         w = widths[i]
@@ -230,7 +251,7 @@ def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: b
         info["seconds_stage1"] = t_stage1
         w, v_rows = select(i, info)
         d = jnp.asarray(d_np)
-        h = jnp.asarray(h_all[i])
+        h = stack_hessian(h_all, i, d.shape[1])
         cm = svd_quant(d, h, u[i], sigma[i], w, v_rows, stack.cfg, stack.method, rtc=rtc, info=info,
                        want_error=stack.return_info, u_rank=u_rank)
         info["seconds_stage2"] = time.perf_counter() - t1
