@@ -25,7 +25,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.scipy.linalg import cho_solve
 
 from prinmix_jax.core.quantizer import expand_groups, grid_params, group_params, quantize
 
@@ -53,6 +52,13 @@ class GPTQResult(NamedTuple):
 def inverse_cholesky_upper(h, damp, max_tries: int = 12):
     """Upper Cholesky factor ``R`` of ``(H + d·mean(diag H)·I)^{-1}`` (so that ``H^{-1} = RᵀR``).
 
+    Computed without forming the inverse: with ``J`` the order reversal, ``J H J = L Lᵀ`` gives
+    ``H^{-1} = J L^{-T} L^{-1} J = RᵀR`` for ``R = J L^{-1} J``, which is upper triangular with a positive
+    diagonal, hence *the* Cholesky factor the reference GPTQ computes as ``cholesky(inv(H))ᵀ``. One Cholesky
+    and one triangular inverse (~1.3 n³ flops, against ~2.7 n³ for Cholesky, inverse and a second Cholesky),
+    fewer n×n temporaries, and no rounding of an explicit ``H^{-1}`` (equal to the reference's to float
+    rounding; tests/test_gptq.py compares in float64).
+
     If the damped matrix is not positive definite (NaNs from the factorisation), the damping is
     escalated deterministically, ``d ← max(10·d, 1e-6)``, up to ``max_tries`` times.
 
@@ -60,18 +66,16 @@ def inverse_cholesky_upper(h, damp, max_tries: int = 12):
       ``(R, d_used)``.
     """
     n = h.shape[0]
-    eye = jnp.eye(n, dtype=h.dtype)
     md = jnp.mean(jnp.diag(h))
     md = jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
+    h_rev = h[::-1, ::-1]
+    eye = jnp.eye(n, dtype=h.dtype)
 
-    def attempt(d):
-        low = jnp.linalg.cholesky(h + (d * md) * eye)
-        hinv = cho_solve((low, True), eye)
-        hinv = (hinv + hinv.T) / 2
-        return jnp.linalg.cholesky(hinv).T
+    def attempt(d):   # h is symmetric here, so the factorisation need not symmetrise it (an n×n copy less)
+        return lax.linalg.cholesky(h_rev + (d * md) * eye, symmetrize_input=False)
 
-    def bad(r):
-        return ~jnp.all(jnp.isfinite(r))
+    def bad(low):
+        return ~jnp.all(jnp.isfinite(low))
 
     def body(state):
         t, d, _ = state
@@ -80,8 +84,9 @@ def inverse_cholesky_upper(h, damp, max_tries: int = 12):
 
     d0 = jnp.asarray(damp, h.dtype)
     state = (jnp.int32(0), d0, attempt(d0))
-    _, d, r = lax.while_loop(lambda s: (s[0] < max_tries) & bad(s[2]), body, state)
-    return r, d
+    _, d, low = lax.while_loop(lambda s: (s[0] < max_tries) & bad(s[2]), body, state)
+    low_inv = lax.linalg.triangular_solve(low, eye, left_side=True, lower=True)
+    return low_inv[::-1, ::-1], d
 
 
 @partial(jax.jit, static_argnames=("group_size", "act_order", "block_size", "scale_axis", "scale_dtype", "grid"))
