@@ -77,3 +77,24 @@ def test_u_error_estimate_is_the_measured_error_of_quantising_one_u_column():
             uq = np.asarray(rtn_quantize(jnp.asarray(u[:, i:i + 1].T, jnp.float32), jnp.full((1,), b), 16)[0])[0]
             diff = np.outer(u[:, i] - uq, s[i] * v64[i]) @ x
             np.testing.assert_allclose(np.sum(diff ** 2) / x.shape[1], est[i, j], rtol=2e-3)
+
+
+def test_u_error_estimate_of_a_tall_u_works_in_chunks_with_the_same_numbers():
+    """An embedding-like tall U: the columns go through in chunks (bounded scratch, read from XLA's memory
+    analysis), with the numbers of quantising every column at once."""
+    from prinmix_jax import rtn_quantize
+    from prinmix_jax.core import error_table as et
+
+    m, r, widths = 40000, 800, (0, 1, 2, 4)
+    u = jnp.asarray(np.random.default_rng(5).standard_normal((m, r)), jnp.float32) / np.sqrt(m)
+    d0 = jnp.asarray(np.linspace(2.0, 0.1, r), jnp.float32)
+    kw = dict(widths=widths, group_size=128, grid="mse")
+    assert et.U_ERROR_CHUNK // m < r                                    # more than one chunk
+    got = np.asarray(et.u_error_estimate(u, d0, **kw))
+    ut = u.T
+    for j, b in enumerate(widths):
+        want = np.zeros(r) if b == 0 else np.asarray(
+            jnp.sum((ut - rtn_quantize(ut, jnp.full((r,), b), 128, None, "mse")[0]) ** 2, axis=1) * d0)
+        np.testing.assert_allclose(got[:, j], want, rtol=1e-5, atol=0)
+    temp = et.u_error_estimate.lower(u, d0, **kw).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 4 * u.nbytes, (temp, u.nbytes)          # all columns at once: ~15x

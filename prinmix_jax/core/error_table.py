@@ -78,6 +78,10 @@ def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
                       passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
 
 
+#: Entries of U (columns × rows) :func:`u_error_estimate` quantises at a time.
+U_ERROR_CHUNK = 1 << 22
+
+
 @partial(jax.jit, static_argnames=("widths", "group_size", "scale_dtype", "grid"))
 def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None = 128, scale_dtype=None,
                      grid: str = "minmax"):
@@ -98,12 +102,24 @@ def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None =
       (r, len(widths)) array to add to the error table.
     """
     ut = u.T
-    r = ut.shape[0]
-    cols = []
+    r, m = ut.shape
+    nz = tuple(b for b in widths if b > 0)
+
+    def chunk_errors(x):              # (c, m) columns of U -> (c, nnz) squared RTN errors, width by width
+        return jnp.stack([jnp.sum((x - rtn_quantize(x, jnp.full((x.shape[0],), b, jnp.int32), group_size,
+                                                    scale_dtype, grid)[0]) ** 2, axis=1) for b in nz], axis=1)
+
+    # Columns are independent: take them U_ERROR_CHUNK entries at a time (lax.map), so that the scratch of the
+    # grids stays a few chunks whatever m (all at once, an embedding's U held ~15x its size: 4 GB).
+    c = max(1, min(r, U_ERROR_CHUNK // max(m, 1)))
+    nchunks = -(-r // c)
+    xs = jnp.pad(ut, ((0, nchunks * c - r), (0, 0))).reshape(nchunks, c, m)
+    err = jax.lax.map(chunk_errors, xs).reshape(nchunks * c, len(nz))[:r] if nz else jnp.zeros((r, 0), u.dtype)
+    cols, k = [], 0
     for b in widths:
         if b == 0:
             cols.append(jnp.zeros((r,), u.dtype))
-            continue
-        deq = rtn_quantize(ut, jnp.full((r,), b, jnp.int32), group_size, scale_dtype, grid)[0]
-        cols.append(jnp.sum((ut - deq) ** 2, axis=1) * d0)
+        else:
+            cols.append(err[:, k] * d0)
+            k += 1
     return jnp.stack(cols, axis=1)
