@@ -172,7 +172,7 @@ def test_auto_full_svd_runs_the_passes_on_the_truncated_rows_only(monkeypatch, c
     """Where ``auto`` takes the full SVD (the range finder would not pay), the GPTQ passes of the error table
     still run on the ``k_max`` + margin rows only (not min(m, n)), and the result matches ``svd="full"``,
     which keeps every row."""
-    import prinmix_jax.methods.prinmix as pm
+    import prinmix_jax.methods.shared as sh
 
     m, n = 256, 128
     cfg = CompressionConfig(ratio=1 / 8, group_size=32)
@@ -181,12 +181,12 @@ def test_auto_full_svd_runs_the_passes_on_the_truncated_rows_only(monkeypatch, c
     cut = svd_rank(m, n, dataclasses.replace(cfg, svd="truncated"), k_max)
     assert cut < n
     rows = []
-    real = pm.run_stack_rows
+    real = sh.run_stack_rows
 
     def counting(fn, mesh, row_args, *a, **kw):
         rows.append(row_args[0].shape[1])
         return real(fn, mesh, row_args, *a, **kw)
-    monkeypatch.setattr(pm, "run_stack_rows", counting)
+    monkeypatch.setattr(sh, "run_stack_rows", counting)
     d, h = long_tailed_delta(m, n, seed=5, tokens=256)
     h = h if calibrated else None
     _, auto = compress_matrix(d, h, cfg, return_info=True)
