@@ -97,26 +97,36 @@ def _largest_ranks(widths) -> dict | None:
     return u_ranks
 
 
-def _step_meta(plan: RunPlan, step: int, t0: float, table, base_tree, ft_tree) -> dict:
+def _step_meta(plan: RunPlan, step: int, t0: float, digests: tuple[str, str]) -> dict:
     return {"step": step, "block": None if step == 0 else step - 1, "seconds": time.perf_counter() - t0,
-            "widths_digest": plan.widths_digest,
-            "base_digest": step_digest(base_tree, table), "finetuned_digest": step_digest(ft_tree, table)}
+            "widths_digest": plan.widths_digest, "base_digest": digests[0], "finetuned_digest": digests[1]}
 
 
-def _compress_globals(plan: RunPlan, store, base_g: dict, ft_src) -> None:
-    """Step 0: the embedding, final norm and output head (data-free)."""
+def _digests(table, base_tree, ft_tree) -> tuple[str, str]:
+    """What a step records of the base and fine-tuned tensors it consumed (:func:`step_digest`)."""
+    return step_digest(base_tree, table), step_digest(ft_tree, table)
+
+
+def _compress_globals(plan: RunPlan, store, base_src, ft_src) -> None:
+    """Step 0: the embedding, final norm and output head (data-free).
+
+    Both models' globals are read here and dropped tensor by tensor as their deltas are taken
+    (``step_items(consume=True)``): a 128256 x 4096 embedding is 2.1 GB in float32, and holding both models'
+    embeddings and heads through the step (8.4 GB for Llama-3-8B) is what got a 1-layer run OOM-killed."""
     t0 = time.perf_counter()
-    ft_g = ft_src.globals()
-    items, dense = step_items(plan.global_table, base_g, ft_g, plan.policy)
+    base_g, ft_g = base_src.globals(), ft_src.globals()
+    digests = _digests(plan.global_table, base_g, ft_g)
+    items, dense = step_items(plan.global_table, base_g, ft_g, plan.policy, consume=True)
+    del base_g, ft_g
     entries = compress_entries(items, plan.config, plan.method, plan.mesh, 0)
-    save_step(store, 0, items, entries, dense, _step_meta(plan, 0, t0, plan.global_table, base_g, ft_g))
+    save_step(store, 0, items, entries, dense, _step_meta(plan, 0, t0, digests))
 
 
-def _first_hidden(plan: RunPlan, store, base_g: dict, ft_src):
+def _first_hidden(plan: RunPlan, store, base_src, ft_src):
     """The calibration hidden states entering block 0 (through the compressed embedding when sequential)."""
     if plan.calibration_mode == "sequential":
         g_delta = decode_step(*store.restore(0))
-        return embed(merge_block(base_g, g_delta, plan.global_table), plan.model_config, plan.ids)
+        return embed(merge_block(base_src.globals(), g_delta, plan.global_table), plan.model_config, plan.ids)
     return embed(ft_src.globals(), plan.model_config, plan.ids)
 
 
@@ -149,7 +159,8 @@ def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
     step_widths = None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
     entries = compress_entries(items, plan.config, plan.method, plan.mesh, step, step_widths, u_ranks,
                                plan.svd_store)
-    save_step(store, step, items, entries, dense, _step_meta(plan, step, t0, plan.block_table, base_b, ft_b))
+    meta = _step_meta(plan, step, t0, _digests(plan.block_table, base_b, ft_b))
+    save_step(store, step, items, entries, dense, meta)
     del items, dense, entries
     if h is None or plan.calibration_mode == "parallel":
         return h_next
@@ -170,13 +181,11 @@ def run_steps(plan: RunPlan, store, base_src, ft_src) -> dict:
         plan.log(f"{start} of {num_steps} steps already finished; resuming")
     bar = progress_bar(plan.progress and jax.process_index() == 0, num_steps, start, "compress")
     done_this_run = 0
-    base_g = base_src.globals()
     if start == 0:
-        _compress_globals(plan, store, base_g, ft_src)
+        _compress_globals(plan, store, base_src, ft_src)
         bar.update(1)
         done_this_run += 1
-    h = None if plan.ids is None else _first_hidden(plan, store, base_g, ft_src)
-    del base_g
+    h = None if plan.ids is None else _first_hidden(plan, store, base_src, ft_src)
     u_ranks = _largest_ranks(plan.widths)
     for b in range(plan.model_config.num_layers):
         if stop_after is not None and done_this_run >= stop_after:

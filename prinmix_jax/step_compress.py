@@ -44,7 +44,8 @@ def dense_entry(delta: np.ndarray, mode: str, store_dtype: str):
     return DenseEntry("store", delta.shape, array=delta.astype(store_dtype))
 
 
-def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None) -> tuple[list[StepItem], dict]:
+def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None, *,
+               consume: bool = False) -> tuple[list[StepItem], dict]:
     """Splits a step's deltas into the matrices to compress and the dense entries, by ``policy``.
 
     Args:
@@ -52,6 +53,8 @@ def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None) -> 
       base_tree, ft_tree: the step's base and fine-tuned params (float32 NumPy).
       policy: the run's :class:`~prinmix_jax.policy.ParamPolicy`.
       hessians: the block's calibration Hessians (``{key: (n, n)}``) or None (data-free, and the globals).
+      consume: drop each tensor from both trees (in place) once its delta is taken, so that a 7B-sized
+        embedding is held as base + fine-tuned + delta one matrix at a time, not for all matrices at once.
 
     Returns:
       ``(items, dense)``: the matrices, block linears in forward order (the order fixes which process
@@ -60,6 +63,9 @@ def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None) -> 
     items, dense = [], {}
     for path, kind in table:
         d = np.asarray(get_path(ft_tree, path), np.float32) - np.asarray(get_path(base_tree, path), np.float32)
+        if consume:
+            for tree in (base_tree, ft_tree):
+                get_path(tree, path[:-1])[path[-1]] = None
         if kind == "linear":
             hk = HESSIAN_FOR_LINEAR[path[-2]]
             items.append(StepItem(path[-2], d, None if hessians is None else np.asarray(hessians[hk], np.float32),

@@ -215,3 +215,37 @@ def test_global_scope_shares_one_budget_across_blocks(root):
                        scope="global", calibration_mode="sequential")
     with pytest.raises(ValueError, match="does not apply to method 'lowrank'"):
         compress_model(base, ft, os.path.join(root, "x"), config=CFG, scope="global", method="lowrank")
+
+
+def test_step_items_consume_drops_each_tensor_once_its_delta_is_taken():
+    """The globals step takes each delta and drops both models' tensor at once (``consume``): same items and
+    dense entries as without, and nothing of the models is left referenced by the trees."""
+    from prinmix_jax.delta_tree import param_groups
+    from prinmix_jax.models.config import ModelConfig
+    from prinmix_jax.models.llama.params import get_path, global_param_table
+    from prinmix_jax.policy import ParamPolicy
+    from prinmix_jax.step_compress import step_items
+
+    cfg = ModelConfig(model_type="llama", vocab_size=48, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=2,
+                      head_dim=8, tie_word_embeddings=False)
+    _, table = param_groups(cfg)
+    rng = np.random.default_rng(0)
+
+    def tree():
+        t = {}
+        for _, path, shape in global_param_table(cfg):
+            node = t
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = rng.standard_normal(shape).astype(np.float32)
+        return t
+    base, ft = tree(), tree()
+    want_items, want_dense = step_items(table, base, ft, ParamPolicy())
+    got_items, got_dense = step_items(table, base, ft, ParamPolicy(), consume=True)
+    assert [(i.name, i.hessian_key) for i in got_items] == [(i.name, i.hessian_key) for i in want_items]
+    for a, b in zip(got_items, want_items):
+        np.testing.assert_array_equal(a.delta, b.delta)
+    assert sorted(got_dense) == sorted(want_dense)
+    assert len(got_items) == 2                                      # embedding and untied head
+    for path, _ in table:
+        assert get_path(base, path) is None and get_path(ft, path) is None
