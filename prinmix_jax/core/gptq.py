@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from prinmix_jax.core.quantizer import expand_groups, grid_params, group_params, quantize
+from prinmix_jax.core.quantizer import expand_groups, grid_params, group_params, quantize, rtn_quantize
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -238,17 +238,12 @@ def _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid) -> 
     With ``H = I`` the damped inverse's Cholesky factor is diagonal, so GPTQ's error feedback
     ``err · R[j, later]`` is exactly zero: every column is rounded as it was, act-order keeps the column
     order (equal diagonal, stable sort), and a group's scale fixed "when reached" is the one of its original
-    values. What is left is round-to-nearest on the same grids, in ``O(rows · cols)`` and without the
-    ``n × n`` set-up (which at ``n = 11008`` holds ~3 GB of scratch).
+    values. What is left is :func:`~prinmix_jax.core.quantizer.rtn_quantize` on the same grids, in
+    ``O(rows · cols)`` and without the ``n × n`` set-up (which at ``n = 11008`` holds ~3 GB of scratch).
     """
-    dt = w.dtype
     x = w if scale_axis == "row" else w.T
-    r, c = x.shape
-    g = c if (group_size is None or group_size <= 0 or group_size >= c) else group_size
-    maxq = (2 ** jnp.asarray(bits, jnp.int32) - 1).astype(dt)
-    scale, zero = group_params(x, maxq, g, scale_dtype, grid)
-    q, deq = quantize(x, expand_groups(scale, c, g), expand_groups(zero, c, g), maxq[:, None])
-    codes = q.astype(jnp.uint8)
+    deq, codes, scale, zero = rtn_quantize(x, bits, None if group_size is None or group_size <= 0 else group_size,
+                                           scale_dtype, grid)
     if scale_axis == "col":
         deq, codes = deq.T, codes.T
-    return GPTQResult(deq, codes, scale, zero, jnp.asarray(damp, dt))
+    return GPTQResult(deq, codes, scale, zero, jnp.asarray(damp, w.dtype))
