@@ -18,12 +18,12 @@ import jax
 import numpy as np
 
 from prinmix_jax.config import CompressionConfig
-from prinmix_jax.delta_tree import merge_block, step_digest
+from prinmix_jax.delta_tree import global_deltas, merge_block, step_digest
 from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
-from prinmix_jax.step_compress import SVD_DIR, compress_entries, save_step, step_items
+from prinmix_jax.step_compress import SVD_DIR, compress_entries, save_step, split_deltas, step_items
 from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
@@ -108,26 +108,25 @@ def _digests(table, base_tree, ft_tree) -> tuple[str, str]:
 
 
 def _compress_globals(plan: RunPlan, store, base_src, ft_src) -> None:
-    """Step 0: the embedding, final norm and output head (data-free).
-
-    Both models' globals are read here and dropped tensor by tensor as their deltas are taken
-    (``step_items(consume=True)``): a 128256 x 4096 embedding is 2.1 GB in float32, and holding both models'
-    embeddings and heads through the step (8.4 GB for Llama-3-8B) is what got a 1-layer run OOM-killed."""
+    """Step 0: the embedding, final norm and output head (data-free), read one tensor at a time
+    (:func:`~prinmix_jax.delta_tree.global_deltas`): what the step holds is one delta per tensor."""
     t0 = time.perf_counter()
-    base_g, ft_g = base_src.globals(), ft_src.globals()
-    digests = _digests(plan.global_table, base_g, ft_g)
-    items, dense = step_items(plan.global_table, base_g, ft_g, plan.policy, consume=True)
-    del base_g, ft_g
+    digests, deltas = global_deltas(plan.global_table, base_src, ft_src)
+    items, dense = split_deltas(plan.global_table, deltas, plan.policy)
     entries = compress_entries(items, plan.config, plan.method, plan.mesh, 0)
     save_step(store, 0, items, entries, dense, _step_meta(plan, 0, t0, digests))
 
 
 def _first_hidden(plan: RunPlan, store, base_src, ft_src):
     """The calibration hidden states entering block 0 (through the compressed embedding when sequential)."""
+    path = ("embed_tokens", "weight")      # only the embedding: a 7B head is another 2.1 GB in float32
     if plan.calibration_mode == "sequential":
         g_delta = decode_step(*store.restore(0))
-        return embed(merge_block(base_src.globals(), g_delta, plan.global_table), plan.model_config, plan.ids)
-    return embed(ft_src.globals(), plan.model_config, plan.ids)
+        table = [(p, kind) for p, kind in plan.global_table if tuple(p) == path]
+        tree = merge_block({path[0]: {path[1]: base_src.global_tensor(path)}}, g_delta, table)
+    else:
+        tree = {path[0]: {path[1]: ft_src.global_tensor(path)}}
+    return embed(tree, plan.model_config, plan.ids)
 
 
 def _through_compressed(plan: RunPlan, store, base_b: dict, b: int, h):

@@ -77,6 +77,17 @@ class ModelSource:
                     for k, v in self.params.items() if k != "layers"}
         return self._check_finite(tree, None)
 
+    def global_tensor(self, path: tuple) -> np.ndarray:
+        """One param outside the decoder blocks (float32 NumPy) by its tree path, read on its own: the
+        globals step holds a 7B model's embedding and head (2.1 GB each in float32) one at a time."""
+        names = {p: n for n, p, _ in global_param_table(self.config)}
+        if self.reader is not None:
+            a = self._read(lambda: self.reader.read_global(path))
+        else:
+            a = np.asarray(get_path(self.params, path), np.float32)
+        self._check_one(names.get(tuple(path), "/".join(path)), a, None)
+        return a
+
     def _check_finite(self, tree: dict, block: int | None) -> dict:
         """Refuses a tensor with NaN or Inf as soon as it is read, naming it (HF name) and its block."""
         table = [(f"model.layers.{block}.{suffix}", path) for suffix, path, _ in block_param_table(self.config)] \
@@ -86,14 +97,17 @@ class ModelSource:
                 a = get_path(tree, path)
             except ValueError:      # absent from this tree
                 continue
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
-            if bad:
-                where = f"block {block}" if block is not None else "outside the decoder blocks"
-                src = f" ({self.path})" if self.path else ""
-                raise NonFiniteWeightsError(
-                    f"{self.label} model{src}: tensor {name} ({where}) has {bad} NaN/Inf value(s) of {a.size}; "
-                    "a checkpoint with non-finite weights cannot be compressed")
+            self._check_one(name, a, block)
         return tree
+
+    def _check_one(self, name: str, a: np.ndarray, block: int | None) -> None:
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:
+            where = f"block {block}" if block is not None else "outside the decoder blocks"
+            src = f" ({self.path})" if self.path else ""
+            raise NonFiniteWeightsError(
+                f"{self.label} model{src}: tensor {name} ({where}) has {bad} NaN/Inf value(s) of {a.size}; "
+                "a checkpoint with non-finite weights cannot be compressed")
 
     def header_digest(self) -> str:
         """Cheap identity: tensor names, shapes and stored dtypes (and file sizes for folders)."""

@@ -20,7 +20,7 @@ from prinmix_jax.distributed import allgather_json, owner
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
 
-__all__ = ["StepItem", "step_items", "dense_entry", "compress_entries", "save_step", "SVDStore", "SVD_DIR"]
+__all__ = ["StepItem", "step_items", "split_deltas", "dense_entry", "compress_entries", "save_step", "SVDStore", "SVD_DIR"]
 
 _INFO_KEYS = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
               "seconds_error_table", "seconds_u", "v_damp", "u_damp", "rtc_damp")
@@ -44,8 +44,7 @@ def dense_entry(delta: np.ndarray, mode: str, store_dtype: str):
     return DenseEntry("store", delta.shape, array=delta.astype(store_dtype))
 
 
-def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None, *,
-               consume: bool = False) -> tuple[list[StepItem], dict]:
+def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None) -> tuple[list[StepItem], dict]:
     """Splits a step's deltas into the matrices to compress and the dense entries, by ``policy``.
 
     Args:
@@ -53,19 +52,22 @@ def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None, *,
       base_tree, ft_tree: the step's base and fine-tuned params (float32 NumPy).
       policy: the run's :class:`~prinmix_jax.policy.ParamPolicy`.
       hessians: the block's calibration Hessians (``{key: (n, n)}``) or None (data-free, and the globals).
-      consume: drop each tensor from both trees (in place) once its delta is taken, so that a 7B-sized
-        embedding is held as base + fine-tuned + delta one matrix at a time, not for all matrices at once.
 
     Returns:
       ``(items, dense)``: the matrices, block linears in forward order (the order fixes which process
       compresses which), and ``{"a/b": DenseEntry | ZeroEntry}``.
     """
+    deltas = {tuple(path): np.asarray(get_path(ft_tree, path), np.float32)
+              - np.asarray(get_path(base_tree, path), np.float32) for path, _ in table}
+    return split_deltas(table, deltas, policy, hessians)
+
+
+def split_deltas(table, deltas: dict, policy, hessians=None) -> tuple[list[StepItem], dict]:
+    """:func:`step_items` of deltas already taken: ``deltas`` maps each path of ``table`` to its float32
+    delta (the dict is emptied, so that its caller holds no second reference)."""
     items, dense = [], {}
     for path, kind in table:
-        d = np.asarray(get_path(ft_tree, path), np.float32) - np.asarray(get_path(base_tree, path), np.float32)
-        if consume:
-            for tree in (base_tree, ft_tree):
-                get_path(tree, path[:-1])[path[-1]] = None
+        d = deltas.pop(tuple(path))
         if kind == "linear":
             hk = HESSIAN_FOR_LINEAR[path[-2]]
             items.append(StepItem(path[-2], d, None if hessians is None else np.asarray(hessians[hk], np.float32),
@@ -74,6 +76,7 @@ def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None, *,
             items.append(StepItem(entry_name(path), d, None, "none"))
         else:
             dense["/".join(path)] = dense_entry(d, getattr(policy, kind), policy.store_dtype)
+        del d
     order = {n: i for i, n in enumerate(LINEAR_NAMES)}
     items.sort(key=lambda it: order.get(it.name, len(order)))   # stable: the globals keep the table's order
     return items, dense
@@ -113,12 +116,12 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
         groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)
     for members in (chunk for group in groups.values() for chunk in stack_chunks(group, mesh)):
         shape = members[0].delta.shape
-        hs = None if members[0].hessian is None else np.stack([m.hessian for m in members])
+        hs = None if members[0].hessian is None else [m.hessian for m in members]
         ws = None if widths is None else [widths[m.name] for m in members]
         ur = None if u_ranks is None else max(u_ranks.get(it.name, 0) for it in items if it.delta.shape == shape)
         keys = [svd_key(step - 1, m.name) for m in members]
         with reusing_svds(svd_store if step > 0 else None, keys):
-            results = compress_stack(np.stack([m.delta for m in members]), hs, config, method, mesh=mesh,
+            results = compress_stack([m.delta for m in members], hs, config, method, mesh=mesh,
                                      widths=ws, u_rank=ur, return_info=True)
         for m, (cm, info) in zip(members, results):
             entries[m.name] = MatrixEntry(cm, _json_info(info, cm))

@@ -217,35 +217,49 @@ def test_global_scope_shares_one_budget_across_blocks(root):
         compress_model(base, ft, os.path.join(root, "x"), config=CFG, scope="global", method="lowrank")
 
 
-def test_step_items_consume_drops_each_tensor_once_its_delta_is_taken():
-    """The globals step takes each delta and drops both models' tensor at once (``consume``): same items and
-    dense entries as without, and nothing of the models is left referenced by the trees."""
-    from prinmix_jax.delta_tree import param_groups
-    from prinmix_jax.models.config import ModelConfig
-    from prinmix_jax.models.llama.params import get_path, global_param_table
-    from prinmix_jax.policy import ParamPolicy
-    from prinmix_jax.step_compress import step_items
+def test_global_deltas_read_one_tensor_at_a_time(root):
+    """The globals step reads both models' globals tensor by tensor: the same digests as over the whole
+    globals (what resume and apply compare against), the same deltas, and no base tensor is still alive
+    when the next tensor is read (a 7B embedding is 2.1 GB in float32)."""
+    import weakref
 
-    cfg = ModelConfig(model_type="llama", vocab_size=48, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2, num_kv_heads=2,
-                      head_dim=8, tie_word_embeddings=False)
-    _, table = param_groups(cfg)
-    rng = np.random.default_rng(0)
+    from prinmix_jax.delta_tree import global_deltas, param_groups, step_digest
+    from prinmix_jax.models.llama.params import get_path
+    from prinmix_jax.sources import ModelSource
+    from prinmix_jax.storage import TensorDigest, tensor_digest
 
-    def tree():
-        t = {}
-        for _, path, shape in global_param_table(cfg):
-            node = t
-            for k in path[:-1]:
-                node = node.setdefault(k, {})
-            node[path[-1]] = rng.standard_normal(shape).astype(np.float32)
-        return t
-    base, ft = tree(), tree()
-    want_items, want_dense = step_items(table, base, ft, ParamPolicy())
-    got_items, got_dense = step_items(table, base, ft, ParamPolicy(), consume=True)
-    assert [(i.name, i.hessian_key) for i in got_items] == [(i.name, i.hessian_key) for i in want_items]
-    for a, b in zip(got_items, want_items):
-        np.testing.assert_array_equal(a.delta, b.delta)
-    assert sorted(got_dense) == sorted(want_dense)
-    assert len(got_items) == 2                                      # embedding and untied head
+    base_dir, ft_dir = make_pair(root, "qwen2")          # untied: embedding, norm and head
+    base_src, ft_src = (ModelSource(d, None, lbl) for d, lbl in ((base_dir, "base"), (ft_dir, "fine-tuned")))
+    _, table = param_groups(base_src.config)
+    assert len(table) == 3
+    base_g, ft_g = base_src.globals(), ft_src.globals()
+    live_base = []
+
+    def watched(src, is_base):
+        read = src.global_tensor
+
+        def global_tensor(path):      # the base tensor of this path lives until its delta is taken
+            earlier = live_base if is_base else live_base[:-1]
+            assert all(r() is None for r in earlier), "a base tensor outlived its delta"
+            a = read(path)
+            if is_base:
+                live_base.append(weakref.ref(a))
+            return a
+        src.global_tensor = global_tensor
+    watched(base_src, True)
+    watched(ft_src, False)
+    digests, deltas = global_deltas(table, base_src, ft_src)
+    assert digests == (step_digest(base_g, table), step_digest(ft_g, table))
+    assert len(live_base) == 3
+    assert sorted(deltas) == sorted(tuple(p) for p, _ in table)
     for path, _ in table:
-        assert get_path(base, path) is None and get_path(ft, path) is None
+        np.testing.assert_array_equal(deltas[tuple(path)], get_path(ft_g, path) - get_path(base_g, path))
+    assert global_deltas(table, base_src, ft_src, keep=False) == (digests, {})
+    # the streamed digest is tensor_digest's, and it refuses tensors out of name order
+    named = [("/".join(p), get_path(base_g, p)) for p, _ in table]
+    h = TensorDigest()
+    for name, a in sorted(named):
+        h.update(name, a)
+    assert h.hexdigest() == tensor_digest(named) == digests[0]
+    with pytest.raises(ValueError, match="name order"):
+        h.update("a", named[0][1])

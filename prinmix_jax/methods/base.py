@@ -49,7 +49,9 @@ class Stack:
         return self.cfg.budget_bits(*self.shape)
 
     def deltas(self) -> np.ndarray:
-        """The (B, m, n) float32 stack of the deltas."""
+        """The (B, m, n) float32 stack of the deltas (a view, not a copy, of a single delta)."""
+        if len(self.pairs) == 1:
+            return self.pairs[0][0][None]
         return np.stack([p[0] for p in self.pairs])
 
 

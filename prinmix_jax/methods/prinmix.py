@@ -201,6 +201,8 @@ class TableMethod(Method):
                 u_rank = max_kept_rank(m, n, cfg)
             select = self._table_rows(stack, u, sigma, v, h_all)
         t_stage1 = (time.perf_counter() - t) / len(stack.pairs)
+        if cfg.rtc:       # RTC fits U itself: the SVD's U (1.2 GB for a 7B embedding) need not wait for it
+            u = None
         return quantize_stack(stack, u, sigma, h_all, select, u_rank=u_rank, rtc=cfg.rtc, t_stage1=t_stage1)
 
     def _table_rows(self, stack, u, sigma, v, h_all):

@@ -157,8 +157,20 @@ def stack_energy(stack: Stack, h_all) -> np.ndarray:
     """(B,) float64 ``‖ΔW X‖² / N = tr(ΔW H ΔWᵀ)`` of every matrix (``‖ΔW‖²_F`` data-free): the sum of the
     whole column ``e[:, 0]`` of an error table, also over the indices a truncated SVD leaves out."""
     if stack.pairs[0][1] is None:
-        return np.asarray([np.sum(np.square(p[0], dtype=np.float64)) for p in stack.pairs])
+        return np.asarray([squared_norm64(p[0]) for p in stack.pairs])
     return np.asarray(run_sharded(_energy, stack.mesh, stack.deltas(), h_all, np.float32(1)), np.float64)
+
+
+#: :func:`squared_norm64` squares at most this many entries at a time in float64 (128 MB of scratch).
+SQUARE_CHUNK = 1 << 24
+
+
+def squared_norm64(a: np.ndarray) -> float:
+    """``Σ a²`` in float64, by chunks of rows of at most :data:`SQUARE_CHUNK` entries: squaring a 128256×4096
+    embedding in float64 at once took 4.2 GB of host memory. Up to that size it is one
+    ``np.sum(np.square(a, dtype=float64))``, the same number."""
+    rows = max(1, SQUARE_CHUNK // max(1, a.shape[-1]))
+    return float(sum(np.sum(np.square(a[i:i + rows], dtype=np.float64)) for i in range(0, a.shape[0], rows)))
 
 
 def _energy(d, h, scale):   # run_sharded batches every argument but a trailing scalar
@@ -171,7 +183,7 @@ def hessian_stack(stack: Stack):
     pairs = stack.pairs
     if pairs[0][1] is None:
         return None
-    return np.stack([p[1] for p in pairs])
+    return pairs[0][1][None] if len(pairs) == 1 else np.stack([p[1] for p in pairs])
 
 
 def stack_hessian(h_all, i: int, n: int):
@@ -244,7 +256,10 @@ def _take(res: GPTQResult, i: int, rows) -> GPTQResult:
 
 
 def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: bool, t_stage1: float) -> list:
-    """The U step (:func:`svd_quant`) of every matrix of the stack, whose V step ``select`` gives."""
+    """The U step (:func:`svd_quant`) of every matrix of the stack, whose V step ``select`` gives (``u`` may
+    be ``None`` with ``rtc``: RTC does not start from the SVD's U)."""
+    if u is None and not rtc:
+        raise ValueError("the U step without RTC quantises the SVD's U: u is needed")
     out = []
     for i, ((d_np, h_np), info) in enumerate(zip(stack.pairs, stack.infos)):
         t1 = time.perf_counter()
@@ -252,8 +267,8 @@ def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: b
         w, v_rows = select(i, info)
         d = jnp.asarray(d_np)
         h = stack_hessian(h_all, i, d.shape[1])
-        cm = svd_quant(d, h, u[i], sigma[i], w, v_rows, stack.cfg, stack.method, rtc=rtc, info=info,
-                       want_error=stack.return_info, u_rank=u_rank)
+        cm = svd_quant(d, h, None if u is None else u[i], sigma[i], w, v_rows, stack.cfg, stack.method, rtc=rtc,
+                       info=info, want_error=stack.return_info, u_rank=u_rank)
         info["seconds_stage2"] = time.perf_counter() - t1
         out.append(finish(cm, d, h_np, info, stack))
     return out

@@ -178,14 +178,28 @@ class CheckpointReader:
 
     def read_globals(self, dtype=None, *, device_put: bool = True) -> dict:
         """The params outside the blocks: ``{"embed_tokens", "norm"[, "lm_head"]}``."""
-        rows = [(n, p) for n, p, _ in P.global_param_table(self.config)]
-        tree = self._read_into(rows, dtype, device_put)
-        if self.config.tie_word_embeddings and "lm_head.weight" in self._where:
-            head = self.read("lm_head.weight", dtype)
-            if not np.array_equal(np.asarray(head), np.asarray(tree["embed_tokens"]["weight"])):
+        tree: dict = {}
+        for _, path, _ in P.global_param_table(self.config):
+            arr = self.read_global(path, dtype)
+            tree.setdefault(path[0], {})[path[1]] = jnp.asarray(arr) if device_put else arr
+            del arr
+        return tree
+
+    def read_global(self, path: tuple, dtype=None) -> np.ndarray:
+        """One param outside the blocks by its tree path (``("embed_tokens", "weight")``), as NumPy.
+
+        With tied embeddings, a stored ``lm_head.weight`` must equal the embedding it is tied to."""
+        names = {p: n for n, p, _ in P.global_param_table(self.config)}
+        if tuple(path) not in names:
+            raise ValueError(f"no param {'/'.join(map(str, path))} outside the blocks (have: "
+                             f"{', '.join('/'.join(p) for p in names)})")
+        arr = self.read(names[tuple(path)], dtype)
+        if tuple(path) == ("embed_tokens", "weight") and self.config.tie_word_embeddings \
+                and "lm_head.weight" in self._where:
+            if not np.array_equal(self.read("lm_head.weight", dtype), arr):
                 raise CheckpointError(f"{self.file_of('lm_head.weight')}: tie_word_embeddings is true but "
                                       "'lm_head.weight' differs from 'model.embed_tokens.weight'")
-        return tree
+        return arr
 
     def read_params(self, dtype=None, *, device_put: bool = True) -> dict:
         """The whole param tree (see :mod:`prinmix_jax.models.llama.params` for the layout)."""

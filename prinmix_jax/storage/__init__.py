@@ -37,7 +37,8 @@ refuse a wrong base block by block.
 """
 from prinmix_jax.storage.format import (FORMAT, FORMAT_VERSION, HF_DIR, META_FILE, STEPS_DIR, WORK_SUFFIX, BlockDelta,
                                         DeltaFormatError, DenseEntry, FingerprintMismatchError, MatrixEntry, ZeroEntry, array_sha256,
-                                        combine_fingerprint, decode_step, encode_step, meta_digest, tensor_digest)
+                                        combine_fingerprint, decode_step, encode_step, meta_digest, tensor_digest,
+                                        TensorDigest)
 from prinmix_jax.storage.outputs import (OUTPUT_MARKER, check_output_location, file_sha256, is_prinmix_output, publish,
                                          write_json_atomic, write_output_marker, write_summary)
 from prinmix_jax.storage.step_store import OwnedArray, StepStore, owned_tree
@@ -46,6 +47,6 @@ from prinmix_jax.storage.delta import DeltaCheckpoint, load_delta
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "WORK_SUFFIX", "DeltaFormatError",
            "FingerprintMismatchError", "StepStore", "BlockDelta", "DeltaCheckpoint", "load_delta",
            "MatrixEntry", "ZeroEntry", "DenseEntry", "encode_step", "decode_step", "owned_tree", "OwnedArray",
-           "tensor_digest", "combine_fingerprint", "meta_digest", "array_sha256", "file_sha256",
+           "tensor_digest", "TensorDigest", "combine_fingerprint", "meta_digest", "array_sha256", "file_sha256",
            "OUTPUT_MARKER", "is_prinmix_output", "write_output_marker", "check_output_location", "publish",
            "write_summary", "write_json_atomic"]

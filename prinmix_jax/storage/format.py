@@ -16,7 +16,7 @@ from prinmix_jax.core.quantizer import HALF_ZERO_MAX_BITS
 from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta, from_state, to_state
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "WORK_SUFFIX", "DeltaFormatError",
-           "FingerprintMismatchError", "tensor_digest", "combine_fingerprint", "MatrixEntry", "ZeroEntry",
+           "FingerprintMismatchError", "tensor_digest", "TensorDigest", "combine_fingerprint", "MatrixEntry", "ZeroEntry",
            "DenseEntry", "encode_step", "BlockDelta", "meta_digest", "decode_step", "array_sha256",
            "READABLE_VERSIONS", "upgrade_v1"]
 
@@ -43,12 +43,29 @@ class FingerprintMismatchError(ValueError):
 # ----- fingerprints ------------------------------------------------------------------------------
 def tensor_digest(named_tensors) -> str:
     """SHA-256 (hex) over ``(name, array)`` pairs, sorted by name, of the float32 values."""
-    h = hashlib.sha256()
+    h = TensorDigest()
     for name, arr in sorted(named_tensors, key=lambda x: x[0]):
-        a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32)).astype("<f4", copy=False)
-        h.update(f"{name}\0{list(a.shape)}\0".encode())
-        h.update(a.tobytes())
+        h.update(name, arr)
     return h.hexdigest()
+
+
+class TensorDigest:
+    """:func:`tensor_digest` fed one tensor at a time, in name order, so that the tensors need not be
+    held together (a 7B model's embedding and head are 2.1 GB each in float32)."""
+
+    def __init__(self):
+        self._h, self._last = hashlib.sha256(), None
+
+    def update(self, name: str, arr) -> None:
+        if self._last is not None and name <= self._last:
+            raise ValueError(f"tensor {name!r} after {self._last!r}: a digest takes tensors in name order")
+        self._last = name
+        a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32)).astype("<f4", copy=False)
+        self._h.update(f"{name}\0{list(a.shape)}\0".encode())
+        self._h.update(memoryview(a).cast("B"))
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def combine_fingerprint(step_digests) -> str:
