@@ -13,6 +13,13 @@ number of columns. Two scale layouts are supported (method.md §3, §5):
   ``group_size`` consecutive rows, fixed when the column is reached. Act-order here permutes the
   columns internally; results are returned in the original order.
 
+Memory of the set-up under a Hessian (an n×n float32 buffer is 485 MB at n = 11008): beyond the input ``h``,
+the column loop holds one n×n buffer, the Cholesky factor ``L`` of the reversed, permuted, damped Hessian,
+built from ``h`` in one pass (:func:`damped_reversed_cholesky`; two n×n buffers while it is factorised).
+The upper factor ``R`` of ``H⁻¹`` that the column loop reads is never formed: each block's rows of ``R`` are
+one triangular solve against ``L`` (:func:`upper_factor_rows`). tests/test_gptq_memory.py checks this from
+XLA's memory analysis.
+
 References:
   Frantar, Ashkboos, Hoefler, Alistarh. "GPTQ: Accurate Post-Training Quantization for
   Generative Pre-trained Transformers", ICLR 2023.
@@ -49,44 +56,108 @@ class GPTQResult(NamedTuple):
     damp: jax.Array
 
 
-def inverse_cholesky_upper(h, damp, max_tries: int = 12):
-    """Upper Cholesky factor ``R`` of ``(H + d·mean(diag H)·I)^{-1}`` (so that ``H^{-1} = RᵀR``).
+def _permuted_hessian(h, order, diag, dtype):
+    """``H_s[order][:, order]`` in ``dtype``, ``H_s = (H + Hᵀ)/2``, with the diagonal ``diag`` (in ``order``).
 
-    Computed without forming the inverse: with ``J`` the order reversal, ``J H J = L Lᵀ`` gives
-    ``H^{-1} = J L^{-T} L^{-1} J = RᵀR`` for ``R = J L^{-1} J``, which is upper triangular with a positive
-    diagonal, hence *the* Cholesky factor the reference GPTQ computes as ``cholesky(inv(H))ᵀ``. One Cholesky
-    and one triangular inverse (~1.3 n³ flops, against ~2.7 n³ for Cholesky, inverse and a second Cholesky),
-    fewer n×n temporaries, and no rounding of an explicit ``H^{-1}`` (equal to the reference's to float
-    rounding; tests/test_gptq.py compares in float64).
+    The off-diagonal entries are one elementwise expression of gathered entries of ``h``, which XLA computes
+    in one pass (a fusion) into the buffer the factorisation then overwrites, and the diagonal is written into
+    it (a scatter of n entries, no n×n mask): no symmetrised, permuted or reversed n×n copy. (The order
+    reversal too is a gather: written as ``h[::-1, ::-1]``, XLA relaid ``h`` out column-major first, a copy.)
+    """
+    hp = h[order][:, order].astype(dtype)
+    i = jnp.arange(h.shape[0])
+    return ((hp + hp.T) / 2).at[i, i].set(diag)
 
-    If the damped matrix is not positive definite (NaNs from the factorisation), the damping is
+
+def damped_reversed_cholesky(h, damp, perm=None, dead=None, dtype=None, max_tries: int = 12):
+    """Lower Cholesky factor ``L`` of ``J (H + d·mean(diag H)·I) J``, ``J`` the order reversal, with the damping.
+
+    ``H`` here is the symmetrised Hessian with its dead columns' diagonal set to 1, in the order ``perm``;
+    ``perm=None`` is the identity, ``dead=None`` no dead columns; entry by entry the reference's
+    ``H = (H + Hᵀ)/2; H[dead, dead] = 1; H = H[perm][:, perm]; H += d·mean(diag H)·I``.
+
+    Memory: ``L`` is the one n×n buffer that outlives this function. Every attempt rebuilds ``J H J`` from the
+    input ``h`` in one fused pass (:func:`_permuted_hessian`) into the buffer the factorisation overwrites,
+    rather than holding a damped copy across the attempts (an optimisation barrier keeps XLA from hoisting
+    the rebuild out of the loop as loop-invariant, which would make it that copy). While an attempt runs, two
+    n×n buffers are live: on CPU, ``lax.linalg.cholesky`` calls LAPACK's ``potrf`` on a column-major operand
+    and then replaces a failed factor by NaNs elementwise, and XLA's CPU backend gives elementwise operands
+    the row-major layout, so the factor is copied out once, relaid out, into the loop's buffer (a lowering
+    detail out of reach here without calling LAPACK directly). The strict upper triangle of ``L`` is left as
+    the factorisation leaves it (``cholesky_p``, not ``lax.linalg.cholesky``, whose ``tril`` is one more n×n
+    pass and mask): its readers (the triangular solves of :func:`upper_factor_rows`) read the lower
+    triangle only.
+
+    If the damped matrix is not positive definite (NaNs from the factorisation; a non-finite entry of ``L``
+    makes every later diagonal entry non-finite, so checking the diagonal checks the factor), the damping is
     escalated deterministically, ``d ← max(10·d, 1e-6)``, up to ``max_tries`` times.
+
+    Returns:
+      ``(L, d_used)``; :func:`upper_factor_rows` reads the rows of GPTQ's upper factor ``R`` from ``L``.
+    """
+    dt = h.dtype if dtype is None else dtype
+    hd = jnp.diag(h).astype(dt)                                       # diag(H_s) = diag(H)
+    if dead is not None:
+        hd = hd + dead.astype(dt)
+    hd = hd if perm is None else hd[perm]
+    md = jnp.mean(hd)                                                 # mean(diag H), summed in the order of perm
+    md = jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
+    rev = (jnp.arange(h.shape[0]) if perm is None else perm)[::-1]
+
+    def attempt(d, hh):   # symmetric by construction: the factorisation reads its lower triangle only
+        low = lax.linalg.cholesky_p.bind(_permuted_hessian(hh, rev, hd[::-1] + d * md, dt))
+        return low, jnp.all(jnp.isfinite(jnp.diagonal(low)))
+
+    def body(state):
+        t, d, _, _ = state
+        d = jnp.maximum(d * 10, 1e-6)
+        hh, d = lax.optimization_barrier((h, d))                     # the rebuild depends on the loop: not hoisted
+        return t + 1, d, *attempt(d, hh)
+
+    d0 = jnp.asarray(damp, dt)
+    state = (jnp.int32(0), d0, *attempt(d0, h))
+    _, d, low, _ = lax.while_loop(lambda s: (s[0] < max_tries) & ~s[3], body, state)
+    return low, d
+
+
+def upper_factor_rows(low, i1, nrows: int, width: int):
+    """Rows ``i1 … i1+nrows-1`` of GPTQ's upper factor ``R = J L⁻¹ J``, shape ``(nrows, width)``.
+
+    With ``J H J = L Lᵀ`` (:func:`damped_reversed_cholesky`), ``H^{-1} = J L^{-T} L^{-1} J = RᵀR`` for
+    ``R = J L^{-1} J``, which is upper triangular with a positive diagonal, hence *the* Cholesky factor the
+    reference GPTQ computes as ``cholesky(inv(H))ᵀ``, without forming ``H^{-1}``. Row ``i`` of ``R`` is row
+    ``n-1-i`` of ``L⁻¹`` reversed, so the rows of a block are one triangular solve ``X L = E`` for the
+    matching rows ``E`` of the identity: ``O(n · nrows)`` memory (never ``L⁻¹`` or the identity as n×n
+    arrays), ``n² · nrows`` flops (``n³`` over all blocks, as the full triangular inverse). The solve is
+    written as ``X (Lᵀ)ᵀ = E`` on ``Lᵀ``: ``L`` is row-major, i.e. ``Lᵀ`` column-major, the layout LAPACK's
+    ``trsm`` takes, so XLA passes ``L``'s buffer as it is instead of relaying it out (an n×n copy). ``R`` is taken
+    as padded with the identity beyond ``n`` (rows and columns up to ``width >= n``), so that a last partial
+    block of GPTQ's column loop needs no special case. Equal to the rows of the full inverse to float
+    rounding (tests/test_gptq.py compares GPTQ with the reference in float64).
+    """
+    n = low.shape[0]
+    dt = low.dtype
+    k = jnp.arange(nrows)
+    first = n - i1 - nrows                                            # L⁻¹ rows first … first+nrows-1 (< 0: padding)
+    e = (jnp.arange(n)[None, :] == (first + k)[:, None]).astype(dt)
+    x = lax.linalg.triangular_solve(low.T, e, left_side=False, lower=False, transpose_a=True)
+    r = jnp.pad(x[::-1, ::-1], ((0, 0), (0, width - n)))
+    rows = i1 + k
+    return r + ((jnp.arange(width)[None, :] == rows[:, None]) & (rows >= n)[:, None]).astype(dt)
+
+
+def inverse_cholesky_upper(h, damp, max_tries: int = 12):
+    """Upper Cholesky factor ``R`` of ``(H + d·mean(diag H)·I)^{-1}`` (so that ``H^{-1} = RᵀR``), as an n×n array.
+
+    ``h`` symmetric. :func:`gptq_quantize` does not call this: it reads ``R`` a block of rows at a time
+    (:func:`upper_factor_rows`) and never holds it whole; this is the same computation in one piece.
 
     Returns:
       ``(R, d_used)``.
     """
     n = h.shape[0]
-    md = jnp.mean(jnp.diag(h))
-    md = jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
-    h_rev = h[::-1, ::-1]
-    eye = jnp.eye(n, dtype=h.dtype)
-
-    def attempt(d):   # h is symmetric here, so the factorisation need not symmetrise it (an n×n copy less)
-        return lax.linalg.cholesky(h_rev + (d * md) * eye, symmetrize_input=False)
-
-    def bad(low):
-        return ~jnp.all(jnp.isfinite(low))
-
-    def body(state):
-        t, d, _ = state
-        d = jnp.maximum(d * 10, 1e-6)
-        return t + 1, d, attempt(d)
-
-    d0 = jnp.asarray(damp, h.dtype)
-    state = (jnp.int32(0), d0, attempt(d0))
-    _, d, low = lax.while_loop(lambda s: (s[0] < max_tries) & bad(s[2]), body, state)
-    low_inv = lax.linalg.triangular_solve(low, eye, left_side=True, lower=True)
-    return low_inv[::-1, ::-1], d
+    low, d = damped_reversed_cholesky(h, damp, max_tries=max_tries)
+    return upper_factor_rows(low, 0, n, n), d
 
 
 @partial(jax.jit, static_argnames=("group_size", "act_order", "block_size", "scale_axis", "scale_dtype", "grid"))
@@ -115,7 +186,7 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
       A :class:`GPTQResult`.
     """
     # One function on purpose: the lazy-batch loop bodies below (lax.fori_loop) close over the per-call
-    # set-up (permutation, damped Cholesky, group layout), and the code follows the reference GPTQ line by
+    # set-up (permutation, damped Cholesky factor, group layout), and the code follows the reference GPTQ line by
     # line so that tests/gptq_reference.py can be compared with it code for code.
     if scale_axis not in ("row", "col"):
         raise ValueError(f"scale_axis must be 'row' or 'col', got {scale_axis!r}")
@@ -124,10 +195,9 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     rows, cols = w.shape
     dt = w.dtype
     row_mode = scale_axis == "row"
-    h = h.astype(dt)
-    h = (h + h.T) / 2
-    dead = jnp.diag(h) == 0
-    h = h + jnp.diag(dead.astype(dt))
+    hd = jnp.diag(h).astype(dt)                          # diag((H + Hᵀ)/2)
+    dead = hd == 0
+    hd = hd + dead.astype(dt)
     w = jnp.where(dead[None, :], 0, w)
     maxq = (2 ** jnp.asarray(bits, jnp.int32) - 1).astype(dt)
 
@@ -137,19 +207,20 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     if static:
         s_static, z_static = group_params(w, maxq, g, scale_dtype, grid)          # original column order
 
-    perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(cols)
+    perm = jnp.argsort(-hd, stable=True) if act_order else jnp.arange(cols)
     w = w[:, perm]
-    h = h[perm][:, perm]
     if not row_mode:
         maxq = maxq[perm]
-    r_up, damp_used = inverse_cholesky_upper(h, damp)
+    # The factor of the reversed, permuted, damped Hessian, the one n×n buffer the column loop holds (two while it
+    # is factorised). The rows of R are solved for a block at a time in the loop (upper_factor_rows), never
+    # R or L⁻¹ whole.
+    low, damp_used = damped_reversed_cholesky(h, damp, perm if act_order else None, dead, dt)
 
     bsz = g * max(1, block_size // g) if (row_mode and not static) else max(1, min(block_size, cols))
     nblocks = -(-cols // bsz)
     cp = nblocks * bsz
     pad = cp - cols
     w = jnp.pad(w, ((0, 0), (0, pad)))
-    r_up = jnp.pad(r_up, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(cp) >= cols).astype(dt)
     col_idx = jnp.arange(cp)
 
     if row_mode and static:
@@ -192,7 +263,7 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         w, qout, cout, cur, store = state
         i1 = bi * bsz
         w1 = lax.dynamic_slice_in_dim(w, i1, bsz, axis=1)
-        r_blk = lax.dynamic_slice_in_dim(r_up, i1, bsz, axis=0)               # (bsz, cp)
+        r_blk = upper_factor_rows(low, i1, bsz, cp)                           # R[i1:i1+bsz, :] (bsz, cp)
         r_in = lax.dynamic_slice_in_dim(r_blk, i1, bsz, axis=1)               # (bsz, bsz)
 
         def col_step(jl, st):
