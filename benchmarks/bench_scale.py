@@ -384,6 +384,8 @@ def _install(timers: _Timers) -> None:
     w(run, "_finish", None, scope="once")
     w(pl, "_calibration_ids", None, scope="once")
     w(src.ModelSource, "globals", "read", scope="once")
+    w(src.ModelSource, "global_tensor", "read", scope="once")
+    w(run, "global_deltas", "deltas", scope="once")
     w(src.ModelSource, "block", "read")
     w(src.ModelSource, "header_digest", "read", scope="once")
     w(run, "step_items", "deltas")
@@ -479,7 +481,9 @@ def run_compress(pair: dict, out: str, calib: str | None, args, log_path: str) -
     alloc_line = next((ln for ln in log_text.splitlines() if ln.startswith("global allocation")), None)
     return {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "load_average": os.getloadavg(),
             "peak_rss_bytes": usage.ru_maxrss * 1024, "exit_status": rc, "summary": summary,
-            "child": child, "log_allocation": alloc_line}
+            "child": child, "log_allocation": alloc_line,
+            # jaxlib's CPU QR/SVD/Cholesky run on OpenBLAS, whose threads spin on a loaded machine
+            "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS")}
 
 
 def _stage_table(child: dict, wall: float, plain: bool) -> dict:

@@ -119,13 +119,11 @@ def _compress_globals(plan: RunPlan, store, base_src, ft_src) -> None:
 
 def _first_hidden(plan: RunPlan, store, base_src, ft_src):
     """The calibration hidden states entering block 0 (through the compressed embedding when sequential)."""
-    path = ("embed_tokens", "weight")      # only the embedding: a 7B head is another 2.1 GB in float32
     if plan.calibration_mode == "sequential":
-        g_delta = decode_step(*store.restore(0))
-        table = [(p, kind) for p, kind in plan.global_table if tuple(p) == path]
-        tree = merge_block({path[0]: {path[1]: base_src.global_tensor(path)}}, g_delta, table)
+        table = [(p, kind) for p, kind in plan.global_table if tuple(p) == ("embed_tokens", "weight")]
+        tree = merge_block(base_src.embedding(), decode_step(*store.restore(0)), table)
     else:
-        tree = {path[0]: {path[1]: ft_src.global_tensor(path)}}
+        tree = ft_src.embedding()
     return embed(tree, plan.model_config, plan.ids)
 
 
@@ -154,12 +152,14 @@ def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
     if h is not None:
         h_next, hess = block_forward_with_hessians(ft_b, plan.model_config, h, layer=b, chunk_size=plan.chunk_size)
     items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy, hess)
-    del hess
+    digests = _digests(plan.block_table, base_b, ft_b)
+    del hess, ft_b          # the deltas are what the compression needs (a 7B block is 0.8 GB in float32)
+    if h is None or plan.calibration_mode == "parallel":
+        base_b = None
     step_widths = None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
     entries = compress_entries(items, plan.config, plan.method, plan.mesh, step, step_widths, u_ranks,
                                plan.svd_store)
-    meta = _step_meta(plan, step, t0, _digests(plan.block_table, base_b, ft_b))
-    save_step(store, step, items, entries, dense, meta)
+    save_step(store, step, items, entries, dense, _step_meta(plan, step, t0, digests))
     del items, dense, entries
     if h is None or plan.calibration_mode == "parallel":
         return h_next

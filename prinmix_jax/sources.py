@@ -88,6 +88,11 @@ class ModelSource:
         self._check_one(names.get(tuple(path), "/".join(path)), a, None)
         return a
 
+    def embedding(self) -> dict:
+        """``{"embed_tokens": {"weight": ...}}``: what the calibration's first hidden states need (a 7B
+        model's head is another 2.1 GB in float32)."""
+        return {"embed_tokens": {"weight": self.global_tensor(("embed_tokens", "weight"))}}
+
     def _check_finite(self, tree: dict, block: int | None) -> dict:
         """Refuses a tensor with NaN or Inf as soon as it is read, naming it (HF name) and its block."""
         table = [(f"model.layers.{block}.{suffix}", path) for suffix, path, _ in block_param_table(self.config)] \
