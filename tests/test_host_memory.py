@@ -32,3 +32,11 @@ def test_a_float32_delta_reaches_the_svd_without_a_copy():
     assert pairs64[0][0].dtype == np.float32
     two = Stack(method="prinmix", pairs=pairs + pairs, cfg=cfg, mesh=None)
     np.testing.assert_array_equal(two.deltas(), np.stack([d, d]))
+    # the same for a Hessian
+    h = np.eye(16, dtype=np.float32)
+    _, hpairs, _ = _prepare([d], [h], cfg, "prinmix")
+    one = Stack(method="prinmix", pairs=hpairs, cfg=cfg, mesh=None)
+    assert np.shares_memory(one.hessians(), h) and one.hessians().shape == (1, 16, 16)
+    assert stack.hessians() is None
+    np.testing.assert_array_equal(Stack(method="prinmix", pairs=hpairs * 2, cfg=cfg, mesh=None).hessians(),
+                                  np.stack([h, h]))

@@ -116,7 +116,7 @@ def table_svd(stack, rank: int | None):
     if not cfg.whiten or stack.pairs[0][1] is None:
         return stack_svd(stack, rank)
     damp = np.float32(cfg.whiten_damp)
-    dw, low = run_sharded(_whiten, stack.mesh, stack.deltas(), np.stack([p[1] for p in stack.pairs]), damp)
+    dw, low = run_sharded(_whiten, stack.mesh, stack.deltas(), stack.hessians(), damp)
     dw, low = np.asarray(dw), np.asarray(low)
     white = dataclasses.replace(stack, pairs=[(dw[i], p[1]) for i, p in enumerate(stack.pairs)])
     u, sigma, v = stack_svd(white, rank)

@@ -180,10 +180,7 @@ def _energy(d, h, scale):   # run_sharded batches every argument but a trailing 
 def hessian_stack(stack: Stack):
     """(B, n, n) Hessians, or ``None`` for a data-free stack (the identity: the GPTQ passes of V are then
     round-to-nearest, :func:`~prinmix_jax.core.gptq.gptq_quantize`, and no n×n matrix is stored)."""
-    pairs = stack.pairs
-    if pairs[0][1] is None:
-        return None
-    return pairs[0][1][None] if len(pairs) == 1 else np.stack([p[1] for p in pairs])
+    return stack.hessians()
 
 
 def stack_hessian(h_all, i: int, n: int):

@@ -57,7 +57,7 @@ class TensorDigest:
         self._h, self._last = hashlib.sha256(), None
 
     def update(self, name: str, arr) -> None:
-        if self._last is not None and name <= self._last:
+        if self._last is not None and name < self._last:
             raise ValueError(f"tensor {name!r} after {self._last!r}: a digest takes tensors in name order")
         self._last = name
         a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32)).astype("<f4", copy=False)
