@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank", "uniform")
-SVD_MODES = ("auto", "full", "truncated")
+SVD_MODES = ("auto", "full", "gram", "truncated")
 GRIDS = ("mse", "minmax")
 #: The candidate widths at ratios of 1/16 and above, and below it (``CompressionConfig.bits=None``).
 DEFAULT_BITS = (0, 2, 3, 4, 8)
@@ -71,14 +71,17 @@ class CompressionConfig:
         (:func:`~prinmix_jax.core.rtc.refit_sigma`; project choice).
       u_error: add an estimate of each index's U-side quantisation error to the (exact, V-only)
         error table before the allocation (project choice; the paper allocates on V alone).
-      svd: ``"truncated"``: the top ``k = ceil((1 + svd_margin) · k_max)`` SVD triplets from a randomized
-        range finder (``k_max``: the most indices the budget can keep); ``"full"``: XLA's full thin SVD;
-        ``"auto"`` (default): truncated where its sample is at most half of ``min(m, n)``, full otherwise
-        (:func:`~prinmix_jax.methods.shared.svd_rank`, docs/method.md "Truncated SVD").
+      svd: how each delta's SVD is taken. ``"gram"``: the top ``k = ceil((1 + svd_margin) · k_max)``
+        triplets (``k_max``: the most indices the budget can keep) from the eigenvectors of ``ΔWᵀΔW`` and a
+        Rayleigh–Ritz step on ``ΔW`` (:func:`~prinmix_jax.core.svd.gram_svd`); ``"truncated"``: the same
+        ``k`` from a randomized range finder (:func:`~prinmix_jax.core.svd.truncated_svd`, slower and less
+        accurate on the CPU); ``"full"``: XLA's full thin SVD, every row kept (the reference); ``"auto"``
+        (default): ``"gram"`` where ``k`` is at most 0.6 of ``min(m, n)``, otherwise the full SVD cut to
+        ``k`` rows (:func:`~prinmix_jax.methods.shared.svd_rank`, docs/method.md "Truncated SVD").
       svd_margin: extra indices over ``k_max`` the truncated SVD returns, as a fraction of ``k_max`` (the
         allocation may keep an index of smaller σ; indices beyond ``k`` are dropped).
-      svd_oversample: extra random samples of the range finder, as a fraction of ``k``.
-      svd_iters: subspace (power) iterations of the range finder.
+      svd_oversample: extra random samples of the range finder (``svd="truncated"``), as a fraction of ``k``.
+      svd_iters: subspace (power) iterations of the range finder (``svd="truncated"``).
     """
     ratio: float = 1 / 16
     bits: tuple[int, ...] | None = None

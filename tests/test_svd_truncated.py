@@ -1,4 +1,5 @@
-"""The truncated SVD (``CompressionConfig.svd``): accuracy against the full SVD, determinism, rank choice.
+"""The truncated SVDs (``CompressionConfig.svd``: the Gram SVD and the randomized range finder): accuracy
+against the full SVD, determinism, rank choice.
 
 Accuracy targets (issue 14): the kept singular values within 1e-3 relative of the full SVD's, and the
 end-to-end relative output error of the compressed matrix within 1% of the full SVD's. Each bound is also
@@ -13,12 +14,13 @@ import pytest
 from prinmix_jax import CompressionConfig, compress_matrix, compress_stack, error_tables, to_state
 from prinmix_jax.allocation import allocate_bits
 from prinmix_jax.core.mesh import single_device_mesh
-from prinmix_jax.core.svd import svd_delta, svd_sharded
-from prinmix_jax.methods.shared import index_costs, max_kept_rank, oversample_columns, svd_rank
+from prinmix_jax.core.svd import gram_fallback_needed, svd_delta, svd_fn, svd_sharded
+from prinmix_jax.methods.shared import index_costs, max_kept_rank, oversample_columns, svd_method, svd_rank
 from prinmix_jax.synthetic import long_tailed_delta
 
 M, N = 256, 512
 TRUNC = CompressionConfig(svd="truncated")
+GRAM = CompressionConfig(svd="gram")
 FULL = CompressionConfig(svd="full")
 
 
@@ -38,35 +40,74 @@ def _rank(cfg=TRUNC, m=M, n=N):
 
 def _sigma_error(d, rank, oversample, iters):
     s_full = np.linalg.svd(d.astype(np.float64), compute_uv=False)
-    u, s, v = (np.asarray(x) for x in svd_delta(d, rank, oversample=oversample, iters=iters))
+    u, s, v = (np.asarray(x) for x in svd_delta(d, rank, method="randomized", oversample=oversample,
+                                                 iters=iters))
     return u, s, v, np.abs(s - s_full[:rank]) / s_full[:rank]
 
 
+@pytest.mark.parametrize("method", ["gram", "randomized"])
 @pytest.mark.parametrize("shape", [(M, N), (N, M)])
-def test_truncated_sigma_within_1e3_of_full_and_layout(shape):
+def test_truncated_sigma_within_1e3_of_full_and_layout(shape, method):
     d, _ = long_tailed_delta(*shape, seed=5)
     k_max = max_kept_rank(*shape, TRUNC)
     k = _rank(TRUNC, *shape)
     assert k_max < k < min(shape)
-    u, s, v, err = _sigma_error(d, k, oversample_columns(k, TRUNC), TRUNC.svd_iters)
+    s_full = np.linalg.svd(d.astype(np.float64), compute_uv=False)
+    u, s, v = (np.asarray(x) for x in svd_delta(d, k, method=method, oversample=oversample_columns(k, TRUNC),
+                                                 iters=TRUNC.svd_iters))
+    err = np.abs(s - s_full[:k]) / s_full[:k]
     assert u.shape == (shape[0], k) and s.shape == (k,) and v.shape == (k, shape[1])
     assert u.dtype == s.dtype == v.dtype == np.float32
     assert np.all(np.diff(s) <= 0)
     np.testing.assert_allclose(v @ v.T, np.eye(k), atol=2e-5)
     np.testing.assert_allclose(u.T @ u, np.eye(k), atol=2e-5)
     assert err[:k_max].max() < 1e-3, err[:k_max].max()
-    # The triplets are consistent: U diag(σ) V is the projection of ΔW on U's columns.
-    np.testing.assert_allclose((u * s) @ v, u @ (u.T @ d), atol=1e-5 * np.abs(d).max())
+    if method == "gram":       # the Gram SVD is exact up to float32 rounding of ΔWᵀΔW: every k, tighter
+        assert err.max() < 1e-4, err.max()
+    # The triplets are consistent: U diag(σ) V is the projection of ΔW on U's columns (the range finder's
+    # Rayleigh–Ritz) or on V's rows (the Gram SVD's).
+    proj = d @ v.T @ v if method == "gram" else u @ (u.T @ d)
+    np.testing.assert_allclose((u * s) @ v, proj, atol=1e-5 * np.abs(d).max())
     # Sensitivity: no subspace iteration and no oversampling miss the bound by far.
     assert _sigma_error(d, k, 0, 0)[3][:k_max].max() > 1e-2
 
 
+def test_gram_svd_falls_back_to_the_full_svd_on_steep_spectra_and_keeps_low_rank_deltas():
+    """Squaring ΔW in float32 costs the Gram SVD relative accuracy as ``ε·√n·(σ₁/σ_k)²``: on a steep spectrum
+    its raw σ are off by over 1e-2, so the guard (:func:`gram_fallback_needed`) takes the full SVD there and
+    the result is exact; on a long-tailed delta the guard keeps the Gram SVD. A delta of rank < k and an
+    all-zero delta give zeros past the rank, orthonormal factors and no NaN."""
+    k = 96
+    steep, _ = long_tailed_delta(512, 256, seed=7, decay=1.5, noise=1e-4)
+    tail, _ = long_tailed_delta(512, 256, seed=7)
+    for d, trusted in ((steep, False), (tail, True)):
+        s_full = np.linalg.svd(d.astype(np.float64), compute_uv=False)[:k]
+        raw = np.asarray(svd_fn(k, "gram")(jax.numpy.asarray(d))[1], np.float64)
+        assert gram_fallback_needed(raw[None], 256)[0] == (not trusted)
+        s = np.asarray(svd_delta(d, k)[1], np.float64)
+        assert np.abs(s / s_full - 1).max() < (1e-4 if trusted else 1e-5)
+        if not trusted:
+            assert np.abs(raw / s_full - 1).max() > 1e-2
+        (_, s8, _) = svd_sharded(np.stack([tail, d, tail]), rank=k)    # the guard per matrix, on 8 devices
+        np.testing.assert_array_equal(np.asarray(s8)[1], np.asarray(svd_delta(d, k)[1]))
+    rng = np.random.default_rng(0)
+    low = (rng.standard_normal((64, 3)) @ rng.standard_normal((3, 48))).astype(np.float32)
+    for delta in (low, np.zeros((64, 48), np.float32), low.T):
+        u, s, v = (np.asarray(x) for x in svd_delta(delta, 10))
+        assert np.isfinite(u).all() and np.isfinite(s).all() and np.isfinite(v).all()
+        np.testing.assert_allclose(u.T @ u, np.eye(10), atol=1e-5)
+        np.testing.assert_allclose(v @ v.T, np.eye(10), atol=1e-5)
+        np.testing.assert_allclose((u * s) @ v, delta, atol=1e-4 * max(1.0, np.abs(delta).max()))
+        assert np.all(s[3:] <= 1e-5 * max(1.0, s[0]))
+
+
+@pytest.mark.parametrize("cfg", [GRAM, TRUNC], ids=["gram", "randomized"])
 @pytest.mark.parametrize("calibrated", [False, True])
-def test_prinmix_output_error_within_one_percent_of_full(pair, calibrated):
+def test_prinmix_output_error_within_one_percent_of_full(pair, calibrated, cfg):
     d, h = pair
     h = h if calibrated else None
     _, full = compress_matrix(d, h, FULL, return_info=True)
-    cm, trunc = compress_matrix(d, h, TRUNC, return_info=True)
+    cm, trunc = compress_matrix(d, h, cfg, return_info=True)
     assert trunc["svd_rank"] == _rank() < M and full["svd_rank"] == M
     assert cm.nbytes <= TRUNC.budget_bits(M, N) // 8
     rel = trunc["rel_output_error"] / full["rel_output_error"] - 1
@@ -77,7 +118,8 @@ def test_prinmix_output_error_within_one_percent_of_full(pair, calibrated):
     # least-squares grids).
     s_full = np.linalg.svd(d.astype(np.float64), compute_uv=False)
     k = trunc["svd_rank"]
-    s_trunc = np.asarray(svd_delta(d, k, oversample=oversample_columns(k, TRUNC), iters=TRUNC.svd_iters)[1])
+    s_trunc = np.asarray(svd_delta(d, k, method=svd_method(cfg), oversample=oversample_columns(k, TRUNC),
+                                   iters=TRUNC.svd_iters)[1])
     kept = np.concatenate([np.asarray(s) for s in cm.sigma])
     idx = np.argmin(np.abs(kept[:, None] - s_trunc[None, :]), axis=1)
     assert np.abs(kept / s_trunc[idx] - 1).max() < 1e-5
@@ -85,6 +127,8 @@ def test_prinmix_output_error_within_one_percent_of_full(pair, calibrated):
     top = idx < max_kept_rank(M, N, TRUNC)
     assert rel_err[top].max() < 1e-3, rel_err[top].max()
     assert rel_err.max() < 2e-3, (idx.max(), rel_err.max())
+    if cfg is GRAM:
+        return
     # Sensitivity: a range finder without iterations or oversampling, at the bare k_max, is > 1% worse.
     weak = dataclasses.replace(TRUNC, svd_margin=0.0, svd_oversample=0.0, svd_iters=0)
     _, bad = compress_matrix(d, h, weak, return_info=True)
@@ -131,16 +175,18 @@ def test_widths_beyond_the_truncation_fall_back_to_the_full_svd(small):
 def test_deterministic_and_independent_of_the_device_count():
     assert len(jax.devices()) == 8
     deltas = np.stack([long_tailed_delta(64, 96, seed=s)[0] for s in range(3)])     # 3 -> padded to 8
-    one = [np.asarray(x) for x in svd_sharded(deltas, single_device_mesh(), rank=20, oversample=10, iters=3)]
-    eight = [np.asarray(x) for x in svd_sharded(deltas, rank=20, oversample=10, iters=3)]
-    again = [np.asarray(x) for x in svd_delta(deltas[1], 20, oversample=10, iters=3)]
-    for a, b in zip(one, eight):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(again, one):
-        np.testing.assert_array_equal(a, b[1])
-    cfg = CompressionConfig(group_size=16, svd="truncated")
+    for kw in (dict(method="randomized", oversample=10, iters=3), dict(method="gram")):
+        one = [np.asarray(x) for x in svd_sharded(deltas, single_device_mesh(), rank=20, **kw)]
+        eight = [np.asarray(x) for x in svd_sharded(deltas, rank=20, **kw)]
+        again = [np.asarray(x) for x in svd_delta(deltas[1], 20, **kw)]
+        for a, b in zip(one, eight):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(again, one):
+            np.testing.assert_array_equal(a, b[1])
     pairs = [long_tailed_delta(64, 96, seed=s) for s in range(3)]
-    for method in ("prinmix", "deltacome"):
+    for cfg, method in ((CompressionConfig(group_size=16, svd="truncated"), "prinmix"),
+                        (CompressionConfig(group_size=16, svd="truncated"), "deltacome"),
+                        (CompressionConfig(group_size=16, svd="gram"), "prinmix")):
         stacked = compress_stack([p[0] for p in pairs], [p[1] for p in pairs], cfg, method)
         for cm, (d, h) in zip(stacked, pairs):
             a, ma = to_state(cm)
@@ -157,9 +203,11 @@ def test_rank_choice_and_config():
     assert svd_rank(4096, 4096, TRUNC, k_max) == int(np.ceil(1.25 * k_max))
     auto = CompressionConfig()
     assert auto.svd == "auto"
-    assert svd_rank(4096, 4096, auto, k_max) is not None                             # well below min(m, n)
-    assert svd_rank(256, 512, auto, max_kept_rank(256, 512, auto)) is None             # sample > r / 2: full
-    assert svd_rank(256, 512, dataclasses.replace(auto, svd_oversample=0.0), 20) == 25
+    assert svd_rank(4096, 4096, auto, k_max) == int(np.ceil(1.25 * k_max))           # well below min(m, n)
+    assert svd_rank(256, 512, auto, 120) == 150                                       # k <= 0.6 r: Gram SVD
+    assert svd_rank(256, 512, auto, 130) is None                                      # k > 0.6 r: full
+    assert svd_rank(256, 512, GRAM, 130) == 163
+    assert svd_method(auto) == svd_method(GRAM) == "gram" and svd_method(TRUNC) == "randomized"
     for kw, match in [({"svd": "fast"}, "svd must be"), ({"svd_margin": -0.1}, "svd_margin"),
                       ({"svd_oversample": float("inf")}, "svd_oversample"), ({"svd_iters": 1.5}, "svd_iters"),
                       ({"svd_iters": -1}, "svd_iters")]:
@@ -169,16 +217,16 @@ def test_rank_choice_and_config():
 
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_auto_full_svd_runs_the_passes_on_the_truncated_rows_only(monkeypatch, calibrated):
-    """Where ``auto`` takes the full SVD (the range finder would not pay), the GPTQ passes of the error table
+    """Where ``auto`` takes the full SVD (the Gram SVD would not pay: k > 0.6 min(m, n)), the GPTQ passes of the error table
     still run on the ``k_max`` + margin rows only (not min(m, n)), and the result matches ``svd="full"``,
     which keeps every row."""
     import prinmix_jax.methods.shared as sh
 
     m, n = 256, 128
-    cfg = CompressionConfig(ratio=1 / 8, group_size=32)
+    cfg = CompressionConfig(ratio=1 / 6, group_size=32)
     k_max = max_kept_rank(m, n, cfg)
     assert svd_rank(m, n, cfg, k_max) is None                      # auto: the full SVD here
-    cut = svd_rank(m, n, dataclasses.replace(cfg, svd="truncated"), k_max)
+    cut = svd_rank(m, n, dataclasses.replace(cfg, svd="gram"), k_max)
     assert cut < n
     rows = []
     real = sh.run_stack_rows

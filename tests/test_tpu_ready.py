@@ -1,6 +1,6 @@
 """TPU readiness: every core program runs in float32 with ``jax_enable_x64`` off and lowers for TPU.
 
-Each program (full and truncated SVD, error table, GPTQ, the U-side estimate, RTC, packing, the
+Each program (full, Gram and randomized truncated SVD, error table, GPTQ, the U-side estimate, RTC, packing, the
 reconstruction and the error terms) is exported with :mod:`jax.export` for the ``tpu`` platform from this
 CPU machine: an op with no TPU lowering (a LAPACK-only call, a host callback) fails the export. The
 exported inputs and outputs are float32 or integer, and no float64 appears anywhere in the lowered module.
@@ -20,7 +20,7 @@ from prinmix_jax.core.error_table import error_table, u_error_estimate
 from prinmix_jax.core.gptq import gptq_quantize
 from prinmix_jax.core.packing import pack_bits, unpack_bits
 from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
-from prinmix_jax.core.svd import thin_svd, truncated_svd
+from prinmix_jax.core.svd import gram_svd, thin_svd, truncated_svd
 from prinmix_jax.methods.prinmix import _unwhiten, _whiten
 from prinmix_jax.methods.shared import _energy, _error_terms, _factored_error_terms
 from prinmix_jax.synthetic import long_tailed_delta
@@ -44,6 +44,8 @@ def _programs():
     return {
         "thin_svd": (thin_svd, (d,)),
         "truncated_svd": (functools.partial(truncated_svd, rank=K, oversample=6, iters=2), (d,)),
+        "gram_svd": (functools.partial(gram_svd, rank=K), (d,)),
+        "gram_svd_wide_vmapped": (jax.vmap(functools.partial(gram_svd, rank=K)), (np.stack([d.T, d.T]),)),
         "truncated_svd_vmapped": (jax.vmap(functools.partial(truncated_svd, rank=K, oversample=6, iters=2)),
                                   (np.stack([d, d]),)),
         "error_table": (functools.partial(error_table, widths=(0, 2, 3, 4, 8), **GPTQ), (v, s, h, np.float32(0.01))),
@@ -122,10 +124,10 @@ def test_compress_matrix_with_x64_off_truncated_and_full():
     """The whole path (SVD, tables, ILP, GPTQ, RTC, packing) with x64 off: float32/int arrays out."""
     d, h = long_tailed_delta(64, 128, seed=1)
     with jax.enable_x64(False):
-        for svd in ("full", "truncated"):
+        for svd in ("full", "gram", "truncated"):
             cm, info = compress_matrix(d, h, CompressionConfig(group_size=32, svd=svd), return_info=True)
             for leaf in _leaves(cm):
                 assert _ok_dtype(leaf.dtype), (svd, leaf.dtype)
             assert np.asarray(cm.reconstruct()).dtype == np.float32
             assert 0 < info["rel_output_error"] < 1
-            assert (info["svd_rank"] < 64) == (svd == "truncated")
+            assert (info["svd_rank"] < 64) == (svd != "full")

@@ -1,13 +1,16 @@
 """Thin SVD of deltas, ``ΔW = U diag(σ) V`` with V's rows orthonormal (numpy's ``Vᵀ``).
 
-Two SVDs with one layout (``U`` (m, k), ``σ`` (k,) descending, ``V`` (k, n)):
+Three SVDs with one layout (``U`` (m, k), ``σ`` (k,) descending, ``V`` (k, n)):
 
 - :func:`thin_svd`: XLA's full thin SVD, every ``min(m, n)`` triplet.
+- :func:`gram_svd`: the top ``k`` triplets from the eigenvectors of the Gram matrix ``ΔWᵀΔW`` of the
+  smaller side, made exact for ``ΔW`` by a Rayleigh–Ritz step on ``ΔW`` itself. No allocation keeps more
+  than ``k_max`` indices (:func:`~prinmix_jax.methods.shared.max_kept_rank`), so the methods ask for
+  ``k_max`` plus a margin (:func:`~prinmix_jax.methods.shared.svd_rank`) and skip the 60–80% of the
+  triplets a full SVD computes and throws away. The default wherever it pays.
 - :func:`truncated_svd`: the top ``k`` triplets from a randomized range finder with subspace
-  iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1), built from matrix products and QR
-  only, in float32. No allocation keeps more than ``k_max`` indices (:func:`~prinmix_jax.methods.shared.
-  max_kept_rank`), so the methods ask for ``k_max`` plus a margin (:func:`~prinmix_jax.methods.shared.
-  svd_rank`) and skip the 60–80% of the triplets a full SVD computes and throws away.
+  iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1), built from matrix products, LU and QR
+  only, in float32: an option (slower and less accurate than :func:`gram_svd` on the CPU, docs/method.md).
 
 The one SVD path of the project: :func:`compress_stack <prinmix_jax.compress.compress_stack>` and
 :func:`error_tables <prinmix_jax.compress.error_tables>` call :func:`svd_sharded`. Within
@@ -50,6 +53,50 @@ def thin_svd(delta):
         u, s, vt = jnp.linalg.svd(jnp.swapaxes(delta, -1, -2), full_matrices=False)
         return jnp.swapaxes(vt, -1, -2), s, jnp.swapaxes(u, -1, -2)
     return jnp.linalg.svd(delta, full_matrices=False)
+
+
+def gram_svd(delta, rank: int):
+    """The top ``rank`` triplets ``(U (m, rank), σ (rank,), V (rank, n))`` of one delta: traced, not jitted.
+
+    With ``A`` the delta in its tall orientation (``m ≥ n``; a wide delta is decomposed as its transpose):
+
+        G = AᵀA (n×n);  G = W Λ Wᵀ (eigh)  ⇒  W_k: the eigenvectors of the top ``rank`` eigenvalues
+        B = A W_k;  B = Q R (QR);  R = Ũ S Ṽᵀ (a rank×rank SVD)       (Rayleigh–Ritz on A)
+        U = Q Ũ,  σ = S,  V = Ṽᵀ W_kᵀ
+
+    Squaring ``A`` in float32 perturbs ``G`` by about ``ε·σ₁²``. That only mixes eigenvectors whose
+    eigenvalues lie within ``ε·σ₁²`` of each other, so the Rayleigh–Ritz step on ``A`` (not on ``G``) gives σ of
+    nearly full relative accuracy down to ``σ ≈ √ε·σ₁ ≈ 2.4e-4·σ₁``; below that the directions are noise
+    that no allocation keeps (the σ returned for them are still Ritz values: lower bounds). ``U`` and
+    ``V`` are orthonormal to float32 rounding. Costs one ``m·n²`` product, an n×n ``eigh``, an ``m·n·rank``
+    product, a QR of ``m×rank`` and a ``rank×rank`` SVD; against XLA's full SVD on the CPU: 2.2x faster
+    at 4096² (rank 1168), 1.9–2.3x at 11008×4096 (rank 1704), about break-even at rank ≈ 0.6·n for a
+    square matrix (docs/benchmarks.md). On TPU, ``eigh`` is matrix-product based (QDWH).
+
+    ``rank`` must be a Python int in ``1..min(m, n)``. Sign conventions of U, V can differ from
+    :func:`thin_svd`'s.
+    """
+    m, n = delta.shape
+    r = min(m, n)
+    if not 1 <= rank <= r:
+        raise ValueError(f"rank must be in 1..{r} for a {m}x{n} delta, got {rank}")
+    # Every product contracts the shared axis in place (dot_general), never through a transposed operand:
+    # XLA:CPU rounds a product with a transposed operand differently under a vmap of batch 1 than unbatched.
+    wide = m < n                                   # work on the smaller Gram matrix: ΔWΔWᵀ for a wide delta
+    side = 1 if wide else 0                        # the axis of ΔW that AᵀA contracts
+    g = _contract(delta, delta, side, side)
+    _, w = jnp.linalg.eigh(g)                      # ascending eigenvalues
+    w_k = w[:, ::-1][:, :rank]
+    q, rr = jnp.linalg.qr(_contract(delta, w_k, 0, 0) if wide else jnp.matmul(delta, w_k, precision=HIGHEST))
+    ub, s, vbt = jnp.linalg.svd(rr, full_matrices=False)
+    if wide:                                       # ΔW ≈ W_k Bᵀ = W_k Ṽ S Ũᵀ Qᵀ
+        return _contract(w_k, vbt, 1, 1), s, _contract(ub, q, 0, 1)
+    return jnp.matmul(q, ub, precision=HIGHEST), s, _contract(vbt, w_k, 1, 1)     # ΔW ≈ B W_kᵀ
+
+
+def _contract(x, y, ax: int, ay: int):
+    """``Σ_l x[.., l (axis ax) ..] y[.., l (axis ay) ..]`` as one dot_general at full float32 precision."""
+    return jax.lax.dot_general(x, y, (((ax,), (ay,)), ((), ())), precision=HIGHEST)
 
 
 def truncated_svd(delta, rank: int, *, oversample: int = 32, iters: int = 4, seed: int = SVD_SEED):
@@ -111,30 +158,39 @@ def lu_basis(y):
     return l[jnp.argsort(perm)]
 
 
+#: The truncated SVDs :func:`svd_delta` and :func:`svd_sharded` can take (``method``).
+SVD_METHODS = ("gram", "randomized")
+
+
 @functools.cache
-def truncated_svd_fn(rank: int, oversample: int, iters: int, seed: int = SVD_SEED):
-    """:func:`truncated_svd` with its static settings bound: one long-lived function per setting, so
-    :func:`~prinmix_jax.core.mesh.run_sharded` compiles it once per shape."""
-    return functools.partial(truncated_svd, rank=int(rank), oversample=int(oversample), iters=int(iters),
-                             seed=int(seed))
+def svd_fn(rank: int | None = None, method: str = "gram", oversample: int = 32, iters: int = 4):
+    """The traced SVD of one delta with its static settings bound: :func:`thin_svd` (``rank=None``),
+    :func:`gram_svd` or :func:`truncated_svd` (``method="randomized"``, with ``oversample`` and ``iters``).
+    One long-lived function per setting, so :func:`~prinmix_jax.core.mesh.run_sharded` compiles it once per
+    shape."""
+    if rank is None:
+        return thin_svd
+    if method == "gram":
+        return functools.partial(gram_svd, rank=int(rank))
+    if method == "randomized":
+        return functools.partial(truncated_svd, rank=int(rank), oversample=int(oversample), iters=int(iters),
+                                 seed=SVD_SEED)
+    raise ValueError(f"SVD method must be one of {', '.join(SVD_METHODS)}, got {method!r}")
 
 
-_svd = jax.jit(thin_svd)
+@functools.cache
+def _jitted(fn, batched: bool):
+    return jax.jit(jax.vmap(fn) if batched else fn)
 
 
-@functools.partial(jax.jit, static_argnames=("rank", "oversample", "iters", "seed"))
-def _truncated(delta, rank, oversample, iters, seed):
-    fn = functools.partial(truncated_svd, rank=rank, oversample=oversample, iters=iters, seed=seed)
-    return fn(delta) if delta.ndim == 2 else jax.vmap(fn)(delta)
-
-
-def svd_delta(delta, rank: int | None = None, *, oversample: int = 32, iters: int = 4):
+def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversample: int = 32, iters: int = 4):
     """Thin SVD of one delta ``(m, n)`` or of a stack ``(batch, m, n)``.
 
     Args:
       delta: float32/float64 array; bf16/f16 is refused (upcast it yourself).
-      rank: ``None``: the full thin SVD (:func:`thin_svd`); an int: the top ``rank`` triplets from
-        :func:`truncated_svd` with ``oversample`` and ``iters``.
+      rank: ``None``: the full thin SVD (:func:`thin_svd`); an int: the top ``rank`` triplets.
+      method: how the top ``rank`` are computed: ``"gram"`` (:func:`gram_svd`) or ``"randomized"``
+        (:func:`truncated_svd` with ``oversample`` and ``iters``).
 
     Returns:
       ``(U, σ, V)`` with shapes ``(..., m, r)``, ``(..., r)``, ``(..., r, n)``, ``r = min(m, n)`` (or
@@ -142,17 +198,21 @@ def svd_delta(delta, rank: int | None = None, *, oversample: int = 32, iters: in
     """
     delta = jnp.asarray(delta)
     _check_dtype(delta)
-    if rank is None:
-        return _svd(delta)
-    return _truncated(delta, int(rank), int(oversample), int(iters), SVD_SEED)
+    out = _jitted(svd_fn(rank, method, oversample, iters), delta.ndim == 3)(delta)
+    if rank is None or method != "gram":
+        return out
+    stack = delta if delta.ndim == 3 else delta[None]
+    fixed = _gram_fallback(stack, out if delta.ndim == 3 else [x[None] for x in out], rank,
+                           lambda d: _jitted(thin_svd, True)(jnp.asarray(d)))
+    return fixed if delta.ndim == 3 else tuple(x[0] for x in fixed)
 
 
 def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, rank: int | None = None,
-                oversample: int = 32, iters: int = 4):
+                method: str = "gram", oversample: int = 32, iters: int = 4):
     """SVD of a stack ``(batch, m, n)`` of same-shape deltas, spread over the devices of ``mesh``.
 
-    One ``jax.jit``-compiled ``vmap`` of :func:`thin_svd` (``rank=None``) or of :func:`truncated_svd`
-    (the top ``rank`` triplets, with ``oversample`` and ``iters``) with batch-sharded in/out shardings
+    One ``jax.jit``-compiled ``vmap`` of :func:`svd_fn` (the full SVD for ``rank=None``, else the top
+    ``rank`` triplets by ``method``) with batch-sharded in/out shardings
     (:func:`~prinmix_jax.core.mesh.run_sharded`): the batch is padded to a multiple of the mesh size
     and the padding removed. Each matrix's result does not depend on the batch or the device count.
 
@@ -161,6 +221,7 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
         devices shard by shard.
       mesh: a 1-D mesh; default all devices.
       axis: the mesh axis name.
+      rank, method, oversample, iters: as for :func:`svd_delta`.
 
     Returns:
       ``(U, σ, V)`` for the unpadded batch: on the mesh, or on the host (numpy) when it was padded.
@@ -169,8 +230,46 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
     _check_dtype(deltas)
     if deltas.ndim != 3:
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
-    fn = thin_svd if rank is None else truncated_svd_fn(rank, oversample, iters)
-    return run_sharded(fn, default_mesh(mesh, axis), deltas, axis=axis)
+    mesh = default_mesh(mesh, axis)
+    out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
+    if rank is None or method != "gram":
+        return out
+    return _gram_fallback(deltas, out, rank, lambda d: run_sharded(thin_svd, mesh, d, axis=axis))
+
+
+#: The Gram SVD's σ lose relative accuracy as about ``c · ε · √n · (σ₁/σ)²`` (``ε`` float32's, ``n`` the
+#: smaller side; ``c`` measured 0.02–0.16), from the rounding of ``ΔWᵀΔW``. Where that estimate at the last
+#: index, ``ε · √n · (σ₁/σ_k)²``, exceeds this, the matrix's SVD is taken again in full and cut to ``k``
+#: (:func:`gram_fallback_needed`). Measured: 0.042–0.058 on the long-tailed 4096-wide benchmark deltas
+#: (largest σ error over the top ``k_max`` ≤ 2e-4); 0.10 and 0.54 on steep spectra (σ ~ i^-1.5), where the
+#: Gram SVD's σ were off by up to 2.5e-3 over the top 80% of ``k``. Fine-tuning deltas are far flatter
+#: (σ₁/σ_k 3–40 on the demo pair).
+GRAM_MAX_ERROR_ESTIMATE = 0.075
+
+
+def gram_fallback_needed(sigma, n: int) -> np.ndarray:
+    """(B,) bool: which of a stack's Gram SVDs (σ (B, k) as returned, ``n`` = min(m, n)) are not trusted:
+    ``ε · √n · (σ₁/σ_k)² >`` :data:`GRAM_MAX_ERROR_ESTIMATE`, or σ_k = 0 (a delta of rank < k: its full
+    SVD is as cheap to trust)."""
+    sigma = np.asarray(sigma, np.float64)
+    first, last = sigma[:, 0], sigma[:, -1]
+    eps = float(np.finfo(np.float32).eps)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        est = eps * np.sqrt(n) * (first / last) ** 2
+    return (last <= 0) & (first > 0) | (est > GRAM_MAX_ERROR_ESTIMATE)
+
+
+def _gram_fallback(deltas, out, rank: int, full_svd):
+    """``out`` (the Gram SVDs of a stack) with the untrusted matrices' triplets replaced by the top ``rank``
+    of their full SVD (``full_svd(stack) -> (U, σ, V)``); ``out`` unchanged when every one is trusted."""
+    redo = np.nonzero(gram_fallback_needed(out[1], min(deltas.shape[-2:])))[0]
+    if not len(redo):
+        return out
+    u, s, v = (np.array(x) for x in out)
+    fu, fs, fv = full_svd(np.asarray(deltas)[redo] if isinstance(deltas, np.ndarray) else deltas[redo])
+    u[redo], s[redo], v[redo] = (np.asarray(fu)[:, :, :rank], np.asarray(fs)[:, :rank],
+                                 np.asarray(fv)[:, :rank])
+    return u, s, v
 
 
 _REUSE: contextvars.ContextVar = contextvars.ContextVar("prinmix_svd_reuse", default=None)
@@ -198,6 +297,10 @@ def active_svd_reuse():
     return _REUSE.get()
 
 
-def svd_settings(rank: int | None = None, oversample: int = 32, iters: int = 4) -> str:
+def svd_settings(rank: int | None = None, method: str = "gram", oversample: int = 32, iters: int = 4) -> str:
     """A short name of the SVD that :func:`svd_sharded` computes with these settings (part of a reuse key)."""
-    return "full" if rank is None else f"r{int(rank)}-o{int(oversample)}-i{int(iters)}-s{SVD_SEED}"
+    if rank is None:
+        return "full"
+    if method == "gram":
+        return f"g{int(rank)}"
+    return f"r{int(rank)}-o{int(oversample)}-i{int(iters)}-s{SVD_SEED}"

@@ -133,8 +133,8 @@ def table_svd_rank(stack) -> int | None:
 
 def table_rows(stack, u, sigma, v, given=None):
     """The SVD a table method's GPTQ passes run on: under ``cfg.svd="auto"`` a full SVD (taken where the
-    range finder would not pay) is cut to the rank a truncated one would have had (``svd_rank`` with
-    ``"truncated"``: ``k_max`` plus its margin), so the error tables and the V step cost ``k`` rows, not
+    Gram SVD would not pay) is cut to the rank a truncated one would have had (``svd_rank`` with
+    ``"gram"``: ``k_max`` plus its margin), so the error tables and the V step cost ``k`` rows, not
     ``min(m, n)`` (a 7B ``down_proj``: 1704 of 4096), and the tail is completed by :func:`pad_tail` as for
     a truncated SVD. ``cfg.svd="full"`` keeps every row (the reference), as do widths given beyond ``k``.
 
@@ -146,7 +146,7 @@ def table_rows(stack, u, sigma, v, given=None):
     k = sigma.shape[1]
     if cfg.svd != "auto" or k < min(m, n):
         return u, sigma, v
-    cut = svd_rank(m, n, dataclasses.replace(cfg, svd="truncated"), max_kept_rank(m, n, cfg))
+    cut = svd_rank(m, n, dataclasses.replace(cfg, svd="gram"), max_kept_rank(m, n, cfg))
     if cut is None or cut >= k or (given is not None and np.asarray(given)[:, cut:].any()):
         return u, sigma, v
     return u[:, :, :cut], sigma[:, :cut], v[:, :cut]

@@ -53,9 +53,10 @@ def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
     return int(min(r, cfg.budget_bits(m, n) // cheapest_index_bits(m, n, cfg, bits)))
 
 
-#: ``"auto"`` truncates the SVD only where the range finder's sample ``l = k · (1 + svd_oversample)`` is
-#: at most this fraction of ``min(m, n)``; above it the full SVD is as fast (docs/method.md "Truncated SVD").
-SVD_AUTO_MAX_FRACTION = 0.5
+#: ``"auto"`` takes the Gram SVD (:func:`~prinmix_jax.core.svd.gram_svd`) only where its rank ``k`` is at
+#: most this fraction of ``min(m, n)``; near 0.6 a square matrix's Gram SVD costs as much as the full one
+#: (docs/benchmarks.md "SVD: full against truncated").
+SVD_AUTO_MAX_FRACTION = 0.6
 
 
 def svd_rank(m: int, n: int, cfg: CompressionConfig, k_max: int) -> int | None:
@@ -66,17 +67,23 @@ def svd_rank(m: int, n: int, cfg: CompressionConfig, k_max: int) -> int | None:
     kept, not which; with a calibration Hessian the allocation can keep an index of smaller σ whose
     ``σ² V_i H V_iᵀ`` is larger (down to ~1.6 ``k_max`` on the calibrated synthetic deltas), and indices
     beyond ``k`` are dropped; the default margin 0.25 costs at most ~0.1% of the table objective there
-    (docs/method.md "Truncated SVD"). ``cfg.svd``: ``"full"`` → ``None``; ``"truncated"`` → ``k`` unless
-    ``k_max`` is every index; ``"auto"`` → ``k`` where the sample ``k · (1 + cfg.svd_oversample)`` is at
-    most :data:`SVD_AUTO_MAX_FRACTION` of ``min(m, n)``.
+    (docs/method.md "Truncated SVD"). ``cfg.svd``: ``"full"`` → ``None``; ``"gram"``/``"truncated"`` →
+    ``k`` unless ``k_max`` is every index; ``"auto"`` → ``k`` where ``k`` is at most
+    :data:`SVD_AUTO_MAX_FRACTION` of ``min(m, n)``.
     """
     r = min(m, n)
     if cfg.svd == "full" or k_max >= r:
         return None
     k = min(r, max(1, math.ceil((1 + cfg.svd_margin) * k_max - 1e-9)))
-    if cfg.svd == "auto" and k * (1 + cfg.svd_oversample) > SVD_AUTO_MAX_FRACTION * r:
+    if k >= r or (cfg.svd == "auto" and k > SVD_AUTO_MAX_FRACTION * r):
         return None
     return k
+
+
+def svd_method(cfg: CompressionConfig) -> str:
+    """How a truncated SVD is computed under ``cfg`` (:func:`~prinmix_jax.core.svd.svd_fn`): the range finder
+    for ``svd="truncated"``, the Gram SVD otherwise."""
+    return "randomized" if cfg.svd == "truncated" else "gram"
 
 
 def rank_bucket(k: int) -> int:
@@ -133,12 +140,12 @@ def reconstruct(cm: CompressedMatrix):
 
 def stack_svd(stack: Stack, rank: int | None = None):
     """``(U, σ, V)`` of every delta of the stack (:func:`~prinmix_jax.core.svd.svd_sharded`): the full thin
-    SVD (``rank=None``) or the top ``rank`` triplets (:func:`svd_rank`; ``cfg.svd_oversample``, ``svd_iters``).
+    SVD (``rank=None``) or the top ``rank`` triplets (:func:`svd_rank`) by :func:`svd_method`.
 
     Inside :func:`~prinmix_jax.core.svd.reusing_svds` the store gives the SVDs it kept (the same bytes) and
     is offered the ones computed here."""
-    kw = {} if rank is None else dict(rank=rank, oversample=oversample_columns(rank, stack.cfg),
-                                      iters=stack.cfg.svd_iters)
+    kw = {} if rank is None else dict(rank=rank, method=svd_method(stack.cfg),
+                                      oversample=oversample_columns(rank, stack.cfg), iters=stack.cfg.svd_iters)
     reuse = active_svd_reuse()
     if reuse is None:
         return svd_sharded(stack.deltas(), stack.mesh, **kw)
