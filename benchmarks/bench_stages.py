@@ -170,7 +170,7 @@ def svd_reuse(hidden: int, inter: int, ratio: float, reps: int):
 
     from prinmix_jax.core.svd import svd_settings, svd_sharded
     from prinmix_jax.core.mesh import single_device_mesh
-    from prinmix_jax.methods.shared import oversample_columns, svd_rank
+    from prinmix_jax.methods.shared import oversample_columns, svd_method, svd_rank
     from prinmix_jax.step_compress import SVDStore
 
     cfg = CompressionConfig(ratio=ratio)
@@ -180,7 +180,8 @@ def svd_reuse(hidden: int, inter: int, ratio: float, reps: int):
     rng = np.random.default_rng(0)
     for m, n in ((hidden, hidden), (inter, hidden), (hidden, inter)):
         rank = svd_rank(m, n, cfg, max_kept_rank(m, n, cfg))
-        kw = {} if rank is None else dict(rank=rank, oversample=oversample_columns(rank, cfg), iters=cfg.svd_iters)
+        kw = {} if rank is None else dict(rank=rank, method=svd_method(cfg), oversample=oversample_columns(rank, cfg),
+                                          iters=cfg.svd_iters)
         d = rng.standard_normal((1, m, n)).astype(np.float32)
         svd_s = _best(lambda: svd_sharded(d, single_device_mesh(), **kw), reps)
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,10 +1,12 @@
-"""Full against truncated SVD (``CompressionConfig.svd``) on long-tailed deltas of Llama-2-7B shapes.
+"""Full against truncated SVDs (``CompressionConfig.svd``) on long-tailed deltas of Llama-2-7B shapes.
 
-For each shape: the CPU time of the SVD step as ``compress_matrix`` runs it (full thin SVD, then the
-truncated SVD at the rank :func:`~prinmix_jax.methods.shared.svd_rank` picks, both compiled first, then
-timed alternately ``--reps`` times in one run; the best of each is reported), their ratio, the largest relative
-σ error over the top ``k_max`` indices and over all k returned, and (``--e2e``) the relative output error of
-the whole data-free ``compress_matrix`` path with each SVD.
+For each shape: the wall time of the SVD step as ``compress_matrix`` runs it, for XLA's full SVD, the Gram
+SVD (``svd="gram"``, the default under ``"auto"`` where k <= 0.6 min(m, n)) and the randomized range finder
+(``svd="truncated"``), all at the rank :func:`~prinmix_jax.methods.shared.svd_rank` picks, compiled first,
+then timed alternately ``--reps`` times in one run (the best of each is reported); their ratios to the full
+SVD; the largest relative σ error over the top ``k_max`` indices and over all k returned; whether the Gram
+SVD's accuracy guard fell back to the full SVD; and (``--e2e``) the relative output error of the whole
+data-free ``compress_matrix`` path with each SVD.
 
     python benchmarks/bench_svd.py                 # 4096x4096, 11008x4096, 32000x4096; e2e at 4096x4096
     python benchmarks/bench_svd.py --quick         # 1024x1024 and 2752x1024 (same k_max/r ratios), e2e too
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # noqa: E402
 
 from prinmix_jax import CompressionConfig, compress_matrix  # noqa: E402
-from prinmix_jax.core.svd import svd_delta  # noqa: E402
+from prinmix_jax.core.svd import gram_fallback_needed, svd_delta, svd_fn  # noqa: E402
 from prinmix_jax.methods.shared import max_kept_rank, oversample_columns, svd_rank  # noqa: E402
 from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
@@ -53,35 +55,45 @@ def main(argv=None):
     e2e = {0} if args.e2e is None else {int(i) for i in args.e2e.split(",") if i}
     cfg = dataclasses.replace(CompressionConfig(), svd="truncated")
     print(f"# long-tailed deltas (synthetic.long_tailed_delta, decay 1, noise 0.15), ratio {cfg.ratio:.4g}, "
-          f"bits {cfg.bits}; truncated: margin {cfg.svd_margin}, oversample {cfg.svd_oversample}, "
+          f"bits {cfg.bits}; margin {cfg.svd_margin}; randomized: oversample {cfg.svd_oversample}, "
           f"iters {cfg.svd_iters}; jax {jax.__version__} on {jax.default_backend()}, {platform.machine()}, "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}, OPENBLAS_NUM_THREADS="
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print(f"{'shape':>12} {'k_max':>6} {'k':>6} {'l':>6} {'full s':>8} {'trunc s':>8} {'ratio':>6} "
-          f"{'σ err k_max':>11} {'σ err k':>9} {'auto':>9} {'e2e full':>9} {'e2e trunc':>9} {'diff':>7}")
+    print("| shape | k_max | k | full s | gram s | ratio | randomized s | ratio | σ err k_max gram / rand "
+          "| σ err k gram / rand | gram fallback | auto | e2e full | e2e gram | diff | e2e rand | diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|")
     for i, (m, n) in enumerate(shapes):
         d, _ = long_tailed_delta(m, n, seed=args.seed, tokens=16)
         k_max = max_kept_rank(m, n, cfg)
         k = svd_rank(m, n, cfg, k_max)
         over = oversample_columns(k, cfg)
-        full = lambda: svd_delta(d)                                                   # noqa: E731
-        trunc = lambda: svd_delta(d, k, oversample=over, iters=cfg.svd_iters)        # noqa: E731
-        _time(full), _time(trunc)                                                     # compile
-        tf, tt = [], []
+        runs = {"full": lambda: svd_delta(d),
+                "gram": lambda: svd_delta(d, k),
+                "rand": lambda: svd_delta(d, k, method="randomized", oversample=over, iters=cfg.svd_iters)}
+        times = {name: [] for name in runs}
+        for fn in runs.values():                                                      # compile
+            _time(fn)
         for _ in range(args.reps):
-            tf.append(_time(full))
-            tt.append(_time(trunc))
-        s_full = np.asarray(full()[1], np.float64)
-        s_tr = np.asarray(trunc()[1], np.float64)
-        err = np.abs(s_tr - s_full[:k]) / s_full[:k]
+            for name, fn in runs.items():
+                times[name].append(_time(fn))
+        best = {name: min(t) for name, t in times.items()}
+        s_full = np.asarray(runs["full"]()[1], np.float64)[:k]
+        err = {name: np.abs(np.asarray(runs[name]()[1], np.float64) - s_full) / s_full for name in ("gram", "rand")}
+        raw = svd_fn(k, "gram")(jax.numpy.asarray(d))[1]
+        fallback = bool(gram_fallback_needed(np.asarray(raw)[None], min(m, n))[0])
         auto = svd_rank(m, n, CompressionConfig(), k_max)
-        row = (f"{m}x{n:<6} {k_max:6d} {k:6d} {min(min(m, n), k + over):6d} {min(tf):8.1f} {min(tt):8.1f} "
-               f"{min(tf) / min(tt):6.2f} {err[:k_max].max():11.1e} {err.max():9.1e} "
-               f"{'trunc' if auto else 'full':>9}")
+        row = (f"| {m}x{n} | {k_max} | {k} | {best['full']:.1f} | {best['gram']:.1f} | "
+               f"{best['full'] / best['gram']:.2f} | {best['rand']:.1f} | {best['full'] / best['rand']:.2f} | "
+               f"{err['gram'][:k_max].max():.1e} / {err['rand'][:k_max].max():.1e} | "
+               f"{err['gram'].max():.1e} / {err['rand'].max():.1e} | {'yes' if fallback else 'no'} | "
+               f"{'gram' if auto else 'full'} |")
         if i in e2e:
             errs = [compress_matrix(d, None, dataclasses.replace(cfg, svd=mode), return_info=True)[1]
-                    ["rel_output_error"] for mode in ("full", "truncated")]
-            row += f" {errs[0]:9.4f} {errs[1]:9.4f} {errs[1] / errs[0] - 1:+7.2%}"
+                    ["rel_output_error"] for mode in ("full", "gram", "truncated")]
+            row += (f" {errs[0]:.4f} | {errs[1]:.4f} | {errs[1] / errs[0] - 1:+.2%} | {errs[2]:.4f} | "
+                    f"{errs[2] / errs[0] - 1:+.2%} |")
+        else:
+            row += " | | | | |"
         print(row, flush=True)
 
 
