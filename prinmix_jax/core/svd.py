@@ -70,7 +70,7 @@ def gram_svd(delta, rank: int):
     that no allocation keeps (the σ returned for them are still Ritz values: lower bounds). ``U`` and
     ``V`` are orthonormal to float32 rounding. Costs one ``m·n²`` product, an n×n ``eigh``, an ``m·n·rank``
     product, a QR of ``m×rank`` and a ``rank×rank`` SVD; against XLA's full SVD on the CPU: 2.2x faster
-    at 4096² (rank 1168), 1.9–2.3x at 11008×4096 (rank 1704), about break-even at rank ≈ 0.6·n for a
+    at 4096² (rank 1168) and 11008×4096 (rank 1704), 1.7x at 32000×4096 (rank 2074), about break-even at rank ≈ 0.6·n for a
     square matrix (docs/benchmarks.md). On TPU, ``eigh`` is matrix-product based (QDWH).
 
     ``rank`` must be a Python int in ``1..min(m, n)``. Sign conventions of U, V can differ from
