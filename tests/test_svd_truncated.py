@@ -217,9 +217,9 @@ def test_rank_choice_and_config():
 
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_auto_full_svd_runs_the_passes_on_the_truncated_rows_only(monkeypatch, calibrated):
-    """Where ``auto`` takes the full SVD (the Gram SVD would not pay: k > 0.6 min(m, n)), the GPTQ passes of the error table
-    still run on the ``k_max`` + margin rows only (not min(m, n)), and the result matches ``svd="full"``,
-    which keeps every row."""
+    """Where ``auto`` takes the full SVD (the Gram SVD would not pay: k > 0.6 min(m, n)), the GPTQ passes of
+    the error table still run on the ``k_max`` + margin rows only (not min(m, n)), and the result matches
+    ``svd="full"``, which keeps every row."""
     import prinmix_jax.methods.shared as sh
 
     m, n = 256, 128

@@ -64,14 +64,15 @@ def gram_svd(delta, rank: int):
         B = A W_k;  B = Q R (QR);  R = Ũ S Ṽᵀ (a rank×rank SVD)       (Rayleigh–Ritz on A)
         U = Q Ũ,  σ = S,  V = Ṽᵀ W_kᵀ
 
-    Squaring ``A`` in float32 perturbs ``G`` by about ``ε·σ₁²``. That only mixes eigenvectors whose
-    eigenvalues lie within ``ε·σ₁²`` of each other, so the Rayleigh–Ritz step on ``A`` (not on ``G``) gives σ of
-    nearly full relative accuracy down to ``σ ≈ √ε·σ₁ ≈ 2.4e-4·σ₁``; below that the directions are noise
-    that no allocation keeps (the σ returned for them are still Ritz values: lower bounds). ``U`` and
-    ``V`` are orthonormal to float32 rounding. Costs one ``m·n²`` product, an n×n ``eigh``, an ``m·n·rank``
-    product, a QR of ``m×rank`` and a ``rank×rank`` SVD; against XLA's full SVD on the CPU: 2.2x faster
-    at 4096² (rank 1168) and 11008×4096 (rank 1704), 1.7x at 32000×4096 (rank 2074), about break-even at rank ≈ 0.6·n for a
-    square matrix (docs/benchmarks.md). On TPU, ``eigh`` is matrix-product based (QDWH).
+    Squaring ``A`` in float32 perturbs ``G`` by about ``ε·σ₁²``, which mixes eigenvectors whose eigenvalues
+    lie that close. The Rayleigh–Ritz step on ``A`` (not the eigenvalues of ``G``) keeps σ accurate to about
+    ``c·ε·√n·(σ₁/σ)²`` (``c`` measured 0.01–0.08): fine on long-tailed and fine-tuning deltas, not on steep
+    spectra, which :func:`svd_delta` and :func:`svd_sharded` send to the full SVD
+    (:data:`GRAM_MAX_ERROR_ESTIMATE`). ``U`` and ``V`` are orthonormal to float32 rounding. Costs one
+    ``m·n²`` product, an n×n ``eigh``, an ``m·n·rank`` product, a QR of ``m×rank`` and a ``rank×rank`` SVD;
+    against XLA's full SVD on the CPU: 2.2x faster at 4096² (rank 1168) and 11008×4096 (rank 1704), 1.7x
+    at 32000×4096 (rank 2074), about break-even at rank ≈ 0.6·n for a square matrix (docs/benchmarks.md).
+    On TPU, ``eigh`` is matrix-product based (QDWH).
 
     ``rank`` must be a Python int in ``1..min(m, n)``. Sign conventions of U, V can differ from
     :func:`thin_svd`'s.
@@ -199,12 +200,12 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     delta = jnp.asarray(delta)
     _check_dtype(delta)
     out = _jitted(svd_fn(rank, method, oversample, iters), delta.ndim == 3)(delta)
-    if rank is None or method != "gram":
+    if delta.ndim == 3:
+        return _gram_fallback(delta, out, rank, method, _jitted(thin_svd, True))
+    if rank is None or method != "gram":     # nothing to guard: no stack of one made and taken apart
         return out
-    stack = delta if delta.ndim == 3 else delta[None]
-    fixed = _gram_fallback(stack, out if delta.ndim == 3 else [x[None] for x in out], rank,
-                           lambda d: _jitted(thin_svd, True)(jnp.asarray(d)))
-    return fixed if delta.ndim == 3 else tuple(x[0] for x in fixed)
+    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method, _jitted(thin_svd, True))
+    return tuple(x[0] for x in fixed)
 
 
 def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, rank: int | None = None,
@@ -232,9 +233,7 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
     mesh = default_mesh(mesh, axis)
     out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
-    if rank is None or method != "gram":
-        return out
-    return _gram_fallback(deltas, out, rank, lambda d: run_sharded(thin_svd, mesh, d, axis=axis))
+    return _gram_fallback(deltas, out, rank, method, lambda d: run_sharded(thin_svd, mesh, d, axis=axis))
 
 
 #: The Gram SVD's σ lose relative accuracy as about ``c · ε · √n · (σ₁/σ)²`` (``ε`` = 1.19e-7, float32's
@@ -259,14 +258,17 @@ def gram_fallback_needed(sigma, n: int) -> np.ndarray:
     return (last <= 0) & (first > 0) | (est > GRAM_MAX_ERROR_ESTIMATE)
 
 
-def _gram_fallback(deltas, out, rank: int, full_svd):
-    """``out`` (the Gram SVDs of a stack) with the untrusted matrices' triplets replaced by the top ``rank``
-    of their full SVD (``full_svd(stack) -> (U, σ, V)``); ``out`` unchanged when every one is trusted."""
+def _gram_fallback(deltas, out, rank: int | None, method: str, full_svd):
+    """``out`` (a stack's SVDs by ``rank`` and ``method``) with the untrusted Gram SVDs' triplets replaced by
+    the top ``rank`` of their full SVD (``full_svd(stack) -> (U, σ, V)``); ``out`` unchanged for the other
+    SVDs and when every Gram SVD is trusted."""
+    if rank is None or method != "gram":
+        return out
     redo = np.nonzero(gram_fallback_needed(out[1], min(deltas.shape[-2:])))[0]
     if not len(redo):
         return out
     u, s, v = (np.array(x) for x in out)
-    fu, fs, fv = full_svd(np.asarray(deltas)[redo] if isinstance(deltas, np.ndarray) else deltas[redo])
+    fu, fs, fv = full_svd(deltas[redo])
     u[redo], s[redo], v[redo] = (np.asarray(fu)[:, :, :rank], np.asarray(fs)[:, :rank],
                                  np.asarray(fv)[:, :rank])
     return u, s, v

@@ -63,18 +63,19 @@ def svd_rank(m: int, n: int, cfg: CompressionConfig, k_max: int) -> int | None:
     """The rank of the truncated SVD of an (m, n) delta whose allocation keeps at most ``k_max`` indices,
     or ``None`` for the full SVD.
 
-    ``k = min(min(m, n), ceil((1 + cfg.svd_margin) · k_max))``: ``k_max`` bounds how many indices are
-    kept, not which; with a calibration Hessian the allocation can keep an index of smaller σ whose
-    ``σ² V_i H V_iᵀ`` is larger (down to ~1.6 ``k_max`` on the calibrated synthetic deltas), and indices
-    beyond ``k`` are dropped; the default margin 0.25 costs at most ~0.1% of the table objective there
-    (docs/method.md "Truncated SVD"). ``cfg.svd``: ``"full"`` → ``None``; ``"gram"``/``"truncated"`` →
-    ``k`` unless ``k_max`` is every index; ``"auto"`` → ``k`` where ``k`` is at most
+    ``k = ceil((1 + cfg.svd_margin) · k_max)`` (the full SVD where that reaches ``min(m, n)``): ``k_max``
+    bounds how many indices are kept, not which; with a calibration Hessian the allocation can keep an
+    index of smaller σ whose ``σ² V_i H V_iᵀ`` is larger (down to ~1.6 ``k_max`` on the calibrated
+    synthetic deltas), and indices beyond ``k`` are dropped; the default margin 0.25 costs at most ~0.1% of
+    the table objective there (docs/method.md "Truncated SVD"). ``cfg.svd``: ``"full"`` → ``None``;
+    ``"gram"``/``"truncated"`` → ``k`` unless ``k_max`` is every index; ``"auto"`` → ``k`` where ``k`` is
+    at most
     :data:`SVD_AUTO_MAX_FRACTION` of ``min(m, n)``.
     """
     r = min(m, n)
     if cfg.svd == "full" or k_max >= r:
         return None
-    k = min(r, max(1, math.ceil((1 + cfg.svd_margin) * k_max - 1e-9)))
+    k = max(1, math.ceil((1 + cfg.svd_margin) * k_max - 1e-9))
     if k >= r or (cfg.svd == "auto" and k > SVD_AUTO_MAX_FRACTION * r):
         return None
     return k
