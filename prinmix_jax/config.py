@@ -10,6 +10,8 @@ import numpy as np
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank", "uniform")
 SVD_MODES = ("auto", "full", "gram", "truncated")
 GRIDS = ("mse", "minmax")
+#: How much per-index metadata an SVD-quantised matrix stores (``CompressionConfig.index_metadata``).
+INDEX_METADATA = ("lean", "full")
 #: The candidate widths at ratios of 1/16 and above, and below it (``CompressionConfig.bits=None``).
 DEFAULT_BITS = (0, 2, 3, 4, 8)
 LOW_BUDGET_BITS = (0, 1, 2, 3, 4, 8)          # prinmix_jax.core.quantizer.GRIDS (not imported: config stays jax-free)
@@ -63,6 +65,12 @@ class CompressionConfig:
       grid: the quantisation grid of U and V codes: ``"mse"`` (default: symmetric grids at widths 1–2,
         shrunk min–max ranges at ≥ 3, scales of least squared error) or ``"minmax"`` (the reference
         GPTQ's); :mod:`prinmix_jax.core.quantizer`.
+      index_metadata: ``"lean"`` (default, delta format version 3) or ``"full"`` (version 2's layout).
+        Lean: no per-index width byte (the widths are implied by the width groups); where ``u_i`` or
+        ``V_i`` has a single quantisation group (length ≤ ``group_size``), its scale is folded into the
+        stored σ; with ``grid="mse"`` the widths 1–2 use symmetric grids only (``"mse-sym"``), whose zero
+        points are implied. A 96×96 index then costs 32 bits of metadata instead of 88
+        (:func:`~prinmix_jax.costs.index_cost_bits`, docs/format.md).
       whiten: with a calibration Hessian, take the SVD of ``ΔW L`` (``H + λI = L Lᵀ``) and store
         ``V' L⁻¹``: singular indices ordered by output error, not weight error (project choice;
         :func:`~prinmix_jax.methods.prinmix.table_svd`). Data-free runs are unaffected.
@@ -97,6 +105,7 @@ class CompressionConfig:
     ilp_gap: float = 1e-4
     scale_dtype: str = "float16"
     grid: str = "mse"
+    index_metadata: str = "lean"
     whiten: bool = False
     refit_sigma: bool = False
     whiten_damp: float = 0.01
@@ -133,6 +142,9 @@ class CompressionConfig:
             raise ValueError(f"max_widths must be >= 1 or None, got {self.max_widths!r}")
         if self.grid not in GRIDS:
             raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
+        if self.index_metadata not in INDEX_METADATA:
+            raise ValueError(f"index_metadata must be one of {', '.join(INDEX_METADATA)}, "
+                             f"got {self.index_metadata!r}")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(f"scale_dtype must be one of {sorted(_SCALE_DTYPES)}, got {self.scale_dtype!r}")
         if not 0 <= self.ilp_gap < 1:
@@ -151,6 +163,21 @@ class CompressionConfig:
     @property
     def scale_jnp_dtype(self):
         return _SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def lean(self) -> bool:
+        """Lean index metadata (``index_metadata="lean"``)."""
+        return self.index_metadata == "lean"
+
+    @property
+    def quant_grid(self) -> str:
+        """The grid the quantiser uses: ``"mse-sym"`` for ``grid="mse"`` with lean metadata, else ``grid``."""
+        return "mse-sym" if self.grid == "mse" and self.lean else self.grid
+
+    @property
+    def zero_free_max_bits(self) -> int:
+        """Widths up to this store no zero points (their grid is symmetric): 2 under ``"mse-sym"``, else 0."""
+        return 2 if self.quant_grid == "mse-sym" else 0
 
     @property
     def scale_bits(self) -> int:

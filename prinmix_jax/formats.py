@@ -6,7 +6,12 @@ Every stored byte is a leaf, so ``nbytes`` is the sum of the leaves' ``nbytes``.
 * :class:`SVDQuantDelta` (prinmix, deltacome, uniform): kept singular indices grouped by width;
   per group, ``V̂`` rows and ``Û`` columns (stored as rows, i.e. ``Ûᵀ``) packed at that width,
   one float16 scale and uint8 zero per group of ``group_size`` entries, and σ (float32). The
-  ``widths`` leaf (uint8, one per kept index) makes a stored tree self-describing.
+  ``widths`` leaf (uint8, one per kept index) makes a stored tree self-describing. With ``lean``
+  metadata (format version 3) the leaves that carry no information are not stored
+  (:meth:`SVDQuantDelta.stored_fields`): ``widths`` (implied by the width groups), the scales of a
+  factor with one quantisation group per vector (all 1: σ holds ``σ · s_u · s_v``) and the zero points of
+  widths up to ``zero_free_max_bits`` (symmetric grids: all ``maxq / 2``). In memory every leaf is present,
+  so reading and serving code sees one layout; ``nbytes`` counts what is stored.
 * :class:`LowRankDelta`: ``(U diag σ)ᵀ`` and ``V`` in float16.
 * :class:`SignDelta` (BitDelta): packed signs and one float32 scale.
 """
@@ -50,10 +55,26 @@ class SVDQuantDelta:
     group_bits: tuple = dataclasses.field(metadata=dict(static=True), default=())
     group_size: int = dataclasses.field(metadata=dict(static=True), default=128)
     method: str = dataclasses.field(metadata=dict(static=True), default="prinmix")
+    lean: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    zero_free_max_bits: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+    def stored_fields(self) -> dict:
+        """``{array key: array}`` of what a checkpoint stores (``"<field>_<b>"`` for per-width leaves): every
+        leaf, or with ``lean`` metadata all but the implied ones (module docstring)."""
+        out = {}
+        for f in ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero"):
+            for b, a in zip(self.group_bits, getattr(self, f)):
+                if self.lean and (f.endswith("_scale") and a.shape[-1] == 1
+                                  or f.endswith("_zero") and b <= self.zero_free_max_bits):
+                    continue
+                out[f"{f}_{b}"] = a
+        if not self.lean:
+            out["widths"] = self.widths
+        return out
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self)
+        return _nbytes(self.stored_fields())
 
     @property
     def rank(self) -> int:
@@ -61,7 +82,8 @@ class SVDQuantDelta:
 
     @property
     def bits(self) -> np.ndarray:
-        """Width of each kept singular index, in decreasing-σ order."""
+        """Width of each kept singular index, in decreasing order of the stored σ (with lean metadata σ holds
+        the folded scales too, so the order can differ slightly from the SVD's)."""
         sig = np.concatenate([np.asarray(s) for s in self.sigma]) if self.sigma else np.zeros(0)
         return np.asarray(self.widths)[np.argsort(-sig, kind="stable")]
 
@@ -160,6 +182,30 @@ CompressedMatrix = SVDQuantDelta | LowRankDelta | SignDelta
 
 _CLASSES = {"SVDQuantDelta": SVDQuantDelta, "LowRankDelta": LowRankDelta, "SignDelta": SignDelta}
 _TUPLE_FIELDS = ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero")
+#: Static fields added after format version 2: a matrix whose metadata lacks them takes the default.
+_ADDED_STATIC = ("lean", "zero_free_max_bits")
+
+
+def _implied_arrays(arrays: dict, kw: dict) -> dict:
+    """``arrays`` of a lean :class:`SVDQuantDelta` with the leaves it does not store put back: ``widths``,
+    scales of single-group factors (1) and zero points of symmetric widths (``maxq / 2`` in half steps)."""
+    out = dict(arrays)
+    m, n = kw["shape"]
+    g = kw["group_size"]
+    widths = []
+    for b in kw["group_bits"]:
+        if f"sigma_{b}" not in arrays:
+            return out                          # the missing-array check names it
+        k = int(np.shape(arrays[f"sigma_{b}"])[0])
+        widths.append(np.full(k, b, np.uint8))
+        for side, length in (("v", n), ("u", m)):
+            ng = 1 if not g or g >= length else -(-length // g)
+            if ng == 1:
+                out.setdefault(f"{side}_scale_{b}", np.ones((k, 1), np.float16))
+            if b <= kw["zero_free_max_bits"]:
+                out.setdefault(f"{side}_zero_{b}", np.full((k, ng), 2 ** b - 1, np.uint8))
+    out.setdefault("widths", np.concatenate(widths) if widths else np.zeros(0, np.uint8))
+    return out
 
 
 def to_state(cm: CompressedMatrix) -> tuple[dict, dict]:
@@ -172,6 +218,12 @@ def to_state(cm: CompressedMatrix) -> tuple[dict, dict]:
     if kind not in _CLASSES:
         raise TypeError(f"not a compressed matrix: {type(cm).__name__}")
     meta = {"format": kind, "method": cm.method, "shape": [int(x) for x in cm.shape], "nbytes": cm.nbytes}
+    if kind == "SVDQuantDelta":
+        for f in dataclasses.fields(cm):
+            if f.metadata.get("static"):
+                val = getattr(cm, f.name)
+                meta[f.name] = list(val) if isinstance(val, tuple) else val
+        return {k: np.asarray(v) for k, v in cm.stored_fields().items()}, meta
     arrays = {}
     for f in dataclasses.fields(cm):
         val = getattr(cm, f.name)
@@ -194,10 +246,15 @@ def from_state(arrays: dict, meta: dict) -> CompressedMatrix:
     kw = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("static"):
+            if f.name not in meta and f.name in _ADDED_STATIC:       # written before that field existed
+                kw[f.name] = f.default
+                continue
             if f.name not in meta:
                 raise ValueError(f"{kind} metadata lacks {f.name!r}")
             v = meta[f.name]
             kw[f.name] = tuple(v) if isinstance(v, list) else v
+    if kind == "SVDQuantDelta" and kw["lean"]:
+        arrays = _implied_arrays(arrays, kw)
     for f in dataclasses.fields(cls):
         if f.metadata.get("static"):
             continue

@@ -42,7 +42,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from prinmix_jax.allocation import allocate_bits_global, index_cost_bits
+from prinmix_jax.allocation import allocate_bits_global
 from prinmix_jax.compress import check_settings, error_tables
 from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionConfig
 from prinmix_jax.core.mesh import default_mesh
@@ -50,6 +50,7 @@ from prinmix_jax.core.svd import reusing_svds
 from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, get_path, merge_block, param_groups
 from prinmix_jax.distributed import (allgather_arrays, barrier, broadcast_array, check_shared, init_distributed,
                                      owner)
+from prinmix_jax.methods.shared import index_costs
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.models.calibration import block_forward_with_hessians, embed, tokenize_calibration
 from prinmix_jax.models.hf_io import TOKENIZER_FILES
@@ -298,7 +299,7 @@ def _global_widths(plan: RunPlan, base_src, ft_src) -> dict:
     tables = sorted(allgather_arrays(_my_error_tables(plan, base_src, ft_src)),
                     key=lambda kt: (kt[0][0], order[kt[0][1]]))
     keys = [(b, name) for (b, name, _), _ in tables]
-    costs = [index_cost_bits(*shape, cfg.bits, cfg.group_size, scale_bits=cfg.scale_bits) for (_, _, shape), _ in tables]
+    costs = [index_costs(*shape, cfg) for (_, _, shape), _ in tables]
     budget = sum(cfg.budget_bits(*shape) for (_, _, shape), _ in tables)
     sizes = [t.shape[0] for _, t in tables]
     flat = np.zeros(sum(sizes), np.int32)

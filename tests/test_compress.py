@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from prinmix_jax import (METHODS, CompressionConfig, SVDQuantDelta, allocate_bits, allocate_bits_global,
-                         compress_matrix, compress_stack, error_tables, from_state, index_cost_bits, to_state)
+                         compress_matrix, compress_stack, error_tables, from_state, to_state)
 from prinmix_jax.compress import pack_svd
 from prinmix_jax.core.gptq import GPTQResult
+from prinmix_jax.methods.shared import index_costs
 from prinmix_jax.synthetic import long_tailed_delta
 
 
@@ -81,7 +82,16 @@ def test_nbytes_is_the_stored_bytes_and_within_budget(shape, method):
     d, h = long_tailed_delta(*shape, seed=3)
     cfg = CompressionConfig(group_size=32)
     cm = compress_matrix(d, h, cfg, method)
-    assert cm.nbytes == _leaf_bytes(cm)
+    arrays, meta = to_state(cm)
+    assert cm.nbytes == sum(a.nbytes for a in arrays.values()) == meta["nbytes"]
+    back = from_state(arrays, meta)           # nothing the matrix needs was left out of the stored arrays
+    np.testing.assert_array_equal(np.asarray(back.reconstruct()), np.asarray(cm.reconstruct()))
+    if method in ("prinmix", "deltacome", "uniform"):
+        assert cm.lean and (cm.nbytes < _leaf_bytes(cm) or cm.rank == 0)   # the widths leaf at least is implied
+        full = compress_matrix(d, h, dataclasses.replace(cfg, index_metadata="full"), method)
+        assert not full.lean and full.nbytes == _leaf_bytes(full)
+    else:
+        assert cm.nbytes == _leaf_bytes(cm)
     budget = cfg.ratio * 2 * shape[0] * shape[1]
     slack = 4 if method == "bitdelta" else 0      # BitDelta: 1 bit/param plus its one float32 scale
     if method == "bitdelta":
@@ -99,7 +109,7 @@ def test_real_model_shapes_pack_within_budget(shape):
     r = min(m, n)
     sigma = np.arange(1, r + 1, dtype=np.float64) ** -0.8
     e = sigma[:, None] ** 2 * 4.0 ** -np.asarray(cfg.bits, float)
-    costs = index_cost_bits(m, n, cfg.bits, cfg.group_size)
+    costs = index_costs(m, n, cfg)
     budget = cfg.budget_bits(m, n)
     alloc = allocate_bits(e, costs, budget, cfg.bits)
     keep = np.nonzero(alloc.widths)[0]
@@ -109,10 +119,11 @@ def test_real_model_shapes_pack_within_budget(shape):
     codes_v = (rng.integers(0, 256, (k, n)) % (2 ** w[:, None])).astype(np.uint8)
     codes_u = (rng.integers(0, 256, (m, k)) % (2 ** w[None, :])).astype(np.uint8)
     g = cfg.group_size
-    v_res = GPTQResult(None, codes_v, np.ones((k, -(-n // g))), np.zeros((k, -(-n // g))), None)
-    u_res = GPTQResult(None, codes_u, np.ones((k, -(-m // g))), np.zeros((k, -(-m // g))), None)
+    zero = ((2.0 ** w - 1) / 2)[:, None]           # the symmetric grid's (lean metadata stores no zero there)
+    v_res = GPTQResult(None, codes_v, np.ones((k, -(-n // g))), np.broadcast_to(zero, (k, -(-n // g))), None)
+    u_res = GPTQResult(None, codes_u, np.ones((k, -(-m // g))), np.broadcast_to(zero, (k, -(-m // g))), None)
     cm = pack_svd((m, n), sigma[keep], w, v_res, u_res, cfg, "prinmix")
-    assert cm.nbytes == _leaf_bytes(cm) == alloc.cost_bits // 8
+    assert cm.nbytes == sum(a.nbytes for a in to_state(cm)[0].values()) == alloc.cost_bits // 8
     assert cm.nbytes <= cfg.ratio * 2 * m * n
 
 
@@ -215,7 +226,7 @@ def test_global_allocation_beats_per_matrix_under_the_same_total_budget():
     tables, costs, budgets, local = [], [], [], []
     for d, h in pairs:
         (e,) = error_tables([d], [h], cfg)
-        c = index_cost_bits(*d.shape, cfg.bits, cfg.group_size)
+        c = index_costs(*d.shape, cfg)
         tables.append(e)
         costs.append(c)
         budgets.append(cfg.budget_bits(*d.shape))

@@ -31,7 +31,14 @@ def _err(w, deq):
 
 def test_config_grid_names_match_the_quantizer():
     from prinmix_jax.config import GRIDS as CONFIG_GRIDS
-    assert set(CONFIG_GRIDS) == set(GRIDS)
+    from prinmix_jax.config import INDEX_METADATA
+    assert set(CONFIG_GRIDS) <= set(GRIDS)
+    assert {CompressionConfig(grid=g, index_metadata=md).quant_grid for g in CONFIG_GRIDS
+            for md in INDEX_METADATA} == set(GRIDS)
+    # the widths the config stores without zero points are the quantizer's half-step (symmetric) ones
+    assert CompressionConfig().zero_free_max_bits == HALF_ZERO_MAX_BITS
+    with pytest.raises(ValueError, match="index_metadata"):
+        CompressionConfig(index_metadata="tiny")
     with pytest.raises(ValueError, match="grid"):
         CompressionConfig(grid="lloyd")
 

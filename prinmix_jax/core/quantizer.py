@@ -17,6 +17,11 @@ group of entries. Two grids (``grid=``):
   (the Lloyd–Max optimum is 11.75%). At 1 bit min–max would be ``{0, ±range}``; the symmetric grid
   is a sign code with the least-squares scale ``2 · mean|x|``.
 
+* ``"mse-sym"`` (the default with lean index metadata, format version 3): ``"mse"`` with only the
+  symmetric candidates at widths 1 and 2, so every zero point there is ``maxq / 2`` and need not be stored
+  (:data:`HALF_ZERO_MAX_BITS`); widths ≥ 3 as ``"mse"``. On Gaussian-like singular vectors the symmetric
+  grid is nearly always the least-squares one at these widths anyway.
+
 Zero points are integers on the min–max grid and half-integers on the symmetric one; storage keeps
 them in half steps for widths ≤ 2 (:func:`stored_zero`). When ``scale_dtype`` is given the scale is
 rounded to that dtype *before* the codes are computed, so the stored scale reproduces the values.
@@ -28,7 +33,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-GRIDS = ("minmax", "mse")
+GRIDS = ("minmax", "mse", "mse-sym")
 #: Candidate scale factors of the ``"mse"`` grid: the shrink of the range at widths ≥ 3, the fraction
 #: of the full-range scale at widths ≤ 2 (1 bit uses its closed form instead).
 MSE_STEPS = tuple(1.0 - 0.04 * i for i in range(19))          # 1.0 .. 0.28
@@ -87,7 +92,7 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
       maxq: ``2**bits - 1``, broadcastable to ``xg.shape[:-1]``.
       scale_dtype: optional dtype the scale is stored in.
       count: real entries per group (broadcastable to ``xg.shape[:-1]``); default ``g``.
-      grid: ``"minmax"`` or ``"mse"``.
+      grid: ``"minmax"``, ``"mse"`` or ``"mse-sym"``.
 
     Returns:
       ``(scale, zero)`` of shape ``xg.shape[:-1]``.
@@ -100,7 +105,7 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
     xg = jnp.where(mask, xg, 0)
     if grid == "minmax":
         return minmax_params(xg.min(-1), xg.max(-1), maxq, scale_dtype)
-    if grid != "mse":
+    if grid not in ("mse", "mse-sym"):
         raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     steps = jnp.asarray(MSE_STEPS, dt)[:, None]
     flat = lambda a: a.reshape(1, -1)
@@ -121,7 +126,8 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
     scales, zeros = jnp.concatenate([s_mm, s_sym]), jnp.concatenate([z_mm, z_sym])
     # a symmetric candidate of a wider width is never chosen (its half-integer zero would not be storable)
     sym_ok = mq <= 2 ** HALF_ZERO_MAX_BITS - 1
-    allowed = jnp.concatenate([jnp.ones(s_mm.shape, bool), jnp.broadcast_to(flat(sym_ok), s_sym.shape)])
+    mm_ok = jnp.ones(s_mm.shape, bool) if grid == "mse" else jnp.broadcast_to(flat(~sym_ok), s_mm.shape)
+    allowed = jnp.concatenate([mm_ok, jnp.broadcast_to(flat(sym_ok), s_sym.shape)])
 
     def better(best, cand):
         """The running least-squares choice (the first of equal errors, as ``argmin``), one candidate at a

@@ -166,7 +166,7 @@ def _u_error_tables(u, sigma, v, h_all, cfg):
         d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]),
                                                             None if h_all is None else jnp.asarray(h_all[i]))
         out.append(u_error_estimate(jnp.asarray(u[i]), d0, widths=cfg.bits, group_size=cfg.group_size,
-                                    scale_dtype=cfg.scale_jnp_dtype, grid=cfg.grid))
+                                    scale_dtype=cfg.scale_jnp_dtype, grid=cfg.quant_grid))
     return np.asarray(out, np.float64)
 
 

@@ -29,12 +29,13 @@ from prinmix_jax.methods.base import Stack
 def gptq_kw(cfg: CompressionConfig) -> dict:
     """The GPTQ settings of a config (static arguments of the jitted GPTQ and error-table programs)."""
     return dict(group_size=cfg.group_size, act_order=cfg.act_order, block_size=cfg.block_size,
-                scale_dtype=cfg.scale_jnp_dtype, grid=cfg.grid)
+                scale_dtype=cfg.scale_jnp_dtype, grid=cfg.quant_grid)
 
 
 def index_costs(m: int, n: int, cfg: CompressionConfig, bits=None) -> np.ndarray:
     """:func:`~prinmix_jax.costs.index_cost_bits` of an (m, n) matrix under ``cfg`` (default ``cfg.bits``)."""
-    return index_cost_bits(m, n, cfg.bits if bits is None else bits, cfg.group_size, scale_bits=cfg.scale_bits)
+    return index_cost_bits(m, n, cfg.bits if bits is None else bits, cfg.group_size, scale_bits=cfg.scale_bits,
+                           lean=cfg.lean, zero_free_max_bits=cfg.zero_free_max_bits)
 
 
 def cheapest_index_bits(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
@@ -338,17 +339,27 @@ def pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, me
         idx = np.nonzero(widths == b)[0]
         group_bits.append(b)
         all_w.append(np.full(idx.size, b, np.uint8))
-        fields["sigma"].append(sigma[idx].astype(np.float32))
+        sig, v_scale, u_scale = sigma[idx].astype(np.float64), vs[idx].astype(sdt), us[idx].astype(sdt)
+        if cfg.lean:                  # a single-group factor's scale goes into σ (formats.SVDQuantDelta)
+            if v_scale.shape[1] == 1:
+                sig, v_scale = sig * v_scale[:, 0].astype(np.float64), np.ones_like(v_scale)
+            if u_scale.shape[1] == 1:
+                sig, u_scale = sig * u_scale[:, 0].astype(np.float64), np.ones_like(u_scale)
+        v_zero, u_zero = stored_zero(vz[idx], b).astype(np.uint8), stored_zero(uz[idx], b).astype(np.uint8)
+        if cfg.lean and b <= cfg.zero_free_max_bits and (np.any(v_zero != 2 ** b - 1) or np.any(u_zero != 2 ** b - 1)):
+            raise AssertionError(f"width {b}: a zero point off the symmetric grid; lean metadata would lose it")
+        fields["sigma"].append(sig.astype(np.float32))
         fields["v_codes"].append(pack_bits(vc[idx], b))
-        fields["v_scale"].append(vs[idx].astype(sdt))
-        fields["v_zero"].append(stored_zero(vz[idx], b).astype(np.uint8))
+        fields["v_scale"].append(v_scale)
+        fields["v_zero"].append(v_zero)
         fields["u_codes"].append(pack_bits(uc[idx], b))
-        fields["u_scale"].append(us[idx].astype(sdt))
-        fields["u_zero"].append(stored_zero(uz[idx], b).astype(np.uint8))
+        fields["u_scale"].append(u_scale)
+        fields["u_zero"].append(u_zero)
     w = np.concatenate(all_w) if all_w else np.zeros(0, np.uint8)
     fields, w = jax.device_put(({k: tuple(v) for k, v in fields.items()}, w))
     return SVDQuantDelta(widths=w, shape=(m, n), group_bits=tuple(group_bits),
-                         group_size=cfg.group_size or max(m, n), method=method, **fields)
+                         group_size=cfg.group_size or max(m, n), method=method, lean=cfg.lean,
+                         zero_free_max_bits=cfg.zero_free_max_bits if cfg.lean else 0, **fields)
 
 
 def finish(cm: CompressedMatrix, d, h_np, info: dict, stack: Stack):

@@ -21,10 +21,12 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "META_FILE", "STEPS_DIR", "HF_DIR", "WORK
            "READABLE_VERSIONS", "upgrade_v1"]
 
 FORMAT = "prinmix-delta"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Versions this prinmix reads. Version 1 stored the zero points of widths 1–2 as integers (the min–max grid
-#: only); version 2 stores them in half steps (:func:`prinmix_jax.core.quantizer.stored_zero`).
-READABLE_VERSIONS = (1, 2)
+#: only); version 2 stores them in half steps (:func:`prinmix_jax.core.quantizer.stored_zero`); version 3
+#: may hold matrices with lean index metadata (:class:`~prinmix_jax.formats.SVDQuantDelta`, ``lean``), whose
+#: implied leaves are not stored.
+READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "prinmix_delta.json"
 STEPS_DIR = "steps"
 HF_DIR = "hf"

@@ -1,0 +1,110 @@
+"""Lean index metadata (issue 12, delta format version 3): no width byte per index, single-group scales folded
+into σ, no zero points on the symmetric widths 1–2 (grid ``"mse-sym"``). Checked against the byte formula,
+against the full layout at the same widths, through storage, and by the error it buys at a fixed budget."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prinmix_jax import CompressionConfig, compress_matrix, compress_stack, from_state, to_state
+from prinmix_jax.core.quantizer import HALF_ZERO_MAX_BITS, grid_params
+from prinmix_jax.costs import index_cost_bits
+from prinmix_jax.methods.shared import index_costs
+from prinmix_jax.storage import decode_step, encode_step
+from prinmix_jax.storage.format import MatrixEntry
+from prinmix_jax.synthetic import long_tailed_delta
+
+
+def test_cost_formula_counts_what_each_layout_stores():
+    """96×96, one group per vector: full = codes + 2·(16-bit scale + 8-bit zero) + 32-bit σ + 8-bit width;
+    lean = codes + σ at widths 1–2, + the two zeros at ≥ 3. Two groups per vector keep their scales."""
+    full = index_cost_bits(96, 96, (0, 2, 3), 128)
+    lean = index_cost_bits(96, 96, (0, 2, 3), 128, lean=True, zero_free_max_bits=2)
+    assert full.tolist() == [0, 2 * 192 + 2 * 24 + 32 + 8, 3 * 192 + 2 * 24 + 32 + 8]
+    assert lean.tolist() == [0, 2 * 192 + 32, 3 * 192 + 32 + 2 * 8]
+    two = index_cost_bits(96, 96, (2,), 48, lean=True, zero_free_max_bits=2)     # 2 groups of each vector
+    assert two.tolist() == [2 * 192 + 32 + 2 * 2 * 16]
+    assert index_costs(96, 96, CompressionConfig(bits=(0, 2, 3))).tolist() == lean.tolist()
+    assert index_costs(96, 96, CompressionConfig(bits=(0, 2, 3), index_metadata="full")).tolist() == full.tolist()
+    # the min-max grid has zero points at every width: lean then drops only the width byte and the scales
+    mm = index_costs(96, 96, CompressionConfig(bits=(0, 2), grid="minmax"))
+    assert mm.tolist() == [0, 2 * 192 + 32 + 2 * 8]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_symmetric_grid_has_implied_zeros_and_matches_mse_above_two_bits(bits):
+    rng = np.random.default_rng(bits)
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+    x[:8] += 1.5                                         # skewed rows, where min-max grids would win
+    maxq = np.float32(2 ** bits - 1)
+    s_sym, z_sym = (np.asarray(a) for a in grid_params(x, maxq, grid="mse-sym"))
+    s_mse, z_mse = (np.asarray(a) for a in grid_params(x, maxq, grid="mse"))
+    if bits <= HALF_ZERO_MAX_BITS:
+        np.testing.assert_array_equal(z_sym, maxq / 2)
+        assert bits == 1 or np.any(z_mse != maxq / 2)    # "mse" takes a min-max grid somewhere
+    else:
+        np.testing.assert_array_equal(s_sym, s_mse)
+        np.testing.assert_array_equal(z_sym, z_mse)
+
+
+def test_lean_layout_stores_the_same_values_at_the_same_widths():
+    """Same widths and grid (min-max, so the codes are identical): the lean matrix rebuilds the same delta to
+    float32 rounding (σ holds the folded scales) and stores fewer bytes; both survive a storage round trip."""
+    d, h = long_tailed_delta(96, 128, seed=5)
+    widths = [np.where(np.arange(96) < 6, 3, np.where(np.arange(96) < 20, 2, 0))]
+    cms = {}
+    for md in ("lean", "full"):
+        cfg = CompressionConfig(ratio=1 / 8, grid="minmax", index_metadata=md)
+        (cms[md],) = compress_stack([d], [h], cfg, widths=widths)
+    lean, full = cms["lean"], cms["full"]
+    np.testing.assert_allclose(np.asarray(lean.reconstruct()), np.asarray(full.reconstruct()), rtol=0,
+                               atol=1e-6 * float(np.abs(np.asarray(full.reconstruct())).max()))
+    saved = 20 * 1 + 20 * 2 * 2          # per index: the width byte, two fp16 scales (one group per vector)
+    assert full.nbytes - lean.nbytes == saved
+    for cm in (lean, full):
+        arrays, meta = encode_step({"q_proj": MatrixEntry(cm, {})}, {})
+        back = decode_step(arrays, meta).linears["q_proj"]
+        assert back.nbytes == cm.nbytes and back.lean == cm.lean
+        np.testing.assert_array_equal(np.asarray(back.reconstruct()), np.asarray(cm.reconstruct()))
+        np.testing.assert_array_equal(np.asarray(back.widths), np.asarray(cm.widths))
+
+
+def test_matrices_written_before_lean_metadata_still_read():
+    """A format-2 matrix's metadata has no ``lean`` / ``zero_free_max_bits``: it reads as the full layout."""
+    d, h = long_tailed_delta(64, 96, seed=6)
+    cm = compress_matrix(d, h, CompressionConfig(index_metadata="full"))
+    arrays, meta = to_state(cm)
+    old = {k: v for k, v in meta.items() if k not in ("lean", "zero_free_max_bits")}
+    back = from_state(arrays, old)
+    assert not back.lean and back.nbytes == cm.nbytes
+    np.testing.assert_array_equal(np.asarray(back.reconstruct()), np.asarray(cm.reconstruct()))
+    lean_arrays, lean_meta = to_state(compress_matrix(d, h, CompressionConfig()))
+    with pytest.raises(ValueError, match="lacks arrays"):        # a lean state read as full misses leaves
+        from_state(lean_arrays, {k: v for k, v in lean_meta.items() if k != "lean"})
+
+
+@pytest.mark.parametrize("shape,group", [((96, 96), 128), ((256, 96), 128), ((200, 300), 64)])
+def test_lean_metadata_lowers_the_error_at_the_same_budget(shape, group):
+    """What the saved bytes buy: more kept indices within the same budget, hence a lower output error, at
+    1/32 on small long-tailed deltas (where the metadata is a large share of an index)."""
+    d, h = long_tailed_delta(*shape, seed=7)
+    res = {}
+    for md in ("lean", "full"):
+        cfg = CompressionConfig(ratio=1 / 32, group_size=group, index_metadata=md)
+        cm, info = compress_matrix(d, h, cfg, return_info=True)
+        assert cm.nbytes <= cfg.budget_bits(*shape) // 8
+        res[md] = (info["rel_output_error"], cm.rank)
+    assert res["lean"][0] < res["full"][0]
+    assert res["lean"][1] >= res["full"][1]
+
+
+def test_bad_lean_state_is_refused_when_packed():
+    """Lean storage drops the zero points of widths 1–2: a zero off the symmetric grid there is an error,
+    never silently lost."""
+    from prinmix_jax.compress import pack_svd
+    from prinmix_jax.core.gptq import GPTQResult
+
+    cfg = CompressionConfig(bits=(0, 2))
+    res = GPTQResult(None, np.zeros((2, 8), np.uint8), np.ones((2, 1)), np.zeros((2, 1)), None)   # zero 0, not 1.5
+    with pytest.raises(AssertionError, match="symmetric"):
+        pack_svd((8, 8), np.ones(2), np.full(2, 2), res, res._replace(codes=np.zeros((8, 2), np.uint8)), cfg, "prinmix")
