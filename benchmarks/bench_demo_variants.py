@@ -20,15 +20,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-#: (label, method, CompressionConfig overrides); "before" is the configuration before issue 12.
+#: (label, method, CompressionConfig overrides); "before" is the configuration before issue 12; the "+" rows add
+#: one idea each to the row above (1-bit widths only below 1/16 in the default).
 VARIANTS = (
-    ("PrinMix before", "prinmix", dict(grid="minmax", bits=(0, 2, 3, 4, 8))),
-    ("+ least-squares grids (default at >= 1/16)", "prinmix", dict(bits=(0, 2, 3, 4, 8))),
-    ("+ 1-bit widths (default below 1/16)", "prinmix", dict(bits=(0, 1, 2, 3, 4, 8))),
+    ("PrinMix before", "prinmix", dict(grid="minmax", bits=(0, 2, 3, 4, 8), index_metadata="full")),
+    ("+ least-squares grids", "prinmix", dict(bits=(0, 2, 3, 4, 8), index_metadata="full")),
+    ("+ 1-bit widths", "prinmix", dict(bits=(0, 1, 2, 3, 4, 8), index_metadata="full")),
+    ("+ lean index metadata (default)", "prinmix", {}),
     ("default + sigma refit", "prinmix", dict(refit_sigma=True)),
     ("default + whitened SVD", "prinmix", dict(whiten=True)),
+    ("default + one group per vector", "prinmix", dict(group_size=None)),
     ("uniform (default grids)", "uniform", {}),
-    ("uniform (before)", "uniform", dict(grid="minmax", bits=(0, 2, 3, 4, 8))),
+    ("uniform (before)", "uniform", dict(grid="minmax", bits=(0, 2, 3, 4, 8), index_metadata="full")),
     ("Delta-CoMe", "deltacome", {}),
 )
 

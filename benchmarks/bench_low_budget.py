@@ -4,7 +4,8 @@ on synthetic long-tailed deltas with correlated calibration Hessians. Prints one
 
     python benchmarks/bench_low_budget.py --shapes 256x256 704x256 512x1024 --ratios 1/16 1/32 1/64
 
-"PrinMix before" is the configuration before issue 12 (min–max grids, widths 0,2,3,4,8).
+"PrinMix before" is the configuration before issue 12 (min–max grids, widths 0,2,3,4,8, full index metadata);
+each "+" row adds one idea to the row above (the default has 1-bit widths only below 1/16).
 """
 from __future__ import annotations
 
@@ -25,14 +26,18 @@ from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
 #: (label, method, CompressionConfig overrides)
 VARIANTS = (
-    ("PrinMix before (min-max, no 1-bit)", "prinmix", dict(grid="minmax", bits=(0, 2, 3, 4, 8))),
-    ("+ least-squares grids (default at >= 1/16)", "prinmix", dict(bits=(0, 2, 3, 4, 8))),
-    ("+ 1-bit widths (default below 1/16)", "prinmix", dict(bits=(0, 1, 2, 3, 4, 8))),
+    ("PrinMix before (min-max, no 1-bit)", "prinmix", dict(grid="minmax", bits=(0, 2, 3, 4, 8), index_metadata="full")),
+    ("+ least-squares grids", "prinmix", dict(bits=(0, 2, 3, 4, 8), index_metadata="full")),
+    ("+ 1-bit widths", "prinmix", dict(bits=(0, 1, 2, 3, 4, 8), index_metadata="full")),
+    ("+ lean index metadata (default)", "prinmix", {}),
     ("default + sigma refit", "prinmix", dict(refit_sigma=True)),
     ("default + whitened SVD", "prinmix", dict(whiten=True)),
+    ("default + one group per vector", "prinmix", dict(group_size=None)),
     ("uniform (default grids)", "uniform", {}),
     ("Delta-CoMe", "deltacome", {}),
 )
+#: The row the others are compared with ("mean / default").
+DEFAULT_ROW = 3
 
 
 def run(shapes, ratio, decay):
@@ -65,7 +70,7 @@ def main(argv=None):
     for text in args.ratios:
         ratio = parse_ratio(text)
         rows = run(shapes, ratio, args.decay)
-        ref = np.asarray(rows[1 if ratio >= 1 / 16 - 1e-12 else 2][1])      # the default's row at this ratio
+        ref = np.asarray(rows[DEFAULT_ROW][1])
         print(f"\n## ratio {text}\n")
         print("| variant | " + " | ".join(f"{m}x{n}" for m, n in shapes) + " | mean / default | bytes/budget | warm s |")
         print("|---|" + "---:|" * (len(shapes) + 3))

@@ -201,3 +201,22 @@ def test_gpu_autotune_is_off_by_default_only_where_cuda_is(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
                          env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "3.0", out.stderr[-500:]
+
+
+def test_index_metadata_option_picks_the_stored_layout(root, pair):
+    """``--index-metadata full`` writes format 2's layout (every leaf stored); the default is lean, and the
+    same budget then keeps at least as many indices."""
+    from prinmix_jax.storage import load_delta
+
+    outs = {}
+    for md in ("lean", "full"):
+        outs[md] = os.path.join(root, f"delta-{md}")
+        extra = [] if md == "lean" else ["--index-metadata", md]
+        res = CliRunner().invoke(main, ["compress", *pair, outs[md], *FAST, "--method", "prinmix", *extra])
+        assert res.exit_code == 0, res.output
+    lean, full = load_delta(outs["lean"]), load_delta(outs["full"])
+    assert lean.matrix(0, "q_proj").lean and not full.matrix(0, "q_proj").lean
+    assert lean.meta["config"]["index_metadata"] == "lean" and full.meta["config"]["index_metadata"] == "full"
+    names = ("q_proj", "up_proj", "down_proj")
+    assert sum(lean.matrix(0, n).rank for n in names) >= sum(full.matrix(0, n).rank for n in names)
+    assert run("compress", *pair, os.path.join(root, "x2"), "--index-metadata", "tiny").exit_code == 2

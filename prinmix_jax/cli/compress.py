@@ -47,6 +47,10 @@ def _policy(field: str) -> LibraryChoice:
 @click.option("--grid", type=library_choices("prinmix_jax.config", "GRIDS"), default="mse", show_default=True,
               help="Quantization grid: 'mse' (least-squares scales, symmetric 1- and 2-bit grids) or 'minmax' "
                    "(the reference GPTQ's).")
+@click.option("--index-metadata", type=library_choices("prinmix_jax.config", "INDEX_METADATA"), default="lean",
+              show_default=True,
+              help="Per-index metadata: 'lean' (format 3: implied widths, zeros and single-group scales not "
+                   "stored) or 'full' (format 2's layout).")
 @click.option("--group-size", callback=parse_group, default="128", show_default=True,
               help="Entries per quantization scale along V rows and U columns ('none' = whole row).")
 @click.option("--method", type=library_choices("prinmix_jax.config", "METHODS"),
@@ -85,7 +89,7 @@ def _policy(field: str) -> LibraryChoice:
                    "does not set it): it makes compiling much slower for runs barely faster (docs/benchmarks.md).")
 @compile_cache_option
 @click.pass_context
-def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, grid, group_size, method, calibration_mode, scope, seq_len,
+def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, grid, index_metadata, group_size, method, calibration_mode, scope, seq_len,
              num_sequences, embeddings, lm_head, norms, biases, overwrite, progress, as_json, distributed,
              coordinator, num_processes, process_id, gpu_autotune, compile_cache):
     """Compress FINETUNED − BASE into a delta checkpoint folder OUT.
@@ -136,7 +140,7 @@ def compress(ctx, base, finetuned, out, calib, data_free, ratio, bits, grid, gro
     from prinmix_jax.config import CompressionConfig
     from prinmix_jax.pipeline import ParamPolicy, compress_model
 
-    cfg = CompressionConfig(ratio=ratio, bits=bits, group_size=group_size, grid=grid)
+    cfg = CompressionConfig(ratio=ratio, bits=bits, group_size=group_size, grid=grid, index_metadata=index_metadata)
     pol = ParamPolicy(norms=norms, biases=biases, embeddings=embeddings, lm_head=lm_head)
     if progress is None:
         progress = sys.stderr.isatty()
