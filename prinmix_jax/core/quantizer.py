@@ -6,7 +6,8 @@ group of entries. Two grids (``grid=``):
 * ``"minmax"`` (method.md §5, the reference GPTQ's): the range of a group is widened to contain 0,
   an all-zero range becomes ``[-1, 1]``; ``scale = (xmax - xmin) / maxq``,
   ``zero = round(-xmin / scale)``, ``q = clip(round(x / scale) + zero, 0, maxq)``.
-* ``"mse"`` (project choice, the default since format version 2): per group, the candidate grid with
+* ``"mse"`` (project choice, ``CompressionConfig``'s default; with lean index metadata it runs as
+  ``"mse-sym"``): per group, the candidate grid with
   the least squared error among the min–max grids of shrunk ranges ``p · [xmin, xmax]`` (``p`` in
   :data:`MSE_STEPS`, ``p = 1`` being the min–max grid itself, so it never does worse) and, at widths
   1 and 2, symmetric grids without a zero level, ``zero = maxq / 2`` (levels ``±s/2`` at 1 bit,

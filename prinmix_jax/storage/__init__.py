@@ -17,7 +17,8 @@ top-level JSON metadata file. The on-disk layout::
 
 Per compressed matrix ``linears/<name>`` holds exactly the arrays of :func:`prinmix_jax.formats.to_state`:
 for :class:`~prinmix_jax.formats.SVDQuantDelta` ``sigma_<b>``, ``v_codes_<b>``, ``v_scale_<b>``,
-``v_zero_<b>``, ``u_codes_<b>``, ``u_scale_<b>``, ``u_zero_<b>`` per width ``b`` and ``widths``; for
+``v_zero_<b>``, ``u_codes_<b>``, ``u_scale_<b>``, ``u_zero_<b>`` per width ``b`` and ``widths`` (with lean
+index metadata, format version 3, not the implied ones: :meth:`~prinmix_jax.formats.SVDQuantDelta.stored_fields`); for
 :class:`~prinmix_jax.formats.LowRankDelta` ``us``, ``v``; for :class:`~prinmix_jax.formats.SignDelta`
 ``signs``, ``scale``. Zero-size arrays (Orbax refuses them) are kept out of the tree and recorded in the
 entry's ``empty`` metadata. (There are no permutations to store: GPTQ's act-order permutation is undone
