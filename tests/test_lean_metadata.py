@@ -69,6 +69,23 @@ def test_lean_layout_stores_the_same_values_at_the_same_widths():
         np.testing.assert_array_equal(np.asarray(back.widths), np.asarray(cm.widths))
 
 
+def test_default_lean_matrix_round_trips_through_storage():
+    """The default (lean, symmetric 1–2-bit grids) at 1/32: the implied zeros, scales and widths are rebuilt
+    exactly on read."""
+    d, h = long_tailed_delta(96, 128, seed=8)
+    cm = compress_matrix(d, h, CompressionConfig(ratio=1 / 32))
+    assert cm.lean and {1, 2} & set(cm.group_bits)
+    arrays, meta = encode_step({"q_proj": MatrixEntry(cm, {})}, {})
+    assert not any(k.startswith(("widths", "u_scale", "v_scale")) for k in arrays["linears"]["q_proj"])
+    back = decode_step(arrays, meta).linears["q_proj"]
+    assert back.nbytes == cm.nbytes
+    np.testing.assert_array_equal(np.asarray(back.reconstruct()), np.asarray(cm.reconstruct()))
+    np.testing.assert_array_equal(np.asarray(back.widths), np.asarray(cm.widths))
+    for f in ("u_scale", "v_scale", "u_zero", "v_zero"):
+        for x, y in zip(getattr(back, f), getattr(cm, f)):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_matrices_written_before_lean_metadata_still_read():
     """A format-2 matrix's metadata has no ``lean`` / ``zero_free_max_bits``: it reads as the full layout."""
     d, h = long_tailed_delta(64, 96, seed=6)
