@@ -139,12 +139,16 @@ def llama_block_shares(stacks=None, devices: int = 8, cfg: CompressionConfig | N
 
 def test_llama_7b_block_at_the_pipeline_ranks_is_all_useful_on_8_devices():
     """The stacks of a 7B block the pipeline hands to the V passes at 1/16, with their truncated-SVD ranks: all
-    of the row work is useful on 8 devices, against under a quarter by whole matrices (also with q, k, v and o
-    in one stack)."""
+    of the row work is useful on 8 devices but the padding of a stack's rows to the device count (under one row
+    per device: ≥ 99.5% at these ranks), against under a quarter by whole matrices (also with q, k, v and o in
+    one stack)."""
     for stacks in (LLAMA_7B, {"q,k,v,o": (4, 4096, 4096), **{k: v for k, v in LLAMA_7B.items() if k in
                                                                ("gate,up", "down")}}):
         shares = llama_block_shares(stacks)
-        assert all(v["rows"] == 1.0 for v in shares.values()), shares
+        for name, (b, _, _) in stacks.items():
+            k = shares[name]["k"]
+            assert shares[name]["rows"] == b * k / (-(-b * k // 8) * 8), shares   # padding < 1 row per device
+        assert shares["block"]["rows"] >= 0.99, shares
         assert shares["block"]["matrices"] < 0.25, shares
 
 
