@@ -1,7 +1,8 @@
 """Compressed forms of one delta matrix: registered pytrees (arrays are children; shapes,
 widths and the method are static), ready for Orbax.
 
-Every stored byte is a leaf, so ``nbytes`` is the sum of the leaves' ``nbytes``.
+Every stored byte is a leaf, and ``nbytes`` is the sum of the stored leaves' ``nbytes`` (all leaves, but for
+the implied ones of a lean :class:`SVDQuantDelta`).
 
 * :class:`SVDQuantDelta` (prinmix, deltacome, uniform): kept singular indices grouped by width;
   per group, ``V̂`` rows and ``Û`` columns (stored as rows, i.e. ``Ûᵀ``) packed at that width,
