@@ -6,6 +6,11 @@ import math
 import numpy as np
 
 
+def num_groups(length: int, group_size: int | None) -> int:
+    """Quantisation groups along a vector of ``length`` entries (one when ``group_size`` is None or ≥ length)."""
+    return 1 if not group_size or group_size >= length else math.ceil(length / group_size)
+
+
 def index_cost_bits(m: int, n: int, widths, group_size: int | None, *, scale_bits: int = 16,
                     zero_bits: int = 8, sigma_bits: int = 32, width_bits: int = 8, lean: bool = False,
                     zero_free_max_bits: int = 0) -> np.ndarray:
@@ -22,20 +27,18 @@ def index_cost_bits(m: int, n: int, widths, group_size: int | None, *, scale_bit
     Returns:
       int64 array, one cost per entry of ``widths``.
     """
-    def ngroups(length):
-        return 1 if not group_size or group_size >= length else math.ceil(length / group_size)
-
     out = []
     for b in widths:
         if b == 0:
             out.append(0)
             continue
         codes = 8 * b * (math.ceil(m / 8) + math.ceil(n / 8))
+        groups = (num_groups(m, group_size), num_groups(n, group_size))
         if not lean:
-            out.append(codes + (scale_bits + zero_bits) * (ngroups(m) + ngroups(n)) + sigma_bits + width_bits)
+            out.append(codes + (scale_bits + zero_bits) * sum(groups) + sigma_bits + width_bits)
             continue
         meta = sigma_bits
-        for g in (ngroups(m), ngroups(n)):
+        for g in groups:
             meta += (scale_bits if g > 1 else 0) * g + (zero_bits * g if b > zero_free_max_bits else 0)
         out.append(codes + meta)
     return np.asarray(out, dtype=np.int64)

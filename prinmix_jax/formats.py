@@ -26,7 +26,8 @@ import numpy as np
 
 from prinmix_jax.core.gptq import HIGHEST
 from prinmix_jax.core.packing import unpack_bits
-from prinmix_jax.core.quantizer import dequantize, expand_groups
+from prinmix_jax.core.quantizer import dequantize, expand_groups, stored_zero
+from prinmix_jax.costs import num_groups
 
 
 def _nbytes(tree) -> int:
@@ -200,11 +201,11 @@ def _implied_arrays(arrays: dict, kw: dict) -> dict:
         k = int(np.shape(arrays[f"sigma_{b}"])[0])
         widths.append(np.full(k, b, np.uint8))
         for side, length in (("v", n), ("u", m)):
-            ng = 1 if not g or g >= length else -(-length // g)
+            ng = num_groups(length, g)
             if ng == 1:
                 out.setdefault(f"{side}_scale_{b}", np.ones((k, 1), np.float16))
             if b <= kw["zero_free_max_bits"]:
-                out.setdefault(f"{side}_zero_{b}", np.full((k, ng), 2 ** b - 1, np.uint8))
+                out.setdefault(f"{side}_zero_{b}", np.full((k, ng), stored_zero((2 ** b - 1) / 2, b), np.uint8))
     out.setdefault("widths", np.concatenate(widths) if widths else np.zeros(0, np.uint8))
     return out
 
@@ -219,22 +220,15 @@ def to_state(cm: CompressedMatrix) -> tuple[dict, dict]:
     if kind not in _CLASSES:
         raise TypeError(f"not a compressed matrix: {type(cm).__name__}")
     meta = {"format": kind, "method": cm.method, "shape": [int(x) for x in cm.shape], "nbytes": cm.nbytes}
-    if kind == "SVDQuantDelta":
-        for f in dataclasses.fields(cm):
-            if f.metadata.get("static"):
-                val = getattr(cm, f.name)
-                meta[f.name] = list(val) if isinstance(val, tuple) else val
-        return {k: np.asarray(v) for k, v in cm.stored_fields().items()}, meta
     arrays = {}
     for f in dataclasses.fields(cm):
         val = getattr(cm, f.name)
         if f.metadata.get("static"):
             meta[f.name] = list(val) if isinstance(val, tuple) else val
-        elif isinstance(val, tuple):
-            for b, a in zip(cm.group_bits, val):
-                arrays[f"{f.name}_{b}"] = np.asarray(a)
-        else:
+        elif kind != "SVDQuantDelta":
             arrays[f.name] = np.asarray(val)
+    if kind == "SVDQuantDelta":
+        arrays = {k: np.asarray(v) for k, v in cm.stored_fields().items()}
     return arrays, meta
 
 

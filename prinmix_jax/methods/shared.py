@@ -346,7 +346,8 @@ def pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, me
             if u_scale.shape[1] == 1:
                 sig, u_scale = sig * u_scale[:, 0].astype(np.float64), np.ones_like(u_scale)
         v_zero, u_zero = stored_zero(vz[idx], b).astype(np.uint8), stored_zero(uz[idx], b).astype(np.uint8)
-        if cfg.lean and b <= cfg.zero_free_max_bits and (np.any(v_zero != 2 ** b - 1) or np.any(u_zero != 2 ** b - 1)):
+        symmetric = stored_zero((2 ** b - 1) / 2, b)
+        if b <= cfg.zero_free_max_bits and (np.any(v_zero != symmetric) or np.any(u_zero != symmetric)):
             raise AssertionError(f"width {b}: a zero point off the symmetric grid; lean metadata would lose it")
         fields["sigma"].append(sig.astype(np.float32))
         fields["v_codes"].append(pack_bits(vc[idx], b))
@@ -359,7 +360,7 @@ def pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, me
     fields, w = jax.device_put(({k: tuple(v) for k, v in fields.items()}, w))
     return SVDQuantDelta(widths=w, shape=(m, n), group_bits=tuple(group_bits),
                          group_size=cfg.group_size or max(m, n), method=method, lean=cfg.lean,
-                         zero_free_max_bits=cfg.zero_free_max_bits if cfg.lean else 0, **fields)
+                         zero_free_max_bits=cfg.zero_free_max_bits, **fields)
 
 
 def finish(cm: CompressedMatrix, d, h_np, info: dict, stack: Stack):
