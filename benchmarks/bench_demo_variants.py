@@ -4,6 +4,7 @@ Prints one JSON line per (ratio, variant) and a Markdown table at the end.
 
     python benchmarks/bench_demo_variants.py --ratios 1/16 1/32 1/64
     python benchmarks/bench_demo_variants.py --ratios 1/32 --calibration task-mix
+    python benchmarks/bench_demo_variants.py --pair 855k     # the earlier, larger demo pair (issue 12's)
 
 ``--calibration text`` is the demo's (64 held-out stdlib windows); ``task-mix`` replaces half of them with
 windows of task examples from another seed than the test prompts (a user calibrating on fine-tuning data).
@@ -11,6 +12,7 @@ windows of task examples from another seed than the test prompts (a user calibra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -53,6 +55,9 @@ def main(argv=None):
     ap.add_argument("--variants", default=None, help="comma-separated labels (default: all)")
     ap.add_argument("--calibration", choices=("text", "task-mix"), default="text")
     ap.add_argument("--num-test", type=int, default=300)
+    ap.add_argument("--pair", choices=("demo", "855k"), default="demo",
+                    help="the demo's pair (457k parameters), or the earlier demo pair (hidden 128, intermediate 384) "
+                         "on which issue 12 was filed")
     args = ap.parse_args(argv)
 
     from prinmix_jax import demo as Dm
@@ -61,7 +66,7 @@ def main(argv=None):
     from prinmix_jax.models import ModelConfig, load_hf_params
     from prinmix_jax.sft import FULL, make_sft_pair
 
-    s = FULL
+    s = FULL if args.pair == "demo" else dataclasses.replace(FULL, hidden=128, intermediate=384)
     pair = make_sft_pair(s, progress=False, log=None)
     cfg = ModelConfig.from_pretrained_dir(pair.finetuned)
     base_p, ft_p = load_hf_params(pair.base), load_hf_params(pair.finetuned)
@@ -88,7 +93,8 @@ def main(argv=None):
                            kl=r["kl"], bytes=r["bytes"], seconds=r["seconds"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    print(f"\nfine-tuned {ft_acc:.1%}, base {base_acc:.1%}, {args.num_test} prompts, calibration {args.calibration}\n")
+    print(f"\n{args.pair} pair: fine-tuned {ft_acc:.1%}, base {base_acc:.1%}, {args.num_test} prompts, "
+          f"calibration {args.calibration}\n")
     print("| ratio | variant | task acc | gain kept | layer err | KL to ft | bytes | time s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

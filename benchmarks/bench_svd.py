@@ -1,6 +1,6 @@
 """Full against truncated SVDs (``CompressionConfig.svd``) on long-tailed deltas of Llama-2-7B shapes.
 
-For each shape: the wall time of the SVD step as ``compress_matrix`` runs it, for XLA's full SVD, the Gram
+For each shape: the wall time and the process CPU time (all threads) of the SVD step as ``compress_matrix`` runs it, for XLA's full SVD, the Gram
 SVD (``svd="gram"``, the default under ``"auto"`` where k <= 0.6 min(m, n)) and the randomized range finder
 (``svd="truncated"``), all at the rank :func:`~prinmix_jax.methods.shared.svd_rank` picks, compiled first,
 then timed alternately ``--reps`` times in one run (the best of each is reported); their ratios to the full
@@ -35,9 +35,10 @@ from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
 
 def _time(fn):
-    t = time.perf_counter()
+    """(wall seconds, CPU seconds of this process over all its threads) of one call."""
+    t, c = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main(argv=None):
@@ -59,9 +60,10 @@ def main(argv=None):
           f"iters {cfg.svd_iters}; jax {jax.__version__} on {jax.default_backend()}, {platform.machine()}, "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}, OPENBLAS_NUM_THREADS="
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print("| shape | k_max | k | full s | gram s | ratio | randomized s | ratio | σ err k_max gram / rand "
+    print("| shape | k_max | k | full s | gram s | ratio | randomized s | ratio | CPU s full / gram / rand "
+          "| CPU ratio gram / rand | σ err k_max gram / rand "
           "| σ err k gram / rand | gram fallback | auto | e2e full | e2e gram | diff | e2e rand | diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
     for i, (m, n) in enumerate(shapes):
         d, _ = long_tailed_delta(m, n, seed=args.seed, tokens=16)
         k_max = max_kept_rank(m, n, cfg)
@@ -71,12 +73,16 @@ def main(argv=None):
                 "gram": lambda: svd_delta(d, k),
                 "rand": lambda: svd_delta(d, k, method="randomized", oversample=over, iters=cfg.svd_iters)}
         times = {name: [] for name in runs}
+        cpu = {name: [] for name in runs}
         for fn in runs.values():                                                      # compile
             _time(fn)
         for _ in range(args.reps):
             for name, fn in runs.items():
-                times[name].append(_time(fn))
+                wall, c = _time(fn)
+                times[name].append(wall)
+                cpu[name].append(c)
         best = {name: min(t) for name, t in times.items()}
+        best_cpu = {name: min(t) for name, t in cpu.items()}
         s_full = np.asarray(runs["full"]()[1], np.float64)[:k]
         err = {name: np.abs(np.asarray(runs[name]()[1], np.float64) - s_full) / s_full for name in ("gram", "rand")}
         raw = svd_fn(k, "gram")(jax.numpy.asarray(d))[1]
@@ -84,6 +90,8 @@ def main(argv=None):
         auto = svd_rank(m, n, CompressionConfig(), k_max)
         row = (f"| {m}x{n} | {k_max} | {k} | {best['full']:.1f} | {best['gram']:.1f} | "
                f"{best['full'] / best['gram']:.2f} | {best['rand']:.1f} | {best['full'] / best['rand']:.2f} | "
+               f"{best_cpu['full']:.1f} / {best_cpu['gram']:.1f} / {best_cpu['rand']:.1f} | "
+               f"{best_cpu['full'] / best_cpu['gram']:.2f} / {best_cpu['full'] / best_cpu['rand']:.2f} | "
                f"{err['gram'][:k_max].max():.1e} / {err['rand'][:k_max].max():.1e} | "
                f"{err['gram'].max():.1e} / {err['rand'].max():.1e} | {'yes' if fallback else 'no'} | "
                f"{'gram' if auto else 'full'} |")
