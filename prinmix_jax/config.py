@@ -77,6 +77,10 @@ class CompressionConfig:
       whiten_damp: the relative damping λ / mean(diag H) of the whitening factor.
       refit_sigma: after GPTQ of U, store the least-squares σ of the quantised factors
         (:func:`~prinmix_jax.core.rtc.refit_sigma`; project choice).
+      refine_rounds: rounds of alternating refinement after GPTQ of U (project choice, PrinMix family):
+        V re-fitted by least squares to ``Û Σ`` (:func:`~prinmix_jax.core.rtc.v_target`) and quantised by
+        GPTQ at the same widths, then RTC and GPTQ of U again; the factors of the round with the lowest
+        output error are kept. 0 = the paper's single pass.
       u_error: add an estimate of each index's U-side quantisation error to the (exact, V-only)
         error table before the allocation (project choice; the paper allocates on V alone).
       svd: how each delta's SVD is taken. ``"gram"``: the top ``k = ceil((1 + svd_margin) · k_max)``
@@ -108,6 +112,7 @@ class CompressionConfig:
     index_metadata: str = "lean"
     whiten: bool = False
     refit_sigma: bool = False
+    refine_rounds: int = 0
     whiten_damp: float = 0.01
     u_error: bool = True
     svd: str = "auto"
@@ -157,8 +162,10 @@ class CompressionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(self.svd_iters, bool) or not isinstance(self.svd_iters, int) or self.svd_iters < 0:
-            raise ValueError(f"svd_iters must be an integer >= 0, got {self.svd_iters!r}")
+        for name in ("svd_iters", "refine_rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
 
     @property
     def scale_jnp_dtype(self):

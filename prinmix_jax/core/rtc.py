@@ -68,6 +68,32 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
 
 
 @jax.jit
+def v_target(delta, u_hat, sigma, damp=1e-4, valid=None):
+    """The re-fitted V target ``V*`` (k, n) given the quantised ``Û`` (alternating refinement, the mirror of
+    :func:`rtc_target`; project choice) and the damping used.
+
+    ``V*`` minimises ``‖(ΔW − Û Σ V) X‖²``. Its normal equations ``Σ ÛᵀÛ Σ V H = Σ Ûᵀ ΔW H`` are met by the
+    least-squares solution ``Σ ÛᵀÛ Σ V = Σ Ûᵀ ΔW`` whatever ``H`` is, so no Hessian enters; computed in the
+    well-scaled form ``V* = Σ⁻¹ (ÛᵀÛ + λ' I)⁻¹ Ûᵀ ΔW`` (damping relative to ``mean(diag ÛᵀÛ)``).
+
+    Args:
+      delta: (m, n) ΔW.
+      u_hat: (m, k) the quantised U of the kept indices (padding columns zero).
+      sigma: (k,) their σ (all > 0).
+      damp: λ' relative to ``mean(diag ÛᵀÛ)``; escalated if not positive definite.
+      valid: optional (k,) bool mask of real indices (padding rows of ``V*`` come out zero).
+
+    Returns:
+      ``(V*, damp_used)``.
+    """
+    m = jnp.matmul(u_hat.T, u_hat, precision=HIGHEST)                   # (k, k)
+    p = jnp.matmul(u_hat.T, delta, precision=HIGHEST)                   # (k, n)
+    r, d = inverse_cholesky_upper(inert_padding((m + m.T) / 2, valid), damp)   # (M+λ'I)^{-1} = RᵀR
+    vstar = jnp.matmul(r.T, jnp.matmul(r, p, precision=HIGHEST), precision=HIGHEST)
+    return vstar / sigma[:, None], d
+
+
+@jax.jit
 def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6):
     """σ refitted to the quantised factors: the least-squares σ of ``‖ΔW X − Û diag(σ) V̂ X‖²``
     (project choice; one step of alternating refinement after RTC and GPTQ of U).

@@ -19,7 +19,7 @@ from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import run_sharded, run_stack_rows
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.core.quantizer import stored_zero
-from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
+from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian, v_target
 from prinmix_jax.core.svd import active_svd_reuse, svd_settings, svd_sharded
 from prinmix_jax.costs import index_cost_bits
 from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta
@@ -309,6 +309,10 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
         target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, kb - k))))
     g = u_hessian(v_hat, sig_p, h, valid)
     u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **gptq_kw(cfg))
+    if rtc and cfg.refine_rounds:
+        u_pad, v_hat, v_new = refine(delta, h, u_pad, v_hat, sig_p, valid, bits, cfg, info)
+        if v_new is not None:
+            v_rows = GPTQResult(*(np.asarray(a)[:k] for a in v_new[:4]), np.asarray(v_new.damp))
     if rtc and cfg.refit_sigma:          # the PrinMix family (Delta-CoMe has no RTC and no refit)
         sig_p = refit_sigma(delta, h, u_pad.q, v_hat, sig_p, valid)
         sig_k = np.asarray(sig_p)[:k]
@@ -320,6 +324,38 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
     info["u_damp"] = float(u_res.damp)
     info["seconds_u"] = time.perf_counter() - t
     return pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
+
+
+def refine(delta, h, u_pad: GPTQResult, v_hat, sigma, valid, bits, cfg, info):
+    """Alternating refinement (``cfg.refine_rounds`` rounds; project choice): V re-fitted to ``Û Σ``
+    (:func:`~prinmix_jax.core.rtc.v_target`) and quantised by GPTQ under ``h`` at the same widths, then RTC
+    and GPTQ of U again. Each round is scored by its output error and the best factors are kept (the
+    quantised steps make the error non-monotone); ``info["refine_rounds_kept"]`` says which (0: the
+    factors given).
+
+    Args:
+      delta, h: the matrix and its Hessian (the identity data-free).
+      u_pad: GPTQ of U (padded to the rank bucket); v_hat: (kb, n) V̂; sigma, valid, bits: the padded σ,
+        mask of real indices and widths (:func:`padded_u_inputs`).
+
+    Returns:
+      ``(u_pad, v_hat, v_res)``: the kept U result and V̂, and the V GPTQ result of the kept round (padded
+      rows included) or ``None`` when no round lowered the error.
+    """
+    kw = gptq_kw(cfg)
+    best = (float(_factored_error_terms(delta, u_pad.q, sigma, v_hat, h)[0]), u_pad, v_hat, None)
+    kept = 0
+    for r in range(cfg.refine_rounds):
+        v_star, _ = v_target(delta, u_pad.q, sigma, cfg.rtc_damp, valid)
+        v_res = gptq_quantize(v_star, h, bits, cfg.damp, scale_axis="row", **kw)
+        v_hat = v_res.q
+        target, _ = rtc_target(delta, h, v_hat, sigma, cfg.rtc_damp, valid)
+        u_pad = gptq_quantize(target, u_hessian(v_hat, sigma, h, valid), bits, cfg.damp, scale_axis="col", **kw)
+        num = float(_factored_error_terms(delta, u_pad.q, sigma, v_hat, h)[0])
+        if num < best[0]:
+            best, kept = (num, u_pad, v_hat, v_res), r + 1
+    info["refine_rounds_kept"] = kept
+    return best[1:]
 
 
 def pack_svd(shape, sigma, widths, v_res: GPTQResult, u_res: GPTQResult, cfg, method) -> SVDQuantDelta:
