@@ -553,7 +553,6 @@ def _sec(x) -> str:
 
 
 def markdown(results: list[dict], args) -> str:
-    plain = args.plain
     cols = [s for s in STAGES + ("other",)]
     lines = ["| model | mode | wall s | " + " | ".join(STAGE_TITLES[c] for c in cols) + " | XLA compile (in stages) |",
              "|" + "---|" * (4 + len(cols))]
@@ -565,7 +564,7 @@ def markdown(results: list[dict], args) -> str:
                      + f" | {_sec(sum(comp.values())) if comp else '—'} |")
     lines += ["", "| model | mode | params (this pair) | peak host RSS GB | RSS / (1 block, both, f32) | "
               "bound GB (3 blocks + embeddings + calibration + runtime) | within bound | peak device mem GB | bytes | ratio (of 16-bit delta) | block-linears ratio | within budget | "
-              f"full depth: projected s | full depth: bytes | full depth: ratio |",
+              "full depth: projected s | full depth: bytes | full depth: ratio |",
               "|" + "---|" * 15]
     for r in results:
         s = r["run"]["summary"]

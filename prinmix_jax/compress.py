@@ -19,7 +19,7 @@ from prinmix_jax.methods import REGISTRY, Stack, get_method
 from prinmix_jax.methods.baselines import DELTACOME_BITS, DELTACOME_SCHEDULE
 from prinmix_jax.methods.prinmix import stack_tables, table_rows, table_svd, table_svd_rank
 from prinmix_jax.methods.shared import (gptq_kw, hessian_stack, max_kept_rank, output_error, pack_svd,
-                                        padded_u_inputs, rank_bucket, reconstruct, stack_svd)
+                                        padded_u_inputs, rank_bucket, reconstruct)
 
 __all__ = ["BATCH_AXIS", "DELTACOME_BITS", "DELTACOME_SCHEDULE", "METHODS", "REGISTRY", "check_settings",
            "compress_matrix", "compress_stack", "default_mesh", "error_tables", "gptq_kw", "max_kept_rank",

@@ -21,7 +21,7 @@ import sysconfig
 
 import numpy as np
 
-from prinmix_jax.sft.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode
+from prinmix_jax.sft.tokenizer import BOS_ID, PAD_ID, encode
 
 __all__ = ["TASKS", "TASK_TITLES", "stdlib_files", "corpus_ids", "text_windows", "make_task", "task_batch", "write_task_jsonl",
            "read_task_jsonl", "corpus_fingerprint", "prompt_format"]
