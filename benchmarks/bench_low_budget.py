@@ -33,6 +33,8 @@ VARIANTS = (
     ("default + sigma refit", "prinmix", dict(refit_sigma=True)),
     ("default + whitened SVD", "prinmix", dict(whiten=True)),
     ("default + one group per vector", "prinmix", dict(group_size=None)),
+    ("default + refinement 1 round", "prinmix", dict(refine_rounds=1)),
+    ("default + refinement 2 rounds", "prinmix", dict(refine_rounds=2)),
     ("uniform (default grids)", "uniform", {}),
     ("Delta-CoMe", "deltacome", {}),
 )
