@@ -23,6 +23,7 @@ _EXPORTS = {
     **dict.fromkeys(['ParamPolicy', 'compress_model'], "prinmix_jax.pipeline"),
     **dict.fromkeys(['DeltaCheckpoint', 'load_delta'], "prinmix_jax.storage"),
     **dict.fromkeys(['apply_delta', 'apply_delta_to_checkpoint', 'apply_delta_to_model', 'factored_linear'], "prinmix_jax.apply"),
+    **dict.fromkeys(['distill_delta'], "prinmix_jax.distill"),
     **dict.fromkeys(['exact_match', 'greedy_generate', 'perplexity', 'token_metrics'], "prinmix_jax.evaluation"),
     **dict.fromkeys(['SFTSettings', 'make_sft_family', 'make_sft_pair'], "prinmix_jax.sft"),
     **dict.fromkeys(['run_demo'], "prinmix_jax.demo"),

@@ -1,0 +1,109 @@
+"""distill_delta (issue 12's distillation option): the KL it reports is the KL of the checkpoint it writes
+(an independent oracle: token_metrics of apply_delta's merged params), distillation lowers it, only σ and the
+multi-group scales change (codes, zeros, byte count and layout do not), the written checkpoint verifies, and
+bad inputs are refused before anything is written."""
+import os
+
+import numpy as np
+import pytest
+
+from pipeline_fixtures import SMALL_CONFIG, make_pair, read_arrays, write_calib
+
+from prinmix_jax import CompressionConfig
+from prinmix_jax.apply import apply_delta
+from prinmix_jax.distill import distill_delta
+from prinmix_jax.evaluation import token_metrics
+from prinmix_jax.models import ModelConfig, load_hf_params
+from prinmix_jax.models.calibration_data import tokenize_calibration
+from prinmix_jax.pipeline import compress_model
+from prinmix_jax.storage import FingerprintMismatchError, load_delta
+
+SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distill")
+    base, ft = make_pair(root, "llama")
+    calib = write_calib(root, "ids")
+    delta = os.path.join(root, "delta")
+    compress_model(base, ft, delta, calib=calib, config=CompressionConfig(**dict(SMALL_CONFIG, ratio=1 / 32)),
+                   seq_len=SEQ)
+    return root, base, ft, calib, delta
+
+
+def _kl(base, ft, delta, ids):
+    cfg = ModelConfig.from_pretrained_dir(ft)
+    return token_metrics(load_hf_params(ft), apply_delta(load_hf_params(base), delta), cfg, ids)["kl"]
+
+
+def test_distillation_lowers_the_kl_of_the_written_checkpoint_and_changes_only_sigma_and_scales(setup):
+    root, base, ft, calib, delta = setup
+    out = os.path.join(root, "distilled")
+    res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=40, lr=0.02, batch_size=4)
+    ids = tokenize_calibration(calib, ft, seq_len=SEQ)
+    before, after = _kl(base, ft, delta, ids), _kl(base, ft, out, ids)
+    assert res["kept"] and res["matrices"] == 14
+    np.testing.assert_allclose(res["kl_before"], before, rtol=1e-4)
+    np.testing.assert_allclose(res["kl_after"], after, rtol=1e-4)    # the score is of what was stored
+    assert after < 0.9 * before
+    src, dst = load_delta(delta), load_delta(out)
+    dst.verify()
+    assert dst.meta["bytes"]["total"] == src.meta["bytes"]["total"]
+    assert dst.meta["distillation"]["kl_after"] == res["kl_after"]
+    changed = {"sigma": 0, "scale": 0}
+    a, b = read_arrays(delta), read_arrays(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][:2] == b[k][:2], k                            # dtype and shape
+        if a[k][2] == b[k][2]:
+            continue
+        kind = "sigma" if "'sigma_" in k[1] else "scale" if "_scale_" in k[1] else None
+        assert kind is not None and k[0] >= 1, f"{k} changed"
+        changed[kind] += 1
+    assert changed["sigma"] > 0 and changed["scale"] > 0       # group size 16 on 32-wide vectors: 2 groups
+
+
+def test_no_steps_keeps_the_input_values(setup):
+    root, base, ft, calib, delta = setup
+    out = os.path.join(root, "distilled0")
+    res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=0)
+    assert not res["kept"] and res["kl_after"] == res["kl_before"]
+    assert read_arrays(delta) == read_arrays(out)
+
+def test_bad_inputs_are_refused_before_writing(setup, tmp_path):
+    root, base, ft, calib, delta = setup
+    with pytest.raises(ValueError, match="destroy the input"):
+        distill_delta(base, ft, delta, delta, calib=calib, seq_len=SEQ, overwrite=True)
+    with pytest.raises(ValueError, match="steps must be"):
+        distill_delta(base, ft, delta, str(tmp_path / "o1"), calib=calib, seq_len=SEQ, steps=-1)
+    other_base, _ = make_pair(root, "llama", seed=5)
+    with pytest.raises(FingerprintMismatchError):
+        distill_delta(other_base, ft, delta, str(tmp_path / "o2"), calib=calib, seq_len=SEQ, steps=1)
+    lowrank = str(tmp_path / "lowrank")
+    compress_model(base, ft, lowrank, config=CompressionConfig(**SMALL_CONFIG), method="lowrank")
+    with pytest.raises(ValueError, match="no SVD-quantised"):
+        distill_delta(base, ft, lowrank, str(tmp_path / "o3"), calib=calib, seq_len=SEQ, steps=1)
+    assert not any(os.path.exists(tmp_path / f"o{i}") for i in (1, 2, 3))
+
+
+def test_cli_writes_the_checkpoint_and_reports_its_kl(setup):
+    import json
+
+    from click.testing import CliRunner
+
+    from prinmix_jax.cli import main
+
+    root, base, ft, calib, delta = setup
+    out = os.path.join(root, "cli-distilled")
+    r = CliRunner().invoke(main, ["distill", base, ft, delta, out, "--calib", calib, "--seq-len", str(SEQ),
+                                  "--steps", "10", "--lr", "0.02", "--batch-size", "4", "--json",
+                                  "--no-compile-cache"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    ids = tokenize_calibration(calib, ft, seq_len=SEQ)
+    np.testing.assert_allclose(res["kl_after"], _kl(base, ft, out, ids), rtol=1e-4)
+    assert res["kl_after"] < res["kl_before"]
+    r = CliRunner().invoke(main, ["distill", base, ft, delta, out, "--calib", calib, "--seq-len", str(SEQ),
+                                  "--no-compile-cache"])
+    assert r.exit_code != 0 and "already exists" in r.output
