@@ -13,6 +13,9 @@ from click.testing import CliRunner
 from prinmix_jax.cli import main
 
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
+#: The sweep's second PrinMix budget, below the main table's 1/16: it keeps fewer indices than a larger one
+#: (1/4 did), so its compress and apply compile fewer programs; the eval test needs two PrinMix budgets.
+LOW, LOW_TAG = 1 / 32, "1of32"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     out = str(root / "out")
     res = CliRunner().invoke(main, ["demo", "--quick", "--out", out, "--cache-dir", str(root / "cache"),
-                                    "--methods", ",".join(METHODS), "--ratios", "1/16,1/4", "--sweep-methods", "prinmix",
+                                    "--methods", ",".join(METHODS), "--ratios", "1/16,1/32", "--sweep-methods", "prinmix",
                                     "--num-test", "16", "--no-progress"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     return out, str(root / "cache"), res.output
@@ -48,10 +51,10 @@ def test_demo_prints_and_writes_the_table(demo_run):
     phases = [ln for ln in printed.splitlines() if ln.startswith("[")]
     n = 3 + len(METHODS) + 1
     assert [p.split("]")[0] for p in phases] == [f"[{k}/{n}" for k in range(1, n + 1)], phases
-    assert "SFT pair" in phases[0] and "prinmix at 1/4" in phases[-2] and "writing" in phases[-1]
+    assert "SFT pair" in phases[0] and "prinmix at 1/32" in phases[-2] and "writing" in phases[-1]
     md = open(os.path.join(out, "demo_results.md")).read()
     assert md.startswith("| model |") and md.count("\n") == 2 + 2 + len(METHODS)
-    assert list(res["sweep"]) == ["prinmix"] and sorted(p["ratio"] for p in res["sweep"]["prinmix"]) == [1 / 16, 1 / 4]
+    assert list(res["sweep"]) == ["prinmix"] and sorted(p["ratio"] for p in res["sweep"]["prinmix"]) == [LOW, 1 / 16]
 
 
 def _errors(out):
@@ -82,21 +85,21 @@ def test_eval_kl_is_zero_for_finetuned_and_grows_as_ratio_shrinks(demo_run, tmp_
     text.write_bytes(bytes(D.corpus_ids("heldout", max_bytes=4 * 64 + 200)[1:].astype("uint8")))
     task = tmp_path / "task.jsonl"
     D.write_task_jsonl(str(task), D.make_task(8, seed=5, min_len=3, max_len=6))
-    deltas = [os.path.join(out, "deltas", f"prinmix-{r}") for r in ("1of4", "1of16")]
+    deltas = [os.path.join(out, "deltas", f"prinmix-{r}") for r in ("1of16", LOW_TAG)]
     res = CliRunner().invoke(main, ["eval", base, ft, *deltas, "--text", str(text), "--task", str(task),
                                     "--seq-len", "64", "--num-sequences", "4", "--json"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     rows = json.loads(res.output)
-    assert [r["model"] for r in rows] == ["finetuned", "base", "prinmix-1of4", "prinmix-1of16"]
+    assert [r["model"] for r in rows] == ["finetuned", "base", "prinmix-1of16", f"prinmix-{LOW_TAG}"]
     assert abs(rows[0]["kl"]) < 1e-6 and rows[0]["top1"] == 1.0 and rows[0]["tokens"] == 4 * 64
-    # ratio 1 (the fine-tuned model itself) > 1/4 > 1/16 > 0 (the base: the whole delta dropped)
+    # ratio 1 (the fine-tuned model itself) > 1/16 > 1/32 > 0 (the base: the whole delta dropped)
     kls = [rows[0]["kl"], rows[2]["kl"], rows[3]["kl"], rows[1]["kl"]]
     assert kls == sorted(kls) and len(set(kls)) == 4, kls
     assert all(0 <= r["exact"] <= 1 and r["total"] == 8 for r in rows)
     assert rows[2]["method"] == "prinmix" and rows[2]["bytes"] > rows[3]["bytes"]
     table = CliRunner().invoke(main, ["eval", base, ft, deltas[0], "--text", str(text), "--seq-len", "64",
                                       "--num-sequences", "2", "--no-base"], catch_exceptions=False)
-    assert table.exit_code == 0 and "prinmix-1of4" in table.output and "0.00000" in table.output
+    assert table.exit_code == 0 and "prinmix-1of16" in table.output and "0.00000" in table.output
 
 
 def test_cli_usage_errors(tmp_path):
