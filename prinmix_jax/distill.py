@@ -1,7 +1,8 @@
 """Distillation of a finished PrinMix delta against the fine-tuned model (``prinmix distill``; an option,
 off by default: method.md §7).
 
-Every compressed block linear ``ΔŴ = Û diag(σ) V̂`` keeps its codes, widths and zero points; only its
+Every SVD-quantised linear ``ΔŴ = Û diag(σ) V̂`` (block linears, and the embedding and output head
+where the policy compressed them) keeps its codes, widths and zero points; only its
 continuous stored values are re-fitted end to end: σ (float32, one per kept index) and, where a vector has
 more than one quantisation group, the float16 group scales of Û and V̂. They are trained as multipliers
 ``σ · exp(a)``, ``s · exp(c)`` (signs kept, scale-free steps) by Adam on the mean per-token
@@ -127,26 +128,33 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     ids = np.asarray(tokenize_calibration(calib, tdir, seq_len=seq_len, num_sequences=num_sequences,
                                           model_config=cfg), np.int32)
 
-    block_table, _ = param_groups(cfg)
-    paths = {entry_name(p): p for p, _ in block_table}
-    cms, bases = {}, {}
-    for b in range(delta.num_blocks):
-        for name, cm in delta.block(b).linears.items():
+    block_table, global_table = param_groups(cfg)
+    tables = {"block": {entry_name(p): p for p, _ in block_table},
+              "global": {entry_name(p): p for p, _ in global_table}}
+    cms, bases = {}, {}          # key (step, name): step 0 = the globals, step b + 1 = block b
+    for s in range(delta.num_steps):
+        base_tree = base_p if s == 0 else base_p["layers"][s - 1]
+        paths = tables["global" if s == 0 else "block"]
+        for name, cm in delta.step(s).linears.items():
             if isinstance(cm, SVDQuantDelta) and cm.rank:
-                cms[(b, name)] = cm
-                bases[f"{b}/{name}"] = get_path(base_p["layers"][b], paths[name])
+                cms[(s, name)] = (cm, paths[name])
+                bases[f"{s}/{name}"] = get_path(base_tree, paths[name])
     if not cms:
-        raise ValueError(f"{delta.path}: no SVD-quantised block linear to distil (methods prinmix, deltacome, "
+        raise ValueError(f"{delta.path}: no SVD-quantised linear to distil (methods prinmix, deltacome, "
                          "uniform have them)")
-    theta0 = {f"{b}/{n}": distill_targets(cm) for (b, n), cm in cms.items()}
+    theta0 = {f"{s}/{n}": distill_targets(cm) for (s, n), (cm, _) in cms.items()}
     nparam = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(theta0))
 
     def student(theta):
+        out = dict(merged)
         layers = dict(merged["layers"])
-        for (b, name), cm in cms.items():
-            k = f"{b}/{name}"
-            layers[b] = set_path(layers[b], paths[name], bases[k] + _scaled(cm, theta[k]).reconstruct())
-        return dict(merged, layers=layers)
+        for (s, name), (cm, path) in cms.items():
+            w = bases[f"{s}/{name}"] + _scaled(cm, theta[f"{s}/{name}"]).reconstruct()
+            if s == 0:
+                out = set_path(out, path, w)
+            else:
+                layers[s - 1] = set_path(layers[s - 1], path, w)
+        return dict(out, layers=layers)
 
     def kl(theta, x):
         lt = jax.nn.log_softmax(model_from_params(cfg, ft_p)(x).astype(jnp.float32), -1)
@@ -177,9 +185,9 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
         theta, state, loss = step(theta, state, jnp.asarray(ids[rng.choice(len(ids), bs, replace=False)]))
         if log and (i + 1) % max(1, int(steps) // 10) == 0:
             say(f"distil: step {i + 1}/{steps}, batch KL {float(loss):.4f}")
-    stored = {k: _stored(cms[k], theta[f"{k[0]}/{k[1]}"]) for k in cms}
+    stored = {k: _stored(cms[k][0], theta[f"{k[0]}/{k[1]}"]) for k in cms}
     # the score of what is stored (float16 scales), not of the float32 multipliers
-    theta_st = {f"{b}/{n}": _logs_of(cms[(b, n)], stored[(b, n)], theta0[f"{b}/{n}"]) for (b, n) in cms}
+    theta_st = {f"{s}/{n}": _logs_of(cms[(s, n)][0], stored[(s, n)], theta0[f"{s}/{n}"]) for (s, n) in cms}
     kl_after = mean_kl(theta_st)
     kept = kl_after < kl_before
     say(f"distil: KL after {kl_after:.4f} ({'kept' if kept else 'not lower: the input values are kept'})")
@@ -198,9 +206,9 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     for s in range(delta.num_steps):
         arrays, meta = src_store.restore(s)
         meta = {k: v for k, v in meta.items() if k not in ("meta_sha256", "has_arrays")}
-        if kept and s >= 1:
-            for (b, name), new in stored.items():
-                if b != s - 1:
+        if kept:
+            for (step_, name), new in stored.items():
+                if step_ != s:
                     continue
                 entry, st = meta["linears"][name], arrays["linears"][name]
                 for key, a in new.items():
