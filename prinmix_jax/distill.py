@@ -195,42 +195,46 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     work = out + ".partial"
     if os.path.lexists(work):
         shutil.rmtree(work)
-    os.makedirs(work)
-    for item in os.listdir(delta.path):
-        if item == STEPS_DIR:
-            continue
-        src = os.path.join(delta.path, item)
-        (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(work, item))
-    src_store = delta._store
-    dst = StepStore(os.path.join(work, STEPS_DIR), run_identity=src_store.run_identity())
-    for s in range(delta.num_steps):
-        arrays, meta = src_store.restore(s)
-        meta = {k: v for k, v in meta.items() if k not in ("meta_sha256", "has_arrays")}
-        if kept:
-            for (step_, name), new in stored.items():
-                if step_ != s:
-                    continue
-                entry, st = meta["linears"][name], arrays["linears"][name]
-                for key, a in new.items():
-                    old = np.asarray(st[key])
-                    if old.shape != a.shape or old.dtype != a.dtype:
-                        raise AssertionError(f"{name}/{key}: {a.shape} {a.dtype} against {old.shape} {old.dtype}")
-                    st[key] = a
-                    entry["sha256"][key] = array_sha256(a)
-                entry["info"] = dict(entry.get("info") or {}, distilled=True)
-        dst.save(s, arrays, meta)
-    dst.close()
-    mfile = os.path.join(work, META_FILE)
-    with open(mfile, encoding="utf-8") as f:
-        top = json.load(f)
-    info = {"steps": int(steps), "lr": float(lr), "batch_size": bs, "seed": int(seed), "windows": int(len(ids)),
-            "seq_len": int(ids.shape[1]), "kl_before": kl_before, "kl_after": kl_after, "kept": bool(kept),
-            "source": os.path.basename(os.fspath(calib)) if isinstance(calib, (str, os.PathLike)) else "ids"}
-    top = {k: v for k, v in top.items() if k != "meta_sha256"}
-    top["distillation"] = info
-    top["meta_sha256"] = meta_digest(top)
-    write_json_atomic(mfile, top)
-    publish(work, out, overwrite)
+    try:
+        os.makedirs(work)
+        for item in os.listdir(delta.path):
+            if item == STEPS_DIR:
+                continue
+            src = os.path.join(delta.path, item)
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(work, item))
+        src_store = delta._store
+        dst = StepStore(os.path.join(work, STEPS_DIR), run_identity=src_store.run_identity())
+        for s in range(delta.num_steps):
+            arrays, meta = src_store.restore(s)
+            meta = {k: v for k, v in meta.items() if k not in ("meta_sha256", "has_arrays")}
+            if kept:
+                for (step_, name), new in stored.items():
+                    if step_ != s:
+                        continue
+                    entry, st = meta["linears"][name], arrays["linears"][name]
+                    for key, a in new.items():
+                        old = np.asarray(st[key])
+                        if old.shape != a.shape or old.dtype != a.dtype:
+                            raise AssertionError(f"{name}/{key}: {a.shape} {a.dtype} against {old.shape} {old.dtype}")
+                        st[key] = a
+                        entry["sha256"][key] = array_sha256(a)
+                    entry["info"] = dict(entry.get("info") or {}, distilled=True)
+            dst.save(s, arrays, meta)
+        dst.close()
+        mfile = os.path.join(work, META_FILE)
+        with open(mfile, encoding="utf-8") as f:
+            top = json.load(f)
+        info = {"steps": int(steps), "lr": float(lr), "batch_size": bs, "seed": int(seed), "windows": int(len(ids)),
+                "seq_len": int(ids.shape[1]), "kl_before": kl_before, "kl_after": kl_after, "kept": bool(kept),
+                "source": os.path.basename(os.fspath(calib)) if isinstance(calib, (str, os.PathLike)) else "ids"}
+        top = {k: v for k, v in top.items() if k != "meta_sha256"}
+        top["distillation"] = info
+        top["meta_sha256"] = meta_digest(top)
+        write_json_atomic(mfile, top)
+        publish(work, out, overwrite)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)   # nothing half-written is left
+        raise
     secs = time.perf_counter() - t0
     return dict(info, matrices=len(cms), parameters=nparam, seconds=secs, bytes=int(top["bytes"]["total"]),
                 path=out)

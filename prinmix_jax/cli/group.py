@@ -49,7 +49,8 @@ def epilog(*extra_lines: str) -> str:
 
 #: What the "interrupted" line adds, per command (only what that command does).
 _INTERRUPTED_HINT = {"compress": " (rerun the same command to resume)",
-                     "apply": " (nothing was written; rerun to start again)"}
+                     "apply": " (nothing was written; rerun to start again)",
+                     "distill": " (OUT was not written; rerun to start again)"}
 
 
 def _one_line(e: BaseException) -> str:
