@@ -76,7 +76,11 @@ def _leaf_bytes(cm):
     return sum(np.asarray(x).nbytes for x in jax.tree.leaves(cm))
 
 
-@pytest.mark.parametrize("shape", [(128, 128), (344, 128), (64, 448), (8, 8), (1, 40)])
+# Each shape compiles its own programs (most of this test's time), so one per layout case: tall with U's last
+# group partial (88 = 2 x 32 + 24) and V in whole groups; wide (the SVD of the transpose), whole groups on both
+# sides; under one group (the lean layout folds each factor's single scale into sigma); one row (nothing fits:
+# rank 0). The square 128x128 case (whole groups, tall path) added none of its own.
+@pytest.mark.parametrize("shape", [(88, 64), (64, 96), (8, 8), (1, 40)])
 @pytest.mark.parametrize("method", METHODS)
 def test_nbytes_is_the_stored_bytes_and_within_budget(shape, method):
     d, h = long_tailed_delta(*shape, seed=3)
@@ -88,8 +92,9 @@ def test_nbytes_is_the_stored_bytes_and_within_budget(shape, method):
     np.testing.assert_array_equal(np.asarray(back.reconstruct()), np.asarray(cm.reconstruct()))
     if method in ("prinmix", "deltacome", "uniform"):
         assert cm.lean and (cm.nbytes < _leaf_bytes(cm) or cm.rank == 0)   # the widths leaf at least is implied
-        full = compress_matrix(d, h, dataclasses.replace(cfg, index_metadata="full"), method)
-        assert not full.lean and full.nbytes == _leaf_bytes(full)
+        if method == "prinmix":   # the layout follows cfg.lean in pack_svd, the same code for all three methods
+            full = compress_matrix(d, h, dataclasses.replace(cfg, index_metadata="full"), method)
+            assert not full.lean and full.nbytes == _leaf_bytes(full)
     else:
         assert cm.nbytes == _leaf_bytes(cm)
     budget = cfg.ratio * 2 * shape[0] * shape[1]
