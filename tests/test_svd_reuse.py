@@ -30,6 +30,16 @@ def pair(tmp_path_factory):
     return root, base, ft, calib
 
 
+@pytest.fixture(scope="module")
+def one_shape_pair(tmp_path_factory):
+    """One block whose linears are all 64x64: stacks of 3 (q, k, v), 2 (gate, up) and 1, and one shape's programs
+    to compile (the split test's cost is compiling for a 1-device mesh)."""
+    root = tmp_path_factory.mktemp("svd-reuse-one-shape")
+    base, ft = write_llama_pair(str(root), 1, 64, 64, 64)
+    calib = np.random.default_rng(3).integers(3, 64, (4, 16)).astype(np.int32)
+    return root, base, ft, calib
+
+
 def _counting_svd(monkeypatch):
     """Counts the matrices that go through the SVD (``svd_sharded``) from now on."""
     seen = []
@@ -124,11 +134,12 @@ def test_auto_keeps_an_svd_only_when_reading_it_back_is_cheaper(tmp_path):
         SVDStore(str(tmp_path / "p2"), "sometimes")
 
 
-def test_large_matrices_are_compressed_one_stack_per_device_with_the_same_bytes(pair, monkeypatch):
+def test_large_matrices_are_compressed_one_stack_per_device_with_the_same_bytes(one_shape_pair, monkeypatch):
     """Matrices above step_compress.STACK_SPLIT_BYTES (a 7B embedding and head) go to compress_stack one per
     device, which bounds the peak memory of the globals step; the stored arrays do not change."""
     import prinmix_jax.step_compress as sc
 
+    pair = one_shape_pair
     root = pair[0]
     sizes = []
     real = sc.compress_stack
