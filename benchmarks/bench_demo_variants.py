@@ -7,7 +7,10 @@ Prints one JSON line per (ratio, variant) and a Markdown table at the end.
     python benchmarks/bench_demo_variants.py --pair 855k     # the earlier, larger demo pair (issue 12's)
 
 ``--calibration text`` is the demo's (64 held-out stdlib windows); ``task-mix`` replaces half of them with
-windows of task examples from another seed than the test prompts (a user calibrating on fine-tuning data).
+windows of task examples from another seed than the test prompts (a user calibrating on fine-tuning data);
+``task`` takes 64 windows of task examples. A distillation row compresses with the default, then runs
+``distill_delta`` (lr 3e-3, 8 windows per step) on the same calibration windows; ``before`` is its accuracy
+before distillation.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ VARIANTS = (
     ("uniform (default grids)", "uniform", {}),
     ("uniform (before)", "uniform", dict(grid="minmax", bits=(0, 2, 3, 4, 8), index_metadata="full")),
     ("Delta-CoMe", "deltacome", {}),
+    ("default + distillation 200 steps", "prinmix", dict(distill=200)),
+    ("uniform + distillation 200 steps", "uniform", dict(distill=200)),
 )
 
 
@@ -55,7 +60,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", nargs="+", default=("1/16", "1/32", "1/64"))
     ap.add_argument("--variants", default=None, help="comma-separated labels (default: all)")
-    ap.add_argument("--calibration", choices=("text", "task-mix"), default="text")
+    ap.add_argument("--calibration", choices=("text", "task-mix", "task"), default="text")
     ap.add_argument("--num-test", type=int, default=300)
     ap.add_argument("--pair", choices=("demo", "855k"), default="demo",
                     help="the demo's pair (457k parameters), or the earlier demo pair (hidden 128, intermediate 384) "
@@ -74,6 +79,8 @@ def main(argv=None):
     base_p, ft_p = load_hf_params(pair.base), load_hf_params(pair.finetuned)
     tok = byte_tokenizer()
     test, calib, eval_ids = Dm._data(s, args.num_test, 64, 32, 128)
+    if args.calibration == "task":
+        calib = task_windows(s, 64, 128, s.seed + 3000).astype(calib.dtype)
     if args.calibration == "task-mix":
         calib = np.concatenate([calib[:32], task_windows(s, 32, 128, s.seed + 3000).astype(calib.dtype)])
 
@@ -88,20 +95,34 @@ def main(argv=None):
         os.makedirs(os.path.join(tmp, "deltas"))
         for text in args.ratios:
             for label, method, over in chosen:
+                over = dict(over)
+                steps = over.pop("distill", None)
                 r = Dm._compress_and_score(pair, method, parse_ratio(text), tmp, calib, 128, evaluate, base_p,
                                            scope="global", calibration_mode="parallel", overrides=over, extra={})
-                row = dict(ratio=text, variant=label, calibration=args.calibration, accuracy=r["accuracy"],
+                before = None
+                if steps:
+                    from prinmix_jax.apply import apply_delta
+                    from prinmix_jax.distill import distill_delta
+
+                    src = os.path.join(tmp, "deltas", f"{method}-{text.replace('/', 'of')}")
+                    d = distill_delta(pair.base, pair.finetuned, src, src + "-distilled", calib=calib, seq_len=128,
+                                      steps=steps, overwrite=True)
+                    before = r["accuracy"]
+                    acc, tm = evaluate(apply_delta(base_p, d["path"]))
+                    r = dict(r, accuracy=acc, kl=tm["kl"], seconds=r["seconds"] + d["seconds"])
+                row = dict(ratio=text, variant=label, calibration=args.calibration, accuracy=r["accuracy"], before=before,
                            gain_kept=(r["accuracy"] - base_acc) / (ft_acc - base_acc), layer_error=r["layer_error"],
                            kl=r["kl"], bytes=r["bytes"], seconds=r["seconds"])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(f"\n{args.pair} pair: fine-tuned {ft_acc:.1%}, base {base_acc:.1%}, {args.num_test} prompts, "
           f"calibration {args.calibration}\n")
-    print("| ratio | variant | task acc | gain kept | layer err | KL to ft | bytes | time s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| ratio | variant | task acc | gain kept | layer err | KL to ft | bytes | time s | acc before distillation |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        b = "" if r["before"] is None else f"{r['before']:.1%}"
         print(f"| {r['ratio']} | {r['variant']} | {r['accuracy']:.1%} | {r['gain_kept']:.0%} | {r['layer_error']:.4f} "
-              f"| {r['kl']:.4f} | {r['bytes']} | {r['seconds']:.1f} |")
+              f"| {r['kl']:.4f} | {r['bytes']} | {r['seconds']:.1f} | {b} |")
 
 
 if __name__ == "__main__":
