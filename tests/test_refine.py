@@ -49,7 +49,9 @@ def test_v_target_padding_is_inert():
     assert not np.any(np.asarray(got)[k:])
 
 
-@pytest.mark.parametrize("shape,ratio", [((128, 128), 1 / 16), ((192, 96), 1 / 32), ((96, 256), 1 / 64)])
+# Tall and wide (the SVD of the transpose), each shape compiling its own programs; a square case (128 x 128 at
+# 1/16) took the tall path again.
+@pytest.mark.parametrize("shape,ratio", [((192, 96), 1 / 32), ((96, 256), 1 / 64)])
 def test_refinement_lowers_the_output_error_at_the_same_bytes(shape, ratio):
     d, h = long_tailed_delta(*shape, seed=sum(shape), tokens=2 * max(shape))
     errs, sizes = [], []
