@@ -4,14 +4,15 @@ off by default: method.md §7).
 Every SVD-quantised linear ``ΔŴ = Û diag(σ) V̂`` (block linears, and the embedding and output head
 where the policy compressed them) keeps its codes, widths and zero points; only its
 continuous stored values are re-fitted end to end: σ (float32, one per kept index) and, where a vector has
-more than one quantisation group, the float16 group scales of Û and V̂. They are trained as multipliers
-``σ · exp(a)``, ``s · exp(c)`` (signs kept, scale-free steps) by Adam on the mean per-token
+more than one quantisation group, the float16 group scales of Û and V̂; and the stored dense deltas (norm
+weights, biases) in their own dtype. σ and scales are trained as multipliers ``σ · exp(a)``, ``s · exp(c)``
+(signs kept, scale-free steps), dense deltas as additive offsets, by Adam on the mean per-token
 ``KL(fine-tuned ‖ base + ΔŴ)`` over calibration windows: the objective of BitDelta's scale distillation
 (Liu et al., 2024), on PrinMix's factors. The checkpoint's layout and byte count are unchanged, so every
 reader, ``apply`` and the serving bank take the result as it is.
 
 Measured on the demo pair (docs/benchmarks.md, "Below one bit"): with windows of the fine-tuning task the
-task accuracy at 1/32 rises by 13–17 points; with generic text the KL on that text falls while the task
+task accuracy at 1/32 rises from 43% to 77%; with generic text the KL on that text falls while the task
 accuracy falls too, so distil on data of the skill the fine-tune is for.
 
 Both models are held whole (float32) with the calibration activations of one batch: this is for models that
@@ -75,7 +76,8 @@ def _load_params(src) -> dict:
 
 def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num_sequences: int | None = None,
                   tokenizer_dir=None, steps: int = 200, lr: float = 3e-3, batch_size: int = 8, seed: int = 0,
-                  overwrite: bool = False, force: bool = False, log: Callable[[str], None] | None = None) -> dict:
+                  overwrite: bool = False, force: bool = False, log: Callable[[str], None] | None = None,
+                  refit_dense: bool = True) -> dict:
     """Re-fits σ and the group scales of a PrinMix delta checkpoint against the fine-tuned model's outputs
     (module docstring) and writes the result as a new delta checkpoint.
 
@@ -91,11 +93,14 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
       overwrite: replace an existing prinmix output at ``out``.
       force: skip the base fingerprint check.
       log: progress lines (e.g. ``print``).
+      refit_dense: also re-fit the stored dense deltas (norms, biases; an additive offset on each, stored in
+        its own dtype). Measured on the demo pair at 1/32: 61.7% task accuracy without, 76.7% with.
 
     Returns:
-      ``{"kl_before", "kl_after", "kept", "matrices", "parameters", "steps", "seconds", "bytes"}``: the mean
-      per-token KL over all calibration windows before and after; ``kept`` is False when distillation did not
-      lower it, and the output then holds the input's values unchanged.
+      ``{"kl_before", "kl_after", "kl_trained", "kept", "matrices", "parameters", "steps", "seconds", "bytes"}``:
+      the mean per-token KL over all calibration windows of the input and of the written delta, and of the
+      trained values; ``kept`` is False when training did not lower it, and the output then holds the input's
+      values unchanged (``kl_after == kl_before``).
 
     Raises:
       ValueError: bad settings, no PrinMix-format matrix to re-fit, or ``out`` would overwrite an input.
@@ -142,7 +147,14 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     if not cms:
         raise ValueError(f"{delta.path}: no SVD-quantised linear to distil (methods prinmix, deltacome, "
                          "uniform have them)")
+    dense = {}                   # stored dense deltas (norms, biases): (step, key) -> (delta, path)
+    if refit_dense:
+        for s in range(delta.num_steps):
+            for key, a in delta.step(s).dense.items():
+                if a is not None:
+                    dense[(s, key)] = (np.asarray(a), tuple(key.split("/")))
     theta0 = {f"{s}/{n}": distill_targets(cm) for (s, n), (cm, _) in cms.items()}
+    theta0.update({f"dense:{s}/{k}": jnp.zeros(a.shape, jnp.float32) for (s, k), (a, _) in dense.items()})
     nparam = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(theta0))
 
     def student(theta):
@@ -154,6 +166,13 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
                 out = set_path(out, path, w)
             else:
                 layers[s - 1] = set_path(layers[s - 1], path, w)
+        for (s, key), (_, path) in dense.items():
+            tree = out if s == 0 else layers[s - 1]
+            tree = set_path(tree, path, get_path(tree, path) + theta[f"dense:{s}/{key}"])
+            if s == 0:
+                out = tree
+            else:
+                layers[s - 1] = tree
         return dict(out, layers=layers)
 
     def kl(theta, x):
@@ -188,9 +207,14 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     stored = {k: _stored(cms[k][0], theta[f"{k[0]}/{k[1]}"]) for k in cms}
     # the score of what is stored (float16 scales), not of the float32 multipliers
     theta_st = {f"{s}/{n}": _logs_of(cms[(s, n)][0], stored[(s, n)], theta0[f"{s}/{n}"]) for (s, n) in cms}
-    kl_after = mean_kl(theta_st)
-    kept = kl_after < kl_before
-    say(f"distil: KL after {kl_after:.4f} ({'kept' if kept else 'not lower: the input values are kept'})")
+    stored_dense = {k: (a.astype(np.float32) + np.asarray(theta[f"dense:{k[0]}/{k[1]}"])).astype(a.dtype)
+                    for k, (a, _) in dense.items()}
+    theta_st.update({f"dense:{s}/{k}": jnp.asarray(stored_dense[(s, k)].astype(np.float32) - a.astype(np.float32))
+                     for (s, k), (a, _) in dense.items()})
+    kl_trained = mean_kl(theta_st)
+    kept = kl_trained < kl_before
+    kl_after = kl_trained if kept else kl_before
+    say(f"distil: KL after {kl_trained:.4f} ({'kept' if kept else 'not lower: the input values are kept'})")
 
     work = out + ".partial"
     if os.path.lexists(work):
@@ -219,13 +243,23 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
                         st[key] = a
                         entry["sha256"][key] = array_sha256(a)
                     entry["info"] = dict(entry.get("info") or {}, distilled=True)
+                for (step_, key), new in stored_dense.items():
+                    if step_ != s:
+                        continue
+                    node = arrays["dense"]
+                    parts = key.split("/")
+                    for part in parts[:-1]:
+                        node = node[part]
+                    node[parts[-1]] = new
+                    meta["dense"][key]["sha256"] = array_sha256(new)
             dst.save(s, arrays, meta)
         dst.close()
         mfile = os.path.join(work, META_FILE)
         with open(mfile, encoding="utf-8") as f:
             top = json.load(f)
         info = {"steps": int(steps), "lr": float(lr), "batch_size": bs, "seed": int(seed), "windows": int(len(ids)),
-                "seq_len": int(ids.shape[1]), "kl_before": kl_before, "kl_after": kl_after, "kept": bool(kept),
+                "seq_len": int(ids.shape[1]), "kl_before": kl_before, "kl_after": kl_after, "kl_trained": kl_trained,
+                "kept": bool(kept), "refit_dense": bool(refit_dense),
                 "source": os.path.basename(os.fspath(calib)) if isinstance(calib, (str, os.PathLike)) else "ids"}
         top = {k: v for k, v in top.items() if k != "meta_sha256"}
         top["distillation"] = info

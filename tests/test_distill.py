@@ -51,19 +51,32 @@ def test_distillation_lowers_the_kl_of_the_written_checkpoint_and_changes_only_s
     dst.verify()
     assert dst.meta["bytes"]["total"] == src.meta["bytes"]["total"]
     assert dst.meta["distillation"]["kl_after"] == res["kl_after"]
-    changed = {"sigma": 0, "scale": 0, "globals": 0}
+    changed = {"sigma": 0, "scale": 0, "dense": 0, "globals": 0}
     a, b = read_arrays(delta), read_arrays(out)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k][:2] == b[k][:2], k                            # dtype and shape
         if a[k][2] == b[k][2]:
             continue
-        kind = "sigma" if "'sigma_" in k[1] else "scale" if "_scale_" in k[1] else None
+        kind = ("sigma" if "'sigma_" in k[1] else "scale" if "_scale_" in k[1]
+                else "dense" if k[1].startswith("['dense']") else None)
         assert kind is not None, f"{k} changed"
         changed[kind] += 1
         changed["globals"] += k[0] == 0
     assert changed["sigma"] > 0 and changed["scale"] > 0       # group size 16 on 32-wide vectors: 2 groups
+    assert changed["dense"] > 0                                 # the stored norm and bias deltas
     assert changed["globals"] > 0
+
+
+def test_refit_dense_off_leaves_the_stored_dense_deltas(setup):
+    root, base, ft, calib, delta = setup
+    out = os.path.join(root, "distilled-nodense")
+    res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=10, lr=0.02, batch_size=4,
+                        refit_dense=False)
+    a, b = read_arrays(delta), read_arrays(out)
+    assert res["kept"]
+    assert all(a[k] == b[k] for k in a if k[1].startswith("['dense']"))
+    assert any(a[k] != b[k] for k in a if "'sigma_" in k[1])
 
 
 def test_no_steps_keeps_the_input_values(setup):
@@ -99,7 +112,7 @@ def test_cli_writes_the_checkpoint_and_reports_its_kl(setup):
     root, base, ft, calib, delta = setup
     out = os.path.join(root, "cli-distilled")
     r = CliRunner().invoke(main, ["distill", base, ft, delta, out, "--calib", calib, "--seq-len", str(SEQ),
-                                  "--steps", "10", "--lr", "0.02", "--batch-size", "4", "--json",
+                                  "--steps", "20", "--lr", "0.01", "--batch-size", "4", "--json",
                                   "--no-compile-cache"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output.strip().splitlines()[-1])

@@ -26,13 +26,15 @@ __all__ = ["distill"]
 @click.option("--num-sequences", type=click.IntRange(min=1), default=None,
               help="Windows taken from --calib [default: every complete one].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Window-sampling seed.")
+@click.option("--refit-dense/--no-refit-dense", default=True, show_default=True,
+              help="Also re-fit the stored norm and bias deltas (same bytes).")
 @click.option("--force", is_flag=True, help="Run even if BASE's fingerprint differs from the delta's base.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier prinmix output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @compile_cache_option
-def distill(base, finetuned, delta, out, calib, steps, lr, batch_size, seq_len, num_sequences, seed, force,
-            overwrite, as_json, compile_cache):
-    """Re-fit the σ and group scales of DELTA (a PrinMix, Delta-CoMe or uniform delta of FINETUNED against
+def distill(base, finetuned, delta, out, calib, steps, lr, batch_size, seq_len, num_sequences, seed, refit_dense,
+            force, overwrite, as_json, compile_cache):
+    """Re-fit the σ, group scales and stored norm/bias deltas of DELTA (a PrinMix, Delta-CoMe or uniform delta of FINETUNED against
     BASE) so that BASE + DELTA matches FINETUNED's next-token distributions on --calib; write the result to
     OUT (same layout and bytes as DELTA).
 
@@ -49,7 +51,7 @@ def distill(base, finetuned, delta, out, calib, steps, lr, batch_size, seq_len, 
     say = None if as_json else (lambda s: click.echo(s, err=True))
     res = distill_delta(base, finetuned, delta, out, calib=calib, seq_len=seq_len, num_sequences=num_sequences,
                         steps=steps, lr=lr, batch_size=batch_size, seed=seed, overwrite=overwrite, force=force,
-                        log=say)
+                        log=say, refit_dense=refit_dense)
     if as_json:
         click.echo(json.dumps(res))
     else:
