@@ -136,44 +136,33 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     block_table, global_table = param_groups(cfg)
     tables = {"block": {entry_name(p): p for p, _ in block_table},
               "global": {entry_name(p): p for p, _ in global_table}}
-    cms, bases = {}, {}          # key (step, name): step 0 = the globals, step b + 1 = block b
+    cms = {}                     # (step, name) -> (matrix, path, base weight); step 0 = globals, b + 1 = block b
+    dense = {}                   # stored dense deltas (norms, biases): (step, key) -> (delta, path)
     for s in range(delta.num_steps):
         base_tree = base_p if s == 0 else base_p["layers"][s - 1]
         paths = tables["global" if s == 0 else "block"]
-        for name, cm in delta.step(s).linears.items():
+        bd = delta.step(s)       # one read (and checksum pass) per step
+        for name, cm in bd.linears.items():
             if isinstance(cm, SVDQuantDelta) and cm.rank:
-                cms[(s, name)] = (cm, paths[name])
-                bases[f"{s}/{name}"] = get_path(base_tree, paths[name])
+                cms[(s, name)] = (cm, paths[name], get_path(base_tree, paths[name]))
+        if refit_dense:
+            for key, a in bd.dense.items():
+                if a is not None:
+                    dense[(s, key)] = (np.asarray(a), tuple(key.split("/")))
     if not cms:
         raise ValueError(f"{delta.path}: no SVD-quantised linear to distil (methods prinmix, deltacome, "
                          "uniform have them)")
-    dense = {}                   # stored dense deltas (norms, biases): (step, key) -> (delta, path)
-    if refit_dense:
-        for s in range(delta.num_steps):
-            for key, a in delta.step(s).dense.items():
-                if a is not None:
-                    dense[(s, key)] = (np.asarray(a), tuple(key.split("/")))
-    theta0 = {f"{s}/{n}": distill_targets(cm) for (s, n), (cm, _) in cms.items()}
+    theta0 = {f"{s}/{n}": distill_targets(cm) for (s, n), (cm, _, _) in cms.items()}
     theta0.update({f"dense:{s}/{k}": jnp.zeros(a.shape, jnp.float32) for (s, k), (a, _) in dense.items()})
     nparam = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(theta0))
 
     def student(theta):
-        out = dict(merged)
-        layers = dict(merged["layers"])
-        for (s, name), (cm, path) in cms.items():
-            w = bases[f"{s}/{name}"] + _scaled(cm, theta[f"{s}/{name}"]).reconstruct()
-            if s == 0:
-                out = set_path(out, path, w)
-            else:
-                layers[s - 1] = set_path(layers[s - 1], path, w)
+        trees = [merged] + [merged["layers"][b] for b in range(delta.num_blocks)]    # index = step
+        for (s, name), (cm, path, w0) in cms.items():
+            trees[s] = set_path(trees[s], path, w0 + _scaled(cm, theta[f"{s}/{name}"]).reconstruct())
         for (s, key), (_, path) in dense.items():
-            tree = out if s == 0 else layers[s - 1]
-            tree = set_path(tree, path, get_path(tree, path) + theta[f"dense:{s}/{key}"])
-            if s == 0:
-                out = tree
-            else:
-                layers[s - 1] = tree
-        return dict(out, layers=layers)
+            trees[s] = set_path(trees[s], path, get_path(trees[s], path) + theta[f"dense:{s}/{key}"])
+        return dict(trees[0], layers={b: trees[b + 1] for b in range(delta.num_blocks)})
 
     def kl(theta, x):
         lt = jax.nn.log_softmax(model_from_params(cfg, ft_p)(x).astype(jnp.float32), -1)
