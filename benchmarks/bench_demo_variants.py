@@ -25,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
+from prinmix_jax.sft.data import task_windows  # noqa: E402  (the demo's --calibration task windows)
+
 #: (label, method, CompressionConfig overrides); "before" is the configuration before issue 12; the "+" rows add
 #: one idea each to the row above (1-bit widths only below 1/16 in the default).
 VARIANTS = (
@@ -43,17 +45,6 @@ VARIANTS = (
     ("default + distillation 200 steps", "prinmix", dict(distill=200)),
     ("uniform + distillation 200 steps", "uniform", dict(distill=200)),
 )
-
-
-def task_windows(settings, num: int, seq_len: int, seed: int) -> np.ndarray:
-    """``num`` windows of ``seq_len`` ids cut from a stream of ``BOS prompt answer EOS`` task examples."""
-    from prinmix_jax.sft import data as D
-
-    ex = D.make_task(num * 12, seed=seed, min_len=settings.task_min_len, max_len=settings.task_max_len,
-                     task=settings.task)
-    stream = np.concatenate([np.concatenate([D.encode(e["prompt"], bos=True), D.encode(e["answer"], eos=True)])
-                             for e in ex])
-    return stream[: num * seq_len].reshape(num, seq_len)
 
 
 def main(argv=None):

@@ -17,10 +17,16 @@ from prinmix_jax.config import parse_ratio
 from prinmix_jax.plotting import pyplot, save_png
 from prinmix_jax.plotting import write_text_atomic as _write_atomic
 
-__all__ = ["run_demo", "format_table", "DEFAULT_RATIOS", "parse_ratio"]
+__all__ = ["run_demo", "format_table", "DEFAULT_RATIOS", "CALIBRATION_SOURCES", "DISTILLED_METHODS", "parse_ratio"]
 
 DEFAULT_RATIOS = (1 / 32, 1 / 16, 1 / 8)
 SWEEP_METHODS = ("prinmix", "deltacome", "lowrank", "bitdelta")
+#: Calibration data of ``run_demo(calibration=...)``: held-out stdlib text windows, or windows of task examples.
+CALIBRATION_SOURCES = ("text", "task")
+#: The methods whose deltas hold SVD-quantised matrices, the ones ``distill_delta`` re-fits (``distill_steps``).
+DISTILLED_METHODS = ("prinmix", "deltacome", "uniform")
+#: Seed offsets (from the pair's seed) of the test prompts and of the task calibration windows: disjoint draws.
+TEST_SEED, TASK_CALIB_SEED = 2000, 3000
 
 
 def _ratio_label(r: float) -> str:
@@ -64,7 +70,7 @@ def _plot(res: dict, path: str) -> None:
     plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     main = [r for r in res["rows"] if r["method"] is not None]
-    names = ["base", "fine-tuned"] + [r["method"] for r in main]
+    names = ["base", "fine-tuned"] + [r["model"] for r in main]
     accs = [res["base"]["accuracy"], res["finetuned"]["accuracy"]] + [r["accuracy"] for r in main]
     colors = ["#999999", "#333333"] + [f"C{i}" for i in range(len(main))]
     a1.bar(range(len(names)), accs, color=colors)
@@ -101,14 +107,45 @@ class _Phases:
         self.say(f"[{self.k}/{self.n}] {what} ({time.perf_counter() - self.t0:.0f}s)")
 
 
-def _data(s, num_test: int, calib_sequences: int, eval_sequences: int, calib_len: int):
-    """The test prompts of the pair's task and the held-out calibration / evaluation windows."""
+def _data(s, num_test: int, calib_sequences: int, eval_sequences: int, calib_len: int, calibration: str = "text"):
+    """The test prompts of the pair's task, the calibration windows and the held-out evaluation windows.
+
+    The evaluation windows (KL, top-1) are held-out stdlib text whatever the calibration: the windows after the
+    text calibration's, so rows of either calibration are scored on the same windows. ``calibration="task"``
+    calibrates on windows of task examples drawn with another seed than the test prompts'."""
     from prinmix_jax.sft import data as D
 
-    test = D.make_task(num_test, seed=s.seed + 2000, min_len=s.task_min_len, max_len=s.task_max_len, task=s.task)
+    test = D.make_task(num_test, seed=s.seed + TEST_SEED, min_len=s.task_min_len, max_len=s.task_max_len,
+                       task=s.task)
     held = D.corpus_ids("heldout", max_bytes=(calib_sequences + eval_sequences) * calib_len)
     windows = D.text_windows(held, calib_len, calib_sequences + eval_sequences)
-    return test, windows[:calib_sequences], windows[calib_sequences:]
+    calib = windows[:calib_sequences]
+    if calibration == "task":
+        calib = D.task_windows(s, calib_sequences, calib_len, s.seed + TASK_CALIB_SEED)
+    elif calibration != "text":
+        raise ValueError(f"unknown calibration {calibration!r}; choose from {', '.join(CALIBRATION_SOURCES)}")
+    return test, calib, windows[calib_sequences:]
+
+
+def _delta_dir(out: str, m: str, r: float) -> str:
+    return os.path.join(out, "deltas", f"{m}-{_ratio_label(r).replace('/', 'of')}")
+
+
+def _has_svd_quantised(dpath: str) -> bool:
+    """Whether the delta at ``dpath`` holds an SVD-quantised linear of nonzero rank (what ``distill_delta``
+    re-fits); reads the steps' metadata only."""
+    from prinmix_jax.storage import STEPS_DIR, StepStore
+
+    store = StepStore(os.path.join(dpath, STEPS_DIR), read_only=True)
+    try:
+        for s in store.all_steps():
+            for e in store.restore_meta(s)["linears"].values():
+                st = e.get("state") or {}
+                if e["kind"] == "matrix" and st.get("format") == "SVDQuantDelta" and st.get("group_bits"):
+                    return True
+        return False
+    finally:
+        store.close()
 
 
 def _jobs(methods, ratio, ratios, sweep_methods) -> list[tuple[str, float]]:
@@ -126,7 +163,7 @@ def _compress_and_score(pair, m: str, r: float, out: str, calib_ids, calib_len: 
     from prinmix_jax.config import CompressionConfig
     from prinmix_jax.pipeline import compress_model
 
-    dpath = os.path.join(out, "deltas", f"{m}-{_ratio_label(r).replace('/', 'of')}")
+    dpath = _delta_dir(out, m, r)
     kw = dict(extra)
     if m == "prinmix":      # the baselines allocate per matrix by construction
         kw["scope"] = scope
@@ -139,10 +176,31 @@ def _compress_and_score(pair, m: str, r: float, out: str, calib_ids, calib_len: 
     return {"method": m, "ratio": r, "scope": summ["scope"], "bytes": summ["bytes"]["total"], "model_ratio": summ["ratio"],
             "bits_per_param": summ["bits_per_param"], "within_budget": summ["within_budget"],
             "ratio_block_linears": summ["ratio_block_linears"], "accuracy": acc,
-            "layer_error": _block_error(summ), "kl": tm["kl"], "top1": tm["top1"], "seconds": secs}
+            "layer_error": _block_error(summ), "kl": tm["kl"], "top1": tm["top1"], "seconds": secs, "delta": dpath}
 
 
-def _rows(pair, results: dict, methods, ratio, base_acc, base_tm, ft_acc) -> list[dict]:
+def _distill_and_score(pair, row: dict, out: str, calib_ids, calib_len: int, evaluate, base_p, *, steps: int,
+                       kwargs: dict) -> dict | None:
+    """Distils the delta of ``row`` (one :func:`_compress_and_score` result) on the calibration windows into
+    ``<its folder>-distilled``, applies and scores it; None when that delta has no SVD-quantised linear."""
+    from prinmix_jax.apply import apply_delta
+    from prinmix_jax.distill import distill_delta
+
+    src = _delta_dir(out, row["method"], row["ratio"])
+    if not _has_svd_quantised(src):
+        return None
+    t = time.perf_counter()
+    d = distill_delta(pair.base, pair.finetuned, src, src + "-distilled", calib=calib_ids, seq_len=calib_len,
+                      steps=steps, overwrite=True, **kwargs)
+    secs = time.perf_counter() - t
+    acc, tm = evaluate(apply_delta(base_p, d["path"]))
+    # same layout and bytes as the input delta; its layer errors (recorded at compression) no longer apply
+    return dict(row, bytes=d["bytes"], accuracy=acc, layer_error=None, kl=tm["kl"], top1=tm["top1"],
+                seconds=row["seconds"] + secs, distilled=True, distill_steps=int(steps), distill_seconds=secs,
+                kl_before=d["kl_before"], kl_after=d["kl_after"], distill_kept=d["kept"], delta=d["path"])
+
+
+def _rows(pair, results: dict, distilled: dict, methods, ratio, base_acc, base_tm, ft_acc) -> list[dict]:
     gain = ft_acc - base_acc
     rows = [{"model": "base", "method": None, "ratio": "-", "accuracy": base_acc, "gain_kept": 0.0,
              "kl": base_tm["kl"], "top1": base_tm["top1"]},
@@ -150,9 +208,10 @@ def _rows(pair, results: dict, methods, ratio, base_acc, base_tm, ft_acc) -> lis
              "model_ratio": 1.0, "bits_per_param": 16.0, "accuracy": ft_acc, "gain_kept": 1.0 if gain > 0 else None,
              "kl": 0.0, "top1": 1.0}]
     for m in methods:
-        e = results[(m, ratio)]
-        kept = (e["accuracy"] - base_acc) / gain if gain > 0 else None
-        rows.append(dict(e, model=m, ratio=_ratio_label(ratio), gain_kept=kept))
+        for model, e in ((m, results[(m, ratio)]), (f"{m} + distill", distilled.get((m, ratio)))):
+            if e is not None:
+                kept = (e["accuracy"] - base_acc) / gain if gain > 0 else None
+                rows.append(dict(e, model=model, ratio=_ratio_label(ratio), gain_kept=kept))
     return rows
 
 
@@ -161,7 +220,8 @@ def _write(out: str, res: dict, rows: list[dict], say) -> None:
     say("")
     say(f"PrinMix demo: {res['pair']['num_params']}-param Llama pretrained on the Python stdlib, fully fine-tuned "
         f"to {res['task']['name']}; delta budget {res['ratio_label']} of 16 bits "
-        f"({res['bits_per_param_nominal']:.3g} bit/param), {res['task']['num_test']} test prompts")
+        f"({res['bits_per_param_nominal']:.3g} bit/param), {res['task']['num_test']} test prompts; calibration: "
+        f"{res['calibration']['source']}")
     say(format_table(rows))
     if sweep:
         say("")
@@ -180,7 +240,8 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
              cache_dir: str | None = None, rebuild: bool = False, settings=None, num_test: int | None = None,
              calib_sequences: int | None = None, calib_len: int = 128, eval_sequences: int | None = None,
              config_overrides: dict | None = None, progress: bool = True,
-             log: Callable[[str], None] | None = print, extra_compress_kwargs: dict | None = None) -> dict:
+             log: Callable[[str], None] | None = print, extra_compress_kwargs: dict | None = None,
+             calibration: str = "text", distill_steps: int = 0, distill_kwargs: dict | None = None) -> dict:
     """Build (or reuse) the SFT pair, compress its delta with every method, apply, evaluate, report.
 
     Args:
@@ -195,8 +256,19 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
         block linear under their total budget); the baselines are per matrix by construction.
       cache_dir, rebuild, settings: the SFT pair cache / forced rebuild / :class:`~prinmix_jax.sft.SFTSettings`.
       num_test: task examples scored (default 300, quick 64).
-      calib_sequences, calib_len: held-out stdlib text windows for calibration (default 64, quick 16).
-      eval_sequences: held-out windows (disjoint from calibration) for KL / top-1 (default 32, quick 8).
+      calib_sequences, calib_len: calibration windows (default 64, quick 16, of 128 tokens).
+      eval_sequences: held-out stdlib text windows (disjoint from the text calibration's) for KL / top-1
+        (default 32, quick 8); the same whatever ``calibration``.
+      calibration: ``"text"``, held-out stdlib text windows, or ``"task"``, windows of ``BOS prompt answer EOS``
+        task examples drawn with another seed than the test prompts' (a user calibrating on fine-tuning data;
+        :func:`prinmix_jax.sft.data.task_windows`).
+      distill_steps: 0, or after each compression of a method with SVD-quantised matrices
+        (:data:`DISTILLED_METHODS`) run :func:`prinmix_jax.distill.distill_delta` for this many steps on the
+        same calibration windows and score the result too: a row ``"<method> + distill"`` after the method's
+        (same bytes; seconds = compress + distill) and, in the sweep, a series ``"<method>+distill"``.
+        Distil on task windows: on stdlib text it lowers the task accuracy (docs/benchmarks.md).
+      distill_kwargs: more ``distill_delta`` arguments (``lr``, ``batch_size``, ``seed``, ``refit_dense``,
+        ``log``, ...).
       config_overrides: extra :class:`~prinmix_jax.CompressionConfig` fields (e.g. ``{"group_size": 64}``).
       extra_compress_kwargs: passed to ``compress_model``.
       log: where the phase lines and the table go (None: silent).
@@ -216,6 +288,11 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
     for m in tuple(methods) + tuple(sweep_methods):
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if calibration not in CALIBRATION_SOURCES:
+        raise ValueError(f"unknown calibration {calibration!r}; choose from {', '.join(CALIBRATION_SOURCES)}")
+    if int(distill_steps) < 0:
+        raise ValueError(f"distill_steps must be >= 0, got {distill_steps}")
+    distill_steps = int(distill_steps)
     out = os.path.abspath(out)
     os.makedirs(os.path.join(out, "deltas"), exist_ok=True)
     s = settings or (QUICK if quick else FULL)
@@ -223,7 +300,8 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
     calib_sequences = calib_sequences or (16 if quick else 64)
     eval_sequences = eval_sequences or (8 if quick else 32)
     jobs = _jobs(methods, ratio, ratios, sweep_methods)
-    phase = _Phases(3 + len(jobs), say)
+    n_distill = sum(m in DISTILLED_METHODS for m, _ in jobs) if distill_steps else 0
+    phase = _Phases(3 + len(jobs) + n_distill, say)
 
     phase("the SFT pair: a small Llama pretrained on the Python stdlib, then fully fine-tuned (cached after the "
           "first run)")
@@ -233,7 +311,9 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
     cfg = ModelConfig.from_pretrained_dir(pair.finetuned)
     base_p, ft_p = load_hf_params(pair.base), load_hf_params(pair.finetuned)
     tok = byte_tokenizer()
-    test, calib_ids, eval_ids = _data(s, num_test, calib_sequences, eval_sequences, calib_len)
+    test, calib_ids, eval_ids = _data(s, num_test, calib_sequences, eval_sequences, calib_len, calibration)
+    source = {"text": "held-out stdlib sources",
+              "task": f"{D.TASK_TITLES[s.task]} task examples (seed {s.seed + TASK_CALIB_SEED})"}[calibration]
 
     def evaluate(params):
         return exact_match(params, cfg, test, tok)["accuracy"], token_metrics(ft_p, params, cfg, eval_ids)
@@ -243,24 +323,42 @@ def run_demo(out: str = "prinmix-demo", *, quick: bool = False, ratio: float = 1
     ft_acc = exact_match(ft_p, cfg, test, tok)["accuracy"]
     overrides = dict(config_overrides or {})
     results: dict[tuple[str, float], dict] = {}
+    distilled: dict[tuple[str, float], dict] = {}
     for m, r in jobs:
         phase(f"{m} at {_ratio_label(r)}: compress, apply, score")
         results[(m, r)] = _compress_and_score(pair, m, r, out, calib_ids, calib_len, evaluate, base_p, scope=scope,
                                               calibration_mode=calibration_mode, overrides=overrides,
                                               extra=dict(extra_compress_kwargs or {}))
+        if distill_steps and m in DISTILLED_METHODS:
+            phase(f"{m} at {_ratio_label(r)}: distil {distill_steps} steps on the {len(calib_ids)} {calibration} "
+                  f"calibration windows, apply, score")
+            d = _distill_and_score(pair, results[(m, r)], out, calib_ids, calib_len, evaluate, base_p,
+                                   steps=distill_steps, kwargs=dict(distill_kwargs or {}))
+            if d is None:
+                say("    skipped: the delta holds no SVD-quantised matrix")
+            else:
+                distilled[(m, r)] = d
+                say(f"    KL to the fine-tuned model on the calibration windows {d['kl_before']:.4f} -> "
+                    f"{d['kl_after']:.4f}" + ("" if d["distill_kept"] else " (not lower: the input values kept)"))
     phase("writing the results")
-    rows = _rows(pair, results, methods, ratio, base_acc, base_tm, ft_acc)
+    rows = _rows(pair, results, distilled, methods, ratio, base_acc, base_tm, ft_acc)
     sweep = {}
-    for (m, r), e in results.items():
-        if m in sweep_methods and (ratios or ()):
-            sweep.setdefault(m, []).append({"ratio": r, "accuracy": e["accuracy"], "kl": e["kl"],
-                                           "layer_error": e["layer_error"], "bytes": e["bytes"]})
+    if ratios:
+        for (m, r), e in results.items():
+            for name, x in ((m, e), (f"{m}+distill", distilled.get((m, r)))):
+                if m in sweep_methods and x is not None:
+                    sweep.setdefault(name, []).append({"ratio": r, "accuracy": x["accuracy"], "kl": x["kl"],
+                                                      "layer_error": x["layer_error"], "bytes": x["bytes"]})
     res = {"pair": {"root": pair.root, "settings": pair.info["settings"], "num_params": pair.info["num_params"],
                     "pretrain_seconds": pair.info["pretrain_seconds"],
                     "finetune_seconds": pair.info["finetune_seconds"], "seconds_this_run": pair_seconds},
            "task": {"name": D.TASK_TITLES[s.task], "num_test": num_test, "example": test[0]},
            "scope": scope, "calibration": {"mode": calibration_mode, "sequences": calib_sequences,
-                                           "seq_len": calib_len, "source": "held-out stdlib sources"},
+                                           "seq_len": calib_len, "name": calibration, "source": source,
+                                           "eval_source": "held-out stdlib sources"},
+           "distill": {"steps": distill_steps, "methods": list(dict.fromkeys(m for m, _ in distilled)),
+                       "kwargs": {k: v for k, v in (distill_kwargs or {}).items() if k != "log"}}
+           if distill_steps else None,
            "ratio": ratio, "ratio_label": _ratio_label(ratio), "bits_per_param_nominal": 16 * ratio,
            "base": {"accuracy": base_acc, "kl": base_tm["kl"], "top1": base_tm["top1"]},
            "finetuned": {"accuracy": ft_acc}, "rows": rows, "sweep": sweep,

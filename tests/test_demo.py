@@ -19,14 +19,24 @@ LOW, LOW_TAG = 1 / 32, "1of32"
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def pair_cache(tmp_path_factory):
+    """The SFT cache folder holding the quick pair (built once per module, ~10 s; the demo runs reuse it)."""
+    from prinmix_jax.sft import QUICK, make_sft_pair
+
+    cache = str(tmp_path_factory.mktemp("sft-cache"))
+    make_sft_pair(QUICK, cache_dir=cache, progress=False)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, pair_cache):
     root = tmp_path_factory.mktemp("demo")
     out = str(root / "out")
-    res = CliRunner().invoke(main, ["demo", "--quick", "--out", out, "--cache-dir", str(root / "cache"),
+    res = CliRunner().invoke(main, ["demo", "--quick", "--out", out, "--cache-dir", pair_cache,
                                     "--methods", ",".join(METHODS), "--ratios", "1/16,1/32", "--sweep-methods", "prinmix",
                                     "--num-test", "16", "--no-progress"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    return out, str(root / "cache"), res.output
+    return out, pair_cache, res.output
 
 
 def test_demo_prints_and_writes_the_table(demo_run):
@@ -142,3 +152,88 @@ def test_demo_scope_matrix_reaches_prinmix(demo_run, tmp_path):
                               load_hf_params(pair.base), scope="matrix", calibration_mode="parallel", overrides={},
                               extra={})
     assert row["scope"] == "matrix" and row["within_budget"]
+
+
+def test_demo_task_calibration_and_distill(pair_cache, tmp_path):
+    """``calibration="task"`` calibrates on windows of task examples (the compressed delta records the digest
+    of its calibration ids); ``distill_steps`` adds a ``prinmix + distill`` row of the same bytes whose delta
+    folder loads and verifies, and whose accuracy and KL are those of that folder applied to the base and
+    scored again here. Same quick settings as ``demo_run`` (16 prompts, 16 + 8 windows of 128): the compress
+    and scoring programs are already compiled when the module runs in order; the distillation's are new."""
+    import hashlib
+
+    import numpy as np
+
+    from prinmix_jax.apply import apply_delta
+    from prinmix_jax.demo import run_demo
+    from prinmix_jax.evaluation import byte_tokenizer, exact_match, token_metrics
+    from prinmix_jax.models import ModelConfig, load_hf_params
+    from prinmix_jax.sft import QUICK, decode, make_sft_pair
+    from prinmix_jax.sft import data as D
+    from prinmix_jax.storage import load_delta
+
+    lines = []
+    res = run_demo(str(tmp_path / "out"), quick=True, ratio=1 / 16, ratios=(1 / 16,), methods=("prinmix",),
+                   sweep_methods=("prinmix",), cache_dir=pair_cache, num_test=16, calibration="task",
+                   distill_steps=2, progress=False, log=lines.append)
+    # the task windows: what the delta was calibrated on, and task text
+    calib = D.task_windows(QUICK, 16, 128, QUICK.seed + 3000)
+    text = decode(calib[0], stop_at_eos=False)
+    assert "sort: " in text and " =>" in text, text
+    assert not np.array_equal(calib, D.text_windows(D.corpus_ids("heldout", max_bytes=16 * 128), 128, 16))
+    rows = {r["model"]: r for r in res["rows"]}
+    assert list(rows) == ["base", "fine-tuned", "prinmix", "prinmix + distill"]
+    plain, dist = rows["prinmix"], rows["prinmix + distill"]
+    meta = load_delta(plain["delta"]).meta
+    assert meta["calibration"]["ids_sha256"] == hashlib.sha256(calib.astype(np.int32).tobytes()).hexdigest()
+    assert res["calibration"]["name"] == "task" and "task examples" in res["calibration"]["source"]
+    # the distilled row: same bytes, its own folder (verified), the distillation's KLs kept
+    assert dist["bytes"] == plain["bytes"] and dist["method"] == "prinmix" and dist["distilled"]
+    assert dist["delta"] == plain["delta"] + "-distilled" and os.path.isdir(dist["delta"])
+    dmeta = load_delta(dist["delta"])
+    dmeta.verify()                       # every array present, checksums and byte counts as recorded
+    assert dmeta.meta["bytes"]["total"] == plain["bytes"] and dmeta.meta["distillation"]["steps"] == 2
+    assert dmeta.meta["distillation"]["windows"] == 16
+    assert dist["kl_before"] == dmeta.meta["distillation"]["kl_before"] and dist["kl_after"] <= dist["kl_before"]
+    assert dist["seconds"] > plain["seconds"] and dist["distill_steps"] == 2
+    # independent scores of the distilled folder: exact match on the demo's test prompts, KL on its eval windows
+    pair = make_sft_pair(QUICK, cache_dir=pair_cache, progress=False)
+    cfg = ModelConfig.from_pretrained_dir(pair.finetuned)
+    merged = apply_delta(load_hf_params(pair.base), dist["delta"])
+    test = D.make_task(16, seed=QUICK.seed + 2000, min_len=QUICK.task_min_len, max_len=QUICK.task_max_len,
+                       task=QUICK.task)
+    assert res["task"]["example"] == test[0]
+    assert dist["accuracy"] == exact_match(merged, cfg, test, byte_tokenizer())["accuracy"]
+    held = D.text_windows(D.corpus_ids("heldout", max_bytes=24 * 128), 128, 24)[16:]
+    tm = token_metrics(load_hf_params(pair.finetuned), merged, cfg, held)
+    assert abs(dist["kl"] - tm["kl"]) <= 1e-6 * tm["kl"] and dist["top1"] == tm["top1"], (dist, tm)
+    assert dist["kl"] != plain["kl"]     # the distilled delta, not the compressed one, was scored
+    # the sweep's own series, the phase lines (one for the distillation) and the written table
+    assert list(res["sweep"]) == ["prinmix", "prinmix+distill"]
+    assert res["sweep"]["prinmix+distill"][0]["accuracy"] == dist["accuracy"]
+    phases = [ln for ln in lines if ln.startswith("[")]
+    assert [p.split("]")[0] for p in phases] == [f"[{k}/5" for k in range(1, 6)], phases
+    assert "prinmix at 1/16: distil 2 steps" in phases[3] and "writing" in phases[4]
+    assert "prinmix + distill" in (tmp_path / "out" / "demo_results.md").read_text()
+    assert json.loads((tmp_path / "out" / "demo_results.json").read_text())["distill"]["methods"] == ["prinmix"]
+
+
+def test_demo_calibration_and_distill_options(monkeypatch, tmp_path):
+    import prinmix_jax.demo as demo_mod
+
+    r = CliRunner().invoke(main, ["demo", "--calibration", "chat"])
+    assert r.exit_code == 2 and "--calibration" in r.output and "'text', 'task'" in r.output, r.output
+    r = CliRunner().invoke(main, ["demo", "--distill", "-1"])
+    assert r.exit_code == 2 and "--distill" in r.output and "x>=0" in r.output, r.output
+    seen = []
+    monkeypatch.setattr(demo_mod, "run_demo", lambda out, **kw: seen.append((kw["calibration"], kw["distill_steps"])))
+    for args in ([], ["--calibration", "task", "--distill", "200"]):
+        r = CliRunner().invoke(main, ["demo", "--no-compile-cache", *args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+    assert seen == [("text", 0), ("task", 200)]
+    monkeypatch.undo()
+    for kw, msg in (({"calibration": "chat"}, "unknown calibration 'chat'"),
+                    ({"distill_steps": -1}, "distill_steps must be >= 0")):   # refused before any work
+        with pytest.raises(ValueError, match=msg):
+            demo_mod.run_demo(str(tmp_path / "x"), **kw)
+    assert not os.path.exists(tmp_path / "x")

@@ -41,10 +41,19 @@ def _parse_ratios(ctx, param, value):
               help="Where the SFT pair is cached [default: $PRINMIX_SFT_CACHE or ~/.cache/prinmix-jax/sft].")
 @click.option("--rebuild", is_flag=True, help="Retrain the SFT pair even if it is cached.")
 @click.option("--num-test", type=click.IntRange(min=1), default=None, help="Task prompts scored [default 300].")
+@click.option("--calibration", type=library_choices("prinmix_jax.demo", "CALIBRATION_SOURCES"), default="text",
+              show_default=True,
+              help="Calibration windows: held-out stdlib text, or task examples (a seed apart from the test "
+                   "prompts'). KL and top-1 are scored on held-out stdlib text either way.")
+@click.option("--distill", "distill_steps", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="STEPS",
+              help="Also distil each prinmix, deltacome and uniform delta for STEPS steps on the calibration "
+                   "windows (as `prinmix distill`) and add its '<method> + distill' row (same bytes). 0: off. "
+                   "Use with --calibration task.")
 @progress_option("Progress bars on stderr [default: when a terminal].")
 @compile_cache_option
 def demo(out, quick, ratio, sweep, ratios, methods, sweep_methods, calibration_mode, scope, cache_dir, rebuild, num_test,
-         progress, compile_cache):
+         calibration, distill_steps, progress, compile_cache):
     """The main job in one command: a real fine-tuning delta, compressed by PrinMix and every baseline.
 
     \b
@@ -57,9 +66,14 @@ def demo(out, quick, ratio, sweep, ratios, methods, sweep_methods, calibration_m
     One line per phase on stdout; under 5 minutes on 2 CPU cores the first time, and about a minute once
     the pair and the compiled programs are cached.
 
+    With --distill, each delta of prinmix, deltacome and uniform is also distilled against the fine-tuned
+    model (`prinmix distill`) and scored as its own row; distil on task windows (--calibration task), as
+    on generic text it can lower the task accuracy.
+
     \b
-    Example:
+    Examples:
       prinmix demo --quick --out demo-out/
+      prinmix demo --ratio 1/32 --calibration task --distill 200 --methods prinmix,uniform
     """
     from prinmix_jax.config import METHODS
     from prinmix_jax.demo import DEFAULT_RATIOS, run_demo
@@ -80,4 +94,4 @@ def demo(out, quick, ratio, sweep, ratios, methods, sweep_methods, calibration_m
         progress = sys.stderr.isatty()
     run_demo(out, quick=quick, ratio=ratio, ratios=ratios, methods=ms, sweep_methods=sweep_ms, calibration_mode=calibration_mode, scope=scope,
              cache_dir=cache_dir, rebuild=rebuild, num_test=num_test, progress=progress,
-             log=lambda s: click.echo(s))
+             log=lambda s: click.echo(s), calibration=calibration, distill_steps=distill_steps)

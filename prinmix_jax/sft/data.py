@@ -23,8 +23,8 @@ import numpy as np
 
 from prinmix_jax.sft.tokenizer import BOS_ID, PAD_ID, encode
 
-__all__ = ["TASKS", "TASK_TITLES", "stdlib_files", "corpus_ids", "text_windows", "make_task", "task_batch", "write_task_jsonl",
-           "read_task_jsonl", "corpus_fingerprint", "prompt_format"]
+__all__ = ["TASKS", "TASK_TITLES", "stdlib_files", "corpus_ids", "text_windows", "make_task", "task_windows", "task_batch",
+           "write_task_jsonl", "read_task_jsonl", "corpus_fingerprint", "prompt_format"]
 
 #: Fine-tuning tasks: name -> (prompt format, answer of a word).
 TASKS = {
@@ -105,6 +105,24 @@ def make_task(n: int, *, seed: int, min_len: int = 4, max_len: int = 8, task: st
         w = "".join(rng.choice(letters, size=k, replace=False))
         out.append({"prompt": fmt.format(w), "answer": " " + answer(w)})
     return out
+
+
+def task_windows(settings, num: int, seq_len: int, seed: int) -> np.ndarray:
+    """``num`` consecutive windows ``(num, seq_len)`` (int32) cut from one stream of ``BOS prompt answer EOS``
+    examples of ``settings``' task (an :class:`~prinmix_jax.sft.SFTSettings`: its ``task``, ``task_min_len``,
+    ``task_max_len``), drawn with ``seed``: calibration data of the fine-tuning task, as a user who calibrates on
+    fine-tuning data would have. Use another seed than the test prompts' (``prinmix demo`` takes
+    ``settings.seed + 3000``; its test prompts are ``settings.seed + 2000``)."""
+    n = max(1, num * 12)  # (the count benchmarks/bench_demo_variants.py used; ample for windows of 128)
+    while True:
+        ex = make_task(n, seed=seed, min_len=settings.task_min_len, max_len=settings.task_max_len,
+                       task=settings.task)
+        stream = np.concatenate([np.concatenate([encode(e["prompt"], bos=True), encode(e["answer"], eos=True)])
+                                 for e in ex])
+        if len(stream) >= num * seq_len:
+            # make_task(2n) starts with make_task(n): a longer stream only extends the shorter one
+            return stream[: num * seq_len].reshape(num, seq_len).astype(np.int32)
+        n *= 2
 
 
 def task_batch(examples: list[dict], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
