@@ -1,7 +1,8 @@
 """distill_delta (issue 12's distillation option): the KL it reports is the KL of the checkpoint it writes
-(an independent oracle: token_metrics of apply_delta's merged params), distillation lowers it, only σ and the
-multi-group scales change (codes, zeros, byte count and layout do not), the written checkpoint verifies, and
-bad inputs are refused before anything is written."""
+(an independent oracle: token_metrics of apply_delta's merged params), distillation lowers it; without
+refit_codes only σ, the multi-group scales and the dense deltas change, with it codes move within their
+widths too (zeros, widths, byte count and layout never change); the written checkpoint verifies, and bad
+inputs are refused before anything is written."""
 import os
 
 import numpy as np
@@ -40,7 +41,8 @@ def _kl(base, ft, delta, ids):
 def test_distillation_lowers_the_kl_of_the_written_checkpoint_and_changes_only_sigma_and_scales(setup):
     root, base, ft, calib, delta = setup
     out = os.path.join(root, "distilled")
-    res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=40, lr=0.02, batch_size=4)
+    res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=40, lr=0.02, batch_size=4,
+                        refit_codes=False)
     ids = tokenize_calibration(calib, ft, seq_len=SEQ)
     before, after = _kl(base, ft, delta, ids), _kl(base, ft, out, ids)
     assert res["kept"] and res["matrices"] == 16              # 2 blocks x 7 linears, embedding and head
@@ -72,11 +74,43 @@ def test_refit_dense_off_leaves_the_stored_dense_deltas(setup):
     root, base, ft, calib, delta = setup
     out = os.path.join(root, "distilled-nodense")
     res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=10, lr=0.02, batch_size=4,
-                        refit_dense=False)
+                        refit_dense=False, refit_codes=False)
     a, b = read_arrays(delta), read_arrays(out)
     assert res["kept"]
     assert all(a[k] == b[k] for k in a if k[1].startswith("['dense']"))
     assert any(a[k] != b[k] for k in a if "'sigma_" in k[1])
+
+
+def test_refit_codes_moves_codes_within_their_widths_and_scores_what_it_stores(setup):
+    from prinmix_jax.core.packing import unpack_bits
+
+    root, base, ft, calib, delta = setup
+    out = os.path.join(root, "distilled-codes")
+    res = distill_delta(base, ft, delta, out, calib=calib, seq_len=SEQ, steps=40, lr=0.02, batch_size=4,
+                        refit_codes=True, code_lr=0.05)
+    ids = tokenize_calibration(calib, ft, seq_len=SEQ)
+    assert res["kept"] and res["refit_codes"]
+    np.testing.assert_allclose(res["kl_after"], _kl(base, ft, out, ids), rtol=1e-4)
+    assert res["kl_after"] < 0.9 * res["kl_before"]
+    src, dst = load_delta(delta), load_delta(out)
+    dst.verify()
+    assert dst.meta["bytes"]["total"] == src.meta["bytes"]["total"]
+    a, b = read_arrays(delta), read_arrays(out)
+    moved = 0
+    for k in a:
+        assert a[k][:2] == b[k][:2], k
+        if "_zero_" in k[1] or "widths" in k[1]:
+            assert a[k] == b[k], k
+        if "_codes_" in k[1] and a[k] != b[k]:
+            bits = int(k[1].split("_codes_")[1].split("'")[0])
+            shape = a[k][1]
+            old = np.frombuffer(a[k][2], np.uint8).reshape(shape)
+            new = np.frombuffer(b[k][2], np.uint8).reshape(shape)
+            length = shape[1] // bits * 8            # whole words: the padding stays zero
+            qa, qb = unpack_bits(old, bits, length), unpack_bits(new, bits, length)
+            assert qb.max() < 2 ** bits
+            moved += int(np.sum(qa != qb))
+    assert moved > 0 and moved == res["codes_changed"]
 
 
 def test_no_steps_keeps_the_input_values(setup):
@@ -92,6 +126,8 @@ def test_bad_inputs_are_refused_before_writing(setup, tmp_path):
         distill_delta(base, ft, delta, delta, calib=calib, seq_len=SEQ, overwrite=True)
     with pytest.raises(ValueError, match="steps must be"):
         distill_delta(base, ft, delta, str(tmp_path / "o1"), calib=calib, seq_len=SEQ, steps=-1)
+    with pytest.raises(ValueError, match="code_lr"):
+        distill_delta(base, ft, delta, str(tmp_path / "o1"), calib=calib, seq_len=SEQ, refit_codes=True, code_lr=0)
     other_base, _ = make_pair(root, "llama", seed=5)
     with pytest.raises(FingerprintMismatchError):
         distill_delta(other_base, ft, delta, str(tmp_path / "o2"), calib=calib, seq_len=SEQ, steps=1)

@@ -1,4 +1,5 @@
-"""``prinmix distill``: re-fit a PrinMix delta's σ and group scales against the fine-tuned model."""
+"""``prinmix distill``: re-fit a PrinMix delta's stored values (σ, scales, codes, norm deltas) against the
+fine-tuned model."""
 from __future__ import annotations
 
 import json
@@ -28,15 +29,20 @@ __all__ = ["distill"]
 @click.option("--seed", type=int, default=0, show_default=True, help="Window-sampling seed.")
 @click.option("--refit-dense/--no-refit-dense", default=True, show_default=True,
               help="Also re-fit the stored norm and bias deltas (same bytes).")
+@click.option("--refit-codes/--no-refit-codes", default=True, show_default=True,
+              help="Also move the codes of the singular vectors within their grids (straight-through "
+                   "training; same widths and bytes).")
+@click.option("--code-lr", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True,
+              help="With --refit-codes: grid steps per Adam step of the code offsets.")
 @click.option("--force", is_flag=True, help="Run even if BASE's fingerprint differs from the delta's base.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is an earlier prinmix output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @compile_cache_option
 def distill(base, finetuned, delta, out, calib, steps, lr, batch_size, seq_len, num_sequences, seed, refit_dense,
-            force, overwrite, as_json, compile_cache):
-    """Re-fit the σ, group scales and stored norm/bias deltas of DELTA (a PrinMix, Delta-CoMe or uniform delta of FINETUNED against
-    BASE) so that BASE + DELTA matches FINETUNED's next-token distributions on --calib; write the result to
-    OUT (same layout and bytes as DELTA).
+            refit_codes, code_lr, force, overwrite, as_json, compile_cache):
+    """Re-fit the σ, group scales, codes and stored norm/bias deltas of DELTA (a PrinMix, Delta-CoMe or
+    uniform delta of FINETUNED against BASE) so that BASE + DELTA matches FINETUNED's next-token
+    distributions on --calib; write the result to OUT (same layout, widths and bytes as DELTA).
 
     \b
     Example:
@@ -51,7 +57,8 @@ def distill(base, finetuned, delta, out, calib, steps, lr, batch_size, seq_len, 
     say = None if as_json else (lambda s: click.echo(s, err=True))
     res = distill_delta(base, finetuned, delta, out, calib=calib, seq_len=seq_len, num_sequences=num_sequences,
                         steps=steps, lr=lr, batch_size=batch_size, seed=seed, overwrite=overwrite, force=force,
-                        log=say, refit_dense=refit_dense)
+                        log=say, refit_dense=refit_dense, refit_codes=refit_codes,
+                        code_lr=code_lr)
     if as_json:
         click.echo(json.dumps(res))
     else:
