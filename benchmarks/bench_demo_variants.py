@@ -9,7 +9,8 @@ Prints one JSON line per (ratio, variant) and a Markdown table at the end.
 ``--calibration text`` is the demo's (64 held-out stdlib windows); ``task-mix`` replaces half of them with
 windows of task examples from another seed than the test prompts (a user calibrating on fine-tuning data);
 ``task`` takes 64 windows of task examples. A distillation row compresses with the default, then runs
-``distill_delta`` (lr 3e-3, 8 windows per step) on the same calibration windows; ``before`` is its accuracy
+``distill_delta`` (its defaults: 400 Adam steps at lr 3e-3, 8 windows per step, codes moved at 0.01 grid steps
+per step; "codes fixed" re-fits σ, scales and norm deltas only, in 200 steps) on the same calibration windows; ``before`` is its accuracy
 before distillation.
 """
 from __future__ import annotations
@@ -42,8 +43,12 @@ VARIANTS = (
     ("uniform (default grids)", "uniform", {}),
     ("uniform (before)", "uniform", dict(grid="minmax", bits=(0, 2, 3, 4, 8), index_metadata="full")),
     ("Delta-CoMe", "deltacome", {}),
-    ("default + distillation 200 steps", "prinmix", dict(distill=200)),
-    ("uniform + distillation 200 steps", "uniform", dict(distill=200)),
+    ("default + distillation", "prinmix", dict(distill=400)),
+    ("uniform + distillation", "uniform", dict(distill=400)),
+    ("default + distillation, codes fixed, 200 steps", "prinmix",
+     dict(distill=200, distill_kw=dict(refit_codes=False))),
+    ("uniform + distillation, codes fixed, 200 steps", "uniform",
+     dict(distill=200, distill_kw=dict(refit_codes=False))),
 )
 
 
@@ -88,6 +93,7 @@ def main(argv=None):
             for label, method, over in chosen:
                 over = dict(over)
                 steps = over.pop("distill", None)
+                dkw = over.pop("distill_kw", {})
                 r = Dm._compress_and_score(pair, method, parse_ratio(text), tmp, calib, 128, evaluate, base_p,
                                            scope="global", calibration_mode="parallel", overrides=over, extra={})
                 before = None
@@ -97,7 +103,7 @@ def main(argv=None):
 
                     src = os.path.join(tmp, "deltas", f"{method}-{text.replace('/', 'of')}")
                     d = distill_delta(pair.base, pair.finetuned, src, src + "-distilled", calib=calib, seq_len=128,
-                                      steps=steps, overwrite=True)
+                                      steps=steps, overwrite=True, **dkw)
                     before = r["accuracy"]
                     acc, tm = evaluate(apply_delta(base_p, d["path"]))
                     r = dict(r, accuracy=acc, kl=tm["kl"], seconds=r["seconds"] + d["seconds"])

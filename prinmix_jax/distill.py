@@ -128,7 +128,7 @@ def _load_params(src) -> dict:
 
 
 def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num_sequences: int | None = None,
-                  tokenizer_dir=None, steps: int = 200, lr: float = 3e-3, batch_size: int = 8, seed: int = 0,
+                  tokenizer_dir=None, steps: int = 400, lr: float = 3e-3, batch_size: int = 8, seed: int = 0,
                   overwrite: bool = False, force: bool = False, log: Callable[[str], None] | None = None,
                   refit_dense: bool = True, refit_codes: bool = True, code_lr: float = 0.01) -> dict:
     """Re-fits σ, the group scales, the codes and the dense deltas of a PrinMix delta checkpoint against the

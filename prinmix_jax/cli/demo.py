@@ -73,7 +73,7 @@ def demo(out, quick, ratio, sweep, ratios, methods, sweep_methods, calibration_m
     \b
     Examples:
       prinmix demo --quick --out demo-out/
-      prinmix demo --ratio 1/32 --calibration task --distill 200 --methods prinmix,uniform
+      prinmix demo --ratio 1/32 --calibration task --distill 400 --methods prinmix,uniform
     """
     from prinmix_jax.config import METHODS
     from prinmix_jax.demo import DEFAULT_RATIOS, run_demo

@@ -20,7 +20,7 @@ __all__ = ["distill"]
 @click.argument("out", type=click.Path())
 @click.option("--calib", type=click.Path(dir_okay=False), required=True,
               help="Data of the fine-tuning task: .txt, .jsonl (\"text\" or \"ids\") or .npy token ids.")
-@click.option("--steps", type=click.IntRange(min=0), default=200, show_default=True, help="Adam steps.")
+@click.option("--steps", type=click.IntRange(min=0), default=400, show_default=True, help="Adam steps.")
 @click.option("--lr", type=click.FloatRange(min=0), default=3e-3, show_default=True, help="Learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per step.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per window.")
