@@ -71,7 +71,7 @@ def demo(out, quick, ratio, sweep, ratios, methods, sweep_methods, calibration_m
     on generic text it can lower the task accuracy.
 
     \b
-    Examples:
+    Example:
       prinmix demo --quick --out demo-out/
       prinmix demo --ratio 1/32 --calibration task --distill 400 --methods prinmix,uniform
     """
