@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prinmix_jax.core.gptq import HIGHEST
 from prinmix_jax.core.packing import pack_bits, unpack_bits
-from prinmix_jax.core.quantizer import dequantize, expand_groups
-from prinmix_jax.formats import SVDQuantDelta
+from prinmix_jax.formats import SVDQuantDelta, dequant_codes
 
 __all__ = ["distill_delta", "distill_targets"]
 
@@ -78,19 +78,12 @@ def _student_weight(cm: SVDQuantDelta, t: dict, q: dict | None = None, code_gain
     new = _scaled(cm, t)
     if "u_code" not in t:
         return new.reconstruct()
-    m, n = cm.shape
-    side = {}
-    for name, length in (("u", m), ("v", n)):
-        rows = []
-        for i, b in enumerate(cm.group_bits):
-            g = length if not cm.group_size or cm.group_size >= length else cm.group_size
-            s = expand_groups(jnp.asarray(getattr(new, f"{name}_scale")[i], jnp.float32), length, g)
-            z = expand_groups(jnp.asarray(getattr(new, f"{name}_zero")[i], jnp.float32), length, g)
-            x = _moved(q[f"{name}_code"][i], code_gain * t[f"{name}_code"][i], b)
-            rows.append(dequantize(x, s, z, b))
-        side[name] = jnp.concatenate(rows)
+    u, v = (jnp.concatenate([
+        dequant_codes(_moved(q[f"{name}_code"][i], code_gain * t[f"{name}_code"][i], b),
+                      getattr(new, f"{name}_scale")[i], getattr(new, f"{name}_zero")[i], b, cm.group_size)
+        for i, b in enumerate(cm.group_bits)]) for name in ("u", "v"))
     sig = jnp.concatenate([jnp.asarray(s, jnp.float32) for s in new.sigma])
-    return jnp.matmul(side["u"].T * sig[None, :], side["v"], precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(u.T * sig[None, :], v, precision=HIGHEST)
 
 
 def _scaled(cm: SVDQuantDelta, t: dict) -> SVDQuantDelta:
@@ -268,9 +261,9 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     theta_st.update({f"dense:{s}/{k}": jnp.asarray(stored_dense[(s, k)].astype(np.float32) - a.astype(np.float32))
                      for (s, k), (a, _) in dense.items()})
     kl_trained = mean_kl(theta_st)
-    changed = sum(int(np.sum(unpack_bits(stored[k][f"{side}_codes_{b}"], b, length) != q[f"{side}_code"][i]))
-                  for k, q in qs.items() for side, length in (("u", cms[k][0].shape[0]), ("v", cms[k][0].shape[1]))
-                  for i, b in enumerate(cms[k][0].group_bits))
+    # codes that differ from the input's: the nonzero offsets of the stored codes
+    changed = sum(int(np.count_nonzero(np.asarray(o))) for k in qs for side in ("u_code", "v_code")
+                  for o in theta_st[f"{k[0]}/{k[1]}"][side])
     kept = kl_trained < kl_before
     kl_after = kl_trained if kept else kl_before
     moved = f", {changed} codes moved" if refit_codes else ""

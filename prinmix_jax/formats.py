@@ -35,10 +35,16 @@ def _nbytes(tree) -> int:
 
 
 def _dequant_rows(codes, scale, zero, bits: int, length: int, group_size: int):
-    q = unpack_bits(codes, bits, length).astype(jnp.float32)
+    return dequant_codes(unpack_bits(codes, bits, length).astype(jnp.float32), scale, zero, bits, group_size)
+
+
+def dequant_codes(q, scale, zero, bits: int, group_size: int):
+    """Unpacked codes ``q`` (rows, length) -> values, with per-group ``scale`` and stored ``zero``
+    (rows, groups) of one width group of an :class:`SVDQuantDelta` factor."""
+    length = q.shape[-1]
     g = length if not group_size or group_size >= length else group_size
-    s = expand_groups(scale.astype(jnp.float32), length, g)
-    z = expand_groups(zero.astype(jnp.float32), length, g)
+    s = expand_groups(jnp.asarray(scale, jnp.float32), length, g)
+    z = expand_groups(jnp.asarray(zero, jnp.float32), length, g)
     return dequantize(q, s, z, bits)
 
 
