@@ -9,9 +9,10 @@ Prints one JSON line per (ratio, variant) and a Markdown table at the end.
 ``--calibration text`` is the demo's (64 held-out stdlib windows); ``task-mix`` replaces half of them with
 windows of task examples from another seed than the test prompts (a user calibrating on fine-tuning data);
 ``task`` takes 64 windows of task examples. A distillation row compresses with the default, then runs
-``distill_delta`` (its defaults: 400 Adam steps at lr 3e-3, 8 windows per step, codes moved at 0.01 grid steps
-per step; "codes fixed" re-fits σ, scales and norm deltas only, in 200 steps) on the same calibration windows; ``before`` is its accuracy
-before distillation.
+``distill_delta`` as ``prinmix demo --distill`` does (its defaults: 400 Adam steps at lr 3e-3, 8 windows per
+step, codes moved at 0.01 grid steps per step; "codes fixed" re-fits σ, scales and norm deltas only, in 200
+steps) on the same calibration windows; ``before`` is its accuracy before distillation, and the layer error
+is the compression's.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from prinmix_jax.sft.data import task_windows  # noqa: E402  (the demo's --calibration task windows)
+from prinmix_jax.sft.data import task_windows  # noqa: E402  (task-mix: half of the demo's task windows)
 
 #: (label, method, CompressionConfig overrides); "before" is the configuration before issue 12; the "+" rows add
 #: one idea each to the row above (1-bit widths only below 1/16 in the default).
@@ -74,11 +75,9 @@ def main(argv=None):
     cfg = ModelConfig.from_pretrained_dir(pair.finetuned)
     base_p, ft_p = load_hf_params(pair.base), load_hf_params(pair.finetuned)
     tok = byte_tokenizer()
-    test, calib, eval_ids = Dm._data(s, args.num_test, 64, 32, 128)
-    if args.calibration == "task":
-        calib = task_windows(s, 64, 128, s.seed + 3000).astype(calib.dtype)
+    test, calib, eval_ids = Dm._data(s, args.num_test, 64, 32, 128, "task" if args.calibration == "task" else "text")
     if args.calibration == "task-mix":
-        calib = np.concatenate([calib[:32], task_windows(s, 32, 128, s.seed + 3000).astype(calib.dtype)])
+        calib = np.concatenate([calib[:32], task_windows(s, 32, 128, s.seed + Dm.TASK_CALIB_SEED).astype(calib.dtype)])
 
     def evaluate(params):
         return exact_match(params, cfg, test, tok)["accuracy"], token_metrics(ft_p, params, cfg, eval_ids)
@@ -98,16 +97,11 @@ def main(argv=None):
                                            scope="global", calibration_mode="parallel", overrides=over, extra={})
                 before = None
                 if steps:
-                    from prinmix_jax.apply import apply_delta
-                    from prinmix_jax.distill import distill_delta
-
-                    src = os.path.join(tmp, "deltas", f"{method}-{text.replace('/', 'of')}")
-                    d = distill_delta(pair.base, pair.finetuned, src, src + "-distilled", calib=calib, seq_len=128,
-                                      steps=steps, overwrite=True, **dkw)
                     before = r["accuracy"]
-                    acc, tm = evaluate(apply_delta(base_p, d["path"]))
-                    r = dict(r, accuracy=acc, kl=tm["kl"], seconds=r["seconds"] + d["seconds"])
-                row = dict(ratio=text, variant=label, calibration=args.calibration, accuracy=r["accuracy"], before=before,
+                    d = Dm._distill_and_score(pair, r, tmp, calib, 128, evaluate, base_p, steps=steps, kwargs=dkw)
+                    r = dict(d, layer_error=r["layer_error"])     # the compression's (docs/benchmarks.md)
+                row = dict(ratio=text, variant=label, calibration=args.calibration, accuracy=r["accuracy"],
+                           before=before,
                            gain_kept=(r["accuracy"] - base_acc) / (ft_acc - base_acc), layer_error=r["layer_error"],
                            kl=r["kl"], bytes=r["bytes"], seconds=r["seconds"])
                 rows.append(row)
