@@ -35,6 +35,7 @@ import numpy as np
 
 from prinmix_jax.core.gptq import HIGHEST
 from prinmix_jax.core.packing import pack_bits, unpack_bits
+from prinmix_jax.evaluation import padded_batches
 from prinmix_jax.formats import SVDQuantDelta, dequant_codes
 
 __all__ = ["distill_delta", "distill_targets"]
@@ -223,10 +224,13 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
             trees[s] = set_path(trees[s], path, get_path(trees[s], path) + theta[f"dense:{s}/{key}"])
         return dict(trees[0], layers={b: trees[b + 1] for b in range(delta.num_blocks)})
 
-    def kl(theta, x):
+    def token_kl(theta, x):
         lt = jax.nn.log_softmax(model_from_params(cfg, ft_p)(x).astype(jnp.float32), -1)
         lm = jax.nn.log_softmax(model_from_params(cfg, student(theta))(x).astype(jnp.float32), -1)
-        return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - lm), -1))
+        return jnp.sum(jnp.exp(lt) * (lt - lm), -1)
+
+    def kl(theta, x):
+        return jnp.mean(token_kl(theta, x))
 
     opt = optax.adam(lr)
 
@@ -236,12 +240,11 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
         upd, state = opt.update(g, state, theta)
         return optax.apply_updates(theta, upd), state, loss
 
-    score = jax.jit(kl)
+    score = jax.jit(lambda theta, x, w: jnp.sum(token_kl(theta, x) * w))
     bs = min(int(batch_size), len(ids))
 
-    def mean_kl(theta):
-        vals = [float(score(theta, jnp.asarray(ids[i:i + bs]))) * len(ids[i:i + bs]) for i in range(0, len(ids), bs)]
-        return sum(vals) / len(ids)
+    def mean_kl(theta):   # a partial last batch is padded (weight 0): one compiled program for every batch
+        return sum(float(score(theta, x, w)) for x, w in padded_batches(ids, bs)) / ids.size
 
     kl_before = mean_kl(theta0)
     say(f"distil: {len(cms)} matrices, {nparam} parameters, {len(ids)} windows of {ids.shape[1]}; "

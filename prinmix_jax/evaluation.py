@@ -42,7 +42,9 @@ def _nll_sums(params, config, ids, w):
     return jnp.sum(nll * w[:, 1:]), jnp.sum(w[:, 1:])
 
 
-def _batches(ids, batch_size):
+def padded_batches(ids, batch_size):
+    """``(ids, weights)`` batches of ``batch_size`` rows; the last is padded with zero rows of weight 0, so every
+    batch has one compiled shape."""
     ids = np.asarray(ids, np.int32)
     if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape[1] < 2:
         raise ValueError(f"ids must be a (num_sequences, seq_len >= 2) int array, got shape {ids.shape}")
@@ -69,7 +71,7 @@ def token_metrics(ref_params: dict, params: dict, config, ids, *, batch_size: in
       ``{"kl": float, "top1": float, "tokens": int}``.
     """
     kl = agree = n = 0.0
-    for x, w in _batches(ids, batch_size):
+    for x, w in padded_batches(ids, batch_size):
         a, b, c = _pair_sums(ref_params, params, config, x, w)
         kl, agree, n = kl + float(a), agree + float(b), n + float(c)
     return {"kl": kl / n, "top1": agree / n, "tokens": int(n)}
@@ -78,7 +80,7 @@ def token_metrics(ref_params: dict, params: dict, config, ids, *, batch_size: in
 def perplexity(params: dict, config, ids, *, batch_size: int = 8) -> float:
     """``exp`` of the mean next-token negative log-likelihood over ``ids`` ``(num_sequences, seq_len)``."""
     s = n = 0.0
-    for x, w in _batches(ids, batch_size):
+    for x, w in padded_batches(ids, batch_size):
         a, c = _nll_sums(params, config, x, w)
         s, n = s + float(a), n + float(c)
     return float(np.exp(s / n))
