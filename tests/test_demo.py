@@ -12,6 +12,9 @@ from click.testing import CliRunner
 
 from prinmix_jax.cli import main
 
+# one worker runs the whole module (pytest --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("demo")
+
 METHODS = ("prinmix", "deltacome", "bitdelta", "lowrank")
 #: The sweep's second PrinMix budget, below the main table's 1/16: it keeps fewer indices than a larger one
 #: (1/4 did), so its compress and apply compile fewer programs; the eval test needs two PrinMix budgets.

@@ -19,6 +19,9 @@ from prinmix_jax.models.calibration_data import tokenize_calibration
 from prinmix_jax.pipeline import compress_model
 from prinmix_jax.storage import FingerprintMismatchError, load_delta
 
+# one worker runs the whole module (pytest --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("distill")
+
 SEQ = 16
 
 

@@ -13,6 +13,9 @@ import pytest
 from cli_helpers import run
 from pipeline_fixtures import SMALL_CONFIG, make_finetuned, save_checkpoint, save_tiny_tokenizer, torch_model
 
+# one worker runs the whole module (pytest --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("serving")
+
 NAMES = ("a", "b", "c")
 METHODS = {"a": "prinmix", "b": "prinmix", "c": "uniform"}
 #: Two candidate widths keep the jitted bank programs small (fewer width groups per linear).

@@ -28,6 +28,9 @@ from pipeline_fixtures import DIMS, jax_cache_env, make_finetuned, make_pair
 from prinmix_jax.cli import main
 from prinmix_jax.storage import DeltaCheckpoint, DeltaFormatError, StepStore, decode_step
 
+# one worker runs the whole module (pytest --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("storage_integrity")
+
 
 
 @pytest.fixture(scope="module")
