@@ -151,3 +151,9 @@ def test_cli_writes_the_checkpoint_and_reports_its_kl(setup):
     r = CliRunner().invoke(main, ["distill", base, ft, delta, out, "--calib", calib, "--seq-len", str(SEQ),
                                   "--no-compile-cache"])
     assert r.exit_code != 0 and "already exists" in r.output
+    # inspect says the delta was distilled, with its KLs, and that the rel_err column predates it
+    r = CliRunner().invoke(main, ["inspect", out])
+    line = [ln for ln in r.output.splitlines() if ln.startswith("distilled")]
+    assert r.exit_code == 0 and len(line) == 1, r.output
+    assert f"{res['kl_before']:.4g} → {res['kl_after']:.4g}" in line[0] and "rel_err below is from before" in line[0]
+    assert "distilled" not in CliRunner().invoke(main, ["inspect", delta]).output

@@ -29,7 +29,8 @@ def inspect(delta, plot, as_json, verify):
     \b
     Columns: block (or 'glob' for embeddings / head), matrix, shape, rank (kept singular
     vectors), widths (bits × count), bytes stored, budget bytes, ratio to a 16-bit delta,
-    relative output error ‖(ΔW − ΔŴ)X‖/‖ΔW X‖ measured at compression time.
+    relative output error ‖(ΔW − ΔŴ)X‖/‖ΔW X‖ measured at compression time (before any
+    `prinmix distill`, whose KL is shown on its own line).
 
     \b
     Example:
@@ -61,6 +62,11 @@ def inspect(delta, plot, as_json, verify):
     click.echo("calib      " + ("data-free" if not cal else
                                  f"{cal['mode']}, {cal['num_sequences']}×{cal['seq_len']} tokens from {cal['source']}"))
     click.echo(f"base       fingerprint {m['base']['fingerprint'][:16]}…")
+    dist = m.get("distillation")
+    if dist:   # prinmix distill re-fitted the values; the rel_err column is still the compression's
+        click.echo(f"distilled  {dist['steps']} steps on {dist['windows']}×{dist['seq_len']} tokens from "
+                   f"{dist['source']}: KL {dist['kl_before']:.4g} → {dist['kl_after']:.4g}"
+                   f"{'' if dist['kept'] else ' (not lower: values kept)'}; rel_err below is from before it")
     click.echo("policy     " + ", ".join(f"{k}={v}" for k, v in m["policy"].items()))
     click.echo("")
     hdr = f"{'block':>5} {'matrix':<12} {'shape':>10} {'rank':>5} {'widths':<24} {'bytes':>9} {'budget':>9} " \
