@@ -10,8 +10,8 @@ that is mostly XLA compile time on a 2-core CI machine.
   error table differs in its last bits (tried, not kept).
   ``PRINMIX_TEST_XLA_OPT=default`` (or an optimisation level already in ``XLA_FLAGS``) keeps the default.
 * One persistent compilation cache for the whole run, shared by the xdist workers (the same program is often
-  compiled by both), in a temporary folder the controlling process removes at the end. An existing
-  ``JAX_COMPILATION_CACHE_DIR`` is used as it is.
+  compiled by both) and by the subprocess runs, in a temporary folder the controlling process removes at the
+  end. An existing ``JAX_COMPILATION_CACHE_DIR`` is used as it is.
 """
 import os
 import shutil
@@ -25,7 +25,7 @@ if "xla_backend_optimization_level" not in _flags and os.environ.get("PRINMIX_TE
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags
 # CLI runs inside the test process leave prinmix's compilation cache alone (no writes to ~/.cache/prinmix-jax);
-# subprocess runs use the session's JAX_COMPILATION_CACHE_DIR (pipeline_fixtures.jax_cache_env), and
+# subprocess runs use the run's JAX_COMPILATION_CACHE_DIR below (pipeline_fixtures.jax_cache_env), and
 # test_cli_compile_cache.py tests prinmix's own cache.
 os.environ.setdefault("PRINMIX_NO_COMPILE_CACHE", "1")
 

@@ -99,13 +99,12 @@ def write_calib(root, kind: str = "ids", vocab: int = 64, n_tokens: int = 256) -
     return path
 
 
-def jax_cache_env(tmp_path_factory, devices: int = 4) -> dict:
-    """Environment for subprocess runs: CPU, a persistent compilation cache shared by this test session."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if base.name.startswith("popen-gw") else base
-    cache = os.path.join(os.fspath(root), "prinmix-jax-cache")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONWARNINGS="ignore")
+def jax_cache_env(devices: int = 4) -> dict:
+    """Environment for subprocess runs: CPU, ``devices`` simulated devices at XLA's default optimisation level,
+    and the run's persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``, which conftest always sets;
+    shared with the in-process tests, whose programs differ by their flags)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               PYTHONWARNINGS="ignore")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return env
 

@@ -172,9 +172,9 @@ def test_truncated_and_corrupted_delta(root, pair, delta):
     assert not _leftovers(root, "bad6")
 
 
-def test_console_script_exit_code(root, tmp_path_factory):
+def test_console_script_exit_code(root):
     """The real process: exit status 1, one line on stderr, no traceback."""
-    env = jax_cache_env(tmp_path_factory)
+    env = jax_cache_env()
     r = subprocess.run([sys.executable, "-m", "prinmix_jax.cli", "inspect", os.path.join(root, "missing")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1

@@ -17,10 +17,10 @@ def pair(tmp_path_factory):
     return make_pair(tmp_path_factory.mktemp("cc"), "llama")
 
 
-def _env(tmp_path_factory, cache):
+def _env(cache):
     """A real user's environment: no JAX cache of the test session's, prinmix's cache folder at ``cache``;
     every compiled program is stored (they all compile fast on these tiny shapes)."""
-    env = jax_cache_env(tmp_path_factory, devices=1)
+    env = jax_cache_env(devices=1)
     for k in ("JAX_COMPILATION_CACHE_DIR", "PRINMIX_NO_COMPILE_CACHE"):
         env.pop(k, None)
     env.update(PRINMIX_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -36,11 +36,11 @@ def _compress(env, pair, out, *extra):
 def test_cache_on_by_default_and_off_with_the_flag(tmp_path_factory, pair):
     tmp = tmp_path_factory.mktemp("cc-runs")
     on, off = str(tmp / "cache-on"), str(tmp / "cache-off")
-    _compress(_env(tmp_path_factory, on), pair, str(tmp / "d1"))
+    _compress(_env(on), pair, str(tmp / "d1"))
     assert os.path.isdir(on) and os.listdir(on), "no compiled program was cached"
-    _compress(_env(tmp_path_factory, off), pair, str(tmp / "d2"), "--no-compile-cache")
+    _compress(_env(off), pair, str(tmp / "d2"), "--no-compile-cache")
     assert not os.path.exists(off) or not os.listdir(off)
-    env = dict(_env(tmp_path_factory, off), PRINMIX_NO_COMPILE_CACHE="1")
+    env = dict(_env(off), PRINMIX_NO_COMPILE_CACHE="1")
     _compress(env, pair, str(tmp / "d3"))
     assert not os.path.exists(off) or not os.listdir(off)
 
@@ -57,7 +57,7 @@ def test_cache_folder_and_switches():
 
 def test_users_own_jax_cache_dir_wins(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cc-own")
-    env = _env(tmp_path_factory, str(tmp / "prinmix"))
+    env = _env(str(tmp / "prinmix"))
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "mine")
     code = ("from prinmix_jax.cli.runtime import use_compile_cache; import jax, jax.numpy as jnp;"
             "print(use_compile_cache(None)); jax.jit(lambda x: x * 2 + 1)(jnp.ones(3)).block_until_ready()")

@@ -269,11 +269,11 @@ def test_apply_refuses_to_write_nan(root, pair, delta):
 
 
 # ----- 8. --json: stdout holds the JSON only -----------------------------------------------------------
-def test_json_stdout_is_only_json(root, pair, tmp_path_factory):
+def test_json_stdout_is_only_json(root, pair):
     out = os.path.join(root, "json-out")
     r = subprocess.run([sys.executable, "-m", "prinmix_jax.cli", "compress", *pair, out, "--data-free",
                         "--group-size", "16", "--json", "--no-progress"], capture_output=True, text=True,
-                       env=jax_cache_env(tmp_path_factory), timeout=600)
+                       env=jax_cache_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout)           # HiGHS's banner went to stderr, not stdout
     assert summary["method"] == "prinmix" and summary["problems"] == []

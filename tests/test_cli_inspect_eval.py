@@ -98,7 +98,7 @@ def test_plot_into_a_missing_folder(root, zero_delta):
 # ----- stdout closed early -----------------------------------------------------------------------
 def test_closed_stdout_ends_quietly(tmp_path_factory, zero_delta):
     """Was: exit 1 and "error: [Errno 32] Broken pipe" on stderr."""
-    env = jax_cache_env(tmp_path_factory, devices=1)
+    env = jax_cache_env(devices=1)
     cmd = [sys.executable, "-m", "prinmix_jax.cli", "inspect", zero_delta]
     # Deterministic: the reader is gone before the first write.
     r_fd, w_fd = os.pipe()

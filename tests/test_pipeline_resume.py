@@ -32,10 +32,10 @@ def _finished_steps(work):
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_is_byte_identical(tmp_path, tmp_path_factory):
+def test_sigkill_then_resume_is_byte_identical(tmp_path):
     base, ft = make_pair(tmp_path, "llama", layers=LAYERS)
     calib = write_calib(tmp_path, "ids")
-    env = jax_cache_env(tmp_path_factory)
+    env = jax_cache_env()
 
     out = os.path.join(tmp_path, "out")
     work = out + ".partial"

@@ -87,7 +87,7 @@ def test_burst_of_mixed_requests_and_errors(fixture_paths, reference):  # noqa: 
 def test_serve_command_stops_cleanly_on_sigterm(tmp_path_factory):
     base, _ = make_pair(tmp_path_factory.mktemp("serve"), "llama", layers=1)
     cmd = [sys.executable, "-m", "prinmix_jax.cli", "serve", base, "--base-name", "b0", "--port", "0"]
-    proc = subprocess.Popen(cmd, env=jax_cache_env(tmp_path_factory), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=jax_cache_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         lines = []

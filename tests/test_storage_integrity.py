@@ -228,7 +228,7 @@ def test_every_read_byte_is_checked_and_the_rest_unused(root, wide):
     assert _restored(cor) == ref
 
 
-def test_truncated_data_file_gives_one_error_line(root, wide, tmp_path_factory):
+def test_truncated_data_file_gives_one_error_line(root, wide):
     """The real process, several runs: a data file cut to half gives exactly one ``error:`` line on stderr
     (Orbax's reads still in flight used to print 'Event loop is closed' tracebacks, in most runs)."""
     base, delta = wide
@@ -237,7 +237,7 @@ def test_truncated_data_file_gives_one_error_line(root, wide, tmp_path_factory):
     largest = max((os.path.join(d, f) for f in os.listdir(d)), key=os.path.getsize)
     with open(largest, "r+b") as f:
         f.truncate(os.path.getsize(largest) // 2)
-    env = jax_cache_env(tmp_path_factory)
+    env = jax_cache_env()
     runs = [["apply", base, trunc, os.path.join(root, "merged-trunc")]] * 3 + [["inspect", trunc, "--verify"]]
     for args in runs:
         r = subprocess.run([sys.executable, "-m", "prinmix_jax.cli", *args], capture_output=True, text=True,

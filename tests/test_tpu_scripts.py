@@ -64,11 +64,11 @@ def _written_by(delta_dir) -> dict:
 # per-process writes; lowrank + sequential: every process reads each finished step back to propagate.
 @pytest.mark.slow
 @pytest.mark.parametrize("method,mode", [("prinmix", "parallel"), ("lowrank", "sequential")])
-def test_multiprocess_compress_agrees(tmp_path, tmp_path_factory, method, mode):
+def test_multiprocess_compress_agrees(tmp_path, method, mode):
     base, ft = make_pair(tmp_path, "llama")
     calib = write_calib(tmp_path, "ids")
     out = os.path.join(tmp_path, "mp")
-    env = jax_cache_env(tmp_path_factory, devices=4)
+    env = jax_cache_env(devices=4)
     port = _free_port()
     cmd = [sys.executable, "-m", "prinmix_jax.cli", "compress", base, ft, out, "--calib", calib, "--seq-len", "16",
            "--group-size", "16", "--method", method, "--calibration-mode", mode, "--embeddings", "compress",
@@ -100,11 +100,11 @@ def test_multiprocess_compress_agrees(tmp_path, tmp_path_factory, method, mode):
     assert read_arrays(out) == read_arrays(ref)
 
 
-def test_multiprocess_output_not_shared_is_a_clear_error(tmp_path, tmp_path_factory):
+def test_multiprocess_output_not_shared_is_a_clear_error(tmp_path):
     """Process 1 is given another OUT: from its view the folder process 0 made does not exist, as on hosts
     whose OUT is not on shared storage. Both processes stop with the message; nothing is left behind."""
     base, ft = make_pair(tmp_path, "llama")
-    env = jax_cache_env(tmp_path_factory, devices=2)
+    env = jax_cache_env(devices=2)
     port = _free_port()
     outs = [os.path.join(tmp_path, "host0", "delta"), os.path.join(tmp_path, "host1", "delta")]
     for o in outs:
