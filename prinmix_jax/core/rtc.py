@@ -33,13 +33,20 @@ def inert_padding(a, valid):
     return a * vm[:, None] * vm[None, :] + jnp.diag((1 - vm) * mu)
 
 
+def _h_times(h, x):
+    """``H x``, or ``x`` itself for ``h=None`` (the identity: exactly what the product would give)."""
+    return x if h is None else jnp.matmul(h, x, precision=HIGHEST)
+
+
 @jax.jit
 def u_hessian(v_hat, sigma, h, valid=None):
     """``G = Σ V̂ H V̂ᵀ Σ`` (k, k): the Hessian of U's inputs ``Z = Σ V̂ X``.
 
-    ``valid`` (k,) bool marks real indices; the others are made inert padding.
+    ``h=None`` is the identity (data-free): no n×n product. ``valid`` (k,) bool marks real indices; the
+    others are made inert padding.
     """
-    m = jnp.matmul(jnp.matmul(v_hat, h, precision=HIGHEST), v_hat.T, precision=HIGHEST)
+    vh = v_hat if h is None else jnp.matmul(v_hat, h, precision=HIGHEST)
+    m = jnp.matmul(vh, v_hat.T, precision=HIGHEST)
     return inert_padding(sigma[:, None] * m * sigma[None, :], valid)
 
 
@@ -49,7 +56,8 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
 
     Args:
       delta: (m, n) the delta ΔW.
-      h: (n, n) input Hessian.
+      h: (n, n) input Hessian, or ``None`` for the identity (data-free: ``H V̂ᵀ`` is ``V̂ᵀ``, no n×n
+        product; the same bytes as an explicit identity).
       v_hat: (k, n) quantised rows of the kept indices.
       sigma: (k,) their singular values (all > 0).
       damp: λ' relative to ``mean(diag M)``; escalated if ``M`` is not positive definite.
@@ -59,7 +67,7 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
     Returns:
       ``(U*, damp_used)``.
     """
-    hv = jnp.matmul(h, v_hat.T, precision=HIGHEST)                      # (n, k)
+    hv = _h_times(h, v_hat.T)                                           # (n, k)
     m = jnp.matmul(v_hat, hv, precision=HIGHEST)
     p = jnp.matmul(delta, hv, precision=HIGHEST)                        # (m, k)
     r, d = inverse_cholesky_upper(inert_padding((m + m.T) / 2, valid), damp)                  # (M+λ'I)^{-1} = RᵀR
@@ -104,7 +112,7 @@ def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6):
     (float rounding, a singular ``M``).
 
     Args:
-      delta: (m, n) ΔW; h: (n, n) input Hessian (identity data-free).
+      delta: (m, n) ΔW; h: (n, n) input Hessian, or ``None`` for the identity (data-free).
       u_hat: (m, k) and v_hat: (k, n) the quantised factors; sigma: (k,) the σ they were fitted with.
       valid: optional (k,) bool mask of real indices (padding keeps its σ).
 
@@ -113,7 +121,7 @@ def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6):
     """
     k = sigma.shape[0]
     valid = jnp.ones((k,), bool) if valid is None else valid
-    hv = jnp.matmul(h, v_hat.T, precision=HIGHEST)                                   # (n, k)
+    hv = _h_times(h, v_hat.T)                                                        # (n, k)
     m = jnp.matmul(u_hat.T, u_hat, precision=HIGHEST) * jnp.matmul(v_hat, hv, precision=HIGHEST)
     c = jnp.sum(u_hat * jnp.matmul(delta, hv, precision=HIGHEST), axis=0)
     both = valid[:, None] & valid[None, :]

@@ -192,9 +192,12 @@ def hessian_stack(stack: Stack):
     return stack.hessians()
 
 
-def stack_hessian(h_all, i: int, n: int):
-    """Matrix ``i``'s Hessian on the device: ``h_all[i]``, or the n×n identity when ``h_all`` is ``None``."""
-    return jnp.eye(n, dtype=jnp.float32) if h_all is None else jnp.asarray(h_all[i])
+def stack_hessian(h_all, i: int):
+    """Matrix ``i``'s Hessian on the device: ``h_all[i]``, or ``None`` (the identity) when ``h_all`` is ``None``.
+
+    The U step's programs take ``None`` as the identity without forming it: a data-free 32000×4096 embedding
+    would otherwise spend two m·n² products (~12 s on 2 CPU cores) on its output error alone."""
+    return None if h_all is None else jnp.asarray(h_all[i])
 
 
 def stack_rows(fn, fn_identity, mesh, rows, h_all, damp, *, out_rows):
@@ -272,7 +275,7 @@ def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: b
         info["seconds_stage1"] = t_stage1
         w, v_rows = select(i, info)
         d = jnp.asarray(d_np)
-        h = stack_hessian(h_all, i, d.shape[1])
+        h = stack_hessian(h_all, i)
         cm = svd_quant(d, h, None if u is None else u[i], sigma[i], w, v_rows, stack.cfg, stack.method, rtc=rtc,
                        info=info, want_error=stack.return_info, u_rank=u_rank)
         info["seconds_stage2"] = time.perf_counter() - t1
