@@ -11,7 +11,8 @@ that is mostly XLA compile time on a 2-core CI machine.
   ``PRINMIX_TEST_XLA_OPT=default`` (or an optimisation level already in ``XLA_FLAGS``) keeps the default.
 * One persistent compilation cache for the whole run, shared by the xdist workers (the same program is often
   compiled by both) and by the subprocess runs, in a temporary folder the controlling process removes at the
-  end. An existing ``JAX_COMPILATION_CACHE_DIR`` is used as it is.
+  end (and the next run, if this one was killed first). An existing ``JAX_COMPILATION_CACHE_DIR`` is used as
+  it is.
 """
 import os
 import shutil
@@ -30,10 +31,37 @@ os.environ["XLA_FLAGS"] = _flags
 os.environ.setdefault("PRINMIX_NO_COMPILE_CACHE", "1")
 
 # The controlling process (xdist's, or the only one) makes the run's cache folder before the workers start;
-# they inherit the environment.
+# they inherit the environment. The folder's name carries the controller's pid: a run killed before
+# pytest_unconfigure (SIGKILL, a CI timeout) leaves its folder behind, and the next run removes it.
+_CACHE_PREFIX = "prinmix-jax-test-cache-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's live process
+        return True
+    return True
+
+
+def remove_stale_caches(tmp: str, prefix: str = _CACHE_PREFIX) -> list:
+    """Removes ``tmp/<prefix><pid>-*`` folders whose process is gone; returns their paths."""
+    gone = []
+    for name in os.listdir(tmp):
+        head, _, rest = name[len(prefix):].partition("-") if name.startswith(prefix) else ("", "", "")
+        path = os.path.join(tmp, name)
+        if head.isdigit() and rest and os.path.isdir(path) and not _pid_alive(int(head)):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
+
+
 _OWN_CACHE = None
 if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _OWN_CACHE = tempfile.mkdtemp(prefix="prinmix-jax-test-cache-")
+    remove_stale_caches(tempfile.gettempdir())
+    _OWN_CACHE = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
