@@ -46,13 +46,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def cache_owner(name: str, prefix: str = _CACHE_PREFIX) -> int | None:
+    """The pid in a cache folder's name ``<prefix><pid>-<random>``, or ``None`` for any other name."""
+    if not name.startswith(prefix):
+        return None
+    pid, _, rest = name[len(prefix):].partition("-")
+    return int(pid) if pid.isdigit() and rest else None
+
+
 def remove_stale_caches(tmp: str, prefix: str = _CACHE_PREFIX) -> list:
     """Removes ``tmp/<prefix><pid>-*`` folders whose process is gone; returns their paths."""
     gone = []
     for name in os.listdir(tmp):
-        head, _, rest = name[len(prefix):].partition("-") if name.startswith(prefix) else ("", "", "")
-        path = os.path.join(tmp, name)
-        if head.isdigit() and rest and os.path.isdir(path) and not _pid_alive(int(head)):
+        pid, path = cache_owner(name, prefix), os.path.join(tmp, name)
+        if pid is not None and os.path.isdir(path) and not _pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
             gone.append(path)
     return gone
