@@ -19,10 +19,10 @@ from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.error_table import error_table, u_error_estimate
 from prinmix_jax.core.gptq import gptq_quantize
 from prinmix_jax.core.packing import pack_bits, unpack_bits
-from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian
+from prinmix_jax.core.rtc import h_times_vt, refit_sigma, rtc_target, u_hessian
 from prinmix_jax.core.svd import gram_svd, thin_svd, truncated_svd
 from prinmix_jax.methods.prinmix import _unwhiten, _whiten
-from prinmix_jax.methods.shared import _energy, _error_terms, _factored_error_terms
+from prinmix_jax.methods.shared import _energy, _error_terms, _factored_error_terms, delta_times_h
 from prinmix_jax.synthetic import long_tailed_delta
 
 M, N, K = 48, 64, 12
@@ -69,6 +69,10 @@ def _programs():
         "unpack_bits": (functools.partial(unpack_bits, bits=3, length=N), (np.asarray(pack_bits(codes, 3)),)),
         "error_terms": (_error_terms, (d, d * 0.5, h)),
         "factored_error_terms": (_factored_error_terms, (d, u, s, v, h)),
+        "factored_error_terms_given_products": (_factored_error_terms, (d, u, s, v, h, d @ h, h @ v.T)),
+        "h_times_vt": (h_times_vt, (h, v)),
+        "delta_times_h": (delta_times_h, (d, h)),
+        "rtc_target_given_hv": (rtc_target, (d, h, v, s, np.float32(1e-4), valid, h @ v.T)),
         "energy": (_energy, (d, h, np.float32(1))),
     }
 

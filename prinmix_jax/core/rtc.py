@@ -39,19 +39,28 @@ def _h_times(h, x):
 
 
 @jax.jit
-def u_hessian(v_hat, sigma, h, valid=None):
+def h_times_vt(h, v_hat):
+    """``H V̂ᵀ`` (n, k), the one n×n product of the U step: :func:`rtc_target`, :func:`u_hessian`,
+    :func:`refit_sigma` and the output error all take it (``hv``) in place of forming it again (k·n² each).
+    ``h=None`` is the identity: ``V̂ᵀ`` itself."""
+    return _h_times(h, v_hat.T)
+
+
+@jax.jit
+def u_hessian(v_hat, sigma, h, valid=None, hv=None):
     """``G = Σ V̂ H V̂ᵀ Σ`` (k, k): the Hessian of U's inputs ``Z = Σ V̂ X``.
 
     ``h=None`` is the identity (data-free): no n×n product. ``valid`` (k,) bool marks real indices; the
-    others are made inert padding.
+    others are made inert padding. ``hv``: ``H V̂ᵀ`` if already formed (:func:`h_times_vt`); ``h`` is then
+    not used.
     """
-    vh = v_hat if h is None else jnp.matmul(v_hat, h, precision=HIGHEST)
-    m = jnp.matmul(vh, v_hat.T, precision=HIGHEST)
+    hv = _h_times(h, v_hat.T) if hv is None else hv
+    m = jnp.matmul(v_hat, hv, precision=HIGHEST)
     return inert_padding(sigma[:, None] * m * sigma[None, :], valid)
 
 
 @jax.jit
-def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
+def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None, hv=None):
     """The corrected U target ``U*`` (m, k) and damping used.
 
     Args:
@@ -63,11 +72,12 @@ def rtc_target(delta, h, v_hat, sigma, damp=1e-4, valid=None):
       damp: λ' relative to ``mean(diag M)``; escalated if ``M`` is not positive definite.
       valid: optional (k,) bool mask of real indices (padding rows of ``v_hat`` are zero; their
         columns of ``U*`` come out zero).
+      hv: ``H V̂ᵀ`` (n, k) if already formed (:func:`h_times_vt`); ``h`` is then not used.
 
     Returns:
       ``(U*, damp_used)``.
     """
-    hv = _h_times(h, v_hat.T)                                           # (n, k)
+    hv = _h_times(h, v_hat.T) if hv is None else hv                     # (n, k)
     m = jnp.matmul(v_hat, hv, precision=HIGHEST)
     p = jnp.matmul(delta, hv, precision=HIGHEST)                        # (m, k)
     r, d = inverse_cholesky_upper(inert_padding((m + m.T) / 2, valid), damp)                  # (M+λ'I)^{-1} = RᵀR
@@ -102,7 +112,7 @@ def v_target(delta, u_hat, sigma, damp=1e-4, valid=None):
 
 
 @jax.jit
-def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6):
+def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6, hv=None):
     """σ refitted to the quantised factors: the least-squares σ of ``‖ΔW X − Û diag(σ) V̂ X‖²``
     (project choice; one step of alternating refinement after RTC and GPTQ of U).
 
@@ -115,13 +125,14 @@ def refit_sigma(delta, h, u_hat, v_hat, sigma, valid=None, damp=1e-6):
       delta: (m, n) ΔW; h: (n, n) input Hessian, or ``None`` for the identity (data-free).
       u_hat: (m, k) and v_hat: (k, n) the quantised factors; sigma: (k,) the σ they were fitted with.
       valid: optional (k,) bool mask of real indices (padding keeps its σ).
+      hv: ``H V̂ᵀ`` (n, k) if already formed (:func:`h_times_vt`); ``h`` is then not used.
 
     Returns:
       (k,) σ.
     """
     k = sigma.shape[0]
     valid = jnp.ones((k,), bool) if valid is None else valid
-    hv = _h_times(h, v_hat.T)                                                        # (n, k)
+    hv = _h_times(h, v_hat.T) if hv is None else hv                                  # (n, k)
     m = jnp.matmul(u_hat.T, u_hat, precision=HIGHEST) * jnp.matmul(v_hat, hv, precision=HIGHEST)
     c = jnp.sum(u_hat * jnp.matmul(delta, hv, precision=HIGHEST), axis=0)
     both = valid[:, None] & valid[None, :]

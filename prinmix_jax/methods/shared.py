@@ -19,7 +19,7 @@ from prinmix_jax.core.gptq import HIGHEST, GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import run_sharded, run_stack_rows
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.core.quantizer import stored_zero
-from prinmix_jax.core.rtc import refit_sigma, rtc_target, u_hessian, v_target
+from prinmix_jax.core.rtc import h_times_vt, refit_sigma, rtc_target, u_hessian, v_target
 from prinmix_jax.core.svd import active_svd_reuse, svd_settings, svd_sharded
 from prinmix_jax.costs import index_cost_bits
 from prinmix_jax.formats import CompressedMatrix, SVDQuantDelta
@@ -129,9 +129,29 @@ def _error_terms(d, a, h):
 
 
 @jax.jit
-def _factored_error_terms(d, u_q, sigma, v_q, h):
-    """``_error_terms`` of ``d`` and ``u_q diag(σ) v_q`` (padded indices have zero rows of ``v_q``)."""
-    return _error_terms(d, jnp.matmul(u_q * sigma[None, :], v_q, precision=HIGHEST), h)
+def _factored_error_terms(d, u_q, sigma, v_q, h, dh=None, hv=None):
+    """``_error_terms`` of ``d`` and ``u_q diag(σ) v_q`` (padded indices have zero rows of ``v_q``).
+
+    With ``dh = ΔW H`` (:func:`delta_times_h`, once per matrix) and ``hv = H V̂ᵀ``
+    (:func:`~prinmix_jax.core.rtc.h_times_vt`, shared with the U step), no m·n² product is formed here:
+    ``E H = ΔW H − Û Σ (H V̂ᵀ)ᵀ`` (H symmetric) costs m·k·n. (The error's own ``E H`` is kept rather than
+    expanding ``tr(E H Eᵀ)`` into ``den − 2·cross + quad``, which loses float32 digits by cancellation when
+    the error is small.)
+    """
+    a_l = u_q * sigma[None, :]
+    a = jnp.matmul(a_l, v_q, precision=HIGHEST)
+    if h is None or dh is None or hv is None:
+        return _error_terms(d, a, h)
+    e = d - a
+    eh = dh - jnp.matmul(a_l, hv.T, precision=HIGHEST)
+    return jnp.sum(eh * e), jnp.sum(dh * d)
+
+
+@jax.jit
+def delta_times_h(d, h):
+    """``ΔW H`` (m, n) for :func:`_factored_error_terms`: the output error's one m·n² product, formed once
+    per matrix (also across refinement rounds)."""
+    return jnp.matmul(d, h, precision=HIGHEST)
 
 
 @jax.jit
@@ -305,22 +325,27 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
     sig_k = np.asarray(sigma)[keep]
     sig_p, v_hat, valid, bits = padded_u_inputs(sig_k, v_rows.q, kw, kb)
     t = time.perf_counter()
+    hv = None if h is None else h_times_vt(h, v_hat)      # H V̂ᵀ, formed once for every step below
     if rtc:
-        target, damp_used = rtc_target(delta, h, v_hat, sig_p, cfg.rtc_damp, valid)
+        target, damp_used = rtc_target(delta, h, v_hat, sig_p, cfg.rtc_damp, valid, hv=hv)
         info["rtc_damp"] = float(damp_used)
     else:
         target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, kb - k))))
-    g = u_hessian(v_hat, sig_p, h, valid)
+    g = u_hessian(v_hat, sig_p, h, valid, hv=hv)
     u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **gptq_kw(cfg))
+    dh = None
     if rtc and cfg.refine_rounds:
-        u_pad, v_hat, v_new = refine(delta, h, u_pad, v_hat, sig_p, valid, bits, cfg, info)
+        dh = None if h is None else delta_times_h(delta, h)
+        u_pad, v_hat, v_new, hv = refine(delta, h, u_pad, v_hat, sig_p, valid, bits, cfg, info, dh=dh, hv=hv)
         if v_new is not None:
             v_rows = GPTQResult(*(np.asarray(a)[:k] for a in v_new[:4]), np.asarray(v_new.damp))
     if rtc and cfg.refit_sigma:          # the PrinMix family (Delta-CoMe has no RTC and no refit)
-        sig_p = refit_sigma(delta, h, u_pad.q, v_hat, sig_p, valid)
+        sig_p = refit_sigma(delta, h, u_pad.q, v_hat, sig_p, valid, hv=hv)
         sig_k = np.asarray(sig_p)[:k]
     if want_error:
-        num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h)
+        if dh is None and h is not None:
+            dh = delta_times_h(delta, h)
+        num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h, dh, hv)
         info["rel_output_error"] = float(np.sqrt(num / den)) if float(den) > 0 else 0.0
     u_res = jax.tree.map(np.asarray, u_pad)
     u_res = GPTQResult(u_res.q[:, :k], u_res.codes[:, :k], u_res.scale[:k], u_res.zero[:k], u_res.damp)
@@ -329,7 +354,7 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
     return pack_svd(delta.shape, sig_k, kw, v_rows, u_res, cfg, method)
 
 
-def refine(delta, h, u_pad: GPTQResult, v_hat, sigma, valid, bits, cfg, info):
+def refine(delta, h, u_pad: GPTQResult, v_hat, sigma, valid, bits, cfg, info, *, dh=None, hv=None):
     """Alternating refinement (``cfg.refine_rounds`` rounds; project choice): V re-fitted to ``Û Σ``
     (:func:`~prinmix_jax.core.rtc.v_target`) and quantised by GPTQ under ``h`` at the same widths, then RTC
     and GPTQ of U again. Each round is scored by its output error and the best factors are kept (the
@@ -340,23 +365,27 @@ def refine(delta, h, u_pad: GPTQResult, v_hat, sigma, valid, bits, cfg, info):
       delta, h: the matrix and its Hessian (the identity data-free).
       u_pad: GPTQ of U (padded to the rank bucket); v_hat: (kb, n) V̂; sigma, valid, bits: the padded σ,
         mask of real indices and widths (:func:`padded_u_inputs`).
+      dh, hv: ``ΔW H`` (:func:`delta_times_h`) and ``H V̂ᵀ`` of the given ``v_hat``
+        (:func:`~prinmix_jax.core.rtc.h_times_vt`); ``None`` data-free.
 
     Returns:
-      ``(u_pad, v_hat, v_res)``: the kept U result and V̂, and the V GPTQ result of the kept round (padded
-      rows included) or ``None`` when no round lowered the error.
+      ``(u_pad, v_hat, v_res, hv)``: the kept U result and V̂, the V GPTQ result of the kept round (padded
+      rows included) or ``None`` when no round lowered the error, and the kept V̂'s ``H V̂ᵀ``.
     """
     kw = gptq_kw(cfg)
-    best = (float(_factored_error_terms(delta, u_pad.q, sigma, v_hat, h)[0]), u_pad, v_hat, None)
+    best = (float(_factored_error_terms(delta, u_pad.q, sigma, v_hat, h, dh, hv)[0]), u_pad, v_hat, None, hv)
     kept = 0
     for r in range(cfg.refine_rounds):
         v_star, _ = v_target(delta, u_pad.q, sigma, cfg.rtc_damp, valid)
         v_res = gptq_quantize(v_star, h, bits, cfg.damp, scale_axis="row", **kw)
         v_hat = v_res.q
-        target, _ = rtc_target(delta, h, v_hat, sigma, cfg.rtc_damp, valid)
-        u_pad = gptq_quantize(target, u_hessian(v_hat, sigma, h, valid), bits, cfg.damp, scale_axis="col", **kw)
-        num = float(_factored_error_terms(delta, u_pad.q, sigma, v_hat, h)[0])
+        hv = None if h is None else h_times_vt(h, v_hat)
+        target, _ = rtc_target(delta, h, v_hat, sigma, cfg.rtc_damp, valid, hv=hv)
+        g = u_hessian(v_hat, sigma, h, valid, hv=hv)
+        u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **kw)
+        num = float(_factored_error_terms(delta, u_pad.q, sigma, v_hat, h, dh, hv)[0])
         if num < best[0]:
-            best, kept = (num, u_pad, v_hat, v_res), r + 1
+            best, kept = (num, u_pad, v_hat, v_res, hv), r + 1
     info["refine_rounds_kept"] = kept
     return best[1:]
 
