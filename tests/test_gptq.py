@@ -107,3 +107,37 @@ def test_program_size_does_not_grow_with_columns():
         return len(gptq_quantize.lower(w, h, b, 0.01, group_size=32, act_order=True).as_text())
     small, large = hlo_len(64), hlo_len(1024)
     assert large < 1.2 * small
+
+
+def _row_errors64(w, q, h):
+    e = np.asarray(w, np.float64) - np.asarray(q, np.float64)
+    return np.einsum("ij,jk,ik->i", e, np.asarray(h, np.float64), e)
+
+
+@pytest.mark.parametrize("group,act,grid", [(None, False, "minmax"), (16, False, "mse-sym"), (16, True, "mse-sym")])
+def test_row_errors_from_the_pass_are_the_hessian_norms(group, act, grid):
+    """gptq_quantize_with_error: the same result as gptq_quantize, and every row's ``(w − ŵ) H (w − ŵ)ᵀ`` from
+    the pass's own errors. In float64 it is the product to 1e-9 (an identity, whatever the rounding): with a
+    dead column (which a symmetric grid rounds away from 0), with damping escalated on an indefinite Hessian,
+    with 70 columns in blocks of 32 (padding); in float32, within 1e-3 of the float64 product on a
+    rank-deficient Hessian, as the product in float32 is."""
+    from prinmix_jax.core.gptq import gptq_quantize_with_error
+
+    w, h = _data(20, 70, seed=8, tokens=24)                          # rank 24 of 70
+    h[7, :] = h[:, 7] = 0.0                                          # a dead column
+    bits = np.random.default_rng(9).integers(1, 9, size=20)
+    kw = dict(group_size=group, act_order=act, block_size=32, grid=grid)
+    with jax.enable_x64(True):
+        for hh, damp in ((h, 0.01), (h - 0.05 * np.trace(h) / 70 * np.eye(70), 0.0)):
+            res, err = gptq_quantize_with_error(jnp.asarray(w), jnp.asarray(hh), jnp.asarray(bits), damp, **kw)
+            ref = gptq_quantize(jnp.asarray(w), jnp.asarray(hh), jnp.asarray(bits), damp, scale_axis="row", **kw)
+            assert all(np.array_equal(a, b) for a, b in zip(res, ref))
+            assert damp > 0 or float(res.damp) > 0                     # escalated on the indefinite one
+            np.testing.assert_allclose(np.asarray(err), _row_errors64(w, res.q, hh), rtol=1e-9)
+    w32, h32 = w.astype(np.float32), h.astype(np.float32)
+    res, err = gptq_quantize_with_error(jnp.asarray(w32), jnp.asarray(h32), jnp.asarray(bits), 0.01, **kw)
+    ref = gptq_quantize(jnp.asarray(w32), jnp.asarray(h32), jnp.asarray(bits), 0.01, scale_axis="row", **kw)
+    assert all(np.array_equal(a, b) for a, b in zip(res, ref))
+    np.testing.assert_allclose(np.asarray(err), _row_errors64(w32, res.q, h32), rtol=1e-3)
+    res, err = gptq_quantize_with_error(jnp.asarray(w32), None, jnp.asarray(bits), 0.01, **kw)   # identity
+    np.testing.assert_allclose(np.asarray(err), _row_errors64(w32, res.q, np.eye(70)), rtol=1e-5)

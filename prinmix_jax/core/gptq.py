@@ -160,7 +160,10 @@ def inverse_cholesky_upper(h, damp, max_tries: int = 12):
     return upper_factor_rows(low, 0, n, n), d
 
 
-@partial(jax.jit, static_argnames=("group_size", "act_order", "block_size", "scale_axis", "scale_dtype", "grid"))
+_STATIC = ("group_size", "act_order", "block_size", "scale_axis", "scale_dtype", "grid")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
 def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_order: bool = False,
                   block_size: int = 128, scale_axis: str = "row", scale_dtype=None,
                   grid: str = "minmax") -> GPTQResult:
@@ -185,13 +188,43 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     Returns:
       A :class:`GPTQResult`.
     """
-    # One function on purpose: the lazy-batch loop bodies below (lax.fori_loop) close over the per-call
-    # set-up (permutation, damped Cholesky factor, group layout), and the code follows the reference GPTQ line by
-    # line so that tests/gptq_reference.py can be compared with it code for code.
     if scale_axis not in ("row", "col"):
         raise ValueError(f"scale_axis must be 'row' or 'col', got {scale_axis!r}")
     if h is None:
         return _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid)
+    return _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale_dtype, grid)[0]
+
+
+@partial(jax.jit, static_argnames=_STATIC[:3] + _STATIC[4:])
+def gptq_quantize_with_error(w, h, bits, damp=0.01, *, group_size: int | None = None, act_order: bool = False,
+                             block_size: int = 128, scale_dtype=None, grid: str = "minmax"):
+    """:func:`gptq_quantize` by rows (``scale_axis="row"``), with every row's error ``(w − ŵ) H (w − ŵ)ᵀ``.
+
+    The error comes from GPTQ's own per-column errors, in O(rows · cols): with ``H_d⁻¹ = RᵀR`` (``H_d`` the
+    damped Hessian) and ``err_j = (w̃_j − ŵ_j) / R_jj`` the column loop's scaled error, the total change of a row
+    is ``w − ŵ = err R`` (entry j is ``Σ_{i≤j} err_i R_ij``: the updates it received plus its own rounding), so
+    ``(w − ŵ) H_d (w − ŵ)ᵀ = err R H_d Rᵀ errᵀ = Σ_j err_j²``, whatever the rounding. ``H_d − H`` is diagonal, the
+    damping ``λ = d·mean(diag H)`` (``d`` as used) plus 1 on a dead column, so
+    ``(w − ŵ) H (w − ŵ)ᵀ = Σ_j err_j² − Σ_j (λ + dead_j) (w − ŵ)_j²``. The error table (method.md §2) takes this
+    in place of the product ``(V − V̂) H (V − V̂)ᵀ``, which costs ``2·rows·cols²`` flops per width, more than
+    the GPTQ pass itself (tests/test_error_table.py compares the two with a float64 transcription).
+
+    Returns:
+      ``(GPTQResult, err (rows,))``; under ``h=None`` (the identity), round-to-nearest and ``Σ_j (w − ŵ)_j²``.
+    """
+    if h is None:
+        res = _identity_gptq(w, bits, damp, group_size, "row", scale_dtype, grid)
+        e = w - res.q
+        return res, jnp.sum(e * e, axis=1)
+    return _gptq(w, h, bits, damp, group_size, act_order, block_size, "row", scale_dtype, grid)
+
+
+def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale_dtype, grid):
+    """:func:`gptq_quantize` under a Hessian; also, in row mode, every row's ``(w − ŵ) H (w − ŵ)ᵀ``
+    (:func:`gptq_quantize_with_error`; ``None`` in column mode). Under jit an unused output costs nothing."""
+    # One function on purpose: the lazy-batch loop bodies below (lax.fori_loop) close over the per-call
+    # set-up (permutation, damped Cholesky factor, group layout), and the code follows the reference GPTQ line by
+    # line so that tests/gptq_reference.py can be compared with it code for code.
     rows, cols = w.shape
     dt = w.dtype
     row_mode = scale_axis == "row"
@@ -199,6 +232,7 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
     dead = hd == 0
     hd = hd + dead.astype(dt)
     w = jnp.where(dead[None, :], 0, w)
+    w_in = w
     maxq = (2 ** jnp.asarray(bits, jnp.int32) - 1).astype(dt)
 
     axis_len = cols if row_mode else rows
@@ -260,7 +294,7 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         return q, deq, cur, store
 
     def block_step(bi, state):
-        w, qout, cout, cur, store = state
+        w, qout, cout, cur, store, loss = state
         i1 = bi * bsz
         w1 = lax.dynamic_slice_in_dim(w, i1, bsz, axis=1)
         r_blk = upper_factor_rows(low, i1, bsz, cp)                           # R[i1:i1+bsz, :] (bsz, cp)
@@ -285,11 +319,13 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         w = w - jnp.matmul(e1, r_blk * later[None, :], precision=HIGHEST)
         qout = lax.dynamic_update_slice_in_dim(qout, q1, i1, axis=1)
         cout = lax.dynamic_update_slice_in_dim(cout, c1, i1, axis=1)
-        return w, qout, cout, cur, store
+        real = (i1 + jnp.arange(bsz) < cols).astype(dt)                      # not the padding columns
+        loss = loss + jnp.sum(e1 * e1 * real[None, :], axis=1)               # Σ_j err_j², by row
+        return w, qout, cout, cur, store, loss
 
     cur0 = (jnp.ones((rows,), dt), jnp.zeros((rows,), dt))
-    init = (w, jnp.zeros((rows, cp), dt), jnp.zeros((rows, cp), jnp.uint8), cur0, pstore)
-    _, qout, cout, _, store = lax.fori_loop(0, nblocks, block_step, init)
+    init = (w, jnp.zeros((rows, cp), dt), jnp.zeros((rows, cp), jnp.uint8), cur0, pstore, jnp.zeros((rows,), dt))
+    _, qout, cout, _, store, loss = lax.fori_loop(0, nblocks, block_step, init)
 
     inv = jnp.argsort(perm)
     q = qout[:, :cols][:, inv]
@@ -300,7 +336,14 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         scale, zero = (a[:, : -(-cols // g)] for a in store)
     else:
         scale, zero = (a[:cols][inv] for a in store)
-    return GPTQResult(q, codes, scale, zero, damp_used)
+    res = GPTQResult(q, codes, scale, zero, damp_used)
+    if not row_mode:
+        return res, None
+    # (w − ŵ) H_d (w − ŵ)ᵀ = Σ err² (gptq_quantize_with_error); H_d − H is diagonal: λ + dead
+    md = jnp.mean(hd[perm])                                           # as damped_reversed_cholesky takes it
+    md = jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
+    e = w_in - q
+    return res, loss - jnp.sum(e * e * (damp_used * md + dead.astype(dt))[None, :], axis=1)
 
 
 def _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid) -> GPTQResult:
