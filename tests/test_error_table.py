@@ -101,3 +101,23 @@ def test_u_error_estimate_of_a_tall_u_works_in_chunks_with_the_same_numbers(monk
         np.testing.assert_allclose(got[:, j], want, rtol=1e-5, atol=0)
     temp = et.u_error_estimate.lower(u, d0, **kw).compile().memory_analysis().temp_size_in_bytes
     assert temp < 4 * u.nbytes, (temp, u.nbytes)          # all columns at once: ~15x
+
+
+def test_allocation_tables_add_the_u_estimate_of_the_table_own_drop_errors():
+    """allocation_tables adds to the V-step table the U-side estimate scaled by the table's own column of
+    width 0 (σ_i² V_i H V_iᵀ), the same as the estimate forming that column again, for a stack of two
+    matrices with their own Hessians and with the identity (data-free)."""
+    from prinmix_jax.config import CompressionConfig
+    from prinmix_jax.core.mesh import single_device_mesh
+    from prinmix_jax.methods.prinmix import _u_error_tables, allocation_tables
+
+    cfg = CompressionConfig(group_size=16)
+    parts = [_setup(seed=s) for s in (4, 5)]
+    u, s, v = (np.stack([np.asarray(p[i], np.float32) for p in parts]) for i in range(3))
+    for h_all in (np.stack([p[3] for p in parts]), None):
+        tables, _ = allocation_tables(u, s, v, h_all, cfg, single_device_mesh())
+        plain = allocation_tables(u, s, v, h_all, CompressionConfig(group_size=16, u_error=False),
+                                  single_device_mesh())[0]
+        want = _u_error_tables(u, s, v, h_all, cfg)                 # forms σ² V H Vᵀ itself
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(tables - plain, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())

@@ -62,7 +62,8 @@ def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None,
                            cfg.damp, out_rows=TABLE_ROWS)
     tables = np.asarray(e, np.float64)
     if cfg.u_error:
-        tables = tables + _u_error_tables(u, sigma, v, h_all, cfg)
+        d0 = np.asarray(e)[:, :, cfg.bits.index(0)] if 0 in cfg.bits else None    # σ² V H Vᵀ, already in the table
+        tables = tables + _u_error_tables(u, sigma, v, h_all, cfg, d0)
     if rank is not None and rank > tables.shape[1]:
         tables = pad_tail(tables, rank, energy, cfg.bits)
     return tables, passes
@@ -159,12 +160,17 @@ def stack_tables(stack, u, sigma, v, h_all):
     return allocation_tables(u, sigma, v, h_all, stack.cfg, stack.mesh, rank=r, energy=energy)
 
 
-def _u_error_tables(u, sigma, v, h_all, cfg):
-    """The U-side estimate (:func:`u_error_estimate`) for a stack of matrices."""
+def _u_error_tables(u, sigma, v, h_all, cfg, d0_all=None):
+    """The U-side estimate (:func:`u_error_estimate`) for a stack of matrices. ``d0_all`` (B, k): the error
+    table's column of width 0, ``σ_i² V_i H V_iᵀ``, which the estimate scales (formed here when not given:
+    2·k·n² flops per matrix under a Hessian)."""
     out = []
     for i in range(len(u)):
-        d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]),
-                                                            None if h_all is None else jnp.asarray(h_all[i]))
+        if d0_all is not None:
+            d0 = jnp.asarray(d0_all[i])
+        else:
+            d0 = jnp.asarray(sigma[i]) ** 2 * row_hessian_norms(jnp.asarray(v[i]),
+                                                                None if h_all is None else jnp.asarray(h_all[i]))
         out.append(u_error_estimate(jnp.asarray(u[i]), d0, widths=cfg.bits, group_size=cfg.group_size,
                                     scale_dtype=cfg.scale_jnp_dtype, grid=cfg.quant_grid))
     return np.asarray(out, np.float64)
