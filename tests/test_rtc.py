@@ -67,14 +67,13 @@ def test_output_error_from_shared_products_matches_float64():
     from prinmix_jax.methods.shared import _factored_error_terms, delta_times_h
 
     m, n = 48, 80
-    d_lr, h = long_tailed_delta(m, n, seed=2)
+    d, h = long_tailed_delta(m, n, seed=2)
     rng = np.random.default_rng(2)
-    u, s, v = (np.asarray(a, np.float64) for a in np.linalg.svd(d_lr.astype(np.float64), full_matrices=False))
+    u, s, v = (np.asarray(a, np.float64) for a in np.linalg.svd(d.astype(np.float64), full_matrices=False))
     k = min(m, n)                            # every index kept: the error is V̂'s alone
     for rel in (0.3, 1e-3):                  # its size relative to ΔW (squared error ~1e-1 and ~1e-6)
         v_q = (v[:k] + rel * rng.standard_normal((k, n)) / np.sqrt(n)).astype(np.float32)
         u_q, s32 = u[:, :k].astype(np.float32), s[:k].astype(np.float32)
-        d = d_lr
         e = d.astype(np.float64) - (u_q * s32).astype(np.float64) @ v_q.astype(np.float64)
         h64 = h.astype(np.float64)
         want = np.trace(e @ h64 @ e.T), np.trace(d.astype(np.float64) @ h64 @ d.T.astype(np.float64))

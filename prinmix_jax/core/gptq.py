@@ -69,6 +69,13 @@ def _permuted_hessian(h, order, diag, dtype):
     return ((hp + hp.T) / 2).at[i, i].set(diag)
 
 
+def _damping_unit(hd):
+    """``mean(diag H)`` (summed in the order of ``hd``), the unit of the relative damping; 1 when it is not a
+    positive finite number."""
+    md = jnp.mean(hd)
+    return jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
+
+
 def damped_reversed_cholesky(h, damp, perm=None, dead=None, dtype=None, max_tries: int = 12):
     """Lower Cholesky factor ``L`` of ``J (H + d·mean(diag H)·I) J``, ``J`` the order reversal, with the damping.
 
@@ -100,8 +107,7 @@ def damped_reversed_cholesky(h, damp, perm=None, dead=None, dtype=None, max_trie
     if dead is not None:
         hd = hd + dead.astype(dt)
     hd = hd if perm is None else hd[perm]
-    md = jnp.mean(hd)                                                 # mean(diag H), summed in the order of perm
-    md = jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
+    md = _damping_unit(hd)
     rev = (jnp.arange(h.shape[0]) if perm is None else perm)[::-1]
 
     def attempt(d, hh):   # symmetric by construction: the factorisation reads its lower triangle only
@@ -340,10 +346,9 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
     if not row_mode:
         return res, None
     # (w − ŵ) H_d (w − ŵ)ᵀ = Σ err² (gptq_quantize_with_error); H_d − H is diagonal: λ + dead
-    md = jnp.mean(hd[perm])                                           # as damped_reversed_cholesky takes it
-    md = jnp.where(jnp.isfinite(md) & (md > 0), md, jnp.ones_like(md))
     e = w_in - q
-    return res, loss - jnp.sum(e * e * (damp_used * md + dead.astype(dt))[None, :], axis=1)
+    lam = damp_used * _damping_unit(hd[perm])                         # as damped_reversed_cholesky damps
+    return res, loss - jnp.sum(e * e * (lam + dead.astype(dt))[None, :], axis=1)
 
 
 def _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid) -> GPTQResult:

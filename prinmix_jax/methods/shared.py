@@ -333,9 +333,10 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
         target = jax.device_put(np.pad(np.asarray(u)[:, keep], ((0, 0), (0, kb - k))))
     g = u_hessian(v_hat, sig_p, h, valid, hv=hv)
     u_pad = gptq_quantize(target, g, bits, cfg.damp, scale_axis="col", **gptq_kw(cfg))
-    dh = None
-    if rtc and cfg.refine_rounds:
-        dh = None if h is None else delta_times_h(delta, h)
+    refining = rtc and cfg.refine_rounds
+    # ΔW H for the output error (refinement scores its rounds by it), once per matrix
+    dh = delta_times_h(delta, h) if h is not None and (refining or want_error) else None
+    if refining:
         u_pad, v_hat, v_new, hv = refine(delta, h, u_pad, v_hat, sig_p, valid, bits, cfg, info, dh=dh, hv=hv)
         if v_new is not None:
             v_rows = GPTQResult(*(np.asarray(a)[:k] for a in v_new[:4]), np.asarray(v_new.damp))
@@ -343,8 +344,6 @@ def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, 
         sig_p = refit_sigma(delta, h, u_pad.q, v_hat, sig_p, valid, hv=hv)
         sig_k = np.asarray(sig_p)[:k]
     if want_error:
-        if dh is None and h is not None:
-            dh = delta_times_h(delta, h)
         num, den = _factored_error_terms(delta, u_pad.q, sig_p, v_hat, h, dh, hv)
         info["rel_output_error"] = float(np.sqrt(num / den)) if float(den) > 0 else 0.0
     u_res = jax.tree.map(np.asarray, u_pad)
