@@ -1,7 +1,7 @@
 """One step of a compress run: the deltas of a step's tensors, the compression of its matrices (same-shape
 matrices that share an input Hessian as one stack), and writing the step (every process writes what it
 compressed; see :mod:`prinmix_jax.distributed` for who owns what), and :class:`SVDStore`, which keeps the
-global scope's SVDs between its two passes."""
+global scope's SVDs, and its error tables' GPTQ passes of V, between its two passes."""
 from __future__ import annotations
 
 import os
@@ -170,6 +170,8 @@ SVD_DISK_BYTES_PER_S = 500e6
 SVD_DISK_RESERVE_BYTES = 4 << 30
 SVD_POLICIES = ("auto", "always", "never")
 _FACTORS = ("u", "s", "v")
+#: What :meth:`SVDStore.keep_passes` keeps of a V pass (:class:`~prinmix_jax.core.gptq.GPTQResult` less ``q``).
+_PASS_ARRAYS = ("codes", "scale", "zero", "damp")
 
 
 def svd_key(block: int, name: str) -> str:
@@ -178,7 +180,9 @@ def svd_key(block: int, name: str) -> str:
 
 
 class SVDStore:
-    """SVDs computed by the global scope's first pass, kept on local disk for its second pass.
+    """SVDs computed by the global scope's first pass, kept on local disk for its second pass, and the GPTQ
+    passes of V its error tables ran (:meth:`keep_passes`), from which the second pass's V step takes its rows
+    instead of running GPTQ again.
 
     One folder per matrix (``u.npy``, ``s.npy``, ``v.npy``; written under a temporary name, then renamed;
     read with ``allow_pickle=False``), named by the matrix's key and the SVD's settings, so a second pass
@@ -199,7 +203,7 @@ class SVDStore:
         self.folder, self.policy, self.writing = folder, policy, True
         self.bytes_per_s = SVD_DISK_BYTES_PER_S
         self.stats = dict(kept=0, reused=0, computed=0, bytes_kept=0, seconds_svd=0.0, seconds_write=0.0,
-                          seconds_read=0.0)
+                          seconds_read=0.0, passes_kept=0, passes_reused=0, bytes_passes=0)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder, exist_ok=True)
 
@@ -216,8 +220,8 @@ class SVDStore:
         Returns:
           ``compute(deltas())``'s result, or numpy arrays with the same bytes.
         """
-        paths = [os.path.join(self.folder, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{k}@{settings}")) for k in keys]
-        got = [self._read(p) for p in paths]
+        paths = [self._path(k, settings) for k in keys]
+        got = [self._read(p, _FACTORS) for p in paths]
         miss = [i for i, g in enumerate(got) if g is None]
         if miss:
             d = deltas()
@@ -233,8 +237,40 @@ class SVDStore:
             for j, i in enumerate(miss):
                 got[i] = tuple(x[j] for x in res)
                 if keep:
-                    self._write(paths[i], got[i])
+                    self._write(paths[i], _FACTORS, got[i])
         return tuple(np.stack([g[f] for g in got]) for f in range(len(_FACTORS)))
+
+    def keep_passes(self, keys, tags, passes, seconds: float) -> None:
+        """Offers the GPTQ passes of V of a stack's error tables, while :attr:`writing`: kept (all but ``q``,
+        which :meth:`passes`' reader recomputes from the codes) when a V step of the stack, ``seconds`` long,
+        takes longer than writing and reading them back.
+
+        Args:
+          keys: one key per matrix (:func:`svd_key`).
+          tags: one string per matrix naming what its passes depend on (settings, digests of its V and Hessian).
+          passes: a :class:`~prinmix_jax.core.gptq.GPTQResult` whose arrays lead with (matrix, width).
+          seconds: what the V step these passes replace would take for the whole stack.
+        """
+        if not self.writing:
+            return
+        per = [tuple(np.asarray(getattr(passes, f)[i]) for f in _PASS_ARRAYS) for i in range(len(keys))]
+        nbytes = sum(a.nbytes for p in per for a in p)
+        if not self._worth(seconds, nbytes):
+            return
+        for key, tag, arrays in zip(keys, tags, per):
+            self._write(self._path(key, f"passes-{tag}"), _PASS_ARRAYS, arrays, kind="passes")
+
+    def passes(self, keys, tags):
+        """The kept V passes of every matrix of a stack, ``[(codes, scale, zero, damp)]``, or ``None`` (and
+        nothing read) unless every one is kept under the same tag."""
+        paths = [self._path(k, f"passes-{t}") for k, t in zip(keys, tags)]
+        if not all(os.path.isdir(p) for p in paths):
+            return None
+        got = [self._read(p, _PASS_ARRAYS, kind="passes") for p in paths]
+        return None if any(g is None for g in got) else got
+
+    def _path(self, key: str, settings: str) -> str:
+        return os.path.join(self.folder, re.sub(r"[^A-Za-z0-9_.-]", "_", f"{key}@{settings}"))
 
     def _worth(self, seconds: float, nbytes: int) -> bool:
         """Whether SVDs that took ``seconds`` to compute and hold ``nbytes`` are kept."""
@@ -242,34 +278,36 @@ class SVDStore:
             return False
         return self.policy == "always" or seconds > 2 * nbytes / self.bytes_per_s
 
-    def _write(self, path: str, usv) -> None:
+    def _write(self, path: str, names, arrays, kind: str = "svd") -> None:
+        """Writes ``arrays`` as ``path/{name}.npy`` (into a temporary folder, then renamed)."""
         t = time.perf_counter()
         tmp = f"{path}.tmp{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
-        for f, x in zip(_FACTORS, usv):
+        for f, x in zip(names, arrays):
             np.save(os.path.join(tmp, f + ".npy"), np.ascontiguousarray(x), allow_pickle=False)
         os.replace(tmp, path)
         seconds = time.perf_counter() - t
-        nbytes = sum(x.nbytes for x in usv)
+        nbytes = sum(x.nbytes for x in arrays)
         self.bytes_per_s = nbytes / max(seconds, 1e-6)
-        self.stats.update(kept=self.stats["kept"] + 1, bytes_kept=self.stats["bytes_kept"] + nbytes,
-                          seconds_write=self.stats["seconds_write"] + seconds)
+        counts, size = ("kept", "bytes_kept") if kind == "svd" else ("passes_kept", "bytes_passes")
+        self.stats.update({counts: self.stats[counts] + 1, size: self.stats[size] + nbytes,
+                           "seconds_write": self.stats["seconds_write"] + seconds})
 
-    def _read(self, path: str):
-        """The SVD kept at ``path`` or ``None``; in the second pass the entry is deleted once read."""
+    def _read(self, path: str, names, kind: str = "svd"):
+        """The arrays ``names`` kept at ``path`` or ``None``; in the second pass the entry is deleted once read."""
         if not os.path.isdir(path):
             return None
         t = time.perf_counter()
         try:
-            usv = tuple(np.load(os.path.join(path, f + ".npy"), allow_pickle=False) for f in _FACTORS)
+            arrays = tuple(np.load(os.path.join(path, f + ".npy"), allow_pickle=False) for f in names)
         except (OSError, ValueError):
-            usv = None
-        if usv is None or not self.writing:
+            arrays = None
+        if arrays is None or not self.writing:
             shutil.rmtree(path, ignore_errors=True)
-        if usv is not None:
-            self.stats["reused"] += 1
+        if arrays is not None:
+            self.stats["reused" if kind == "svd" else "passes_reused"] += 1
             self.stats["seconds_read"] += time.perf_counter() - t
-        return usv
+        return arrays
 
     def freeze(self) -> None:
         """Ends the first pass: nothing more is kept, and what is read back is deleted."""
@@ -286,6 +324,7 @@ class SVDStore:
     def summary(self) -> str:
         """One line: what was kept and reused, and what it cost."""
         s = self.stats
-        return (f"SVD reuse: {s['kept']} kept ({s['bytes_kept'] / 1e6:.0f} MB, {s['seconds_write']:.1f} s to "
-                f"write), {s['reused']} read back ({s['seconds_read']:.1f} s), {s['computed']} computed "
-                f"({s['seconds_svd']:.1f} s)")
+        return (f"SVD reuse: {s['kept']} kept ({s['bytes_kept'] / 1e6:.0f} MB), {s['reused']} read back, "
+                f"{s['computed']} computed ({s['seconds_svd']:.1f} s); V passes: {s['passes_kept']} kept "
+                f"({s['bytes_passes'] / 1e6:.0f} MB), {s['passes_reused']} read back; "
+                f"{s['seconds_write']:.1f} s writing, {s['seconds_read']:.1f} s reading")

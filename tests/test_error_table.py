@@ -1,9 +1,11 @@
 """The error table is exact: its entries are the directly measured V-step errors (method.md §1–2)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from prinmix_jax import error_table, gptq_quantize, svd_delta
-from prinmix_jax.core.error_table import select_rows
+from prinmix_jax.core.error_table import select_rows, select_rows_from_codes
 from prinmix_jax.synthetic import long_tailed_delta
 
 WIDTHS = (0, 2, 3, 4, 8)
@@ -121,3 +123,24 @@ def test_allocation_tables_add_the_u_estimate_of_the_table_own_drop_errors():
         want = _u_error_tables(u, s, v, h_all, cfg)                 # forms σ² V H Vᵀ itself
         assert np.abs(want).max() > 0
         np.testing.assert_allclose(tables - plain, want, rtol=1e-5, atol=1e-7 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("group,act,grid,scale_dtype", [(16, True, "minmax", None), (16, False, "mse", jnp.float16),
+                                                         (None, False, "mse-sym", jnp.float16)])
+def test_rows_rebuilt_from_kept_codes_are_the_v_step_at_those_widths(group, act, grid, scale_dtype):
+    """The global scope's second pass takes its V rows from the table's passes kept without ``q``
+    (select_rows_from_codes): the same bytes as the GPTQ pass at the chosen per-row widths it replaces."""
+    _, s, v, h, _ = _setup()
+    kw = dict(group_size=group, act_order=act, grid=grid, scale_dtype=scale_dtype)
+    _, passes = error_table(v, jnp.asarray(s, jnp.float32), jnp.asarray(h), 0.01, widths=WIDTHS, **kw)
+    r = s.shape[0]
+    widths = np.random.default_rng(1).choice(WIDTHS, r)
+    direct = gptq_quantize(v, jnp.asarray(h), jnp.asarray(np.maximum(widths, 1)), 0.01, scale_axis="row", **kw)
+    keep = np.nonzero(widths > 0)[0]
+    passes = jax.tree.map(np.asarray, passes)
+    sel = select_rows_from_codes(passes.codes, passes.scale, passes.zero, passes.damp, WIDTHS, keep, widths[keep],
+                                 group)
+    for got, want in zip(sel[:4], direct[:4]):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, np.asarray(want)[keep])
+    np.testing.assert_array_equal(sel.damp, np.full(keep.size, np.asarray(direct.damp)))

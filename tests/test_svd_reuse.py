@@ -52,23 +52,42 @@ def _counting_svd(monkeypatch):
     return seen
 
 
-def _run(pair, out, policy, monkeypatch, **kw):
+def _counting_v_steps(monkeypatch):
+    """Counts the matrices whose V step (GPTQ of V at given widths, ``fixed_width_rows``) runs a GPTQ pass."""
+    seen = []
+    real = shared.stack_rows
+
+    def rows(fn, fn_identity, mesh, rows, *a, **kw):
+        seen.append(len(rows[0]))
+        return real(fn, fn_identity, mesh, rows, *a, **kw)
+    monkeypatch.setattr(shared, "stack_rows", rows)
+    return seen
+
+
+def _run(pair, out, policy, monkeypatch, v_steps=None, **kw):
     root, base, ft, calib = pair
     monkeypatch.setattr(pipeline, "SVD_REUSE", policy)
     seen = _counting_svd(monkeypatch)
+    passes = _counting_v_steps(monkeypatch)
     messages = []
     compress_model(base, ft, os.path.join(root, out), calib=calib, config=CFG, scope="global", seq_len=16,
                    policy=STORE_GLOBALS, log=messages.append, **kw)
+    if v_steps is not None:
+        v_steps.append(sum(passes))
     return sum(seen), messages
 
 
 def test_second_pass_reads_the_svds_back_byte_identical(pair, monkeypatch):
+    """... and the V step takes its rows from the error tables' GPTQ passes instead of running GPTQ again."""
     root = pair[0]
-    n_never, _ = _run(pair, "never", "never", monkeypatch)
-    n_always, log = _run(pair, "always", "always", monkeypatch)
+    v_steps = []
+    n_never, _ = _run(pair, "never", "never", monkeypatch, v_steps)
+    n_always, log = _run(pair, "always", "always", monkeypatch, v_steps)
     assert n_never == 2 * LINEARS                 # today: the table pass and the compress pass
     assert n_always == LINEARS                    # once: the compress pass calls no SVD
+    assert v_steps == [LINEARS, 0]                # the block linears' V steps: GPTQ, then the kept passes
     assert any(f"{LINEARS} kept" in m and f"{LINEARS} read back" in m for m in log), log
+    assert any(f"V passes: {LINEARS} kept" in m and m.count(f"{LINEARS} read back") == 2 for m in log), log
     assert read_arrays(os.path.join(root, "always")) == read_arrays(os.path.join(root, "never"))
     for out in ("always", "never"):              # the store is not published, nor left behind
         assert not os.path.exists(os.path.join(root, out, SVD_DIR))

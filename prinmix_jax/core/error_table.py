@@ -81,6 +81,34 @@ def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
                       passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
 
 
+def select_rows_from_codes(codes, scale, zero, damp, widths: tuple[int, ...], rows, chosen,
+                           group_size: int | None):
+    """:func:`select_rows` of passes kept without their dequantised values (``q``, 4 bytes an entry, against the
+    codes' 1): the selected rows' ``q`` is recomputed as the pass computed it, ``scale · (code − zero)`` by group
+    of ``group_size`` columns, the same float32 operations and so the same bytes (tests/test_svd_reuse.py).
+
+    Args:
+      codes, scale, zero: (nnz, r, ...) numpy arrays of the passes (:class:`GPTQResult`'s fields).
+      damp: (nnz,) the passes' damping.
+      widths, rows, chosen: as :func:`select_rows`.
+      group_size: the passes' column group size (``None``: one group).
+
+    Returns:
+      A :class:`GPTQResult` of numpy arrays for the selected rows.
+    """
+    nz = [b for b in widths if b > 0]
+    pass_of = {b: k for k, b in enumerate(nz)}
+    idx = np.asarray([pass_of[int(b)] for b in chosen], np.int64)
+    rows = np.asarray(rows, np.int64)
+    c, s, z = codes[idx, rows], scale[idx, rows], zero[idx, rows]
+    n = codes.shape[-1]
+    g = n if not group_size or group_size >= n else group_size
+    def expand(p):                    # (rows, groups) -> (rows, n)
+        return np.repeat(p, g, axis=1)[:, :n]
+    q = expand(s) * (c.astype(s.dtype) - expand(z))
+    return GPTQResult(q, c, s, z, damp[idx] if idx.size else damp[:0])
+
+
 #: Entries of U (columns × rows) :func:`u_error_estimate` quantises at a time.
 U_ERROR_CHUNK = 1 << 22
 

@@ -20,8 +20,8 @@ from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, fixed_width_rows, gptq_kw, hessian_stack,
-                                        index_costs, max_kept_rank, quantize_stack, stack_energy, stack_rows, stack_svd,
-                                        svd_rank)
+                                        index_costs, max_kept_rank, offer_v_passes, quantize_stack, stack_energy,
+                                        stack_rows, stack_svd, svd_rank)
 
 
 @functools.cache
@@ -58,8 +58,11 @@ def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None,
     may round with the batch).
     """
     kw = dict(widths=cfg.bits, **gptq_kw(cfg))
+    t = time.perf_counter()
     e, passes = stack_rows(_error_table_fn(**kw), _error_table_identity_fn(**kw), mesh, (v, sigma), h_all,
                            cfg.damp, out_rows=TABLE_ROWS)
+    # the V step of the global scope's second pass takes its rows from these passes if they are kept
+    offer_v_passes(v, h_all, passes, (time.perf_counter() - t) / max(1, sum(b > 0 for b in cfg.bits)), cfg)
     tables = np.asarray(e, np.float64)
     if cfg.u_error:
         d0 = np.asarray(e)[:, :, cfg.bits.index(0)] if 0 in cfg.bits else None    # σ² V H Vᵀ, already in the table
