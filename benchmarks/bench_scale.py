@@ -63,6 +63,12 @@ import zlib
 
 import numpy as np
 
+#: The checkout this script belongs to: its ``prinmix_jax`` is the one measured, here and in the ``prinmix
+#: compress`` child (a child started with ``-c`` would otherwise find the package in its working directory
+#: first: running an older checkout's copy of this script from a newer checkout measured the newer code).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
 # ----------------------------------------------------------------------------------------------------------
 # Model shapes
 # ----------------------------------------------------------------------------------------------------------
@@ -459,7 +465,7 @@ def run_compress(pair: dict, out: str, calib: str | None, args, log_path: str) -
     if not args.compile_cache:
         cli.append("--no-compile-cache")
     cli += args.extra
-    code = f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); " \
+    code = f"import sys; sys.path[:0] = [{os.path.dirname(os.path.abspath(__file__))!r}, {REPO!r}]; " \
            f"import bench_scale as b; sys.exit(b._child({timings!r}, {cli!r}, {not args.plain!r}))"
     env = dict(os.environ)
     t = time.perf_counter()
