@@ -77,6 +77,7 @@ def _run(pair, out, policy, monkeypatch, v_steps=None, **kw):
     return sum(seen), messages
 
 
+@pytest.mark.xdist_group("svd_reuse")   # one worker: the pair and the "never" run are shared
 def test_second_pass_reads_the_svds_back_byte_identical(pair, monkeypatch):
     """... and the V step takes its rows from the error tables' GPTQ passes instead of running GPTQ again."""
     root = pair[0]
@@ -94,6 +95,7 @@ def test_second_pass_reads_the_svds_back_byte_identical(pair, monkeypatch):
         assert not os.path.exists(os.path.join(root, out + ".partial"))
 
 
+@pytest.mark.xdist_group("svd_reuse")   # one worker: the pair and the "never" run are shared
 def test_resume_does_not_trust_svds_of_an_earlier_run(pair, monkeypatch):
     """A run stopped after 2 steps leaves its work folder; poisoned SVDs planted there are not read: the
     resumed run starts its store empty and ends byte-identical to an uninterrupted run."""
