@@ -67,16 +67,20 @@ def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: 
     return s2[:, None] * jnp.stack(cols, axis=1), passes
 
 
+def _pass_rows(widths: tuple[int, ...], rows, chosen):
+    """``(pass index, row)`` int64 arrays: row ``rows[j]`` of the pass at width ``chosen[j]`` (the passes run the
+    nonzero ``widths`` in order)."""
+    pass_of = {b: k for k, b in enumerate(b for b in widths if b > 0)}
+    return np.asarray([pass_of[int(b)] for b in chosen], np.int64), np.asarray(rows, np.int64)
+
+
 def select_rows(passes: GPTQResult, widths: tuple[int, ...], rows, chosen):
     """Gathers row ``rows[j]`` of the pass at width ``chosen[j]`` (all chosen widths nonzero).
 
     Returns:
       A :class:`GPTQResult` for the selected rows (no leading width axis).
     """
-    nz = [b for b in widths if b > 0]
-    pass_of = {b: k for k, b in enumerate(nz)}
-    idx = np.asarray([pass_of[int(b)] for b in chosen], np.int64)
-    rows = np.asarray(rows, np.int64)
+    idx, rows = _pass_rows(widths, rows, chosen)
     return GPTQResult(passes.q[idx, rows], passes.codes[idx, rows], passes.scale[idx, rows],
                       passes.zero[idx, rows], passes.damp[idx] if idx.size else passes.damp[:0])
 
@@ -85,7 +89,7 @@ def select_rows_from_codes(codes, scale, zero, damp, widths: tuple[int, ...], ro
                            group_size: int | None):
     """:func:`select_rows` of passes kept without their dequantised values (``q``, 4 bytes an entry, against the
     codes' 1): the selected rows' ``q`` is recomputed as the pass computed it, ``scale · (code − zero)`` by group
-    of ``group_size`` columns, the same float32 operations and so the same bytes (tests/test_svd_reuse.py).
+    of ``group_size`` columns, the same float32 operations and so the same bytes (tests/test_error_table.py).
 
     Args:
       codes, scale, zero: (nnz, r, ...) numpy arrays of the passes (:class:`GPTQResult`'s fields).
@@ -96,10 +100,7 @@ def select_rows_from_codes(codes, scale, zero, damp, widths: tuple[int, ...], ro
     Returns:
       A :class:`GPTQResult` of numpy arrays for the selected rows.
     """
-    nz = [b for b in widths if b > 0]
-    pass_of = {b: k for k, b in enumerate(nz)}
-    idx = np.asarray([pass_of[int(b)] for b in chosen], np.int64)
-    rows = np.asarray(rows, np.int64)
+    idx, rows = _pass_rows(widths, rows, chosen)
     c, s, z = codes[idx, rows], scale[idx, rows], zero[idx, rows]
     n = codes.shape[-1]
     g = n if not group_size or group_size >= n else group_size
