@@ -131,7 +131,7 @@ def block_rows(hidden: int, inter: int, ratio: float, reps: int):
 
     from prinmix_jax.core.mesh import row_plan, run_rows_sharded, run_sharded
     from prinmix_jax.methods.prinmix import TABLE_ROWS, _error_table_fn
-    from prinmix_jax.methods.shared import V_ROWS, _v_rows_fn
+    from prinmix_jax.methods.v_step import V_ROWS, _v_rows_fn
 
     cfg = CompressionConfig(ratio=ratio)
     mesh = Mesh(np.asarray(jax.devices()), ("batch",))

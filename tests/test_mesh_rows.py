@@ -14,7 +14,8 @@ from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.gptq import GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import ROW_TILES, row_plan, run_rows_sharded, run_sharded, useful_share
 from prinmix_jax.methods.prinmix import TABLE_ROWS as PIPELINE_TABLE_ROWS, _error_table_fn
-from prinmix_jax.methods.shared import V_ROWS, gptq_kw, max_kept_rank, svd_rank
+from prinmix_jax.methods.shared import gptq_kw, max_kept_rank, svd_rank
+from prinmix_jax.methods.v_step import V_ROWS
 
 CFG = CompressionConfig(group_size=32)
 TABLE_ROWS = (0, GPTQResult(1, 1, 1, 1, None))       # e (k, nw); passes (nnz, k, n) ...; damp per Hessian
@@ -111,7 +112,7 @@ def test_rows_are_byte_identical_on_1_and_8_devices(tmp_path):
     assert runs[8]["act-rows/0"].shape == (3, 37, 96) and runs[8]["table-rows/0"].shape == (3, 40, len(CFG.bits))
 
 
-# ----- the pipeline's GPTQ passes of V go by rows (methods.prinmix.allocation_tables, shared.fixed_width_rows) ----
+# ----- the pipeline's GPTQ passes of V go by rows (methods.prinmix.allocation_tables, v_step.fixed_width_rows) ----
 #: A Llama-2-7B block as the pipeline stacks it (same shape and same input Hessian, step_compress): B, m, n.
 LLAMA_7B = {"q,k,v": (3, 4096, 4096), "o": (1, 4096, 4096), "gate,up": (2, 11008, 4096), "down": (1, 4096, 11008)}
 

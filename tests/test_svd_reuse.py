@@ -11,7 +11,7 @@ from pipeline_fixtures import read_arrays
 from prinmix_jax import CompressionConfig
 from prinmix_jax import pipeline
 from prinmix_jax.core.svd import svd_settings
-from prinmix_jax.methods import shared
+from prinmix_jax.methods import shared, v_step
 from prinmix_jax.pipeline import ParamPolicy, compress_model
 from prinmix_jax.step_compress import SVD_DIR, SVDStore
 from prinmix_jax.synthetic import write_llama_pair
@@ -55,12 +55,12 @@ def _counting_svd(monkeypatch):
 def _counting_v_steps(monkeypatch):
     """Counts the matrices whose V step (GPTQ of V at given widths, ``fixed_width_rows``) runs a GPTQ pass."""
     seen = []
-    real = shared.stack_rows
+    real = v_step.stack_rows
 
     def rows(fn, fn_identity, mesh, rows, *a, **kw):
         seen.append(len(rows[0]))
         return real(fn, fn_identity, mesh, rows, *a, **kw)
-    monkeypatch.setattr(shared, "stack_rows", rows)
+    monkeypatch.setattr(v_step, "stack_rows", rows)
     return seen
 
 

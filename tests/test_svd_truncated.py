@@ -231,7 +231,7 @@ def test_auto_full_svd_runs_the_passes_on_the_truncated_rows_only(monkeypatch, c
     """Where ``auto`` takes the full SVD (the Gram SVD would not pay: k > 0.6 min(m, n)), the GPTQ passes of
     the error table still run on the ``k_max`` + margin rows only (not min(m, n)), and the result matches
     ``svd="full"``, which keeps every row."""
-    import prinmix_jax.methods.shared as sh
+    import prinmix_jax.methods.v_step as sh
 
     m, n = 128, 64
     cfg = CompressionConfig(ratio=1 / 6, group_size=32)

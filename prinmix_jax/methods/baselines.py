@@ -14,8 +14,9 @@ import numpy as np
 from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.formats import LowRankDelta, SignDelta
 from prinmix_jax.methods.base import Method, Stack
-from prinmix_jax.methods.shared import (finish, fixed_width_rows, hessian_stack, index_costs, max_kept_rank,
-                                        quantize_stack, stack_svd, svd_rank)
+from prinmix_jax.methods.shared import (finish, hessian_stack, index_costs, max_kept_rank, quantize_stack, stack_svd,
+                                        svd_rank)
+from prinmix_jax.methods.v_step import fixed_width_rows
 
 # Widths of Delta-CoMe by singular-value rank: (count, bits); the rest at 2 bits, then dropped.
 DELTACOME_SCHEDULE = ((2, 8), (32, 3))

@@ -19,9 +19,9 @@ from prinmix_jax.core.gptq import HIGHEST, GPTQResult
 from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
-from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, fixed_width_rows, gptq_kw, hessian_stack,
-                                        index_costs, max_kept_rank, offer_v_passes, quantize_stack, stack_energy,
-                                        stack_rows, stack_svd, svd_rank)
+from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, gptq_kw, hessian_stack, index_costs,
+                                        max_kept_rank, quantize_stack, stack_energy, stack_svd, svd_rank)
+from prinmix_jax.methods.v_step import fixed_width_rows, offer_v_passes, stack_rows
 
 
 @functools.cache
