@@ -36,14 +36,15 @@ def test_identity_hessian_is_round_to_nearest(mode, group, act):
 
 
 @pytest.mark.parametrize("mode,group,act", CASES)
-def test_matches_float64_numpy_reference(mode, group, act):
+@pytest.mark.parametrize("block_size", [32, 4])                 # 3 blocks: one loop; 18 blocks: 4 segments
+def test_matches_float64_numpy_reference(mode, group, act, block_size):
     w, h = _data(20, 70, seed=2)
     rng = np.random.default_rng(3)
     bits = rng.integers(2, 5, size=20 if mode == "row" else 70)
     q_ref, c_ref = gptq_reference(w, h, bits, group, act, 0.01, mode)
     with jax.enable_x64(True):
         res = gptq_quantize(jnp.asarray(w), jnp.asarray(h), jnp.asarray(bits), 0.01, group_size=group,
-                            act_order=act, scale_axis=mode, block_size=32)
+                            act_order=act, scale_axis=mode, block_size=block_size)
         q, c = np.asarray(res.q), np.asarray(res.codes)
     np.testing.assert_array_equal(c, c_ref)
     np.testing.assert_allclose(q, q_ref, rtol=0, atol=1e-12)
@@ -55,7 +56,7 @@ def test_result_does_not_depend_on_block_size(mode, group, act):
     bits = np.full(16 if mode == "row" else 96, 3)
     outs = []
     with jax.enable_x64(True):
-        for bs in (8, 32, 96, 128):
+        for bs in (8, 32, 96, 128, 4):          # 4: 24 blocks in 4 segments (core.gptq._segments)
             res = gptq_quantize(jnp.asarray(w), jnp.asarray(h), jnp.asarray(bits), 0.01, group_size=group,
                                 act_order=act, scale_axis=mode, block_size=bs)
             outs.append(np.asarray(res.codes))
@@ -99,7 +100,8 @@ def test_dead_columns_are_zero():
 
 
 def test_program_size_does_not_grow_with_columns():
-    """The column loop is a fori_loop: the compiled program is the same size for 64 and 1024 columns."""
+    """The column loop is a fori_loop: the compiled program is the same size for 64 and 1024 columns, and for
+    2048 and 16384 (from 16 blocks on, four segments of the loop: core.gptq._segments)."""
     def hlo_len(cols):
         w = jax.ShapeDtypeStruct((16, cols), jnp.float32)
         h = jax.ShapeDtypeStruct((cols, cols), jnp.float32)
@@ -107,6 +109,9 @@ def test_program_size_does_not_grow_with_columns():
         return len(gptq_quantize.lower(w, h, b, 0.01, group_size=32, act_order=True).as_text())
     small, large = hlo_len(64), hlo_len(1024)
     assert large < 1.2 * small
+    seg_small, seg_large = hlo_len(2048), hlo_len(16384)
+    assert seg_large < 1.2 * seg_small
+    assert seg_small < 4.5 * small
 
 
 def _row_errors64(w, q, h):

@@ -29,12 +29,14 @@ def _spec(*shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-@pytest.mark.parametrize("mode,act,group", [("row", True, 128), ("row", False, 128), ("col", True, 64)])
-def test_gptq_scratch_below_2_5_n2(mode, act, group):
-    """Temp below 2.5 N²: 2 N² while factorising, then the factor and the loop's (rows × N), (block × N) buffers."""
+@pytest.mark.parametrize("mode,act,group,block", [("row", True, 128, 128), ("row", False, 128, 128),
+                                                  ("col", True, 64, 128), ("row", True, 128, 32)])
+def test_gptq_scratch_below_2_5_n2(mode, act, group, block):
+    """Temp below 2.5 N²: 2 N² while factorising, then the factor and the loop's (rows × N), (block × N) buffers.
+    Block 32: 32 blocks, the loop in four segments, each with its own leading triangle of the factor."""
     bits = _spec(ROWS if mode == "row" else N, dtype=jnp.int32)
     ratio = _temp_over_n2(gptq_quantize, _spec(ROWS, N), _spec(N, N), bits, 0.01, group_size=group,
-                          act_order=act, scale_axis=mode)
+                          act_order=act, scale_axis=mode, block_size=block)
     assert ratio < 2.5, f"GPTQ set-up scratch {ratio:.2f} N² (was ~5.5 N²)"
 
 
@@ -71,8 +73,17 @@ def test_upper_factor_rows_are_the_reference_factor():
         low, d = jax.jit(lambda h: damped_reversed_cholesky(h, 0.01, jnp.asarray(perm), jnp.asarray(dead)))(h)
         rows = jax.jit(lambda low, i1: upper_factor_rows(low, i1, bsz, cp))
         r = np.concatenate([np.asarray(rows(low, i1)) for i1 in range(0, cp, bsz)])
+        # A later segment of the column loop: rows from ``start`` on, solved against L's leading triangle only
+        # (columns left of ``start`` are zero in those rows and not returned).
+        parts = []
+        for start in (16, 40):
+            tri = np.asarray(low)[: n - start, : n - start]
+            seg = jax.jit(lambda low, i1, start=start: upper_factor_rows(low, i1, 8, cp, start))
+            parts.append((start, [np.asarray(seg(tri, i1)) for i1 in range(start, cp, 8)]))
     assert float(d) == 0.01
     np.testing.assert_allclose(r, r_ref, rtol=0, atol=1e-12)
+    for start, blocks in parts:
+        np.testing.assert_allclose(np.concatenate(blocks), r_ref[start:, start:], rtol=0, atol=1e-12)
 
 
 def test_batched_hessians_match_one_by_one():
