@@ -8,13 +8,15 @@ or the globals: embedding, final norm, output head); paths into it are tuples, r
 """
 from __future__ import annotations
 
+import zlib
+
 import jax
 import numpy as np
 
 from prinmix_jax.models.llama.params import block_param_table, expected_tensors, get_path, global_param_table, set_path
 from prinmix_jax.storage import TensorDigest, tensor_digest
 
-__all__ = ["IncompatibleModelsError", "check_compatible", "param_groups", "entry_name", "merge_block",
+__all__ = ["IncompatibleModelsError", "ChangedWhileReadingError", "DeferredDelta", "materialise", "check_compatible", "param_groups", "entry_name", "merge_block",
            "step_digest", "get_path", "set_path"]
 
 
@@ -100,7 +102,51 @@ def step_digest(tree: dict, table) -> str:
     return tensor_digest([("/".join(p), get_path(tree, p)) for p, _ in table])
 
 
-def global_deltas(table, base_src, ft_src, *, keep: bool = True) -> tuple[tuple[str, str], dict]:
+class ChangedWhileReadingError(RuntimeError):
+    """A model file changed between the globals step's two reads of a tensor (:class:`DeferredDelta`)."""
+
+
+class DeferredDelta:
+    """A global tensor's float32 delta, taken again from both models when it is compressed.
+
+    The globals step reads every tensor once for its digests (:func:`global_deltas`). Holding every delta
+    from then on kept a 7B model's head (2.1 GB in float32 at 128256×4096) waiting while the embedding went
+    through its SVD, error tables and U step: the globals' peak. A large delta is read again, right before its
+    own compression (:func:`~prinmix_jax.step_compress.compress_entries` loads one stack at a time), and checked
+    against the first read (CRC-32 of the delta's bytes): a model file changed in between is refused rather
+    than compressed under the digests of other bytes.
+
+    Attributes:
+      path: the tensor's tree path; ``shape``, ``nbytes``, ``dtype``: those of the delta; ``nonzero``: whether
+        any entry of the delta is nonzero.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, path, delta: np.ndarray, base_src, ft_src):
+        self.path, self.shape, self.nbytes = tuple(path), delta.shape, delta.nbytes
+        self.nonzero = bool(np.any(delta))
+        self._crc = zlib.crc32(np.ascontiguousarray(delta).data)
+        self._sources = (base_src, ft_src)
+
+    def load(self) -> np.ndarray:
+        base_src, ft_src = self._sources
+        ft = ft_src.global_tensor(self.path)
+        delta = np.subtract(ft, base_src.global_tensor(self.path), out=ft)
+        if delta.shape != self.shape or zlib.crc32(np.ascontiguousarray(delta).data) != self._crc:
+            raise ChangedWhileReadingError(
+                f"{'/'.join(self.path)} changed on disk while it was being compressed (its second read differs "
+                f"from the first); nothing of this run is published: run again once the model files are stable")
+        return delta
+
+
+def materialise(delta) -> np.ndarray:
+    """``delta`` itself, or a :class:`DeferredDelta`'s array, read now."""
+    return delta.load() if isinstance(delta, DeferredDelta) else delta
+
+
+def global_deltas(table, base_src, ft_src, *, keep: bool = True,
+                  defer_bytes: int | None = None) -> tuple[tuple[str, str], dict]:
     """The globals step's inputs, read one tensor at a time: ``((base digest, fine-tuned digest), deltas)``.
 
     In the digests' (name) order, both models' tensor is read (:meth:`~prinmix_jax.sources.ModelSource.
@@ -109,8 +155,12 @@ def global_deltas(table, base_src, ft_src, *, keep: bool = True) -> tuple[tuple[
     A 128256 x 4096 embedding is 2.1 GB in float32: reading both models' globals whole, then taking the
     deltas, peaked at 13.4 GB for Llama-3-8B shapes.
 
+    Args:
+      defer_bytes: deltas of at least this many bytes are kept as a :class:`DeferredDelta` (read again when
+        compressed), not as arrays; ``None``: none are.
+
     Returns:
-      The digests, and ``{path: delta}`` (empty without ``keep``).
+      The digests, and ``{path: delta or DeferredDelta}`` (empty without ``keep``).
     """
     digests, deltas = (TensorDigest(), TensorDigest()), {}
     for path, _ in sorted(table, key=lambda pk: "/".join(pk[0])):
@@ -120,7 +170,10 @@ def global_deltas(table, base_src, ft_src, *, keep: bool = True) -> tuple[tuple[
         ft = ft_src.global_tensor(path)
         digests[1].update(name, ft)
         if keep:
-            deltas[tuple(path)] = np.subtract(ft, base, out=ft)
+            d = np.subtract(ft, base, out=ft)
+            big = defer_bytes is not None and d.nbytes >= defer_bytes
+            deltas[tuple(path)] = DeferredDelta(path, d, base_src, ft_src) if big else d
+            del d
         del base, ft
     return (digests[0].hexdigest(), digests[1].hexdigest()), deltas
 

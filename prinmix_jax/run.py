@@ -23,7 +23,8 @@ from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
-from prinmix_jax.step_compress import SVD_DIR, compress_entries, save_step, split_deltas, step_items
+from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, save_step, split_deltas,
+                                       step_items)
 from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
@@ -109,9 +110,10 @@ def _digests(table, base_tree, ft_tree) -> tuple[str, str]:
 
 def _compress_globals(plan: RunPlan, store, base_src, ft_src) -> None:
     """Step 0: the embedding, final norm and output head (data-free), read one tensor at a time
-    (:func:`~prinmix_jax.delta_tree.global_deltas`): what the step holds is one delta per tensor."""
+    (:func:`~prinmix_jax.delta_tree.global_deltas`). The large deltas (the embedding and head) are read again
+    when compressed (:class:`~prinmix_jax.delta_tree.DeferredDelta`): one of them is held at a time."""
     t0 = time.perf_counter()
-    digests, deltas = global_deltas(plan.global_table, base_src, ft_src)
+    digests, deltas = global_deltas(plan.global_table, base_src, ft_src, defer_bytes=STACK_SPLIT_BYTES)
     items, dense = split_deltas(plan.global_table, deltas, plan.policy)
     entries = compress_entries(items, plan.config, plan.method, plan.mesh, 0)
     save_step(store, 0, items, entries, dense, _step_meta(plan, 0, t0, digests))

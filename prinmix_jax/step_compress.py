@@ -15,7 +15,7 @@ import numpy as np
 
 from prinmix_jax.compress import compress_stack
 from prinmix_jax.core.svd import reusing_svds
-from prinmix_jax.delta_tree import entry_name, get_path
+from prinmix_jax.delta_tree import DeferredDelta, entry_name, get_path, materialise
 from prinmix_jax.distributed import allgather_json, owner
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
@@ -64,7 +64,8 @@ def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None) -> 
 
 def split_deltas(table, deltas: dict, policy, hessians=None) -> tuple[list[StepItem], dict]:
     """:func:`step_items` of deltas already taken: ``deltas`` maps each path of ``table`` to its float32
-    delta (the dict is emptied, so that its caller holds no second reference)."""
+    delta or a :class:`~prinmix_jax.delta_tree.DeferredDelta` (read when compressed; read now if stored
+    dense). The dict is emptied, so that its caller holds no second reference."""
     items, dense = [], {}
     for path, kind in table:
         d = deltas.pop(tuple(path))
@@ -75,7 +76,7 @@ def split_deltas(table, deltas: dict, policy, hessians=None) -> tuple[list[StepI
         elif getattr(policy, kind) == "compress":      # embedding / output head: data-free
             items.append(StepItem(entry_name(path), d, None, "none"))
         else:
-            dense["/".join(path)] = dense_entry(d, getattr(policy, kind), policy.store_dtype)
+            dense["/".join(path)] = dense_entry(materialise(d), getattr(policy, kind), policy.store_dtype)
         del d
     order = {n: i for i, n in enumerate(LINEAR_NAMES)}
     items.sort(key=lambda it: order.get(it.name, len(order)))   # stable: the globals keep the table's order
@@ -104,13 +105,15 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     linear name to its largest kept rank over the model, and each shape's U step is padded to the largest
     of its names (one set of U programs per shape for the whole model). ``svd_store``: an
     :class:`SVDStore` holding SVDs of the first pass, keyed ``"{block}/{name}"`` (decoder blocks only).
+    An item's delta may be a :class:`~prinmix_jax.delta_tree.DeferredDelta`: it is read right before its
+    stack is compressed and dropped after, so no large delta waits while another is compressed.
     """
     me = jax.process_index()
     entries, groups = {}, {}
     for j, it in enumerate(items):
         if owner(step, j) != me:
             continue
-        if not np.any(it.delta):
+        if not (it.delta.nonzero if isinstance(it.delta, DeferredDelta) else np.any(it.delta)):
             entries[it.name] = ZeroEntry(it.delta.shape, {"rel_output_error": 0.0, "nbytes": 0})
             continue
         groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)
@@ -120,9 +123,10 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
         ws = None if widths is None else [widths[m.name] for m in members]
         ur = None if u_ranks is None else max(u_ranks.get(it.name, 0) for it in items if it.delta.shape == shape)
         keys = [svd_key(step - 1, m.name) for m in members]
+        deltas = [materialise(m.delta) for m in members]       # a deferred delta is read now, one stack at a time
         with reusing_svds(svd_store if step > 0 else None, keys):
-            results = compress_stack([m.delta for m in members], hs, config, method, mesh=mesh,
-                                     widths=ws, u_rank=ur, return_info=True)
+            results = compress_stack(deltas, hs, config, method, mesh=mesh, widths=ws, u_rank=ur, return_info=True)
+        del deltas
         for m, (cm, info) in zip(members, results):
             entries[m.name] = MatrixEntry(cm, _json_info(info, cm))
     return {it.name: entries[it.name] for it in items if it.name in entries}
