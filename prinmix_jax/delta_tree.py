@@ -16,8 +16,8 @@ import numpy as np
 from prinmix_jax.models.llama.params import block_param_table, expected_tensors, get_path, global_param_table, set_path
 from prinmix_jax.storage import TensorDigest, tensor_digest
 
-__all__ = ["IncompatibleModelsError", "ChangedWhileReadingError", "DeferredDelta", "materialise", "check_compatible", "param_groups", "entry_name", "merge_block",
-           "step_digest", "get_path", "set_path"]
+__all__ = ["IncompatibleModelsError", "ChangedWhileReadingError", "DeferredDelta", "materialise", "is_zero",
+           "check_compatible", "param_groups", "entry_name", "merge_block", "step_digest", "get_path", "set_path"]
 
 
 class IncompatibleModelsError(ValueError):
@@ -117,11 +117,9 @@ class DeferredDelta:
     than compressed under the digests of other bytes.
 
     Attributes:
-      path: the tensor's tree path; ``shape``, ``nbytes``, ``dtype``: those of the delta; ``nonzero``: whether
-        any entry of the delta is nonzero.
+      path: the tensor's tree path; ``shape``, ``nbytes``: those of the delta; ``nonzero``: whether any entry
+        of the delta is nonzero.
     """
-
-    dtype = np.dtype(np.float32)
 
     def __init__(self, path, delta: np.ndarray, base_src, ft_src):
         self.path, self.shape, self.nbytes = tuple(path), delta.shape, delta.nbytes
@@ -143,6 +141,11 @@ class DeferredDelta:
 def materialise(delta) -> np.ndarray:
     """``delta`` itself, or a :class:`DeferredDelta`'s array, read now."""
     return delta.load() if isinstance(delta, DeferredDelta) else delta
+
+
+def is_zero(delta) -> bool:
+    """Whether every entry of ``delta`` (an array or a :class:`DeferredDelta`, not read again) is zero."""
+    return not (delta.nonzero if isinstance(delta, DeferredDelta) else np.any(delta))
 
 
 def global_deltas(table, base_src, ft_src, *, keep: bool = True,

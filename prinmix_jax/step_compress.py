@@ -15,7 +15,7 @@ import numpy as np
 
 from prinmix_jax.compress import compress_stack
 from prinmix_jax.core.svd import reusing_svds
-from prinmix_jax.delta_tree import DeferredDelta, entry_name, get_path, materialise
+from prinmix_jax.delta_tree import entry_name, get_path, is_zero, materialise
 from prinmix_jax.distributed import allgather_json, owner
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
@@ -113,7 +113,7 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     for j, it in enumerate(items):
         if owner(step, j) != me:
             continue
-        if not (it.delta.nonzero if isinstance(it.delta, DeferredDelta) else np.any(it.delta)):
+        if is_zero(it.delta):
             entries[it.name] = ZeroEntry(it.delta.shape, {"rel_output_error": 0.0, "nbytes": 0})
             continue
         groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)

@@ -96,7 +96,8 @@ def test_large_global_deltas_are_read_when_compressed_one_at_a_time(qwen_pair, m
 def test_a_global_changed_between_its_two_reads_is_refused(qwen_pair):
     """A DeferredDelta is the delta of its first read: if a model file changes before the second read, the
     compression stops with an error that says so, instead of storing bytes other than those digested."""
-    from prinmix_jax.delta_tree import ChangedWhileReadingError, DeferredDelta, global_deltas, materialise, param_groups
+    from prinmix_jax.delta_tree import (ChangedWhileReadingError, DeferredDelta, global_deltas, is_zero, materialise,
+                                        param_groups)
 
     _, base, ft = qwen_pair
     base_src, ft_src = _sources(base, ft)
@@ -111,6 +112,8 @@ def test_a_global_changed_between_its_two_reads_is_refused(qwen_pair):
         np.testing.assert_array_equal(materialise(d), eager[p])
     head = deferred[("lm_head", "weight")]
     assert isinstance(head, DeferredDelta) and head.nonzero and head.nbytes == eager[("lm_head", "weight")].nbytes
+    # a zero delta is stored as zero without reading it again (compress_entries asks is_zero first)
+    assert not is_zero(head) and is_zero(DeferredDelta(head.path, np.zeros(head.shape, np.float32), base_src, ft_src))
     read = ft_src.global_tensor
     ft_src.global_tensor = lambda path: read(path) + np.float32(1e-3) * (tuple(path) == ("lm_head", "weight"))
     np.testing.assert_array_equal(materialise(deferred[("embed_tokens", "weight")]), eager[("embed_tokens", "weight")])
