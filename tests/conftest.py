@@ -9,6 +9,13 @@ that is mostly XLA compile time on a 2-core CI machine.
   8-device identity (V by rows against whole matrices) holds at the default level, while at level 0 one
   error table differs in its last bits (tried, not kept).
   ``PRINMIX_TEST_XLA_OPT=default`` (or an optimisation level already in ``XLA_FLAGS``) keeps the default.
+* One compute thread per test process: ``OPENBLAS_NUM_THREADS=1`` (jaxlib's CPU QR, LU, SVD and eigh call
+  OpenBLAS, whose threads spin when the cores are shared) and ``--xla_cpu_multi_thread_eigen=false`` (XLA's
+  CPU matrix products), since ``pytest -n 2`` already runs a process per core. Measured on the 2-core machine,
+  the whole suite in consecutive runs: 832 and 785 s with the defaults, 680 s with one thread (the workers'
+  summed test time 1500 → 1281 s; the LAPACK-heavy test_svd_truncated 148 → 95 s). The
+  subprocess runs inherit ``OPENBLAS_NUM_THREADS`` and set their own ``XLA_FLAGS``. An existing setting of
+  either is kept.
 * One persistent compilation cache for the whole run, shared by the xdist workers (the same program is often
   compiled by both) and by the subprocess runs, in a temporary folder the controlling process removes at the
   end (and the next run, if this one was killed first). An existing ``JAX_COMPILATION_CACHE_DIR`` is used as
@@ -24,7 +31,10 @@ if "xla_force_host_platform_device_count" not in _flags:
     _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
 if "xla_backend_optimization_level" not in _flags and os.environ.get("PRINMIX_TEST_XLA_OPT") != "default":
     _flags += " --xla_backend_optimization_level=0"
+if "xla_cpu_multi_thread_eigen" not in _flags:
+    _flags += " --xla_cpu_multi_thread_eigen=false"
 os.environ["XLA_FLAGS"] = _flags
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # CLI runs inside the test process leave prinmix's compilation cache alone (no writes to ~/.cache/prinmix-jax);
 # subprocess runs use the run's JAX_COMPILATION_CACHE_DIR below (pipeline_fixtures.jax_cache_env), and
 # test_cli_compile_cache.py tests prinmix's own cache.
