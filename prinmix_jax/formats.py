@@ -34,18 +34,47 @@ def _nbytes(tree) -> int:
     return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape)) for x in jax.tree.leaves(tree)))
 
 
-def _dequant_rows(codes, scale, zero, bits: int, length: int, group_size: int):
+def _traced(tree) -> bool:
+    """Whether any leaf of ``tree`` is a JAX tracer (the caller is being traced by ``jit``/``grad``)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _dequant_rows(codes, scale, zero, bits: int, length: int, group_size: int, host: bool):
+    if host:
+        q = unpack_bits(np.asarray(codes), bits, length).astype(np.float32)
+        return dequant_codes(q, np.asarray(scale), np.asarray(zero), bits, group_size)
     return dequant_codes(unpack_bits(codes, bits, length).astype(jnp.float32), scale, zero, bits, group_size)
 
 
 def dequant_codes(q, scale, zero, bits: int, group_size: int):
     """Unpacked codes ``q`` (rows, length) -> values, with per-group ``scale`` and stored ``zero``
-    (rows, groups) of one width group of an :class:`SVDQuantDelta` factor."""
+    (rows, groups) of one width group of an :class:`SVDQuantDelta` factor: in NumPy for NumPy ``q`` (the
+    same float32 values), else in JAX (traceable)."""
     length = q.shape[-1]
     g = length if not group_size or group_size >= length else group_size
-    s = expand_groups(jnp.asarray(scale, jnp.float32), length, g)
-    z = expand_groups(jnp.asarray(zero, jnp.float32), length, g)
+    if isinstance(q, np.ndarray):
+        rows, ng = q.shape[0], -(-length // g)
+        s, z = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
+        if s.shape[-1] == ng == z.shape[-1]:      # by groups, broadcasting: no per-entry copies of the scales
+            qg = np.pad(q, ((0, 0), (0, ng * g - length))).reshape(rows, ng, g)
+            return dequantize(qg, s[..., None], z[..., None], bits).reshape(rows, ng * g)[:, :length]
+        s = np.repeat(s, g, axis=1)[:, :length]   # group counts that disagree (corrupt metadata): as in JAX
+        z = np.repeat(z, g, axis=1)[:, :length]
+    else:
+        s = expand_groups(jnp.asarray(scale, jnp.float32), length, g)
+        z = expand_groups(jnp.asarray(zero, jnp.float32), length, g)
     return dequantize(q, s, z, bits)
+
+
+@jax.jit
+def _scaled_product(u, s, v):
+    """``Û diag(σ) V̂`` (m, n) in float32: one program per shape."""
+    return jnp.matmul(u * s[None, :], v, precision=HIGHEST)
+
+
+@jax.jit
+def _f16_product(us, v):
+    return jnp.matmul(us.astype(jnp.float32).T, v.astype(jnp.float32), precision=HIGHEST)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,21 +125,31 @@ class SVDQuantDelta:
         return np.asarray(self.widths)[np.argsort(-sig, kind="stable")]
 
     def factors(self):
-        """``(Û (m, k), σ (k,), V̂ (k, n))`` in float32, indices in group order."""
+        """``(Û (m, k), σ (k,), V̂ (k, n))`` in float32, indices in group order.
+
+        Outside a trace the codes are unpacked and dequantised on the host (NumPy, the same float32 values):
+        op by op in JAX that would compile some 60 small programs per matrix, since every matrix's width
+        groups have their own row counts (3 s per 4096 x 4096 matrix on a 2-core CPU, two thirds of it
+        compiling; ``benchmarks/bench_apply.py``)."""
+        host = not _traced(self)
+        f = self._factors(np if host else jnp)
+        return tuple(jax.device_put(a) for a in f) if host else f
+
+    def _factors(self, xp):
         m, n = self.shape
+        host = xp is np
         us, vs = [], []
         for i, b in enumerate(self.group_bits):
-            vs.append(_dequant_rows(self.v_codes[i], self.v_scale[i], self.v_zero[i], b, n, self.group_size))
-            us.append(_dequant_rows(self.u_codes[i], self.u_scale[i], self.u_zero[i], b, m, self.group_size))
+            vs.append(_dequant_rows(self.v_codes[i], self.v_scale[i], self.v_zero[i], b, n, self.group_size, host))
+            us.append(_dequant_rows(self.u_codes[i], self.u_scale[i], self.u_zero[i], b, m, self.group_size, host))
         if not us:
-            return jnp.zeros((m, 0), jnp.float32), jnp.zeros((0,), jnp.float32), jnp.zeros((0, n), jnp.float32)
-        sig = jnp.concatenate([jnp.asarray(s, jnp.float32) for s in self.sigma])
-        return jnp.concatenate(us).T, sig, jnp.concatenate(vs)
+            return xp.zeros((m, 0), np.float32), xp.zeros((0,), np.float32), xp.zeros((0, n), np.float32)
+        sig = xp.concatenate([xp.asarray(s, np.float32) for s in self.sigma])
+        return xp.concatenate(us).T, sig, xp.concatenate(vs)
 
     def reconstruct(self):
         """The (m, n) float32 approximation of the delta."""
-        u, s, v = self.factors()
-        return jnp.matmul(u * s[None, :], v, precision=HIGHEST)
+        return _scaled_product(*self._factors(jnp if _traced(self) else np))
 
     def apply(self, x):
         """The factored delta path ``x ↦ Û (σ ⊙ (V̂ x))`` for ``x`` (..., n) -> (..., m)."""
@@ -142,7 +181,7 @@ class LowRankDelta:
         return self.us.astype(jnp.float32).T, jnp.ones((self.rank,), jnp.float32), self.v.astype(jnp.float32)
 
     def reconstruct(self):
-        return jnp.matmul(self.us.astype(jnp.float32).T, self.v.astype(jnp.float32), precision=HIGHEST)
+        return _f16_product(self.us, self.v)
 
     def apply(self, x):
         u, _, v = self.factors()
@@ -174,8 +213,11 @@ class SignDelta:
 
     def reconstruct(self):
         m, n = self.shape
-        s = unpack_bits(self.signs, 1, n).astype(jnp.float32)
-        return self.scale[0] * (2.0 * s - 1.0)
+        if _traced(self):
+            s = unpack_bits(self.signs, 1, n).astype(jnp.float32)
+            return self.scale[0] * (2.0 * s - 1.0)
+        s = unpack_bits(np.asarray(self.signs), 1, n).astype(np.float32)       # on the host, as factors()
+        return jax.device_put(np.asarray(self.scale, np.float32)[0] * (2.0 * s - 1.0))
 
     def apply(self, x):
         return jnp.matmul(x, self.reconstruct().T, precision=HIGHEST)

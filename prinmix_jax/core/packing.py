@@ -9,17 +9,14 @@ its own, which the byte-exact cost model of the allocation relies on.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 _WORD_DTYPES = {8: np.uint8, 32: np.uint32}
-
-
-def _xp(x):
-    """NumPy for host arrays (no compilation per shape), jax.numpy otherwise (traceable)."""
-    return np if isinstance(x, np.ndarray) else jnp
 
 
 def packed_words(length: int, bits: int, word_bits: int = 8) -> int:
@@ -50,11 +47,16 @@ def pack_bits(codes, bits: int, word_bits: int = 8):
 
     Returns:
       Array of dtype uint8/uint32 with last axis ``bits * ceil(L / word_bits)``; a NumPy array
-      for NumPy input, a JAX array otherwise.
+      for NumPy input, a JAX array otherwise (one compiled program per shape and width, not one per
+      operation).
     """
     _check(bits, word_bits)
-    xp = _xp(codes)
-    codes = xp.asarray(codes)
+    if isinstance(codes, np.ndarray):
+        return _pack(np, codes, bits, word_bits)
+    return _pack_jax(jnp.asarray(codes), bits, word_bits)
+
+
+def _pack(xp, codes, bits: int, word_bits: int):
     *lead, length = codes.shape
     nchunk = math.ceil(length / word_bits)
     pad = nchunk * word_bits - length
@@ -71,18 +73,37 @@ def pack_bits(codes, bits: int, word_bits: int = 8):
 
 
 def unpack_bits(words, bits: int, length: int, word_bits: int = 8):
-    """Inverse of :func:`pack_bits`: returns uint8 codes ``(..., length)``."""
+    """Inverse of :func:`pack_bits`: returns uint8 codes ``(..., length)`` (NumPy for NumPy input)."""
     _check(bits, word_bits)
-    xp = _xp(words)
-    words = xp.asarray(words)
-    *lead, nw = words.shape
+    *lead, nw = np.shape(words)
     nchunk = math.ceil(length / word_bits)
     if nw != nchunk * bits:
         raise ValueError(
             f"packed row has {nw} words, expected {nchunk * bits} for {length} values at {bits} bits")
+    if isinstance(words, np.ndarray):
+        return _unpack_host(words, bits, length, word_bits)
+    return _unpack_jax(jnp.asarray(words), bits, length, word_bits)
+
+
+def _unpack_host(words, bits: int, length: int, word_bits: int):
+    """:func:`unpack_bits` in NumPy through ``np.unpackbits`` / ``np.packbits`` (the layout is a little-endian
+    bit stream, so the bytes of the words in little-endian order are the stream)."""
+    *lead, nw = words.shape
+    b = np.ascontiguousarray(words, dtype=np.dtype(_WORD_DTYPES[word_bits]).newbyteorder("<")).view(np.uint8)
+    stream = np.unpackbits(b, axis=-1, bitorder="little")                    # (..., nw · word_bits)
+    stream = stream.reshape(*lead, -1, bits)[..., :length, :]                # (..., length, bits)
+    return np.packbits(stream, axis=-1, bitorder="little").reshape(*lead, length)   # zero bits pad to 8
+
+
+def _unpack(xp, words, bits: int, length: int, word_bits: int):
+    *lead, _ = words.shape
+    nchunk = math.ceil(length / word_bits)
     w = words.astype(np.uint32).reshape(*lead, nchunk, bits, 1)
     stream = (w >> xp.arange(word_bits, dtype=np.uint32)) & 1          # (..., nchunk, bits, word_bits)
     stream = stream.reshape(*lead, nchunk, word_bits, bits)            # value-major
     vals = xp.sum(stream << xp.arange(bits, dtype=np.uint32), axis=-1, dtype=np.uint32)
     return vals.reshape(*lead, nchunk * word_bits)[..., :length].astype(np.uint8)
 
+
+_pack_jax = jax.jit(functools.partial(_pack, jnp), static_argnums=(1, 2))
+_unpack_jax = jax.jit(functools.partial(_unpack, jnp), static_argnums=(1, 2, 3))

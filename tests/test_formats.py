@@ -1,0 +1,117 @@
+"""Compressed-matrix forms: ``factors`` and ``reconstruct`` give the stored values (a float64 oracle from the
+codes), the same bytes on the host and under ``jit``, and cost one compiled program per matrix however its
+width groups are sized (unpacking on the host; op by op in JAX it was some 60 per matrix)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src import monitoring
+
+from prinmix_jax.core.packing import pack_bits, unpack_bits
+from prinmix_jax.formats import LowRankDelta, SignDelta, SVDQuantDelta
+
+
+def _per_entry(a, group_size, length):
+    return np.repeat(a, group_size, axis=1)[:, :length]
+
+
+def _svd_delta(m, n, counts, bits=(1, 2, 3, 8), group_size=16, seed=0):
+    """A random :class:`SVDQuantDelta` and its float64 oracle factors (codes, scales and zeros known)."""
+    rng = np.random.default_rng(seed)
+    f = {k: [] for k in ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero")}
+    oracle = {"u": [], "v": [], "s": []}
+    for b, k in zip(bits, counts):
+        sig = rng.random(k).astype(np.float32)
+        f["sigma"].append(jnp.asarray(sig))
+        oracle["s"].append(sig.astype(np.float64))
+        for side, length in (("v", n), ("u", m)):
+            ng = -(-length // group_size)
+            q = rng.integers(0, 2 ** b, (k, length), dtype=np.uint8)
+            scale = (rng.random((k, ng)) + 0.5).astype(np.float16)
+            zero = rng.integers(0, 2 ** b, (k, ng), dtype=np.uint8)
+            f[f"{side}_codes"].append(jnp.asarray(pack_bits(q, b)))
+            f[f"{side}_scale"].append(jnp.asarray(scale))
+            f[f"{side}_zero"].append(jnp.asarray(zero))
+            z = zero.astype(np.float64) / (2 if b <= 2 else 1)          # stored in half steps up to 2 bits
+            oracle[side].append(_per_entry(scale.astype(np.float64), group_size, length)
+                                * (q - _per_entry(z, group_size, length)))
+    widths = np.concatenate([np.full(k, b, np.uint8) for b, k in zip(bits, counts)])
+    cm = SVDQuantDelta(**{k: tuple(v) for k, v in f.items()}, widths=jnp.asarray(widths), shape=(m, n),
+                       group_bits=tuple(bits), group_size=group_size)
+    u, s, v = (np.concatenate(oracle[x]) for x in ("u", "s", "v"))
+    return cm, (u.T, s, v)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 70)])
+def test_factors_and_reconstruction_are_the_stored_values_on_host_and_under_jit(shape):
+    cm, (u, s, v) = _svd_delta(*shape, counts=(3, 5, 2, 1))
+    host = [np.asarray(a) for a in cm.factors()]
+    traced = [np.asarray(a) for a in jax.jit(lambda c: c.factors())(cm)]
+    for a, b, want in zip(host, traced, (u, s, v)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, want.astype(np.float32))    # one rounding of an exact product
+    rec = np.asarray(cm.reconstruct())
+    assert rec.shape == shape and rec.dtype == np.float32
+    np.testing.assert_allclose(rec, (u * s) @ v, rtol=1e-5, atol=1e-5 * np.abs((u * s) @ v).max())
+    np.testing.assert_array_equal(rec, np.asarray(jax.jit(lambda c: c.reconstruct())(cm)))
+
+
+def test_empty_low_rank_and_sign_forms_reconstruct():
+    empty = SVDQuantDelta(sigma=(), widths=jnp.zeros((0,), jnp.uint8), v_codes=(), v_scale=(), v_zero=(),
+                          u_codes=(), u_scale=(), u_zero=(), shape=(6, 9), group_bits=(), group_size=4)
+    assert [a.shape for a in empty.factors()] == [(6, 0), (0,), (0, 9)]
+    np.testing.assert_array_equal(np.asarray(empty.reconstruct()), np.zeros((6, 9), np.float32))
+    rng = np.random.default_rng(1)
+    us, v = rng.standard_normal((3, 10)).astype(np.float16), rng.standard_normal((3, 7)).astype(np.float16)
+    low = LowRankDelta(us=jnp.asarray(us), v=jnp.asarray(v), shape=(10, 7))
+    np.testing.assert_allclose(np.asarray(low.reconstruct()), us.astype(np.float64).T @ v.astype(np.float64),
+                               rtol=1e-5, atol=1e-5)
+    d = rng.standard_normal((5, 13))
+    signs = pack_bits((d >= 0).astype(np.uint8), 1)
+    sign = SignDelta(signs=jnp.asarray(signs), scale=jnp.asarray([0.25], jnp.float32), shape=(5, 13))
+    want = np.where(d >= 0, 0.25, -0.25).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(sign.reconstruct()), want)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda c: c.reconstruct())(sign)), want)
+
+
+def test_reconstruction_compiles_one_program_per_matrix_whatever_its_groups():
+    lowered = []
+
+    def count(event, duration, **kw):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":     # every program, cached or not
+            lowered.append(event)
+
+    # row counts no other test uses, so no program of theirs is already in this process' caches
+    mats = [_svd_delta(56, 40, counts=(7 + i, 11 + 2 * i, 5 + i, 3), seed=i)[0] for i in range(3)]
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        per_matrix = []
+        for cm in mats:
+            before = len(lowered)
+            np.asarray(cm.reconstruct())
+            per_matrix.append(len(lowered) - before)
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    assert per_matrix == [1, 1, 1], per_matrix
+
+
+@pytest.mark.parametrize("word_bits", [8, 32])
+def test_jax_packing_is_one_program_per_shape(word_bits):
+    lowered = []
+
+    def count(event, duration, **kw):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            lowered.append(event)
+
+    codes = np.random.default_rng(2).integers(0, 8, (3, 37 + word_bits), dtype=np.uint8)
+    x = jnp.asarray(codes)
+    monitoring.register_event_duration_secs_listener(count)
+    try:
+        words = pack_bits(x, 3, word_bits)
+        back = unpack_bits(words, 3, codes.shape[1], word_bits)
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    assert len(lowered) == 2, len(lowered)
+    np.testing.assert_array_equal(np.asarray(words), pack_bits(codes, 3, word_bits))
+    np.testing.assert_array_equal(np.asarray(back), codes)
