@@ -80,18 +80,18 @@ def merge_block(base_tree: dict, bd, table) -> dict:
       bd: the step's :class:`~prinmix_jax.storage.BlockDelta`.
       table: the step's ``(path, kind)`` list from :func:`param_groups`.
     """
-    out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)
+    out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)      # copies: the sums go in place
     for path, _ in table:
-        base = np.asarray(get_path(base_tree, path), np.float32)
         key, name = "/".join(path), entry_name(path)
+        d = None
         if name in bd.linears:
             cm = bd.linears[name]
-            if cm is not None:
-                out = set_path(out, path, base + np.asarray(cm.reconstruct(), np.float32))
+            d = None if cm is None else cm.reconstruct()
         elif key in bd.dense:
             d = bd.dense[key]
-            if d is not None:
-                out = set_path(out, path, base + d.astype(np.float32))
+        if d is not None:
+            leaf = get_path(out, path)
+            leaf += np.asarray(d, np.float32)
     return out
 
 
