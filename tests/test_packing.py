@@ -40,3 +40,23 @@ def test_bad_width_raises(bad):
 def test_wrong_packed_length_raises():
     with pytest.raises(ValueError, match="expected"):
         unpack_bits(np.zeros(5, np.uint8), 2, 8)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (2, 0, 7)])
+@pytest.mark.parametrize("word_bits", [8, 32])
+def test_zero_size_arrays_pack_alike_in_numpy_and_jax(shape, word_bits):
+    codes = np.zeros(shape, np.uint8)
+    host, dev = pack_bits(codes, 3, word_bits), np.asarray(pack_bits(jnp.asarray(codes), 3, word_bits))
+    assert host.shape == dev.shape == (*shape[:-1], 3 * -(-shape[-1] // word_bits)) and host.dtype == dev.dtype
+    for words in (host, jnp.asarray(host)):
+        back = np.asarray(unpack_bits(words, 3, shape[-1], word_bits))
+        assert back.shape == shape and back.dtype == np.uint8
+
+
+def test_high_bits_of_oversized_values_are_dropped_alike():
+    # pack_bits keeps the low `bits` bits of each value, in NumPy (through uint8) and in JAX (through uint32)
+    codes = np.array([[0, 5, 255, 256, 300, 1023, -1, 7]])
+    for bits in (1, 3, 8):
+        host = pack_bits(codes, bits)
+        np.testing.assert_array_equal(host, np.asarray(pack_bits(jnp.asarray(codes, jnp.int32), bits)))
+        np.testing.assert_array_equal(unpack_bits(host, bits, 8), codes & (2 ** bits - 1))

@@ -9,7 +9,6 @@ its own, which the byte-exact cost model of the allocation relies on.
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -52,23 +51,37 @@ def pack_bits(codes, bits: int, word_bits: int = 8):
     """
     _check(bits, word_bits)
     if isinstance(codes, np.ndarray):
-        return _pack(np, codes, bits, word_bits)
+        return _pack_host(codes, bits, word_bits)
     return _pack_jax(jnp.asarray(codes), bits, word_bits)
 
 
-def _pack(xp, codes, bits: int, word_bits: int):
+def _pack_host(codes, bits: int, word_bits: int):
+    """:func:`pack_bits` in NumPy through ``np.unpackbits`` / ``np.packbits``: the low ``bits`` bits of each
+    value, little-endian, are the stream, whose bytes in order are the little-endian words."""
+    *lead, length = codes.shape
+    pad = math.ceil(length / word_bits) * word_bits - length
+    c = codes.astype(np.uint8)              # the low 8 bits: all that widths up to 8 read, as in JAX
+    if pad:
+        c = np.pad(c, [(0, 0)] * len(lead) + [(0, pad)])
+    stream = np.unpackbits(c[..., None], axis=-1, bitorder="little")[..., :bits]   # (..., length + pad, bits)
+    words = np.packbits(stream.reshape(*lead, (length + pad) * bits), axis=-1, bitorder="little")
+    return words if word_bits == 8 else words.view("<u4").astype(np.uint32)
+
+
+def _pack_traced(codes, bits: int, word_bits: int):
+    """:func:`pack_bits` in JAX (traceable)."""
     *lead, length = codes.shape
     nchunk = math.ceil(length / word_bits)
     pad = nchunk * word_bits - length
     x = codes.astype(np.uint32)
     if pad:
-        x = xp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad)])
     x = x.reshape(*lead, nchunk, word_bits)
     # (..., nchunk, word_bits values, bits) -> stream of word_bits*bits bits -> (bits words, word_bits)
-    stream = (x[..., None] >> xp.arange(bits, dtype=np.uint32)) & 1
+    stream = (x[..., None] >> jnp.arange(bits, dtype=np.uint32)) & 1
     stream = stream.reshape(*lead, nchunk, bits, word_bits)
-    weights = xp.left_shift(np.uint32(1), xp.arange(word_bits, dtype=np.uint32))
-    words = xp.sum(stream * weights, axis=-1, dtype=np.uint32)
+    weights = jnp.left_shift(np.uint32(1), jnp.arange(word_bits, dtype=np.uint32))
+    words = jnp.sum(stream * weights, axis=-1, dtype=np.uint32)
     return words.reshape(*lead, nchunk * bits).astype(_WORD_DTYPES[word_bits])
 
 
@@ -91,19 +104,20 @@ def _unpack_host(words, bits: int, length: int, word_bits: int):
     *lead, nw = words.shape
     b = np.ascontiguousarray(words, dtype=np.dtype(_WORD_DTYPES[word_bits]).newbyteorder("<")).view(np.uint8)
     stream = np.unpackbits(b, axis=-1, bitorder="little")                    # (..., nw · word_bits)
-    stream = stream.reshape(*lead, -1, bits)[..., :length, :]                # (..., length, bits)
+    stream = stream.reshape(*lead, nw * word_bits // bits, bits)[..., :length, :]   # (..., length, bits)
     return np.packbits(stream, axis=-1, bitorder="little").reshape(*lead, length)   # zero bits pad to 8
 
 
-def _unpack(xp, words, bits: int, length: int, word_bits: int):
+def _unpack_traced(words, bits: int, length: int, word_bits: int):
+    """:func:`unpack_bits` in JAX (traceable)."""
     *lead, _ = words.shape
     nchunk = math.ceil(length / word_bits)
     w = words.astype(np.uint32).reshape(*lead, nchunk, bits, 1)
-    stream = (w >> xp.arange(word_bits, dtype=np.uint32)) & 1          # (..., nchunk, bits, word_bits)
+    stream = (w >> jnp.arange(word_bits, dtype=np.uint32)) & 1          # (..., nchunk, bits, word_bits)
     stream = stream.reshape(*lead, nchunk, word_bits, bits)            # value-major
-    vals = xp.sum(stream << xp.arange(bits, dtype=np.uint32), axis=-1, dtype=np.uint32)
+    vals = jnp.sum(stream << jnp.arange(bits, dtype=np.uint32), axis=-1, dtype=np.uint32)
     return vals.reshape(*lead, nchunk * word_bits)[..., :length].astype(np.uint8)
 
 
-_pack_jax = jax.jit(functools.partial(_pack, jnp), static_argnums=(1, 2))
-_unpack_jax = jax.jit(functools.partial(_unpack, jnp), static_argnums=(1, 2, 3))
+_pack_jax = jax.jit(_pack_traced, static_argnums=(1, 2))
+_unpack_jax = jax.jit(_unpack_traced, static_argnums=(1, 2, 3))
