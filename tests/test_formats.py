@@ -1,6 +1,8 @@
 """Compressed-matrix forms: ``factors`` and ``reconstruct`` give the stored values (a float64 oracle from the
 codes), the same bytes on the host and under ``jit``, and cost one compiled program per matrix however its
 width groups are sized (unpacking on the host; op by op in JAX it was some 60 per matrix)."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,43 +77,41 @@ def test_empty_low_rank_and_sign_forms_reconstruct():
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda c: c.reconstruct())(sign)), want)
 
 
-def test_reconstruction_compiles_one_program_per_matrix_whatever_its_groups():
-    lowered = []
+@contextlib.contextmanager
+def programs_lowered():
+    """Counts the programs JAX lowers inside the block (every program, whether the compile cache has it or not):
+    ``with programs_lowered() as n: ...; n[0]``."""
+    n = [0]
 
     def count(event, duration, **kw):
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":     # every program, cached or not
-            lowered.append(event)
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            n[0] += 1
 
-    # row counts no other test uses, so no program of theirs is already in this process' caches
-    mats = [_svd_delta(56, 40, counts=(7 + i, 11 + 2 * i, 5 + i, 3), seed=i)[0] for i in range(3)]
     monitoring.register_event_duration_secs_listener(count)
     try:
-        per_matrix = []
-        for cm in mats:
-            before = len(lowered)
-            np.asarray(cm.reconstruct())
-            per_matrix.append(len(lowered) - before)
+        yield n
     finally:
         monitoring.unregister_event_duration_listener(count)
+
+
+def test_reconstruction_compiles_one_program_per_matrix_whatever_its_groups():
+    # row counts no other test uses, so no program of theirs is already in this process' caches
+    mats = [_svd_delta(56, 40, counts=(7 + i, 11 + 2 * i, 5 + i, 3), seed=i)[0] for i in range(3)]
+    per_matrix = []
+    for cm in mats:
+        with programs_lowered() as n:
+            np.asarray(cm.reconstruct())
+        per_matrix.append(n[0])
     assert per_matrix == [1, 1, 1], per_matrix
 
 
 @pytest.mark.parametrize("word_bits", [8, 32])
 def test_jax_packing_is_one_program_per_shape(word_bits):
-    lowered = []
-
-    def count(event, duration, **kw):
-        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
-            lowered.append(event)
-
     codes = np.random.default_rng(2).integers(0, 8, (3, 37 + word_bits), dtype=np.uint8)
     x = jnp.asarray(codes)
-    monitoring.register_event_duration_secs_listener(count)
-    try:
+    with programs_lowered() as n:
         words = pack_bits(x, 3, word_bits)
         back = unpack_bits(words, 3, codes.shape[1], word_bits)
-    finally:
-        monitoring.unregister_event_duration_listener(count)
-    assert len(lowered) == 2, len(lowered)
+    assert n[0] == 2, n[0]
     np.testing.assert_array_equal(np.asarray(words), pack_bits(codes, 3, word_bits))
     np.testing.assert_array_equal(np.asarray(back), codes)
