@@ -154,7 +154,7 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             write_output_marker(tmp, "merged")     # first, so that a killed apply's folder is known as ours
             writer = CheckpointWriter(tmp, cfg, dtype=dtype, max_shard_size=max_shard_size)
 
-            def emit(prefix, merged, native, table):
+            def emit(prefix, merged, stored, table):
                 for path, _ in table:
                     arr = np.asarray(get_path(merged, path))
                     name = prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg)
@@ -162,22 +162,22 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                         raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds "
                                          "non-finite numbers); nothing was written")
                     if dtype is None:
-                        arr = arr.astype(get_path(native, path).dtype)
+                        arr = arr.astype(get_path(stored, path))
                     writer.add(name, arr)
 
-            native_g = jax.tree.map(lambda a: np.array(a, copy=True), reader.read_globals(None, device_put=False))
+            base_g, stored_g = _float32_copies(reader.read_globals(None, device_put=False))
             reader.close()
-            base_g = jax.tree.map(lambda a: np.asarray(a, np.float32), native_g)
             _check_digest(delta, 0, base_g, global_table, force)
-            emit("", merge_block(base_g, delta.globals(), global_table), native_g, global_table)
-            del native_g, base_g
+            emit("", merge_block(base_g, delta.globals(), global_table, in_place=True), stored_g, global_table)
+            del base_g
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                native = jax.tree.map(lambda a: np.array(a, copy=True), reader.read_block(b, None, device_put=False))
+                base_b, stored = _float32_copies(reader.read_block(b, None, device_put=False))
                 reader.close()  # drop the memory maps (their pages count towards RSS)
-                base_b = jax.tree.map(lambda a: np.asarray(a, np.float32), native)
                 _check_digest(delta, b + 1, base_b, block_table, force)
-                emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table), native, block_table)
+                emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table, in_place=True),
+                     stored, block_table)
+                del base_b
                 bar.update(1)
             bar.close()
             writer.close(copy_from=hf_dir if hf_dir else os.fspath(base_dir))
@@ -187,6 +187,13 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _float32_copies(tree) -> tuple[dict, dict]:
+    """``(float32 copies in memory, stored dtypes)`` of a tree of (memory-mapped) base tensors: one float32
+    array per tensor, which the merge adds into, and nothing that keeps the maps' pages."""
+    stored = jax.tree.map(lambda a: np.dtype(a.dtype), tree)
+    return jax.tree.map(lambda a: np.array(a, dtype=np.float32), tree), stored
 
 
 def _tokenizer_fallback(hf_dir: str | None, base_dir: str, dst: str) -> None:

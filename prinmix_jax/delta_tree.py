@@ -72,15 +72,25 @@ def entry_name(path) -> str:
     return path[-2] if path[-1] == "weight" else "/".join(path)
 
 
-def merge_block(base_tree: dict, bd, table) -> dict:
-    """``base + reconstructed delta`` for one step, in float32 (a new tree; ``base_tree`` is not changed).
+def merge_block(base_tree: dict, bd, table, *, in_place: bool = False) -> dict:
+    """``base + reconstructed delta`` for one step, in float32.
 
     Args:
-      base_tree: the step's base params (float32 NumPy), block subtree or globals dict.
+      base_tree: the step's base params (NumPy), block subtree or globals dict.
       bd: the step's :class:`~prinmix_jax.storage.BlockDelta`.
       table: the step's ``(path, kind)`` list from :func:`param_groups`.
+      in_place: add the deltas into ``base_tree``'s own arrays (writeable float32 NumPy the caller owns) and
+        return it, rather than into float32 copies (``base_tree`` then unchanged): one block's worth of
+        float32 memory less.
     """
-    out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)      # copies: the sums go in place
+    if in_place:
+        bad = [p for p, _ in table if not _owned_float32(get_path(base_tree, p))]
+        if bad:
+            raise ValueError(f"merge_block(in_place=True) needs writeable float32 NumPy arrays; "
+                             f"{'/'.join(map(str, bad[0]))} is not")
+        out = base_tree
+    else:
+        out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)      # copies: the sums go in place
     for path, _ in table:
         key, name = "/".join(path), entry_name(path)
         d = None
@@ -93,6 +103,10 @@ def merge_block(base_tree: dict, bd, table) -> dict:
             leaf = get_path(out, path)
             leaf += np.asarray(d, np.float32)
     return out
+
+
+def _owned_float32(a) -> bool:
+    return isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.writeable
 
 
 def step_digest(tree: dict, table) -> str:

@@ -154,6 +154,33 @@ def test_apply_params_nnx_factored_and_wrong_base(root, lowrank_delta):
                                   np.asarray(merged["layers"][0]["self_attn"]["q_proj"]["weight"]))
 
 
+def test_merge_block_in_place_equals_the_copy(lowrank_delta):
+    """``merge_block(in_place=True)`` (what ``apply_delta_to_checkpoint`` uses, one float32 array per base
+    tensor) gives the copy's values in the caller's own arrays, and refuses arrays it must not write."""
+    from prinmix_jax.delta_tree import merge_block, param_groups
+    from prinmix_jax.models import ModelConfig
+
+    base, _, out = lowrank_delta
+    d = load_delta(out)
+    table = param_groups(ModelConfig.from_pretrained_dir(base))[0]
+    params = load_hf_params(base, np.float32, device_put=False)
+    block = jax.tree.map(lambda a: np.array(a, np.float32), params["layers"][1])
+    kept = jax.tree.map(np.copy, block)
+    ref = merge_block(block, d.block(1), table)
+    assert jax.tree.all(jax.tree.map(np.array_equal, block, kept))       # the copy leaves the base alone
+    got = merge_block(block, d.block(1), table, in_place=True)
+    assert got is block
+    assert jax.tree.all(jax.tree.map(np.array_equal, got, ref))
+    assert not np.array_equal(got["mlp"]["down_proj"]["weight"], kept["mlp"]["down_proj"]["weight"])
+    frozen = jax.tree.map(np.copy, kept)
+    frozen["mlp"]["up_proj"]["weight"].flags.writeable = False
+    with pytest.raises(ValueError, match="mlp/up_proj/weight"):
+        merge_block(frozen, d.block(1), table, in_place=True)
+    half = jax.tree.map(lambda a: a.astype(np.float16), kept)
+    with pytest.raises(ValueError, match="writeable float32"):
+        merge_block(half, d.block(1), table, in_place=True)
+
+
 def test_baselines_data_free_and_skip_policy(root):
     """method= baselines; data-free; a policy that skips every dense parameter stores only matrices; the
     "compress" policy for embeddings / head compresses them like a linear."""
