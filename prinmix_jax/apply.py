@@ -149,6 +149,7 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
         tmp = f"{out}.tmp-apply-{os.getpid()}"
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+        writer = None
         try:
             os.makedirs(tmp)
             write_output_marker(tmp, "merged")     # first, so that a killed apply's folder is known as ours
@@ -184,6 +185,8 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             _tokenizer_fallback(hf_dir, os.fspath(base_dir), tmp)
             publish(tmp, out, overwrite)
         except BaseException:
+            if writer is not None:
+                writer.abort()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out

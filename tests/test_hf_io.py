@@ -121,6 +121,66 @@ def test_block_streaming_reader_and_writer(root, tmp_path):
                                   params["layers"][1]["mlp"]["up_proj"]["weight"])
 
 
+def test_writer_streams_each_tensor_to_disk(root, tmp_path):
+    """CheckpointWriter writes each tensor as it is added; a shard's header goes last into room reserved at
+    the front, padded with spaces (which the safetensors format allows). So what the writer holds stays at
+    about one tensor, not a shard (a 5-GB shard of a 7B model used to wait in memory), and safetensors' own
+    reader takes every tensor back, of any dtype, with the usual metadata and 8-byte aligned data."""
+    import tracemalloc
+
+    import ml_dtypes
+    import torch
+    from safetensors import safe_open
+
+    from prinmix_jax.models.llama import params as P
+
+    path, _ = F.cached_checkpoint(root, "qwen2")
+    cfg = ModelConfig.from_pretrained_dir(path)
+    rng = np.random.default_rng(0)
+    tensors = {n: rng.standard_normal(s).astype(np.float32) for n, (_, s) in P.expected_tensors(cfg).items()}
+    largest, total = max(v.nbytes for v in tensors.values()) // 2, sum(v.nbytes for v in tensors.values()) // 2
+    assert total > 8 * largest
+    w = CheckpointWriter(tmp_path / "one", cfg, dtype="bfloat16")    # one shard; every add casts (allocates)
+    tracemalloc.start()
+    try:
+        for n, v in tensors.items():
+            w.add(n, v)
+        held = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    w.close()
+    assert held < 2 * largest + 16_000, (held, largest, total)     # it held the whole shard: ~total
+    f = tmp_path / "one" / "model.safetensors"
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        head = fh.read(n)
+    assert n % 8 == 0 and head.startswith(b"{") and head.endswith(b" ")
+    with safe_open(str(f), framework="pt") as sf:
+        assert sf.metadata() == {"format": "pt"} and sorted(sf.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            got = sf.get_tensor(k)
+            assert got.dtype == torch.bfloat16
+            np.testing.assert_array_equal(got.float().numpy(), v.astype(ml_dtypes.bfloat16).astype(np.float32))
+    # mixed dtypes kept as given (dtype=None), over several shards
+    mixed = {k: v.astype([np.float32, np.float16, ml_dtypes.bfloat16][i % 3]) for i, (k, v) in enumerate(tensors.items())}
+    w = CheckpointWriter(tmp_path / "mixed", cfg, max_shard_size="40KB")
+    for k, v in mixed.items():
+        w.add(k, v)
+    w.close()
+    shards = [x for x in os.listdir(tmp_path / "mixed") if x.endswith(".safetensors")]
+    assert len(shards) > 2
+    seen = {}
+    for s in shards:
+        with safe_open(str(tmp_path / "mixed" / s), framework="pt") as sf:
+            seen.update({k: sf.get_tensor(k) for k in sf.keys()})
+    assert sorted(seen) == sorted(mixed)
+    for k, v in mixed.items():
+        assert str(seen[k].dtype).endswith({"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}[v.dtype.name])
+        np.testing.assert_array_equal(seen[k].float().numpy(), v.astype(np.float32))
+    with pytest.raises(CheckpointError, match="safetensors cannot store"):
+        CheckpointWriter(tmp_path / "c", cfg).add("model.norm.weight", np.zeros(cfg.hidden_size, np.complex128))
+
+
 def test_tokenizer_files_are_copied(root, tmp_path):
     path, _ = F.cached_checkpoint(root, "llama3")
     src = tmp_path / "src"

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import save_file
 
 from prinmix_jax.models.checkpoint_files import SAFE_INDEX, SAFE_SINGLE, SHARD_RE, TOKENIZER_FILES, numpy_dtype
 from prinmix_jax.models.config import ModelConfig
@@ -42,7 +41,9 @@ def parse_size(size: int | str) -> int:
 class CheckpointWriter:
     """Write a checkpoint tensor by tensor (or block by block), sharding above ``max_shard_size``.
 
-    Only one shard's worth of tensors is held in host memory at a time. :meth:`close` checks that
+    Each tensor goes to disk as it is added (into a temporary shard file whose header space is reserved
+    and filled in when the shard is full), so no more than the tensor being added is held in host memory,
+    whatever ``max_shard_size``. :meth:`close` checks that
     exactly the tensors of ``config`` were written, names the shards, writes the index (when sharded) and
     config.json. Stale ``model*.safetensors`` files and index in ``path`` are removed first, like
     ``save_pretrained`` does.
@@ -63,8 +64,10 @@ class CheckpointWriter:
             if n in (SAFE_SINGLE, SAFE_INDEX) or SHARD_RE.match(n):
                 os.remove(os.path.join(self.path, n))
         self._expected = P.expected_tensors(config)
-        self._pending: dict[str, np.ndarray] = {}
-        self._pending_bytes = 0
+        self._header_room = _header_room(self._expected)
+        self._file = None                 # the open temporary shard, its entries and the bytes written to it
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
+        self._offset = 0
         self._shards: list[tuple[str, list[str]]] = []  # (temp file name, names)
         self._written: set[str] = set()
         self._dtypes: set[str] = set()
@@ -75,7 +78,7 @@ class CheckpointWriter:
         if name not in self._expected:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not part of a {self.config.architecture} "
                                   f"with this config")
-        if name in self._written or name in self._pending:
+        if name in self._written or name in self._entries:
             raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
         arr = np.asarray(jax.device_get(array))
         if self.dtype is not None and arr.dtype != self.dtype:
@@ -83,10 +86,19 @@ class CheckpointWriter:
         if tuple(arr.shape) != self._expected[name][1]:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {arr.shape}, config implies "
                                   f"{self._expected[name][1]}")
-        if self._pending and self._pending_bytes + arr.nbytes > self.max_shard_size:
+        code = _SAFETENSORS_DTYPES.get(jnp.dtype(arr.dtype).name)
+        if code is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {arr.dtype}, which safetensors "
+                                  "cannot store")
+        if self._entries and self._offset + arr.nbytes > self.max_shard_size:
             self._flush()
-        self._pending[name] = np.ascontiguousarray(arr)
-        self._pending_bytes += arr.nbytes
+        if self._file is None:
+            self._file = open(os.path.join(self.path, self._shard_name(len(self._shards))), "wb")
+            self._file.seek(8 + self._header_room)
+        raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1)
+        self._file.write(raw.view(np.uint8).data)
+        self._entries[name] = (code, tuple(int(d) for d in arr.shape), self._offset, self._offset + arr.nbytes)
+        self._offset += arr.nbytes
         self._dtypes.add(jnp.dtype(arr.dtype).name)
 
     def add_block(self, block: int, block_params: dict) -> None:
@@ -99,13 +111,33 @@ class CheckpointWriter:
         for name, path, _ in P.global_param_table(self.config):
             self.add(name, P.get_path(params, path))
 
+    @staticmethod
+    def _shard_name(k: int) -> str:
+        return f".tmp-shard-{k:05d}.safetensors"
+
     def _flush(self) -> None:
-        tmp = f".tmp-shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, os.path.join(self.path, tmp), metadata={"format": "pt"})
-        self._shards.append((tmp, list(self._pending)))
-        self._written.update(self._pending)
-        self._total += self._pending_bytes
-        self._pending, self._pending_bytes = {}, 0
+        """Finish the open shard: its header, space-padded to the reserved room (the format allows trailing
+        spaces), goes in front of the tensors already written."""
+        header = _header_json({n: e for n, e in self._entries.items()})
+        if len(header) > self._header_room:      # cannot happen: the room fits every expected tensor
+            raise AssertionError(f"safetensors header of {len(header)} bytes over its room {self._header_room}")
+        f, self._file = self._file, None
+        try:
+            f.seek(0)
+            f.write(self._header_room.to_bytes(8, "little") + header + b" " * (self._header_room - len(header)))
+        finally:
+            f.close()
+        self._shards.append((self._shard_name(len(self._shards)), list(self._entries)))
+        self._written.update(self._entries)
+        self._total += self._offset
+        self._entries, self._offset = {}, 0
+
+    def abort(self) -> None:
+        """Close the open temporary shard without finishing it (after an error; the caller removes the
+        folder)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def close(self, copy_from: str | None = None) -> None:
         """Finish the checkpoint: last shard, shard names, index.json, config.json.
@@ -114,7 +146,7 @@ class CheckpointWriter:
           copy_from: a checkpoint folder whose tokenizer/generation files (:data:`TOKENIZER_FILES`) are
             copied next to the weights.
         """
-        if self._pending:
+        if self._file is not None:
             self._flush()
         missing = sorted(set(self._expected) - self._written)
         if missing:
@@ -138,6 +170,27 @@ class CheckpointWriter:
                 src = os.path.join(copy_from, fname)
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(self.path, fname))
+
+
+#: numpy dtype name -> safetensors dtype code.
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                       "uint64": "U64", "int32": "I32", "uint32": "U32", "int16": "I16", "uint16": "U16",
+                       "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def _header_json(entries: dict) -> bytes:
+    """The safetensors header of ``{name: (dtype code, shape, begin, end)}``, compact JSON."""
+    head = {"__metadata__": {"format": "pt"}}
+    head.update({n: {"dtype": c, "shape": list(s), "data_offsets": [b, e]} for n, (c, s, b, e) in entries.items()})
+    return json.dumps(head, separators=(",", ":")).encode()
+
+
+def _header_room(expected: dict) -> int:
+    """Bytes reserved for a shard's header: the header of every expected tensor with the longest dtype code
+    and 20-digit offsets, rounded up to a multiple of 8 (the tensors then start 8-byte aligned)."""
+    big = 10 ** 19
+    n = len(_header_json({name: ("BOOL", shape, big, big) for name, (_, shape) in expected.items()}))
+    return -(-n // 8) * 8
 
 
 def save_hf_model(model_or_params, path: str | os.PathLike, config_from=None, *, dtype=None,
