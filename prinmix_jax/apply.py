@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups, step_digest
-from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, check_output_location,
-                                 is_prinmix_output,
-                                 load_delta, write_output_marker)
+from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
+                                 check_output_location, is_prinmix_output, load_delta, write_output_marker)
 
 __all__ = ["apply_delta", "apply_delta_to_model", "apply_delta_to_checkpoint", "factored_linear",
            "check_base_compatible", "FingerprintMismatchError"]
@@ -39,9 +38,11 @@ def check_base_compatible(base_config, delta: DeltaCheckpoint) -> None:
 
 
 def _check_digest(delta: DeltaCheckpoint, step: int, base_tree, table, force: bool) -> None:
-    if force:
-        return
-    got = step_digest(base_tree, table)
+    if not force:
+        _check_digest_value(delta, step, step_digest(base_tree, table))
+
+
+def _check_digest_value(delta: DeltaCheckpoint, step: int, got: str) -> None:
     want = delta.meta["base"]["step_digests"][step]
     if got != want:
         what = "the embedding / final norm / output head" if step == 0 else f"decoder block {step - 1}"
@@ -166,11 +167,18 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                         arr = arr.astype(get_path(stored, path))
                     writer.add(name, arr)
 
-            base_g, stored_g = _float32_copies(reader.read_globals(None, device_put=False))
-            reader.close()
-            _check_digest(delta, 0, base_g, global_table, force)
-            emit("", merge_block(base_g, delta.globals(), global_table, in_place=True), stored_g, global_table)
-            del base_g
+            # The globals one tensor at a time (two of them are vocab x hidden), in the digest's name order;
+            # what they wrote is only published once the digest over all of them matched.
+            globals_delta, digest = delta.globals(), TensorDigest()
+            for row in sorted(global_table, key=lambda r: "/".join(r[0])):
+                path = row[0]
+                base_t, stored_t = _float32_copies({path[0]: {path[1]: reader.read_global(path)}})
+                reader.close()
+                digest.update("/".join(path), get_path(base_t, path))
+                emit("", merge_block(base_t, globals_delta, [row], in_place=True), stored_t, [row])
+                del base_t
+            if not force:
+                _check_digest_value(delta, 0, digest.hexdigest())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
                 base_b, stored = _float32_copies(reader.read_block(b, None, device_put=False))

@@ -181,6 +181,34 @@ def test_merge_block_in_place_equals_the_copy(lowrank_delta):
         merge_block(half, d.block(1), table, in_place=True)
 
 
+def test_apply_checkpoint_checks_the_globals_one_tensor_at_a_time(root, lowrank_delta):
+    """apply_delta_to_checkpoint merges the globals one tensor at a time and checks their digest once all
+    are read: a base whose final norm alone differs is refused (naming the globals) with nothing left
+    behind; forced, every tensor is base + delta."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    base, _, out = lowrank_delta
+    other = os.path.join(root, "base-other-norm")
+    shutil.copytree(base, other)
+    st = _st(base)
+    st["model.norm.weight"] = st["model.norm.weight"] + np.float32(1e-2)
+    save_file(st, os.path.join(other, "model.safetensors"), metadata={"format": "pt"})
+    dest = os.path.join(root, "merged-other-norm")
+    with pytest.raises(FingerprintMismatchError, match="embedding / final norm / output head"):
+        apply_delta_to_checkpoint(other, out, dest)
+    assert not os.path.exists(dest) and not [f for f in os.listdir(root) if "merged-other-norm" in f]
+    apply_delta_to_checkpoint(other, out, dest, force=True)
+    got, d = _st(dest), load_delta(out)
+    g = d.globals()
+    for key, path in (("model.norm.weight", "norm/weight"), ("lm_head.weight", "lm_head/weight"),
+                      ("model.embed_tokens.weight", "embed_tokens/weight")):
+        name = path.split("/")[0]
+        delta = g.dense[path] if path in g.dense else np.asarray(g.linears[name].reconstruct())
+        np.testing.assert_array_equal(got[key], st[key] + delta.astype(np.float32))
+
+
 def test_baselines_data_free_and_skip_policy(root):
     """method= baselines; data-free; a policy that skips every dense parameter stores only matrices; the
     "compress" policy for embeddings / head compresses them like a linear."""
