@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups, step_digest
+from prinmix_jax.models.llama.params import block_param_table
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
                                  check_output_location, is_prinmix_output, load_delta, write_output_marker)
 
@@ -172,7 +173,7 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             globals_delta, digest = delta.globals(), TensorDigest()
             for row in sorted(global_table, key=lambda r: "/".join(r[0])):
                 path = row[0]
-                base_t, stored_t = _float32_copies({path[0]: {path[1]: reader.read_global(path)}})
+                base_t, stored_t = _read_float32(reader.read_global, [(path, path)])
                 reader.close()
                 digest.update("/".join(path), get_path(base_t, path))
                 emit("", merge_block(base_t, globals_delta, [row], in_place=True), stored_t, [row])
@@ -181,7 +182,8 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                 _check_digest_value(delta, 0, digest.hexdigest())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                base_b, stored = _float32_copies(reader.read_block(b, None, device_put=False))
+                base_b, stored = _read_float32(reader.read, [(f"model.layers.{b}.{s}", p)
+                                                             for s, p, _ in block_param_table(reader.config)])
                 reader.close()  # drop the memory maps (their pages count towards RSS)
                 _check_digest(delta, b + 1, base_b, block_table, force)
                 emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table, in_place=True),
@@ -200,11 +202,19 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     return out
 
 
-def _float32_copies(tree) -> tuple[dict, dict]:
-    """``(float32 copies in memory, stored dtypes)`` of a tree of (memory-mapped) base tensors: one float32
-    array per tensor, which the merge adds into, and nothing that keeps the maps' pages."""
-    stored = jax.tree.map(lambda a: np.dtype(a.dtype), tree)
-    return jax.tree.map(lambda a: np.array(a, dtype=np.float32), tree), stored
+def _read_float32(read, rows) -> tuple[dict, dict]:
+    """``(float32 arrays, stored dtypes)``, two trees, of the base tensors ``read(key)`` for each ``(key, tree
+    path)`` of ``rows``. Each tensor is converted as soon as it is read, into a new array the merge adds into
+    (what the reader returns may be read-only): one tensor in its stored dtype is held at a time."""
+    base, stored = {}, {}
+    for key, path in rows:
+        arr = read(key)
+        b, s = base, stored
+        for p in path[:-1]:
+            b, s = b.setdefault(p, {}), s.setdefault(p, {})
+        s[path[-1]], b[path[-1]] = np.dtype(arr.dtype), np.array(arr, dtype=np.float32)
+        del arr
+    return base, stored
 
 
 def _tokenizer_fallback(hf_dir: str | None, base_dir: str, dst: str) -> None:
