@@ -55,14 +55,14 @@ def dequant_codes(q, scale, zero, bits: int, group_size: int):
     if isinstance(q, np.ndarray):
         rows, ng = q.shape[0], -(-length // g)
         s, z = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
-        if s.shape[-1] == ng == z.shape[-1]:      # by groups, broadcasting: no per-entry copies of the scales
-            qg = np.pad(q, ((0, 0), (0, ng * g - length))).reshape(rows, ng, g)
-            return dequantize(qg, s[..., None], z[..., None], bits).reshape(rows, ng * g)[:, :length]
-        s = np.repeat(s, g, axis=1)[:, :length]   # group counts that disagree (corrupt metadata): as in JAX
-        z = np.repeat(z, g, axis=1)[:, :length]
-    else:
-        s = expand_groups(jnp.asarray(scale, jnp.float32), length, g)
-        z = expand_groups(jnp.asarray(zero, jnp.float32), length, g)
+        if not s.shape[-1] == ng == z.shape[-1]:
+            raise ValueError(f"scales of {s.shape[-1]} and zero points of {z.shape[-1]} groups for {length} "
+                             f"entries in groups of {g} ({ng} groups)")
+        # by groups, broadcasting the scales: no per-entry copies of them
+        qg = np.pad(q, ((0, 0), (0, ng * g - length))).reshape(rows, ng, g)
+        return dequantize(qg, s[..., None], z[..., None], bits).reshape(rows, ng * g)[:, :length]
+    s = expand_groups(jnp.asarray(scale, jnp.float32), length, g)
+    z = expand_groups(jnp.asarray(zero, jnp.float32), length, g)
     return dequantize(q, s, z, bits)
 
 
@@ -123,6 +123,33 @@ class SVDQuantDelta:
         the folded scales too, so the order can differ slightly from the SVD's)."""
         sig = np.concatenate([np.asarray(s) for s in self.sigma]) if self.sigma else np.zeros(0)
         return np.asarray(self.widths)[np.argsort(-sig, kind="stable")]
+
+    def check_layout(self) -> None:
+        """Raises ``ValueError`` unless every array has the shape that ``shape``, ``group_bits`` and
+        ``group_size`` imply (what :func:`from_state` checks of every matrix read from a checkpoint):
+        per width group ``b`` of ``k_b`` rows, σ ``(k_b,)``, codes ``(k_b, b·⌈len/8⌉)``, scales and zero points
+        ``(k_b, groups of len)``, and ``widths`` one entry per row."""
+        m, n = self.shape
+        fields = ("sigma", "v_codes", "v_scale", "v_zero", "u_codes", "u_scale", "u_zero")
+        for f in fields:
+            if len(getattr(self, f)) != len(self.group_bits):
+                raise ValueError(f"{f} has {len(getattr(self, f))} width groups, group_bits {list(self.group_bits)}")
+        rows = 0
+        for i, b in enumerate(self.group_bits):
+            k = int(np.shape(self.sigma[i])[0]) if np.ndim(self.sigma[i]) == 1 else -1
+            if k < 0:
+                raise ValueError(f"sigma_{b} has shape {np.shape(self.sigma[i])}, not one value per row")
+            rows += k
+            want = {"v_codes": (k, b * -(-n // 8)), "v_scale": (k, num_groups(n, self.group_size)),
+                    "u_codes": (k, b * -(-m // 8)), "u_scale": (k, num_groups(m, self.group_size))}
+            want["v_zero"], want["u_zero"] = want["v_scale"], want["u_scale"]
+            for f, shape in want.items():
+                got = tuple(np.shape(getattr(self, f)[i]))
+                if got != shape:
+                    raise ValueError(f"{f}_{b} has shape {got}; a {m}x{n} matrix with {k} rows of width {b} and "
+                                     f"groups of {self.group_size} implies {shape}")
+        if tuple(np.shape(self.widths)) != (rows,):
+            raise ValueError(f"widths has shape {tuple(np.shape(self.widths))}, the width groups hold {rows} rows")
 
     def factors(self):
         """``(Û (m, k), σ (k,), V̂ (k, n))`` in float32, indices in group order.
@@ -311,6 +338,8 @@ def from_state(arrays: dict, meta: dict) -> CompressedMatrix:
         vals = tuple(jnp.asarray(arrays[k]) for k in keys)
         kw[f.name] = vals if (f.name in _TUPLE_FIELDS and kind == "SVDQuantDelta") else vals[0]
     cm = cls(**kw)
+    if kind == "SVDQuantDelta":
+        cm.check_layout()
     if "nbytes" in meta and cm.nbytes != meta["nbytes"]:
         raise ValueError(f"{kind} arrays hold {cm.nbytes} bytes but the metadata records {meta['nbytes']}")
     return cm

@@ -115,3 +115,30 @@ def test_jax_packing_is_one_program_per_shape(word_bits):
     assert n[0] == 2, n[0]
     np.testing.assert_array_equal(np.asarray(words), pack_bits(codes, 3, word_bits))
     np.testing.assert_array_equal(np.asarray(back), codes)
+
+
+def test_arrays_that_disagree_with_the_metadata_are_refused():
+    """``from_state`` (every matrix read from a checkpoint) checks each array's shape against the shape,
+    widths and group size recorded: a scale of the wrong group count, codes of the wrong width, a σ of the
+    wrong length or a widths vector of the wrong length are refused, naming the array; so is a scale count
+    that reaches the host dequantisation directly."""
+    from prinmix_jax.formats import dequant_codes, from_state, to_state
+
+    cm, _ = _svd_delta(40, 24, counts=(3, 5, 2, 1))
+    arrays, meta = to_state(cm)
+    again = from_state(arrays, meta)
+    np.testing.assert_array_equal(np.asarray(again.reconstruct()), np.asarray(cm.reconstruct()))
+    cases = {"v_scale_3": (lambda a: a[:, :1], "v_scale_3"), "u_zero_8": (lambda a: np.concatenate([a, a], 1),
+             "u_zero_8"), "u_codes_2": (lambda a: a[:, :-1], "u_codes_2"),
+             "sigma_1": (lambda a: a[:-1], "v_codes_1")}      # σ gives the row count: the codes disagree
+    for key, (edit, named) in cases.items():
+        bad = {**arrays, key: edit(np.asarray(arrays[key]))}
+        with pytest.raises(ValueError, match=rf"{named} has shape"):
+            from_state(bad, meta)
+    with pytest.raises(ValueError, match="widths has shape"):
+        from_state({**arrays, "widths": np.asarray(arrays["widths"])[:-1]}, meta)
+    with pytest.raises(ValueError, match="groups of 8 implies"):
+        from_state(arrays, {**meta, "group_size": 8})
+    q = np.zeros((2, 24), np.float32)
+    with pytest.raises(ValueError, match="2 groups"):
+        dequant_codes(q, np.ones((2, 3), np.float16), np.zeros((2, 3), np.uint8), 2, 16)
