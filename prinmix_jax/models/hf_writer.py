@@ -118,7 +118,7 @@ class CheckpointWriter:
     def _flush(self) -> None:
         """Finish the open shard: its header, space-padded to the reserved room (the format allows trailing
         spaces), goes in front of the tensors already written."""
-        header = _header_json({n: e for n, e in self._entries.items()})
+        header = _header_json(self._entries)
         if len(header) > self._header_room:      # cannot happen: the room fits every expected tensor
             raise AssertionError(f"safetensors header of {len(header)} bytes over its room {self._header_room}")
         f, self._file = self._file, None
