@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.core.gptq import HIGHEST
-from prinmix_jax.core.packing import unpack_bits
+from prinmix_jax.core.packing import packed_words, unpack_bits
 from prinmix_jax.core.quantizer import dequantize, expand_groups, stored_zero
 from prinmix_jax.costs import num_groups
 
@@ -53,7 +53,7 @@ def dequant_codes(q, scale, zero, bits: int, group_size: int):
     length = q.shape[-1]
     g = length if not group_size or group_size >= length else group_size
     if isinstance(q, np.ndarray):
-        rows, ng = q.shape[0], -(-length // g)
+        rows, ng = q.shape[0], num_groups(length, group_size)
         s, z = np.asarray(scale, np.float32), np.asarray(zero, np.float32)
         if not s.shape[-1] == ng == z.shape[-1]:
             raise ValueError(f"scales of {s.shape[-1]} and zero points of {z.shape[-1]} groups for {length} "
@@ -140,8 +140,8 @@ class SVDQuantDelta:
             if k < 0:
                 raise ValueError(f"sigma_{b} has shape {np.shape(self.sigma[i])}, not one value per row")
             rows += k
-            want = {"v_codes": (k, b * -(-n // 8)), "v_scale": (k, num_groups(n, self.group_size)),
-                    "u_codes": (k, b * -(-m // 8)), "u_scale": (k, num_groups(m, self.group_size))}
+            want = {"v_codes": (k, packed_words(n, b)), "v_scale": (k, num_groups(n, self.group_size)),
+                    "u_codes": (k, packed_words(m, b)), "u_scale": (k, num_groups(m, self.group_size))}
             want["v_zero"], want["u_zero"] = want["v_scale"], want["u_scale"]
             for f, shape in want.items():
                 got = tuple(np.shape(getattr(self, f)[i]))
