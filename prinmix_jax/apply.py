@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups, step_digest
-from prinmix_jax.models.llama.params import block_param_table
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
                                  check_output_location, is_prinmix_output, load_delta, write_output_marker)
 
@@ -170,20 +169,20 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
 
             # The globals one tensor at a time (two of them are vocab x hidden), in the digest's name order;
             # what they wrote is only published once the digest over all of them matched.
-            globals_delta, digest = delta.globals(), TensorDigest()
+            globals_delta, digest = delta.globals(), None if force else TensorDigest()
             for row in sorted(global_table, key=lambda r: "/".join(r[0])):
                 path = row[0]
                 base_t, stored_t = _read_float32(reader.read_global, [(path, path)])
                 reader.close()
-                digest.update("/".join(path), get_path(base_t, path))
+                if digest is not None:
+                    digest.update("/".join(path), get_path(base_t, path))
                 emit("", merge_block(base_t, globals_delta, [row], in_place=True), stored_t, [row])
                 del base_t
-            if not force:
+            if digest is not None:
                 _check_digest_value(delta, 0, digest.hexdigest())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                base_b, stored = _read_float32(reader.read, [(f"model.layers.{b}.{s}", p)
-                                                             for s, p, _ in block_param_table(reader.config)])
+                base_b, stored = _read_float32(reader.read, reader.block_rows(b))
                 reader.close()  # drop the memory maps (their pages count towards RSS)
                 _check_digest(delta, b + 1, base_b, block_table, force)
                 emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table, in_place=True),

@@ -171,10 +171,13 @@ class CheckpointReader:
           dtype: cast every tensor to this dtype (default: keep the stored dtype).
           device_put: return jax arrays (default) or NumPy arrays.
         """
+        return self._read_into(self.block_rows(block), dtype, device_put)
+
+    def block_rows(self, block: int) -> list[tuple[str, tuple]]:
+        """``(tensor name, path in the block's param subtree)`` of every tensor of decoder block ``block``."""
         if not 0 <= block < self.config.num_layers:
             raise ValueError(f"block {block} out of range: the checkpoint has {self.config.num_layers} blocks")
-        rows = [(f"model.layers.{block}.{s}", p) for s, p, _ in P.block_param_table(self.config)]
-        return self._read_into(rows, dtype, device_put)
+        return [(f"model.layers.{block}.{s}", p) for s, p, _ in P.block_param_table(self.config)]
 
     def read_globals(self, dtype=None, *, device_put: bool = True) -> dict:
         """The params outside the blocks: ``{"embed_tokens", "norm"[, "lm_head"]}``."""
