@@ -13,6 +13,7 @@ import zlib
 import jax
 import numpy as np
 
+from prinmix_jax import formats
 from prinmix_jax.models.llama.params import block_param_table, expected_tensors, get_path, global_param_table, set_path
 from prinmix_jax.storage import TensorDigest, tensor_digest
 
@@ -93,15 +94,21 @@ def merge_block(base_tree: dict, bd, table, *, in_place: bool = False) -> dict:
         out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)      # copies: the sums go in place
     for path, _ in table:
         key, name = "/".join(path), entry_name(path)
-        d = None
+        leaf = get_path(out, path)
         if name in bd.linears:
             cm = bd.linears[name]
-            d = None if cm is None else cm.reconstruct()
-        elif key in bd.dense:
-            d = bd.dense[key]
-        if d is not None:
-            leaf = get_path(out, path)
-            leaf += np.asarray(d, np.float32)
+            if cm is not None:
+                if tuple(leaf.shape) != tuple(cm.shape):
+                    raise ValueError(f"{'/'.join(map(str, path))}: base {leaf.shape}, delta {tuple(cm.shape)}")
+                for a, z, rows in cm.row_blocks():      # reconstruct()'s blocks: a block of Û and ΔŴ at a time
+                    leaf[a:z] += rows
+        elif bd.dense.get(key) is not None:             # stored 16-bit (e.g. an embedding): float32 by rows
+            d = np.asarray(bd.dense[key])
+            if d.shape != leaf.shape:
+                raise ValueError(f"{'/'.join(map(str, path))}: base {leaf.shape}, delta {d.shape}")
+            step = formats.RECONSTRUCT_ROWS
+            for a in range(0, len(leaf), step):
+                leaf[a:a + step] += np.asarray(d[a:a + step], np.float32)
     return out
 
 

@@ -19,6 +19,7 @@ the implied ones of a lean :class:`SVDQuantDelta`).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,35 @@ def dequant_codes(q, scale, zero, bits: int, group_size: int):
     s = expand_groups(jnp.asarray(scale, jnp.float32), length, g)
     z = expand_groups(jnp.asarray(zero, jnp.float32), length, g)
     return dequantize(q, s, z, bits)
+
+
+#: Rows of a matrix reconstructed at a time on the host (``row_blocks``; rounded up to whole packed words and
+#: quantisation groups): bounds what a tall matrix needs beside its output to one block, e.g. for a 128256x4096
+#: embedding at rank 2334 a 4096-row block of Û (38 MB) and of the product (67 MB), not the whole Û (1.2 GB) and
+#: a second copy of the product (2.1 GB). Matrices of up to this many rows are one block.
+RECONSTRUCT_ROWS = 4096
+
+
+def _row_spans(m: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(a + step, m)) for a in range(0, m, step)]
+
+
+def _assemble(blocks, shape):
+    """A host ``reconstruct()`` from its ``_host_blocks``: the one block itself (as computed), else the blocks
+    written into one float32 array."""
+    blocks = iter(blocks)
+    first = next(blocks)
+    if first[1] - first[0] == shape[0]:
+        return first[2] if isinstance(first[2], jax.Array) else jax.device_put(first[2])
+    out = np.empty(shape, np.float32)
+    for a, z, blk in (first, *blocks):
+        out[a:z] = np.asarray(blk)
+    return jax.device_put(out)
+
+
+def _row_blocks(blocks):
+    for a, z, blk in blocks:
+        yield a, z, np.asarray(blk, np.float32)
 
 
 @jax.jit
@@ -175,8 +205,39 @@ class SVDQuantDelta:
         return xp.concatenate(us).T, sig, xp.concatenate(vs)
 
     def reconstruct(self):
-        """The (m, n) float32 approximation of the delta."""
-        return _scaled_product(*self._factors(jnp if _traced(self) else np))
+        """The (m, n) float32 approximation of the delta (outside a trace: :meth:`row_blocks` put together)."""
+        if _traced(self):
+            return _scaled_product(*self._factors(jnp))
+        return _assemble(self._host_blocks(RECONSTRUCT_ROWS), self.shape)
+
+    def row_blocks(self, rows: int | None = None):
+        """Yields ``(start, stop, rows start:stop of reconstruct())`` as float32 NumPy, computed on the host one
+        block of about ``rows`` rows at a time (default :data:`RECONSTRUCT_ROWS`): only that block of Û is
+        unpacked. With the default, these are :meth:`reconstruct`'s own blocks, so adding them into a base one
+        at a time gives the same bytes as adding ``reconstruct()``."""
+        return _row_blocks(self._host_blocks(rows or RECONSTRUCT_ROWS))
+
+    def _host_blocks(self, rows: int):
+        m, n = self.shape
+        if not self.group_bits:
+            for a, z in _row_spans(m, rows):
+                yield a, z, np.zeros((z - a, n), np.float32)
+            return
+        g = self.group_size if self.group_size and self.group_size < m else None
+        step = math.lcm(8, g or 8)                       # blocks start on a packed word and a scale group
+        step *= -(-rows // step)
+        v = np.concatenate([_dequant_rows(self.v_codes[i], self.v_scale[i], self.v_zero[i], b, n, self.group_size,
+                                          True) for i, b in enumerate(self.group_bits)])
+        sig = np.concatenate([np.asarray(x, np.float32) for x in self.sigma])
+        for a, z in _row_spans(m, step):
+            us = []
+            for i, b in enumerate(self.group_bits):
+                codes = np.asarray(self.u_codes[i])[:, b * (a // 8): b * -(-z // 8)]
+                q = unpack_bits(codes, b, z - a).astype(np.float32)
+                lo, hi = (0, 1) if g is None else (a // g, a // g + num_groups(z - a, g))
+                us.append(dequant_codes(q, np.asarray(self.u_scale[i])[:, lo:hi],
+                                        np.asarray(self.u_zero[i])[:, lo:hi], b, g))
+            yield a, z, _scaled_product(np.concatenate(us).T, sig, v)
 
     def apply(self, x):
         """The factored delta path ``x ↦ Û (σ ⊙ (V̂ x))`` for ``x`` (..., n) -> (..., m)."""
@@ -208,7 +269,22 @@ class LowRankDelta:
         return self.us.astype(jnp.float32).T, jnp.ones((self.rank,), jnp.float32), self.v.astype(jnp.float32)
 
     def reconstruct(self):
-        return _f16_product(self.us, self.v)
+        if _traced(self):
+            return _f16_product(self.us, self.v)
+        return _assemble(self._host_blocks(RECONSTRUCT_ROWS), self.shape)
+
+    def row_blocks(self, rows: int | None = None):
+        """As :meth:`SVDQuantDelta.row_blocks`."""
+        return _row_blocks(self._host_blocks(rows or RECONSTRUCT_ROWS))
+
+    def _host_blocks(self, rows: int):
+        m = self.shape[0]
+        if m <= rows:
+            yield 0, m, _f16_product(self.us, self.v)
+            return
+        us = np.asarray(self.us)
+        for a, z in _row_spans(m, rows):
+            yield a, z, _f16_product(us[:, a:z], self.v)
 
     def apply(self, x):
         u, _, v = self.factors()
@@ -243,8 +319,18 @@ class SignDelta:
         if _traced(self):
             s = unpack_bits(self.signs, 1, n).astype(jnp.float32)
             return self.scale[0] * (2.0 * s - 1.0)
-        s = unpack_bits(np.asarray(self.signs), 1, n).astype(np.float32)       # on the host, as factors()
-        return jax.device_put(np.asarray(self.scale, np.float32)[0] * (2.0 * s - 1.0))
+        return _assemble(self._host_blocks(RECONSTRUCT_ROWS), self.shape)
+
+    def row_blocks(self, rows: int | None = None):
+        """As :meth:`SVDQuantDelta.row_blocks`."""
+        return _row_blocks(self._host_blocks(rows or RECONSTRUCT_ROWS))
+
+    def _host_blocks(self, rows: int):
+        m, n = self.shape
+        signs, scale = np.asarray(self.signs), np.asarray(self.scale, np.float32)[0]
+        for a, z in _row_spans(m, rows):                # on the host, as factors()
+            s = unpack_bits(signs[a:z], 1, n).astype(np.float32)
+            yield a, z, scale * (2.0 * s - 1.0)
 
     def apply(self, x):
         return jnp.matmul(x, self.reconstruct().T, precision=HIGHEST)

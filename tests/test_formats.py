@@ -142,3 +142,50 @@ def test_arrays_that_disagree_with_the_metadata_are_refused():
     q = np.zeros((2, 24), np.float32)
     with pytest.raises(ValueError, match="2 groups"):
         dequant_codes(q, np.ones((2, 3), np.float16), np.zeros((2, 3), np.uint8), 2, 16)
+
+
+@pytest.mark.parametrize("m, group_size, step", [(100, 16, 16), (100, 24, 24), (100, 1000, 16), (37, 16, 16)])
+def test_row_blocks_are_reconstruct_by_rows(monkeypatch, m, group_size, step):
+    """A matrix is reconstructed on the host a block of rows at a time (what apply adds into a base: a
+    128256-row embedding's Û and product are never whole). Blocks start on packed words and scale groups
+    (16 rows asked: 24 with groups of 24); each product gets only its block of Û, which is the oracle's rows
+    exactly; each block is the oracle's product within float32 rounding; reconstruct() is the blocks' bytes."""
+    import prinmix_jax.formats as F
+
+    cm, (u, s, v) = _svd_delta(m, 40, counts=(3, 5, 2, 1), group_size=group_size)
+    monkeypatch.setattr(F, "RECONSTRUCT_ROWS", 16)
+    us, inner = [], F._scaled_product
+
+    def spy(uu, ss, vv):
+        us.append(np.asarray(uu))
+        return inner(uu, ss, vv)
+    monkeypatch.setattr(F, "_scaled_product", spy)
+    blocks = list(cm.row_blocks())
+    assert [(a, z) for a, z, _ in blocks] == [(a, min(a + step, m)) for a in range(0, m, step)]
+    want = (u * s) @ v
+    for (a, z, blk), uu in zip(blocks, us, strict=True):
+        assert blk.dtype == np.float32 and blk.shape == (z - a, 40)
+        np.testing.assert_array_equal(uu, u[a:z].astype(np.float32))
+        np.testing.assert_allclose(blk, want[a:z], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(cm.reconstruct()), np.concatenate([b for _, _, b in blocks]))
+    monkeypatch.setattr(F, "_scaled_product", inner)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda c: c.reconstruct())(cm)), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+
+
+def test_low_rank_and_sign_row_blocks_are_reconstruct_by_rows(monkeypatch):
+    import prinmix_jax.formats as F
+
+    rng = np.random.default_rng(4)
+    us, v = rng.standard_normal((5, 50)).astype(np.float16), rng.standard_normal((5, 9)).astype(np.float16)
+    low = LowRankDelta(us=jnp.asarray(us), v=jnp.asarray(v), shape=(50, 9))
+    bits = rng.integers(0, 2, (50, 9)).astype(np.uint8)
+    sign = SignDelta(signs=jnp.asarray(pack_bits(bits, 1)), scale=jnp.asarray([0.25], np.float32), shape=(50, 9))
+    wants = (us.astype(np.float64).T @ v.astype(np.float64), 0.25 * (2.0 * bits - 1))
+    monkeypatch.setattr(F, "RECONSTRUCT_ROWS", 16)
+    for cm, want in zip((low, sign), wants):
+        blocks = list(cm.row_blocks())
+        assert [(a, z) for a, z, _ in blocks] == [(0, 16), (16, 32), (32, 48), (48, 50)]
+        got = np.concatenate([b for _, _, b in blocks])
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+        np.testing.assert_array_equal(np.asarray(cm.reconstruct()), got)
