@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups, step_digest
+from prinmix_jax import formats
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
                                  check_output_location, is_prinmix_output, load_delta, write_output_marker)
 
@@ -160,19 +161,18 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                 for path, _ in table:
                     arr = np.asarray(get_path(merged, path))
                     name = prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg)
-                    if not np.all(np.isfinite(arr)):
+                    if not _all_finite(arr):
                         raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds "
                                          "non-finite numbers); nothing was written")
-                    if dtype is None:
-                        arr = arr.astype(get_path(stored, path))
-                    writer.add(name, arr)
+                    writer.add(name, arr, dtype=get_path(stored, path) if dtype is None else None)
 
             # The globals one tensor at a time (two of them are vocab x hidden), in the digest's name order;
             # what they wrote is only published once the digest over all of them matched.
             globals_delta, digest = delta.globals(), None if force else TensorDigest()
             for row in sorted(global_table, key=lambda r: "/".join(r[0])):
                 path = row[0]
-                base_t, stored_t = _read_float32(reader.read_global, [(path, path)])
+                base_t, stored_t = _read_float32(reader.read_global, [(path, path)],
+                                                 lambda p: reader.stored_dtype(_hf_global(p, cfg)))
                 reader.close()
                 if digest is not None:
                     digest.update("/".join(path), get_path(base_t, path))
@@ -182,7 +182,7 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                 _check_digest_value(delta, 0, digest.hexdigest())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                base_b, stored = _read_float32(reader.read, reader.block_rows(b))
+                base_b, stored = _read_float32(reader.read, reader.block_rows(b), reader.stored_dtype)
                 reader.close()  # drop the memory maps (their pages count towards RSS)
                 _check_digest(delta, b + 1, base_b, block_table, force)
                 emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table, in_place=True),
@@ -201,18 +201,24 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     return out
 
 
-def _read_float32(read, rows) -> tuple[dict, dict]:
-    """``(float32 arrays, stored dtypes)``, two trees, of the base tensors ``read(key)`` for each ``(key, tree
-    path)`` of ``rows``. Each tensor is converted as soon as it is read, into a new array the merge adds into
-    (what the reader returns may be read-only): one tensor in its stored dtype is held at a time."""
+def _all_finite(arr: np.ndarray) -> bool:
+    """``np.isfinite(arr).all()`` a block of rows at a time (no mask of the whole tensor)."""
+    rows = formats.RECONSTRUCT_ROWS
+    if arr.ndim == 0:
+        return bool(np.isfinite(arr))
+    return all(np.isfinite(arr[a:a + rows]).all() for a in range(0, len(arr), rows))
+
+
+def _read_float32(read, rows, stored_dtype) -> tuple[dict, dict]:
+    """``(float32 arrays, stored dtypes)``, two trees, of the base tensors ``read(key, float32)`` and
+    ``stored_dtype(key)`` for each ``(key, tree path)`` of ``rows``: new writeable arrays the merge adds into,
+    converted by the reader a block of rows at a time."""
     base, stored = {}, {}
     for key, path in rows:
-        arr = read(key)
         b, s = base, stored
         for p in path[:-1]:
             b, s = b.setdefault(p, {}), s.setdefault(p, {})
-        s[path[-1]], b[path[-1]] = np.dtype(arr.dtype), np.array(arr, dtype=np.float32)
-        del arr
+        s[path[-1]], b[path[-1]] = stored_dtype(key), read(key, np.float32)
     return base, stored
 
 

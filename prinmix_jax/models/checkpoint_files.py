@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, which safetensors' numpy backend needs)
 import numpy as np
 
-__all__ = ["SAFE_SINGLE", "SAFE_INDEX", "SHARD_RE", "TOKENIZER_CORE_FILES", "TOKENIZER_FILES", "numpy_dtype"]
+__all__ = ["SAFE_SINGLE", "SAFE_INDEX", "SHARD_RE", "TOKENIZER_CORE_FILES", "TOKENIZER_FILES", "numpy_dtype",
+           "SAFETENSORS_DTYPES", "READ_BLOCK_BYTES", "rows_per_block"]
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -26,3 +27,18 @@ TOKENIZER_FILES = TOKENIZER_CORE_FILES + ("special_tokens_map.json", "merges.txt
 def numpy_dtype(dtype) -> np.dtype | None:
     """The NumPy dtype of a JAX/NumPy dtype (or name); None stays None (keep the stored dtype)."""
     return None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+
+#: NumPy dtype name -> safetensors dtype code.
+SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                      "uint64": "U64", "int32": "I32", "uint32": "U32", "int16": "I16", "uint16": "U16",
+                      "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+#: Bytes of a tensor converted at a time between its stored dtype and another (reading and writing).
+READ_BLOCK_BYTES = 64 << 20
+
+
+def rows_per_block(shape, dtype) -> int:
+    """Rows (first axis) of a tensor of ``shape`` in ``dtype`` that hold about :data:`READ_BLOCK_BYTES`, at least
+    one: what is converted at a time."""
+    row = int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+    return max(1, READ_BLOCK_BYTES // max(1, row))

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from prinmix_jax.models.checkpoint_files import SAFE_INDEX, SAFE_SINGLE, SHARD_RE, TOKENIZER_FILES, numpy_dtype
+from prinmix_jax.models.checkpoint_files import (SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES, SHARD_RE,
+                                                   TOKENIZER_FILES, numpy_dtype, rows_per_block)
 from prinmix_jax.models.config import ModelConfig
 from prinmix_jax.models.errors import CheckpointError
 from prinmix_jax.models.llama import params as P
@@ -73,33 +74,39 @@ class CheckpointWriter:
         self._dtypes: set[str] = set()
         self._total = 0
 
-    def add(self, name: str, array) -> None:
-        """Queue one tensor (HF name, HF layout); flushes a shard when the size limit would be passed."""
+    def add(self, name: str, array, dtype=None) -> None:
+        """Writes one tensor (HF name, HF layout) to the current shard file, starting a new shard when the size
+        limit would be passed. It is stored in ``dtype`` if given, else in the writer's dtype if it has one, else
+        in its own; a conversion is made a block of rows at a time (no converted copy of the whole tensor)."""
         if name not in self._expected:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not part of a {self.config.architecture} "
                                   f"with this config")
         if name in self._written or name in self._entries:
             raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
         arr = np.asarray(jax.device_get(array))
-        if self.dtype is not None and arr.dtype != self.dtype:
-            arr = arr.astype(self.dtype)
+        out = numpy_dtype(dtype) if dtype is not None else self.dtype if self.dtype is not None else arr.dtype
         if tuple(arr.shape) != self._expected[name][1]:
             raise CheckpointError(f"{self.path}: tensor {name!r} has shape {arr.shape}, config implies "
                                   f"{self._expected[name][1]}")
-        code = _SAFETENSORS_DTYPES.get(jnp.dtype(arr.dtype).name)
+        code = SAFETENSORS_DTYPES.get(jnp.dtype(out).name)
         if code is None:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {arr.dtype}, which safetensors "
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {out}, which safetensors "
                                   "cannot store")
-        if self._entries and self._offset + arr.nbytes > self.max_shard_size:
+        nbytes = arr.size * out.itemsize
+        if self._entries and self._offset + nbytes > self.max_shard_size:
             self._flush()
         if self._file is None:
             self._file = open(os.path.join(self.path, self._shard_name(len(self._shards))), "wb")
             self._file.seek(8 + self._header_room)
-        raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).reshape(-1)
-        self._file.write(raw.view(np.uint8).data)
-        self._entries[name] = (code, tuple(int(d) for d in arr.shape), self._offset, self._offset + arr.nbytes)
-        self._offset += arr.nbytes
-        self._dtypes.add(jnp.dtype(arr.dtype).name)
+        le = out.newbyteorder("<")
+        step = rows_per_block(arr.shape, arr.dtype)
+        for a in range(0, max(len(arr), 1) if arr.ndim else 1, step):
+            part = arr[a:a + step] if arr.ndim else arr
+            raw = np.ascontiguousarray(part).astype(le, copy=False).reshape(-1)
+            self._file.write(raw.view(np.uint8).data)
+        self._entries[name] = (code, tuple(int(d) for d in arr.shape), self._offset, self._offset + nbytes)
+        self._offset += nbytes
+        self._dtypes.add(jnp.dtype(out).name)
 
     def add_block(self, block: int, block_params: dict) -> None:
         """Queue every tensor of one decoder block's param subtree."""
@@ -171,11 +178,6 @@ class CheckpointWriter:
                 if os.path.isfile(src):
                     shutil.copyfile(src, os.path.join(self.path, fname))
 
-
-#: numpy dtype name -> safetensors dtype code.
-_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                       "uint64": "U64", "int32": "I32", "uint32": "U32", "int16": "I16", "uint16": "U16",
-                       "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
 def _header_json(entries: dict) -> bytes:
