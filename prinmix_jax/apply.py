@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, param_groups, step_digest
+from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, merge_rows, param_groups, step_digest
 from prinmix_jax import formats
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
                                  check_output_location, is_prinmix_output, load_delta, write_output_marker)
@@ -166,18 +166,18 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                                          "non-finite numbers); nothing was written")
                     writer.add(name, arr, dtype=get_path(stored, path) if dtype is None else None)
 
-            # The globals one tensor at a time (two of them are vocab x hidden), in the digest's name order;
-            # what they wrote is only published once the digest over all of them matched.
+            # The globals one tensor at a time (two of them are vocab x hidden), in the digest's name order, and
+            # each a block of rows at a time: read, hashed, merged, checked and written, never whole. What they
+            # wrote is only published once the digest over all of them matched.
             globals_delta, digest = delta.globals(), None if force else TensorDigest()
-            for row in sorted(global_table, key=lambda r: "/".join(r[0])):
-                path = row[0]
-                base_t, stored_t = _read_float32(reader.read_global, [(path, path)],
-                                                 lambda p: reader.stored_dtype(_hf_global(p, cfg)))
-                reader.close()
+            for path, _ in sorted(global_table, key=lambda r: "/".join(r[0])):
+                name = _hf_global(path, cfg)
+                shape = reader.tensor_header(name)[0]
                 if digest is not None:
-                    digest.update("/".join(path), get_path(base_t, path))
-                emit("", merge_block(base_t, globals_delta, [row], in_place=True), stored_t, [row])
-                del base_t
+                    digest.begin("/".join(path), shape)
+                writer.add_rows(name, shape, _merged_global(reader, name, path, shape, globals_delta, digest),
+                                dtype=reader.stored_dtype(name) if dtype is None else None)
+                reader.close()
             if digest is not None:
                 _check_digest_value(delta, 0, digest.hexdigest())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
@@ -199,6 +199,24 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return out
+
+
+def _merged_global(reader, name, path, shape, globals_delta, digest):
+    """Blocks of rows of ``base + delta`` for the global param ``path`` (HF tensor ``name``), in row order: each
+    base block is read as float32, fed to the ``digest`` (unless None) and checked against a stored tied head."""
+    def base_rows(a, z):
+        rows = reader.read_rows(name, a, z, np.float32)
+        if digest is not None:
+            digest.update_rows(rows)
+        if tuple(path) == ("embed_tokens", "weight"):
+            reader.check_tied_rows(a, z, rows)
+        return rows
+
+    for _, _, rows in merge_rows(base_rows, shape, globals_delta, path):
+        if not _all_finite(rows):
+            raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds non-finite "
+                             "numbers); nothing was written")
+        yield rows
 
 
 def _all_finite(arr: np.ndarray) -> bool:

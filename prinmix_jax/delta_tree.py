@@ -18,7 +18,8 @@ from prinmix_jax.models.llama.params import block_param_table, expected_tensors,
 from prinmix_jax.storage import TensorDigest, tensor_digest
 
 __all__ = ["IncompatibleModelsError", "ChangedWhileReadingError", "DeferredDelta", "materialise", "is_zero",
-           "check_compatible", "param_groups", "entry_name", "merge_block", "step_digest", "get_path", "set_path"]
+           "check_compatible", "param_groups", "entry_name", "merge_block", "merge_rows", "step_digest", "get_path",
+           "set_path"]
 
 
 class IncompatibleModelsError(ValueError):
@@ -93,23 +94,45 @@ def merge_block(base_tree: dict, bd, table, *, in_place: bool = False) -> dict:
     else:
         out = jax.tree.map(lambda a: np.array(a, np.float32), base_tree)      # copies: the sums go in place
     for path, _ in table:
-        key, name = "/".join(path), entry_name(path)
         leaf = get_path(out, path)
-        if name in bd.linears:
-            cm = bd.linears[name]
-            if cm is not None:
-                if tuple(leaf.shape) != tuple(cm.shape):
-                    raise ValueError(f"{'/'.join(map(str, path))}: base {leaf.shape}, delta {tuple(cm.shape)}")
-                for a, z, rows in cm.row_blocks():      # reconstruct()'s blocks: a block of Û and ΔŴ at a time
-                    leaf[a:z] += rows
-        elif bd.dense.get(key) is not None:             # stored 16-bit (e.g. an embedding): float32 by rows
-            d = np.asarray(bd.dense[key])
-            if d.shape != leaf.shape:
-                raise ValueError(f"{'/'.join(map(str, path))}: base {leaf.shape}, delta {d.shape}")
-            step = formats.RECONSTRUCT_ROWS
-            for a in range(0, len(leaf), step):
-                leaf[a:a + step] += np.asarray(d[a:a + step], np.float32)
+        for _ in merge_rows(lambda a, z: leaf[a:z], leaf.shape, bd, path):   # the sums land in leaf's rows
+            pass
     return out
+
+
+def merge_rows(base_rows, shape, bd, path):
+    """Yields ``(start, stop, base + delta)`` of the param at ``path`` (of ``shape``), a block of rows at a time in
+    row order (a linear's :meth:`row_blocks`, which are ``reconstruct()``'s; else :data:`RECONSTRUCT_ROWS`).
+
+    Args:
+      base_rows: ``base_rows(start, stop)`` -> those rows of the base as a writeable float32 array, which the
+        delta is added into and which is yielded (a view of a whole tensor merges it in place).
+      shape: the param's shape.
+      bd: the step's :class:`~prinmix_jax.storage.BlockDelta`.
+      path: the param's tree path.
+    """
+    key, name = "/".join(path), entry_name(path)
+    cm = bd.linears.get(name)
+    if cm is not None:
+        if tuple(shape) != tuple(cm.shape):
+            raise ValueError(f"{key}: base {tuple(shape)}, delta {tuple(cm.shape)}")
+        for a, z, d in cm.row_blocks():
+            rows = base_rows(a, z)
+            rows += d
+            yield a, z, rows
+        return
+    d = bd.dense.get(key)               # stored 16-bit (e.g. an embedding): float32 by rows
+    if d is not None:
+        d = np.asarray(d)
+        if d.shape != tuple(shape):
+            raise ValueError(f"{key}: base {tuple(shape)}, delta {d.shape}")
+    step = formats.RECONSTRUCT_ROWS
+    for a in range(0, shape[0], step):
+        z = min(a + step, shape[0])
+        rows = base_rows(a, z)
+        if d is not None:
+            rows += np.asarray(d[a:z], np.float32)
+        yield a, z, rows
 
 
 def _owned_float32(a) -> bool:

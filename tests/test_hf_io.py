@@ -238,6 +238,83 @@ def test_ignorable_rotary_buffer_is_accepted(ckpt):
     assert "rotary_emb" not in str(load_hf_params(ckpt)["layers"][0].keys())
 
 
+def test_reader_reads_rows_and_converts_by_rows(root, tmp_path, monkeypatch):
+    """read_rows reads any rows by plain file reads, in the stored dtype or converted (the values safetensors
+    gives); read(name, dtype) is filled that way a block of rows at a time into a new writeable array, the
+    same values as converting the whole; bad row ranges are refused and a tensor whose data is cut short is
+    named."""
+    import ml_dtypes
+
+    import prinmix_jax.models.checkpoint_files as CF
+
+    path, _ = F.cached_checkpoint(root, "qwen2")
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    mixed = {k: v.astype([np.float32, np.float16, ml_dtypes.bfloat16][i % 3]) for i, (k, v) in enumerate(sorted(tensors.items()))}
+    dst = tmp_path / "mixed"
+    shutil.copytree(path, dst)
+    save_file(mixed, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    monkeypatch.setattr(CF, "READ_BLOCK_BYTES", 300)                   # a few rows per block
+    with CheckpointReader(dst) as reader:
+        for k, v in mixed.items():
+            assert reader.stored_dtype(k) == v.dtype
+            got = reader.read(k, np.float32)
+            assert got.dtype == np.float32 and got.flags.writeable
+            np.testing.assert_array_equal(got, v.astype(np.float32), err_msg=k)
+            if v.ndim:
+                a, z = len(v) // 3, len(v) // 3 + max(1, len(v) // 4)
+                np.testing.assert_array_equal(reader.read_rows(k, a, z).view(np.uint8), v[a:z].view(np.uint8))
+        name = "model.embed_tokens.weight"
+        for a, z in ((-1, 2), (3, 2), (0, len(mixed[name]) + 1)):
+            with pytest.raises(ValueError, match="rows"):
+                reader.read_rows(name, a, z)
+    with CheckpointReader(dst) as reader:                                # the file shrinks once it is open
+        last = max(mixed, key=lambda k: reader._data_span("model.safetensors", k))
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[:-64])
+        with pytest.raises(CheckpointError, match=f"{last}' is cut short"):
+            reader.read(last, np.float32)
+
+
+def test_writer_takes_a_tensor_by_blocks_of_rows(root, tmp_path):
+    """add_rows writes a tensor from blocks of its rows (apply never holds a vocab tensor whole): the same file
+    bytes as add() of the whole; too few or too many rows, or a block of the wrong width, are refused."""
+    path, _ = F.cached_checkpoint(root, "qwen2")
+    cfg = ModelConfig.from_pretrained_dir(path)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    outs = {}
+    for how in ("whole", "rows"):
+        w = CheckpointWriter(tmp_path / how, cfg, dtype="bfloat16")
+        for k, v in sorted(tensors.items()):
+            if how == "whole" or v.ndim == 1:
+                w.add(k, v)
+            else:
+                w.add_rows(k, v.shape, (v[a:a + 5] for a in range(0, len(v), 5)))
+        w.close()
+        outs[how] = (tmp_path / how / "model.safetensors").read_bytes()
+    assert outs["whole"] == outs["rows"]
+    name = "model.embed_tokens.weight"
+    v = tensors[name]
+    for blocks, match in (([v[:-1]], "bytes of rows"), ([v, v[:1]], "bytes of rows"), ([v[:, :-1]], "a block of")):
+        w = CheckpointWriter(tmp_path / f"bad{len(blocks)}{match[0]}", cfg)
+        with pytest.raises(CheckpointError, match=match):
+            w.add_rows(name, v.shape, iter(blocks), np.float32)
+        w.abort()
+
+
+def test_tensor_digest_by_rows_is_the_digest_of_the_whole():
+    from prinmix_jax.storage import TensorDigest, tensor_digest
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((7, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    d = TensorDigest()
+    d.begin("a", a.shape)
+    for i in range(0, 7, 3):
+        d.update_rows(a[i:i + 3])
+    d.update("b", b)
+    assert d.hexdigest() == tensor_digest([("b", b), ("a", a)])
+    assert d.hexdigest() != tensor_digest([("b", b), ("a", a[::-1])])
+
+
 def test_redundant_tied_head(root, tmp_path):
     path, _ = F.cached_checkpoint(root, "llama_tied")
     dst = tmp_path / "tied"

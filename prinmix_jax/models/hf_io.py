@@ -54,6 +54,7 @@ class CheckpointReader:
             raise FileNotFoundError(f"checkpoint folder {self.path!r} {what}")
         self.config = ModelConfig.from_pretrained_dir(self.path)
         self._handles: dict[str, Any] = {}
+        self._layouts: dict[str, dict] = {}
         self._where = self._locate_tensors()
         self.expected = P.expected_tensors(self.config)
         self._validate()
@@ -146,28 +147,64 @@ class CheckpointReader:
     def read(self, name: str, dtype=None) -> np.ndarray:
         """Read one tensor into host memory as a NumPy array, optionally cast to ``dtype``.
 
-        With ``dtype`` the result is a new writeable array, filled a block of rows at a time from the file
+        With ``dtype`` the result is a new writeable array, filled a block of rows at a time by plain file reads
         (:func:`~prinmix_jax.models.checkpoint_files.rows_per_block`): the tensor is never whole in its stored
-        dtype beside it (1 GB for a 128256x4096 bf16 embedding read as float32)."""
+        dtype beside it, neither as an array nor as memory-mapped pages, which count towards the process's
+        resident memory (1 GB for a 128256x4096 bf16 embedding read as float32)."""
         f = self._open(os.path.basename(self.file_of(name)))
         dt = numpy_dtype(dtype)
         try:
             if dt is None:
                 return f.get_tensor(name)
-            sl = f.get_slice(name)
-            shape = tuple(sl.get_shape())
-            out = np.empty(shape, dt)
-            if not shape:
-                out[...] = f.get_tensor(name)
-                return out
-            step = rows_per_block(shape, self.stored_dtype(name))
-            for a in range(0, shape[0], step):
-                out[a:a + step] = sl[a:min(a + step, shape[0])]
-            return out
+            return self._read_converted(name, dt)
         except CheckpointError:
             raise
         except Exception as e:
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({e})") from e
+
+    def _read_converted(self, name: str, dt: np.dtype) -> np.ndarray:
+        shape = self.tensor_header(name)[0]
+        if not shape:
+            return np.asarray(self._open(self._where[name]).get_tensor(name), dt).copy()
+        out = np.empty(shape, dt)
+        step = rows_per_block(shape, self.stored_dtype(name))
+        for a in range(0, shape[0], step):
+            self.read_rows(name, a, min(a + step, shape[0]), dt, out=out[a:a + step])
+        return out
+
+    def read_rows(self, name: str, start: int, stop: int, dtype=None, *, out=None) -> np.ndarray:
+        """Rows ``start:stop`` (first axis) of tensor ``name`` by a plain file read (no memory map), in ``dtype``
+        (default: the stored one), as a new array or written into ``out``."""
+        shape, stored = self.tensor_header(name)[0], self.stored_dtype(name)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"rows {start}:{stop} of tensor {name!r} of shape {shape}")
+        begin, end = self._data_span(self._where[name], name)
+        row = int(np.prod(shape[1:], dtype=np.int64)) * stored.itemsize
+        if shape[0] * row != end - begin:
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} holds {end - begin} bytes, its shape "
+                                  f"{shape} and dtype {stored} {shape[0] * row}")
+        buf = np.empty((stop - start,) + tuple(shape[1:]), stored.newbyteorder("<"))
+        raw = buf.reshape(-1).view(np.uint8)
+        with open(self.file_of(name), "rb") as fh:
+            fh.seek(begin + start * row)
+            if fh.readinto(raw) != raw.size:
+                raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} is cut short")
+        if out is not None:
+            out[...] = buf
+            return out
+        dt = numpy_dtype(dtype)
+        return buf if dt is None or dt == buf.dtype else buf.astype(dt)
+
+    def _data_span(self, fname: str, name: str) -> tuple[int, int]:
+        """Absolute ``(begin, end)`` byte offsets of tensor ``name``'s data in file ``fname`` (its header,
+        which safetensors has already validated on opening)."""
+        if fname not in self._layouts:
+            with open(os.path.join(self.path, fname), "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                head = json.loads(fh.read(n))
+            self._layouts[fname] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                                    for k, v in head.items() if k != "__metadata__"}
+        return self._layouts[fname][name]
 
     def stored_dtype(self, name: str) -> np.dtype:
         """The NumPy dtype tensor ``name`` is stored in (from its header)."""
@@ -223,12 +260,18 @@ class CheckpointReader:
             raise ValueError(f"no param {'/'.join(map(str, path))} outside the blocks (have: "
                              f"{', '.join('/'.join(p) for p in names)})")
         arr = self.read(names[tuple(path)], dtype)
-        if tuple(path) == ("embed_tokens", "weight") and self.config.tie_word_embeddings \
-                and "lm_head.weight" in self._where:
-            if not np.array_equal(self.read("lm_head.weight", dtype), arr):
-                raise CheckpointError(f"{self.file_of('lm_head.weight')}: tie_word_embeddings is true but "
-                                      "'lm_head.weight' differs from 'model.embed_tokens.weight'")
+        if tuple(path) == ("embed_tokens", "weight"):
+            self.check_tied_rows(0, len(arr), arr)
         return arr
+
+    def check_tied_rows(self, start: int, stop: int, rows) -> None:
+        """With ``tie_word_embeddings`` and a stored ``lm_head.weight``, its rows ``start:stop`` must equal
+        ``rows``, the embedding's (any dtype the stored values convert to exactly); raises otherwise."""
+        if not (self.config.tie_word_embeddings and "lm_head.weight" in self._where):
+            return
+        if not np.array_equal(self.read_rows("lm_head.weight", start, stop, np.asarray(rows).dtype), rows):
+            raise CheckpointError(f"{self.file_of('lm_head.weight')}: tie_word_embeddings is true but "
+                                  "'lm_head.weight' differs from 'model.embed_tokens.weight'")
 
     def read_params(self, dtype=None, *, device_put: bool = True) -> dict:
         """The whole param tree (see :mod:`prinmix_jax.models.llama.params` for the layout)."""

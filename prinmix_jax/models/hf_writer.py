@@ -78,33 +78,51 @@ class CheckpointWriter:
         """Writes one tensor (HF name, HF layout) to the current shard file, starting a new shard when the size
         limit would be passed. It is stored in ``dtype`` if given, else in the writer's dtype if it has one, else
         in its own; a conversion is made a block of rows at a time (no converted copy of the whole tensor)."""
+        arr = np.asarray(jax.device_get(array))
+        dt = dtype if dtype is not None else self.dtype if self.dtype is not None else arr.dtype
+        if arr.ndim == 0:
+            self.add_rows(name, (), [arr], dt)
+            return
+        step = rows_per_block(arr.shape, arr.dtype)
+        self.add_rows(name, arr.shape, (arr[a:a + step] for a in range(0, len(arr), step)), dt)
+
+    def add_rows(self, name: str, shape, blocks, dtype=None) -> None:
+        """Writes tensor ``name`` of ``shape`` from ``blocks``, consecutive blocks of its rows (first axis) made
+        one at a time, stored in ``dtype``, else in the writer's dtype: the tensor need never be whole in memory.
+        Too few or too many rows raise (the shard is then unusable: :meth:`abort`)."""
+        shape = tuple(int(d) for d in shape)
         if name not in self._expected:
             raise CheckpointError(f"{self.path}: tensor {name!r} is not part of a {self.config.architecture} "
                                   f"with this config")
         if name in self._written or name in self._entries:
             raise CheckpointError(f"{self.path}: tensor {name!r} written twice")
-        arr = np.asarray(jax.device_get(array))
-        out = numpy_dtype(dtype) if dtype is not None else self.dtype if self.dtype is not None else arr.dtype
-        if tuple(arr.shape) != self._expected[name][1]:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {arr.shape}, config implies "
+        if shape != self._expected[name][1]:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {shape}, config implies "
                                   f"{self._expected[name][1]}")
+        out = numpy_dtype(dtype) if dtype is not None else self.dtype
+        if out is None:
+            raise ValueError(f"{name!r}: no dtype to store it in (the writer has none)")
         code = SAFETENSORS_DTYPES.get(jnp.dtype(out).name)
         if code is None:
             raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {out}, which safetensors "
                                   "cannot store")
-        nbytes = arr.size * out.itemsize
+        nbytes = int(np.prod(shape, dtype=np.int64)) * out.itemsize
         if self._entries and self._offset + nbytes > self.max_shard_size:
             self._flush()
         if self._file is None:
             self._file = open(os.path.join(self.path, self._shard_name(len(self._shards))), "wb")
             self._file.seek(8 + self._header_room)
-        le = out.newbyteorder("<")
-        step = rows_per_block(arr.shape, arr.dtype)
-        for a in range(0, max(len(arr), 1) if arr.ndim else 1, step):
-            part = arr[a:a + step] if arr.ndim else arr
+        le, written = out.newbyteorder("<"), 0
+        for part in blocks:
+            part = np.asarray(jax.device_get(part))
+            if part.shape[1:] != shape[1:] or part.ndim != len(shape):
+                raise CheckpointError(f"{self.path}: a block of {name!r} has shape {part.shape}, the tensor {shape}")
             raw = np.ascontiguousarray(part).astype(le, copy=False).reshape(-1)
             self._file.write(raw.view(np.uint8).data)
-        self._entries[name] = (code, tuple(int(d) for d in arr.shape), self._offset, self._offset + nbytes)
+            written += raw.nbytes
+        if written != nbytes:
+            raise CheckpointError(f"{self.path}: {name!r} got {written} bytes of rows, its shape takes {nbytes}")
+        self._entries[name] = (code, shape, self._offset, self._offset + nbytes)
         self._offset += nbytes
         self._dtypes.add(jnp.dtype(out).name)
 

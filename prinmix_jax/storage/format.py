@@ -59,11 +59,20 @@ class TensorDigest:
         self._h, self._last = hashlib.sha256(), None
 
     def update(self, name: str, arr) -> None:
+        a = np.asarray(arr)
+        self.begin(name, a.shape)
+        self.update_rows(a)
+
+    def begin(self, name: str, shape) -> None:
+        """Starts tensor ``name`` of ``shape``; its values follow through :meth:`update_rows`."""
         if self._last is not None and name < self._last:
             raise ValueError(f"tensor {name!r} after {self._last!r}: a digest takes tensors in name order")
         self._last = name
-        a = np.ascontiguousarray(np.asarray(arr, dtype=np.float32)).astype("<f4", copy=False)
-        self._h.update(f"{name}\0{list(a.shape)}\0".encode())
+        self._h.update(f"{name}\0{[int(d) for d in shape]}\0".encode())
+
+    def update_rows(self, rows) -> None:
+        """The next block of rows (first axis) of the tensor begun last, in order."""
+        a = np.ascontiguousarray(np.asarray(rows, dtype=np.float32)).astype("<f4", copy=False)
         self._h.update(memoryview(a).cast("B"))
 
     def hexdigest(self) -> str:
