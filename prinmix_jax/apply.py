@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prinmix_jax.delta_tree import check_compatible, get_path, merge_block, merge_rows, param_groups, step_digest
+from prinmix_jax.delta_tree import check_compatible, merge_block, merge_rows, param_groups, step_digest
 from prinmix_jax import formats
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
                                  check_output_location, is_prinmix_output, load_delta, write_output_marker)
@@ -117,8 +117,10 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                               dtype=None, max_shard_size="5GB", progress: bool = False) -> str:
     """Writes ``base + delta`` as a Hugging Face checkpoint folder that ``transformers`` loads.
 
-    Streams block by block (peak memory about one block). The output is written to a temporary folder next
-    to ``out`` and renamed when complete; on any error nothing is left behind. config.json and the tokenizer
+    Streams: each tensor is read, checked against the fingerprint, merged and written a block of rows at a
+    time (:data:`~prinmix_jax.formats.RECONSTRUCT_ROWS`), so memory holds about one such block and one step of
+    the delta, whatever the model's size. The output is written to a temporary folder next to ``out`` and
+    renamed when complete, once every step's fingerprint matched; on any error nothing is left behind. config.json and the tokenizer
     files come from the fine-tuned checkpoint (stored in the delta), else from the base.
 
     Args:
@@ -157,37 +159,28 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
             write_output_marker(tmp, "merged")     # first, so that a killed apply's folder is known as ours
             writer = CheckpointWriter(tmp, cfg, dtype=dtype, max_shard_size=max_shard_size)
 
-            def emit(prefix, merged, stored, table):
-                for path, _ in table:
-                    arr = np.asarray(get_path(merged, path))
-                    name = prefix + ".".join(map(str, path)) if prefix else _hf_global(path, cfg)
-                    if not _all_finite(arr):
-                        raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds "
-                                         "non-finite numbers); nothing was written")
-                    writer.add(name, arr, dtype=get_path(stored, path) if dtype is None else None)
-
-            # The globals one tensor at a time (two of them are vocab x hidden), in the digest's name order, and
-            # each a block of rows at a time: read, hashed, merged, checked and written, never whole. What they
-            # wrote is only published once the digest over all of them matched.
-            globals_delta, digest = delta.globals(), None if force else TensorDigest()
-            for path, _ in sorted(global_table, key=lambda r: "/".join(r[0])):
-                name = _hf_global(path, cfg)
-                shape = reader.tensor_header(name)[0]
-                if digest is not None:
-                    digest.begin("/".join(path), shape)
-                writer.add_rows(name, shape, _merged_global(reader, name, path, shape, globals_delta, digest),
-                                dtype=reader.stored_dtype(name) if dtype is None else None)
+            def stream_step(step, rows, bd):
+                """Every tensor of one step (HF name, tree path), in the digest's name order, each a block of rows
+                at a time: read, hashed, merged, checked and written, never whole. The step's digest is checked
+                once all of them are read; nothing is published before every step's matched."""
+                digest = None if force else TensorDigest()
+                for name, path in sorted(rows, key=lambda r: "/".join(r[1])):
+                    shape = reader.tensor_header(name)[0]
+                    if digest is not None:
+                        digest.begin("/".join(path), shape)
+                    writer.add_rows(name, shape, _merged_rows(reader, name, path, shape, bd, digest),
+                                    dtype=reader.stored_dtype(name) if dtype is None else None)
                 reader.close()
-            if digest is not None:
-                _check_digest_value(delta, 0, digest.hexdigest())
+                if digest is not None:
+                    _check_digest_value(delta, step, digest.hexdigest())
+
+            stream_step(0, [(_hf_global(p, cfg), p) for p, _ in global_table], delta.globals())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                base_b, stored = _read_float32(reader.read, reader.block_rows(b), reader.stored_dtype)
-                reader.close()  # drop the memory maps (their pages count towards RSS)
-                _check_digest(delta, b + 1, base_b, block_table, force)
-                emit(f"model.layers.{b}.", merge_block(base_b, delta.block(b), block_table, in_place=True),
-                     stored, block_table)
-                del base_b
+                rows = reader.block_rows(b)
+                if sorted(p for _, p in rows) != sorted(p for p, _ in block_table):
+                    raise ValueError(f"block {b}: the base's tensors do not match the delta's model")
+                stream_step(b + 1, rows, delta.block(b))
                 bar.update(1)
             bar.close()
             writer.close(copy_from=hf_dir if hf_dir else os.fspath(base_dir))
@@ -201,9 +194,10 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     return out
 
 
-def _merged_global(reader, name, path, shape, globals_delta, digest):
-    """Blocks of rows of ``base + delta`` for the global param ``path`` (HF tensor ``name``), in row order: each
-    base block is read as float32, fed to the ``digest`` (unless None) and checked against a stored tied head."""
+def _merged_rows(reader, name, path, shape, bd, digest):
+    """Blocks of rows of ``base + delta`` for the param at ``path`` (HF tensor ``name``) of step ``bd``, in row
+    order: each base block is read as float32, fed to the ``digest`` (unless None) and, for the embedding,
+    checked against a stored tied head."""
     def base_rows(a, z):
         rows = reader.read_rows(name, a, z, np.float32)
         if digest is not None:
@@ -212,7 +206,7 @@ def _merged_global(reader, name, path, shape, globals_delta, digest):
             reader.check_tied_rows(a, z, rows)
         return rows
 
-    for _, _, rows in merge_rows(base_rows, shape, globals_delta, path):
+    for _, _, rows in merge_rows(base_rows, shape, bd, path):
         if not _all_finite(rows):
             raise ValueError(f"{name}: base + delta has NaN/Inf values (the base or the delta holds non-finite "
                              "numbers); nothing was written")
@@ -225,19 +219,6 @@ def _all_finite(arr: np.ndarray) -> bool:
     if arr.ndim == 0:
         return bool(np.isfinite(arr))
     return all(np.isfinite(arr[a:a + rows]).all() for a in range(0, len(arr), rows))
-
-
-def _read_float32(read, rows, stored_dtype) -> tuple[dict, dict]:
-    """``(float32 arrays, stored dtypes)``, two trees, of the base tensors ``read(key, float32)`` and
-    ``stored_dtype(key)`` for each ``(key, tree path)`` of ``rows``: new writeable arrays the merge adds into,
-    converted by the reader a block of rows at a time."""
-    base, stored = {}, {}
-    for key, path in rows:
-        b, s = base, stored
-        for p in path[:-1]:
-            b, s = b.setdefault(p, {}), s.setdefault(p, {})
-        s[path[-1]], b[path[-1]] = stored_dtype(key), read(key, np.float32)
-    return base, stored
 
 
 def _tokenizer_fallback(hf_dir: str | None, base_dir: str, dst: str) -> None:

@@ -210,10 +210,10 @@ def test_apply_checkpoint_checks_the_globals_one_tensor_at_a_time(root, lowrank_
 
 
 def test_apply_checkpoint_holds_about_one_block(tmp_path):
-    """apply_delta_to_checkpoint holds about one block of the base in float32 (plus a tensor at a time):
-    NumPy allocations traced over a 3-block apply stay under one block and three of the largest tensors.
+    """apply_delta_to_checkpoint streams each tensor by blocks of rows: NumPy allocations traced over a 3-block
+    apply stay under three of the largest tensors, less than half a block (1.2 MB against a 2.6-MB block).
     Before, each block was held in its stored dtype, in float32 and merged, and the writer kept a shard's
-    worth of output (here all of it): 14.3 MB against 2.6 MB for a block; now 3.3 MB."""
+    worth of output (here all of it): 14.3 MB; then about one block in float32: 3.3 MB."""
     import tracemalloc
 
     from prinmix_jax.synthetic import write_llama_pair
@@ -233,7 +233,7 @@ def test_apply_checkpoint_holds_about_one_block(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < block + 3 * largest, (peak, block, largest)
+    assert peak < min(3 * largest, block / 2), (peak, block, largest)
     got, cm = _st(str(tmp_path / "merged")), load_delta(out).matrix(2, "up_proj")
     np.testing.assert_array_equal(got["model.layers.2.mlp.up_proj.weight"],
                                   st["model.layers.2.mlp.up_proj.weight"] + np.asarray(cm.reconstruct()))
