@@ -118,7 +118,7 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     """Writes ``base + delta`` as a Hugging Face checkpoint folder that ``transformers`` loads.
 
     Streams: each tensor is read, checked against the fingerprint, merged and written a block of rows at a
-    time (:data:`~prinmix_jax.formats.RECONSTRUCT_ROWS`), so memory holds about one such block and one step of
+    time (:func:`~prinmix_jax.formats.reconstruct_rows`), so memory holds about one such block and one step of
     the delta, whatever the model's size. The output is written to a temporary folder next to ``out`` and
     renamed when complete, once every step's fingerprint matched; on any error nothing is left behind. config.json and the tokenizer
     files come from the fine-tuned checkpoint (stored in the delta), else from the base.
@@ -215,7 +215,7 @@ def _merged_rows(reader, name, path, shape, bd, digest):
 
 def _all_finite(arr: np.ndarray) -> bool:
     """``np.isfinite(arr).all()`` a block of rows at a time (no mask of the whole tensor)."""
-    rows = formats.RECONSTRUCT_ROWS
+    rows = formats.reconstruct_rows(np.prod(arr.shape[1:], dtype=np.int64))
     if arr.ndim == 0:
         return bool(np.isfinite(arr))
     return all(np.isfinite(arr[a:a + rows]).all() for a in range(0, len(arr), rows))

@@ -102,7 +102,8 @@ def merge_block(base_tree: dict, bd, table, *, in_place: bool = False) -> dict:
 
 def merge_rows(base_rows, shape, bd, path):
     """Yields ``(start, stop, base + delta)`` of the param at ``path`` (of ``shape``), a block of rows at a time in
-    row order (a linear's :meth:`row_blocks`, which are ``reconstruct()``'s; else :data:`RECONSTRUCT_ROWS`).
+    row order (a linear's ``row_blocks()``, which are ``reconstruct()``'s; else
+    :func:`~prinmix_jax.formats.reconstruct_rows` rows).
 
     Args:
       base_rows: ``base_rows(start, stop)`` -> those rows of the base as a writeable float32 array, which the
@@ -126,7 +127,7 @@ def merge_rows(base_rows, shape, bd, path):
         d = np.asarray(d)
         if d.shape != tuple(shape):
             raise ValueError(f"{key}: base {tuple(shape)}, delta {d.shape}")
-    step = formats.RECONSTRUCT_ROWS
+    step = formats.reconstruct_rows(np.prod(shape[1:], dtype=np.int64))
     for a in range(0, shape[0], step):
         z = min(a + step, shape[0])
         rows = base_rows(a, z)

@@ -67,11 +67,18 @@ def dequant_codes(q, scale, zero, bits: int, group_size: int):
     return dequantize(q, s, z, bits)
 
 
-#: Rows of a matrix reconstructed at a time on the host (``row_blocks``; rounded up to whole packed words and
-#: quantisation groups): bounds what a tall matrix needs beside its output to one block, e.g. for a 128256x4096
-#: embedding at rank 2334 a 4096-row block of Û (38 MB) and of the product (67 MB), not the whole Û (1.2 GB) and
-#: a second copy of the product (2.1 GB). Matrices of up to this many rows are one block.
+#: At most this many rows, and about :data:`RECONSTRUCT_BYTES` of float32, of a matrix are reconstructed at a time
+#: on the host (``row_blocks``; rounded up to whole packed words and quantisation groups): what a tall matrix
+#: needs beside its output is one block, e.g. for a 128256x4096 embedding at rank 2334 a 4096-row block of Û
+#: (38 MB) and of the product (67 MB), not the whole Û (1.2 GB) and product (2.1 GB). A matrix of up to 4096
+#: rows and 4096 columns is one block.
 RECONSTRUCT_ROWS = 4096
+RECONSTRUCT_BYTES = 64 << 20
+
+
+def reconstruct_rows(cols: int) -> int:
+    """Rows per host block of a matrix (or a tensor) with ``cols`` float32 values per row."""
+    return max(1, min(RECONSTRUCT_ROWS, RECONSTRUCT_BYTES // (4 * max(1, int(cols)))))
 
 
 def _row_spans(m: int, step: int) -> list[tuple[int, int]]:
@@ -208,14 +215,14 @@ class SVDQuantDelta:
         """The (m, n) float32 approximation of the delta (outside a trace: :meth:`row_blocks` put together)."""
         if _traced(self):
             return _scaled_product(*self._factors(jnp))
-        return _assemble(self._host_blocks(RECONSTRUCT_ROWS), self.shape)
+        return _assemble(self._host_blocks(reconstruct_rows(self.shape[1])), self.shape)
 
     def row_blocks(self, rows: int | None = None):
         """Yields ``(start, stop, rows start:stop of reconstruct())`` as float32 NumPy, computed on the host one
-        block of about ``rows`` rows at a time (default :data:`RECONSTRUCT_ROWS`): only that block of Û is
+        block of about ``rows`` rows at a time (default :func:`reconstruct_rows`): only that block of Û is
         unpacked. With the default, these are :meth:`reconstruct`'s own blocks, so adding them into a base one
         at a time gives the same bytes as adding ``reconstruct()``."""
-        return _row_blocks(self._host_blocks(rows or RECONSTRUCT_ROWS))
+        return _row_blocks(self._host_blocks(rows or reconstruct_rows(self.shape[1])))
 
     def _host_blocks(self, rows: int):
         m, n = self.shape
@@ -271,11 +278,11 @@ class LowRankDelta:
     def reconstruct(self):
         if _traced(self):
             return _f16_product(self.us, self.v)
-        return _assemble(self._host_blocks(RECONSTRUCT_ROWS), self.shape)
+        return _assemble(self._host_blocks(reconstruct_rows(self.shape[1])), self.shape)
 
     def row_blocks(self, rows: int | None = None):
         """As :meth:`SVDQuantDelta.row_blocks`."""
-        return _row_blocks(self._host_blocks(rows or RECONSTRUCT_ROWS))
+        return _row_blocks(self._host_blocks(rows or reconstruct_rows(self.shape[1])))
 
     def _host_blocks(self, rows: int):
         m = self.shape[0]
@@ -319,11 +326,11 @@ class SignDelta:
         if _traced(self):
             s = unpack_bits(self.signs, 1, n).astype(jnp.float32)
             return self.scale[0] * (2.0 * s - 1.0)
-        return _assemble(self._host_blocks(RECONSTRUCT_ROWS), self.shape)
+        return _assemble(self._host_blocks(reconstruct_rows(self.shape[1])), self.shape)
 
     def row_blocks(self, rows: int | None = None):
         """As :meth:`SVDQuantDelta.row_blocks`."""
-        return _row_blocks(self._host_blocks(rows or RECONSTRUCT_ROWS))
+        return _row_blocks(self._host_blocks(rows or reconstruct_rows(self.shape[1])))
 
     def _host_blocks(self, rows: int):
         m, n = self.shape
