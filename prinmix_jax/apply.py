@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prinmix_jax.delta_tree import check_compatible, merge_block, merge_rows, param_groups, step_digest
 from prinmix_jax import formats
+from prinmix_jax.delta_tree import check_compatible, merge_block, merge_rows, param_groups, step_digest
 from prinmix_jax.storage import (DeltaCheckpoint, FingerprintMismatchError, OUTPUT_MARKER, TensorDigest,
                                  check_output_location, is_prinmix_output, load_delta, write_output_marker)
 
@@ -120,8 +120,9 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
     Streams: each tensor is read, checked against the fingerprint, merged and written a block of rows at a
     time (:func:`~prinmix_jax.formats.reconstruct_rows`), so memory holds about one such block and one step of
     the delta, whatever the model's size. The output is written to a temporary folder next to ``out`` and
-    renamed when complete, once every step's fingerprint matched; on any error nothing is left behind. config.json and the tokenizer
-    files come from the fine-tuned checkpoint (stored in the delta), else from the base.
+    renamed when complete, once every step's fingerprint matched; on any error nothing is left behind.
+    config.json and the tokenizer files come from the fine-tuned checkpoint (stored in the delta), else from
+    the base.
 
     Args:
       base_dir: the base Hugging Face checkpoint folder.
@@ -215,9 +216,9 @@ def _merged_rows(reader, name, path, shape, bd, digest):
 
 def _all_finite(arr: np.ndarray) -> bool:
     """``np.isfinite(arr).all()`` a block of rows at a time (no mask of the whole tensor)."""
-    rows = formats.reconstruct_rows(np.prod(arr.shape[1:], dtype=np.int64))
     if arr.ndim == 0:
         return bool(np.isfinite(arr))
+    rows = formats.reconstruct_rows(np.prod(arr.shape[1:], dtype=np.int64))
     return all(np.isfinite(arr[a:a + rows]).all() for a in range(0, len(arr), rows))
 
 

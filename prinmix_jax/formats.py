@@ -19,6 +19,7 @@ the implied ones of a lean :class:`SVDQuantDelta`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -93,7 +94,7 @@ def _assemble(blocks, shape):
     if first[1] - first[0] == shape[0]:
         return first[2] if isinstance(first[2], jax.Array) else jax.device_put(first[2])
     out = np.empty(shape, np.float32)
-    for a, z, blk in (first, *blocks):
+    for a, z, blk in itertools.chain([first], blocks):          # one block made at a time
         out[a:z] = np.asarray(blk)
     return jax.device_put(out)
 

@@ -150,8 +150,9 @@ def test_arrays_that_disagree_with_the_metadata_are_refused():
 def test_row_blocks_are_reconstruct_by_rows(monkeypatch, m, group_size, step, limit):
     """A matrix is reconstructed on the host a block of rows at a time (what apply adds into a base: a
     128256-row embedding's Û and product are never whole). Blocks start on packed words and scale groups
-    (16 rows asked, by a row limit or by float32 bytes: 24 with groups of 24); each product gets only its block of Û, which is the oracle's rows
-    exactly; each block is the oracle's product within float32 rounding; reconstruct() is the blocks' bytes."""
+    (16 rows asked, by a row limit or by float32 bytes: 24 with groups of 24); each product gets only its
+    block of Û, which is the oracle's rows exactly; each block is the oracle's product within float32
+    rounding; reconstruct() is the blocks' bytes."""
     import prinmix_jax.formats as F
 
     cm, (u, s, v) = _svd_delta(m, 40, counts=(3, 5, 2, 1), group_size=group_size)

@@ -249,7 +249,8 @@ def test_reader_reads_rows_and_converts_by_rows(root, tmp_path, monkeypatch):
 
     path, _ = F.cached_checkpoint(root, "qwen2")
     tensors = load_file(os.path.join(path, "model.safetensors"))
-    mixed = {k: v.astype([np.float32, np.float16, ml_dtypes.bfloat16][i % 3]) for i, (k, v) in enumerate(sorted(tensors.items()))}
+    kinds = [np.float32, np.float16, ml_dtypes.bfloat16]
+    mixed = {k: v.astype(kinds[i % 3]) for i, (k, v) in enumerate(sorted(tensors.items()))}
     dst = tmp_path / "mixed"
     shutil.copytree(path, dst)
     save_file(mixed, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})

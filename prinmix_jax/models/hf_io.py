@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from prinmix_jax.models.checkpoint_files import (SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES, TOKENIZER_FILES, numpy_dtype,
-                                                   rows_per_block)
+from prinmix_jax.models.checkpoint_files import (SAFE_INDEX, SAFE_SINGLE, SAFETENSORS_DTYPES, TOKENIZER_FILES,
+                                                   numpy_dtype, rows_per_block)
 from prinmix_jax.models.config import ModelConfig
 from prinmix_jax.models.errors import CheckpointError
 from prinmix_jax.models.hf_writer import CheckpointWriter, parse_size, save_hf_model
