@@ -41,10 +41,20 @@ def _traced(tree) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
-def _dequant_rows(codes, scale, zero, bits: int, length: int, group_size: int, host: bool):
+def _dequant_rows(codes, scale, zero, bits: int, length: int, group_size: int, host: bool, start: int = 0,
+                  stop: int | None = None):
+    """The dequantised rows of one width group of a factor, or on the host entries ``start:stop`` of each
+    (``start`` on a packed word and a scale group)."""
     if host:
-        q = unpack_bits(np.asarray(codes), bits, length).astype(np.float32)
-        return dequant_codes(q, np.asarray(scale), np.asarray(zero), bits, group_size)
+        stop = length if stop is None else stop
+        g = group_size if group_size and group_size < length else None
+        s, z = np.asarray(scale), np.asarray(zero)
+        if (start, stop) != (0, length):
+            lo = 0 if g is None else start // g
+            hi = lo + (1 if g is None else num_groups(stop - start, g))
+            s, z = s[:, lo:hi], z[:, lo:hi]
+        words = np.asarray(codes)[:, bits * (start // 8): bits * -(-stop // 8)]
+        return dequant_codes(unpack_bits(words, bits, stop - start).astype(np.float32), s, z, bits, g)
     return dequant_codes(unpack_bits(codes, bits, length).astype(jnp.float32), scale, zero, bits, group_size)
 
 
@@ -238,13 +248,8 @@ class SVDQuantDelta:
                                           True) for i, b in enumerate(self.group_bits)])
         sig = np.concatenate([np.asarray(x, np.float32) for x in self.sigma])
         for a, z in _row_spans(m, step):
-            us = []
-            for i, b in enumerate(self.group_bits):
-                codes = np.asarray(self.u_codes[i])[:, b * (a // 8): b * -(-z // 8)]
-                q = unpack_bits(codes, b, z - a).astype(np.float32)
-                lo, hi = (0, 1) if g is None else (a // g, a // g + num_groups(z - a, g))
-                us.append(dequant_codes(q, np.asarray(self.u_scale[i])[:, lo:hi],
-                                        np.asarray(self.u_zero[i])[:, lo:hi], b, g))
+            us = [_dequant_rows(self.u_codes[i], self.u_scale[i], self.u_zero[i], b, m, self.group_size, True, a, z)
+                  for i, b in enumerate(self.group_bits)]
             yield a, z, _scaled_product(np.concatenate(us).T, sig, v)
 
     def apply(self, x):
@@ -286,12 +291,8 @@ class LowRankDelta:
         return _row_blocks(self._host_blocks(rows or reconstruct_rows(self.shape[1])))
 
     def _host_blocks(self, rows: int):
-        m = self.shape[0]
-        if m <= rows:
-            yield 0, m, _f16_product(self.us, self.v)
-            return
         us = np.asarray(self.us)
-        for a, z in _row_spans(m, rows):
+        for a, z in _row_spans(self.shape[0], rows):
             yield a, z, _f16_product(us[:, a:z], self.v)
 
     def apply(self, x):
