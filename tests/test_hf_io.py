@@ -269,7 +269,7 @@ def test_reader_reads_rows_and_converts_by_rows(root, tmp_path, monkeypatch):
             with pytest.raises(ValueError, match="rows"):
                 reader.read_rows(name, a, z)
     with CheckpointReader(dst) as reader:                                # the file shrinks once it is open
-        last = max(mixed, key=lambda k: reader._data_span("model.safetensors", k))
+        last = max(mixed, key=lambda k: reader._entry(k)[2])
         data = (dst / "model.safetensors").read_bytes()
         (dst / "model.safetensors").write_bytes(data[:-64])
         with pytest.raises(CheckpointError, match=f"{last}' is cut short"):

@@ -31,6 +31,7 @@ __all__ = ["CheckpointReader", "CheckpointWriter", "load_hf_params", "load_hf_mo
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints carry
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_DTYPE_OF_CODE = {code: np.dtype(name) for name, code in SAFETENSORS_DTYPES.items()}
 
 
 class CheckpointReader:
@@ -163,11 +164,11 @@ class CheckpointReader:
             raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({e})") from e
 
     def _read_converted(self, name: str, dt: np.dtype) -> np.ndarray:
-        shape = self.tensor_header(name)[0]
+        shape, stored, _, _ = self._entry(name)
         if not shape:
             return np.asarray(self._open(self._where[name]).get_tensor(name), dt).copy()
         out = np.empty(shape, dt)
-        step = rows_per_block(shape, self.stored_dtype(name))
+        step = rows_per_block(shape, stored)
         for a in range(0, shape[0], step):
             self.read_rows(name, a, min(a + step, shape[0]), dt, out=out[a:a + step])
         return out
@@ -175,10 +176,9 @@ class CheckpointReader:
     def read_rows(self, name: str, start: int, stop: int, dtype=None, *, out=None) -> np.ndarray:
         """Rows ``start:stop`` (first axis) of tensor ``name`` by a plain file read (no memory map), in ``dtype``
         (default: the stored one), as a new array or written into ``out``."""
-        shape, stored = self.tensor_header(name)[0], self.stored_dtype(name)
+        shape, stored, begin, end = self._entry(name)
         if not shape or not 0 <= start <= stop <= shape[0]:
             raise ValueError(f"rows {start}:{stop} of tensor {name!r} of shape {shape}")
-        begin, end = self._data_span(self._where[name], name)
         row = int(np.prod(shape[1:], dtype=np.int64)) * stored.itemsize
         if shape[0] * row != end - begin:
             raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} holds {end - begin} bytes, its shape "
@@ -195,25 +195,25 @@ class CheckpointReader:
         dt = numpy_dtype(dtype)
         return buf if dt is None or dt == buf.dtype else buf.astype(dt)
 
-    def _data_span(self, fname: str, name: str) -> tuple[int, int]:
-        """Absolute ``(begin, end)`` byte offsets of tensor ``name``'s data in file ``fname`` (its header,
-        which safetensors has already validated on opening)."""
+    def _entry(self, name: str) -> tuple[tuple[int, ...], np.dtype, int, int]:
+        """``(shape, stored dtype, begin, end)`` of tensor ``name``, its data's absolute byte offsets, from its
+        file's header (parsed once per file; safetensors validated it when the reader opened the file)."""
+        fname = self._where[name]
         if fname not in self._layouts:
             with open(os.path.join(self.path, fname), "rb") as fh:
                 n = int.from_bytes(fh.read(8), "little")
                 head = json.loads(fh.read(n))
-            self._layouts[fname] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-                                    for k, v in head.items() if k != "__metadata__"}
-        return self._layouts[fname][name]
+            self._layouts[fname] = {k: (tuple(v["shape"]), v["dtype"], 8 + n + v["data_offsets"][0],
+                                        8 + n + v["data_offsets"][1]) for k, v in head.items() if k != "__metadata__"}
+        shape, code, begin, end = self._layouts[fname][name]
+        if code not in _DTYPE_OF_CODE:
+            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has dtype {code}, which this reader "
+                                  "cannot convert")
+        return shape, _DTYPE_OF_CODE[code], begin, end
 
     def stored_dtype(self, name: str) -> np.dtype:
         """The NumPy dtype tensor ``name`` is stored in (from its header)."""
-        code = self.tensor_header(name)[1]
-        names = {c: n for n, c in SAFETENSORS_DTYPES.items()}
-        if code not in names:
-            raise CheckpointError(f"{self.file_of(name)}: tensor {name!r} has dtype {code}, which this reader "
-                                  "cannot convert")
-        return np.dtype(names[code])
+        return self._entry(name)[1]
 
     def _read_into(self, rows, dtype, device_put: bool) -> dict:
         tree: dict = {}
