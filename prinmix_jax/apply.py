@@ -175,13 +175,12 @@ def apply_delta_to_checkpoint(base_dir, delta, out, *, force: bool = False, over
                 if digest is not None:
                     _check_digest_value(delta, step, digest.hexdigest())
 
+            if delta.num_blocks and sorted(p for _, p in reader.block_rows(0)) != sorted(p for p, _ in block_table):
+                raise ValueError("the base's block tensors do not match the delta's model")    # the same every block
             stream_step(0, [(_hf_global(p, cfg), p) for p, _ in global_table], delta.globals())
             bar = tqdm(total=delta.num_blocks, desc="apply", unit="block", disable=not progress, file=sys.stderr)
             for b in range(delta.num_blocks):
-                rows = reader.block_rows(b)
-                if sorted(p for _, p in rows) != sorted(p for p, _ in block_table):
-                    raise ValueError(f"block {b}: the base's tensors do not match the delta's model")
-                stream_step(b + 1, rows, delta.block(b))
+                stream_step(b + 1, reader.block_rows(b), delta.block(b))
                 bar.update(1)
             bar.close()
             writer.close(copy_from=hf_dir if hf_dir else os.fspath(base_dir))
