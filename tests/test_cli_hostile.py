@@ -169,18 +169,20 @@ def test_user_folder_named_like_the_work_folder_is_kept(root, pair):
 def test_apply_removes_what_a_killed_apply_left(root, pair, delta):
     base, _ = pair
     out = os.path.join(root, "merged-after-kill")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = f"{out}.tmp-apply-{dead.pid}"            # as a SIGKILLed apply leaves it (marker, partial shards)
+    # three finished processes: their pids are dead (pid + 1, ... may belong to a live process of a parallel test)
+    dead = [subprocess.Popen([sys.executable, "-c", "pass"]) for _ in range(3)]
+    for p in dead:
+        p.wait()
+    stale = f"{out}.tmp-apply-{dead[0].pid}"         # as a SIGKILLed apply leaves it (marker, partial shards)
     os.makedirs(stale)
     write_output_marker(stale, "merged")
     open(os.path.join(stale, "model-00001-of-00002.safetensors"), "wb").write(b"\0" * 100)
-    empty = f"{out}.tmp-apply-{dead.pid + 2}"       # killed before even the marker was written
+    empty = f"{out}.tmp-apply-{dead[1].pid}"        # killed before even the marker was written
     os.makedirs(empty)
-    halfway = f"{out}.tmp-apply-{dead.pid + 3}"     # killed while the marker was being written
+    halfway = f"{out}.tmp-apply-{dead[2].pid}"      # killed while the marker was being written
     os.makedirs(halfway)
     open(os.path.join(halfway, OUTPUT_MARKER + ".tmp"), "w").write('{"tool": "prin')
-    foreign = f"{out}.tmp-apply-{dead.pid + 1}"     # same pattern, not ours: kept
+    foreign = f"{out}.tmp-apply-{max(p.pid for p in dead) + 1}"   # same pattern, not ours: kept
     os.makedirs(foreign)
     open(os.path.join(foreign, "notes.txt"), "w").write("mine")
     res = run("apply", base, delta, out)
