@@ -244,12 +244,35 @@ def _tensor_pair_chunks(name, shape, *, seed, delta_rel, decay, noise, rows_per_
                      planted_share_white=r / n)
 
 
+def _write_shard(dirs: dict, fname: str, tensors, kw: dict) -> dict:
+    """Writes one shard file of both models (``dirs``: {"base", "ft"} folders); returns the delta stats of its
+    block-0 matrices. Every tensor's values depend on its name and the seed alone, never on which process
+    writes it or in which order."""
+    files = {k: _ShardFile(os.path.join(d, fname), tensors) for k, d in dirs.items()}
+    stats = {}
+    for name, shape in tensors:
+        st = {} if (".layers.0." in name and len(shape) == 2) else None
+        rows = max(1, kw["chunk_bytes"] // (4 * shape[-1])) if len(shape) == 2 else 1
+        for wb, wf in _tensor_pair_chunks(name, shape, seed=kw["seed"], delta_rel=kw["delta_rel"], decay=kw["decay"],
+                                          noise=kw["noise"], rows_per_chunk=rows, stats=st):
+            files["base"].write(wb)
+            files["ft"].write(wf)
+        if st:
+            stats[name.split(".")[-2]] = st
+    for f in files.values():
+        f.close()
+    return stats
+
+
 def write_pair(root: str, spec: dict, *, seed: int = 0, delta_rel: float = 1e-3, decay: float = 0.6,
-               noise: float = 0.25, shard_bytes: int | None = None, chunk_bytes: int = 64 << 20) -> dict:
+               noise: float = 0.25, shard_bytes: int | None = None, chunk_bytes: int = 64 << 20,
+               jobs: int = 1) -> dict:
     """Writes ``root/base`` and ``root/ft`` (bf16 shards + index + config.json) for ``spec``, streaming.
 
-    Returns ``{"base", "ft", "seconds", "num_params", "bytes_per_model", "num_shards", "delta_stats"}``
-    (``delta_stats``: per block-0 matrix, what of the delta survives bf16 rounding).
+    ``jobs`` > 1 writes that many shards at once, each in its own process (the same bytes as ``jobs=1``; a
+    full-depth 7B pair is ~7 shards per model, several minutes in one process). Returns ``{"base", "ft",
+    "seconds", "num_params", "bytes_per_model", "num_shards", "delta_stats"}`` (``delta_stats``: per block-0
+    matrix, what of the delta survives bf16 rounding).
     """
     shapes = tensor_shapes(spec)
     if shard_bytes is None:   # as many shards as a Hub checkpoint of that size (5 GB each), at any scale
@@ -257,28 +280,25 @@ def write_pair(root: str, spec: dict, *, seed: int = 0, delta_rel: float = 1e-3,
     shards = plan_shards(shapes, shard_bytes)
     t0 = time.perf_counter()
     dirs = {k: os.path.join(root, k) for k in ("base", "ft")}
-    weight_map = {}
-    stats = {}
     total = len(shards)
     for d in dirs.values():
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(hf_config(spec), f, indent=2)
-    for j, tensors in enumerate(shards):
-        fname = f"model-{j + 1:05d}-of-{total:05d}.safetensors"
-        files = {k: _ShardFile(os.path.join(d, fname), tensors) for k, d in dirs.items()}
-        for name, shape in tensors:
-            weight_map[name] = fname
-            st = {} if (".layers.0." in name and len(shape) == 2) else None
-            rows = max(1, chunk_bytes // (4 * shape[-1])) if len(shape) == 2 else 1
-            for wb, wf in _tensor_pair_chunks(name, shape, seed=seed, delta_rel=delta_rel, decay=decay, noise=noise,
-                                              rows_per_chunk=rows, stats=st):
-                files["base"].write(wb)
-                files["ft"].write(wf)
-            if st:
-                stats[name.split(".")[-2]] = st
-        for f in files.values():
-            f.close()
+    fnames = [f"model-{j + 1:05d}-of-{total:05d}.safetensors" for j in range(total)]
+    kw = dict(seed=seed, delta_rel=delta_rel, decay=decay, noise=noise, chunk_bytes=chunk_bytes)
+    if jobs > 1 and total > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn, not fork: the parent may hold JAX or BLAS threads, which a forked child must not inherit
+        with concurrent.futures.ProcessPoolExecutor(min(jobs, total),
+                                                    mp_context=multiprocessing.get_context("spawn")) as ex:
+            shard_stats = list(ex.map(_write_shard, [dirs] * total, fnames, shards, [kw] * total))
+    else:
+        shard_stats = [_write_shard(dirs, fname, tensors, kw) for fname, tensors in zip(fnames, shards)]
+    stats = {k: v for st in shard_stats for k, v in st.items()}
+    weight_map = {name: fname for fname, tensors in zip(fnames, shards) for name, _ in tensors}
     nbytes = sum(2 * math.prod(s) for _, s in shapes)
     for d in dirs.values():
         with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
@@ -471,7 +491,12 @@ def run_compress(pair: dict, out: str, calib: str | None, args, log_path: str) -
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:   # interrupted (Ctrl-C, a timeout's SIGINT): the child must not run on
+            proc.kill()
+            proc.wait()
+            raise
     wall = time.perf_counter() - t
     rc = os.waitstatus_to_exitcode(status)
     with open(log_path) as f:
@@ -615,6 +640,8 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=0.25, help="share of the delta's energy in dense noise")
     ap.add_argument("--shard-mb", type=float, default=None,
                     help="shard size in MB (default 2000 · scale², the shard count of a real checkpoint)")
+    ap.add_argument("--jobs", type=int, default=1, help="shards written at once, one process each (the same "
+                                                         "bytes; e.g. the core count for a full-depth pair)")
     ap.add_argument("--workdir", default=None, help="where pairs and deltas go (default: a temporary folder, "
                                                      "removed at the end); needs 2 x the pair's bf16 size free")
     ap.add_argument("--keep", action="store_true", help="keep --workdir's contents")
@@ -642,7 +669,7 @@ def main(argv=None):
                   f"{spec['inter']}, vocab {spec['vocab']}, heads {spec['heads']}/{spec['kv_heads']} x {spec['head_dim']}"
                   f"{', q/k/v bias' if spec['qkv_bias'] else ''} ...", flush=True)
             pair = write_pair(d, spec, delta_rel=args.delta_rel, decay=args.decay, noise=args.noise,
-                              shard_bytes=shard)
+                              shard_bytes=shard, jobs=args.jobs)
             print(f"  {pair['bytes_per_model'] / 1e9:.3f} GB per model in {pair['num_shards']} shard(s), "
                   f"{pair['seconds']:.1f} s", flush=True)
             calib = write_calib(os.path.join(d, "calib.npy"), spec["vocab"], args.calib_seqs, args.seq_len)

@@ -52,6 +52,21 @@ def test_writer_tiny_pair_reads_back(tmp_path, key):
     assert st["planted_share_survived"] > 2 * st["planted_share_white"]   # still far from white
 
 
+def test_parallel_writer_same_bytes(tmp_path):
+    """Shards written by two processes at once are the bytes one process writes, and the stats agree."""
+    spec = bench_scale.scaled_spec("llama2", 1 / 64, layers=2)
+    one = bench_scale.write_pair(str(tmp_path / "one"), spec, shard_bytes=32 << 10)
+    two = bench_scale.write_pair(str(tmp_path / "two"), spec, shard_bytes=32 << 10, jobs=2)
+    assert one["num_shards"] == two["num_shards"] > 2
+    assert one["delta_stats"] == two["delta_stats"] and one["delta_stats"]
+    for kind in ("base", "ft"):
+        files = sorted(os.listdir(one[kind]))
+        assert files == sorted(os.listdir(two[kind]))
+        for f in files:
+            with open(os.path.join(one[kind], f), "rb") as a, open(os.path.join(two[kind], f), "rb") as b:
+                assert a.read() == b.read(), f
+
+
 def test_help_runs():
     with pytest.raises(SystemExit) as e:
         bench_scale.main(["--help"])
