@@ -50,6 +50,7 @@ Projection to the full depth
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -244,7 +245,7 @@ def _tensor_pair_chunks(name, shape, *, seed, delta_rel, decay, noise, rows_per_
                      planted_share_white=r / n)
 
 
-def _write_shard(dirs: dict, fname: str, tensors, kw: dict) -> dict:
+def _write_shard(dirs: dict, fname: str, tensors, *, seed, delta_rel, decay, noise, chunk_bytes) -> dict:
     """Writes one shard file of both models (``dirs``: {"base", "ft"} folders); returns the delta stats of its
     block-0 matrices. Every tensor's values depend on its name and the seed alone, never on which process
     writes it or in which order."""
@@ -252,9 +253,9 @@ def _write_shard(dirs: dict, fname: str, tensors, kw: dict) -> dict:
     stats = {}
     for name, shape in tensors:
         st = {} if (".layers.0." in name and len(shape) == 2) else None
-        rows = max(1, kw["chunk_bytes"] // (4 * shape[-1])) if len(shape) == 2 else 1
-        for wb, wf in _tensor_pair_chunks(name, shape, seed=kw["seed"], delta_rel=kw["delta_rel"], decay=kw["decay"],
-                                          noise=kw["noise"], rows_per_chunk=rows, stats=st):
+        rows = max(1, chunk_bytes // (4 * shape[-1])) if len(shape) == 2 else 1
+        for wb, wf in _tensor_pair_chunks(name, shape, seed=seed, delta_rel=delta_rel, decay=decay, noise=noise,
+                                          rows_per_chunk=rows, stats=st):
             files["base"].write(wb)
             files["ft"].write(wf)
         if st:
@@ -286,7 +287,8 @@ def write_pair(root: str, spec: dict, *, seed: int = 0, delta_rel: float = 1e-3,
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(hf_config(spec), f, indent=2)
     fnames = [f"model-{j + 1:05d}-of-{total:05d}.safetensors" for j in range(total)]
-    kw = dict(seed=seed, delta_rel=delta_rel, decay=decay, noise=noise, chunk_bytes=chunk_bytes)
+    write = functools.partial(_write_shard, dirs, seed=seed, delta_rel=delta_rel, decay=decay, noise=noise,
+                              chunk_bytes=chunk_bytes)
     if jobs > 1 and total > 1:
         import concurrent.futures
         import multiprocessing
@@ -294,9 +296,9 @@ def write_pair(root: str, spec: dict, *, seed: int = 0, delta_rel: float = 1e-3,
         # spawn, not fork: the parent may hold JAX or BLAS threads, which a forked child must not inherit
         with concurrent.futures.ProcessPoolExecutor(min(jobs, total),
                                                     mp_context=multiprocessing.get_context("spawn")) as ex:
-            shard_stats = list(ex.map(_write_shard, [dirs] * total, fnames, shards, [kw] * total))
+            shard_stats = list(ex.map(write, fnames, shards))
     else:
-        shard_stats = [_write_shard(dirs, fname, tensors, kw) for fname, tensors in zip(fnames, shards)]
+        shard_stats = list(map(write, fnames, shards))
     stats = {k: v for st in shard_stats for k, v in st.items()}
     weight_map = {name: fname for fname, tensors in zip(fnames, shards) for name, _ in tensors}
     nbytes = sum(2 * math.prod(s) for _, s in shapes)

@@ -38,9 +38,8 @@ export PYTHONUNBUFFERED=1
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 
 {
   date -u
@@ -72,7 +71,9 @@ bench() {   # bench NAME LAYERS [timeout]
   else "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?; fi
   tail -n 40 "$OUT/$name.log"
   # the compress child's own log (its progress bar: how far a stopped run got, and when)
-  for f in "$WORK/$name"/*/delta-*.log; do [ -f "$f" ] && tr '\r' '\n' <"$f" | tail -n 200 >"$OUT/$name.child.log"; done
+  for f in "$WORK/$name"/*/delta-*.log; do
+    if [ -f "$f" ]; then tr '\r' '\n' <"$f" | tail -n 200 >"$OUT/$name.child.log"; fi
+  done
   rm -rf "${WORK:?}/$name"
   echo "== $name: exit $rc"
   return "$rc"
