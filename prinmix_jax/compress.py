@@ -118,7 +118,8 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
     """Compresses a stack of same-shape deltas; the heavy steps run sharded over ``mesh``.
 
     The SVDs of all matrices run as one ``jax.jit``-compiled, vmapped program whose batch axis is
-    sharded over the mesh (padded to a multiple of the device count); the GPTQ passes over the rows of V
+    sharded over the mesh (one matrix per device, no padding copies; several stacks' SVDs can be started
+    together beforehand, :func:`~prinmix_jax.core.svd.prefetch_svds`); the GPTQ passes over the rows of V
     (error tables, the V step at given widths, Delta-CoMe's) spread the rows of the whole stack over the
     devices in fixed tiles (:func:`~prinmix_jax.core.mesh.run_stack_rows`: no padding copies, the same
     bytes on 1 and 8 devices). The allocations (host) and the U step follow per matrix.
@@ -167,6 +168,25 @@ def _prepare(deltas, hessians, config, method):
     if len(shapes) > 1:
         raise ValueError(f"a stack needs same-shape deltas, got shapes {sorted(shapes)}")
     return cfg, pairs, meth
+
+
+def svd_request(deltas, hessians=None, config: CompressionConfig | None = None, method: str = "prinmix", *,
+                widths=None) -> dict | None:
+    """The plain SVD that :func:`compress_stack` (or, for ``"prinmix"`` without widths, :func:`error_tables`)
+    with these arguments takes first, as :func:`~prinmix_jax.core.svd.svd_sharded`'s keyword arguments
+    (``{}``: the full SVD; :meth:`~prinmix_jax.methods.base.Method.svd_request`), or ``None`` where it takes
+    none or the arguments are not a valid stack (the call itself says why). Nothing is validated or computed:
+    :func:`~prinmix_jax.core.svd.prefetch_svds` starts these SVDs for several stacks at once."""
+    shapes = {tuple(getattr(d, "shape", np.shape(d))) for d in deltas}    # a DeferredDelta is not read
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        return None
+    pairs = [(d, None if hessians is None else hessians[i]) for i, d in enumerate(deltas)]
+    stack = Stack(method=method, pairs=pairs, cfg=config if config is not None else CompressionConfig(),
+                  mesh=None, widths=widths)
+    try:
+        return get_method(method).svd_request(stack)
+    except ValueError:             # bad widths or settings: compress_stack raises with its own message
+        return None
 
 
 def error_tables(deltas, hessians=None, config: CompressionConfig | None = None, *,

@@ -46,7 +46,7 @@ from prinmix_jax.allocation import allocate_bits_global
 from prinmix_jax.compress import check_settings, error_tables
 from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionConfig
 from prinmix_jax.core.mesh import default_mesh
-from prinmix_jax.core.svd import reusing_svds
+from prinmix_jax.core.svd import reusing_svds, using_prefetched_svds
 from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, get_path, merge_block, param_groups
 from prinmix_jax.distributed import (allgather_arrays, barrier, broadcast_array, check_shared, init_distributed,
                                      owner)
@@ -60,7 +60,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.step_compress import SVD_DIR, SVDStore, svd_key
+from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -270,14 +270,19 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
             hm = None if hess is None else np.asarray(hess[hk], np.float32)
             groups.setdefault((d.shape, hk), []).append((name, d, hm))
         d = hm = hess = base_b = ft_b = None  # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
-        while groups:
-            members = groups.pop(next(iter(groups)))
-            hs = None if members[0][2] is None else [m[2] for m in members]
-            with reusing_svds(plan.svd_store, [svd_key(b, m[0]) for m in members]):
-                tables = error_tables([m[1] for m in members], hs, plan.config, mesh=plan.mesh)
-            for (name, delta, _), e in zip(members, tables):
-                mine.append(([b, name, list(delta.shape)], np.asarray(e)))
-            del members, hs, tables, delta
+        _, prefetched = spread_stack_svds(       # on several devices the block's stacks' SVDs start together
+            [([svd_key(b, m[0]) for m in g], [m[1] for m in g], None if g[0][2] is None else [m[2] for m in g],
+              None) for g in groups.values()], plan.config, "prinmix", plan.mesh, plan.svd_store)
+        with using_prefetched_svds(prefetched):
+            while groups:
+                members = groups.pop(next(iter(groups)))
+                hs = None if members[0][2] is None else [m[2] for m in members]
+                with reusing_svds(plan.svd_store, [svd_key(b, m[0]) for m in members]):
+                    tables = error_tables([m[1] for m in members], hs, plan.config, mesh=plan.mesh)
+                for (name, delta, _), e in zip(members, tables):
+                    mine.append(([b, name, list(delta.shape)], np.asarray(e)))
+                del members, hs, tables, delta
+        del prefetched
         bar.update(1)
     bar.close()
     return mine

@@ -13,8 +13,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from prinmix_jax.compress import compress_stack
-from prinmix_jax.core.svd import reusing_svds
+from prinmix_jax.compress import compress_stack, svd_request
+from prinmix_jax.core.mesh import default_mesh
+from prinmix_jax.core.svd import prefetch_svds, reusing_svds, svd_settings, using_prefetched_svds
 from prinmix_jax.delta_tree import entry_name, get_path, is_zero, materialise
 from prinmix_jax.distributed import allgather_json, owner
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
@@ -117,19 +118,68 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
             entries[it.name] = ZeroEntry(it.delta.shape, {"rel_output_error": 0.0, "nbytes": 0})
             continue
         groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)
-    for members in (chunk for group in groups.values() for chunk in stack_chunks(group, mesh)):
-        shape = members[0].delta.shape
-        hs = None if members[0].hessian is None else [m.hessian for m in members]
-        ws = None if widths is None else [widths[m.name] for m in members]
-        ur = None if u_ranks is None else max(u_ranks.get(it.name, 0) for it in items if it.delta.shape == shape)
-        keys = [svd_key(step - 1, m.name) for m in members]
-        deltas = [materialise(m.delta) for m in members]       # a deferred delta is read now, one stack at a time
-        with reusing_svds(svd_store if step > 0 else None, keys):
-            results = compress_stack(deltas, hs, config, method, mesh=mesh, widths=ws, u_rank=ur, return_info=True)
-        del deltas
-        for m, (cm, info) in zip(members, results):
-            entries[m.name] = MatrixEntry(cm, _json_info(info, cm))
+    chunks = [chunk for group in groups.values() for chunk in stack_chunks(group, mesh)]
+    store = svd_store if step > 0 else None
+    # On several devices the stacks' SVDs start together (each stack on devices of its own): their deltas are
+    # read up front and held. On one device, one stack's deltas at a time.
+    held, prefetched = spread_stack_svds(
+        [([svd_key(step - 1, m.name) for m in members], [m.delta for m in members],
+          None if members[0].hessian is None else [m.hessian for m in members],
+          None if widths is None else [widths[m.name] for m in members]) for members in chunks],
+        config, method, mesh, store)
+    with using_prefetched_svds(prefetched):
+        for c, members in enumerate(chunks):
+            shape = members[0].delta.shape
+            hs = None if members[0].hessian is None else [m.hessian for m in members]
+            ws = None if widths is None else [widths[m.name] for m in members]
+            ur = None if u_ranks is None else max(u_ranks.get(it.name, 0) for it in items
+                                                  if it.delta.shape == shape)
+            keys = [svd_key(step - 1, m.name) for m in members]
+            deltas = held.pop(c, None) or [materialise(m.delta) for m in members]   # a deferred delta is read now
+            with reusing_svds(store, keys):
+                results = compress_stack(deltas, hs, config, method, mesh=mesh, widths=ws, u_rank=ur,
+                                         return_info=True)
+            del deltas
+            for m, (cm, info) in zip(members, results):
+                entries[m.name] = MatrixEntry(cm, _json_info(info, cm))
     return {it.name: entries[it.name] for it in items if it.name in entries}
+
+
+#: Whether the SVDs of a step's (or a block's) stacks start together on a mesh of several devices
+#: (:func:`spread_stack_svds`). Off, each stack's SVDs run when its turn comes (the same bytes).
+SPREAD_SVDS = True
+
+
+def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[dict, dict]:
+    """On a mesh of several devices, starts the SVDs of several stacks at once
+    (:func:`~prinmix_jax.core.svd.prefetch_svds`: each stack on devices of its own), so that a Llama block's
+    q,k,v · o · gate,up · down stacks, 1–3 matrices each, keep the devices busy together instead of one
+    after the other. Stacks whose SVDs ``store`` already holds, or that take no plain SVD, are left alone.
+
+    Args:
+      stacks: ``[(keys, deltas, hessians, widths)]`` per stack: :func:`svd_key` keys, the deltas (arrays or
+        :class:`~prinmix_jax.delta_tree.DeferredDelta`), Hessians and given widths (or ``None``).
+      config, method, mesh: as for :func:`~prinmix_jax.compress.compress_stack`.
+      store: the :class:`SVDStore` the stacks' SVDs go through, or ``None``.
+
+    Returns:
+      ``(held, prefetched)``: ``{stack index: deltas read}`` (read up front; pass them on rather than read
+      them again) and the started SVDs for :func:`~prinmix_jax.core.svd.using_prefetched_svds`; both empty
+      on one device, with :data:`SPREAD_SVDS` off, or with fewer than two stacks to start.
+    """
+    mesh = default_mesh(mesh)
+    if not SPREAD_SVDS or mesh.size < 2 or len(stacks) < 2:
+        return {}, {}
+    held, requests = {}, []
+    for c, (keys, deltas, hs, ws) in enumerate(stacks):
+        kw = svd_request(deltas, hs, config, method, widths=ws)      # from shapes: nothing is read for it
+        if kw is None or len(keys) > mesh.size or (store is not None and store.holds(keys, svd_settings(**kw))):
+            continue
+        held[c] = [materialise(d) for d in deltas]
+        requests.append(([(k, svd_settings(**kw)) for k in keys], np.stack(held[c]), kw))
+    if len(requests) < 2:
+        return held, {}
+    return held, prefetch_svds(requests, mesh)
 
 
 #: Matrices of at least this many float32 bytes (a 7B embedding: 0.5 GB) go to :func:`compress_stack` at most
@@ -243,6 +293,10 @@ class SVDStore:
                 if keep:
                     self._write(paths[i], _FACTORS, got[i])
         return tuple(np.stack([g[f] for g in got]) for f in range(len(_FACTORS)))
+
+    def holds(self, keys, settings: str) -> bool:
+        """Whether every one of ``keys``' SVDs with ``settings`` is kept (nothing is read)."""
+        return all(os.path.isdir(self._path(k, settings)) for k in keys)
 
     def keep_passes(self, keys, tags, passes, seconds: float) -> None:
         """Offers the GPTQ passes of V of a stack's error tables, while :attr:`writing`: kept (all but ``q``,

@@ -15,7 +15,9 @@ Three SVDs with one layout (``U`` (m, k), ``σ`` (k,) descending, ``V`` (k, n)):
 The one SVD path of the project: :func:`compress_stack <prinmix_jax.compress.compress_stack>` and
 :func:`error_tables <prinmix_jax.compress.error_tables>` call :func:`svd_sharded`. Within
 :func:`reusing_svds`, that path looks each matrix's SVD up in a store first (the global scope's two passes
-compute it once; the store, which does the I/O, is the caller's).
+compute it once; the store, which does the I/O, is the caller's). On several devices the pipeline starts a
+block's stacks' SVDs together beforehand (:func:`prefetch_svds`, each stack on devices of its own), and that
+path takes them (:func:`using_prefetched_svds`).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded
+from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded, sub_mesh
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -209,13 +211,14 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
 
 
 def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, rank: int | None = None,
-                method: str = "gram", oversample: int = 32, iters: int = 4):
+                method: str = "gram", oversample: int = 32, iters: int = 4, tags=None):
     """SVD of a stack ``(batch, m, n)`` of same-shape deltas, spread over the devices of ``mesh``.
 
     One ``jax.jit``-compiled ``vmap`` of :func:`svd_fn` (the full SVD for ``rank=None``, else the top
     ``rank`` triplets by ``method``) with batch-sharded in/out shardings
-    (:func:`~prinmix_jax.core.mesh.run_sharded`): the batch is padded to a multiple of the mesh size
-    and the padding removed. Each matrix's result does not depend on the batch or the device count.
+    (:func:`~prinmix_jax.core.mesh.run_sharded`: no padding copies; a batch that does not fill the mesh runs
+    on as many devices as it has matrices). A matrix's result depends only on how many matrices its device
+    computes (1 wherever the batch fits the mesh): XLA:CPU's batched QR and eigh round by ~6e-8 with it.
 
     Args:
       deltas: float32/float64 array (batch, m, n); bf16/f16 is refused. A numpy array goes to the
@@ -223,16 +226,20 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
       mesh: a 1-D mesh; default all devices.
       axis: the mesh axis name.
       rank, method, oversample, iters: as for :func:`svd_delta`.
+      tags: optional, one hashable per matrix (``(key, settings)``): inside :func:`using_prefetched_svds`, the
+        SVDs :func:`prefetch_svds` started under these tags are taken instead of computed (the same bytes).
 
     Returns:
-      ``(U, σ, V)`` for the unpadded batch: on the mesh, or on the host (numpy) when it was padded.
+      ``(U, σ, V)`` for the batch: on the mesh, or on the host (numpy) when it did not fill the mesh.
     """
     deltas = deltas if isinstance(deltas, (np.ndarray, jax.Array)) else jnp.asarray(deltas)
     _check_dtype(deltas)
     if deltas.ndim != 3:
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
     mesh = default_mesh(mesh, axis)
-    out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
+    out = None if tags is None else take_prefetched(tags)
+    if out is None:
+        out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
     return _gram_fallback(deltas, out, rank, method, lambda d: run_sharded(thin_svd, mesh, d, axis=axis))
 
 
@@ -284,10 +291,11 @@ def reusing_svds(store, keys):
 
     Args:
       store: an object with ``stack_svd(keys, deltas, compute, settings) -> (U, σ, V)`` (e.g.
-        :class:`~prinmix_jax.step_compress.SVDStore`), or ``None`` (the block then changes nothing).
+        :class:`~prinmix_jax.step_compress.SVDStore`), or ``None`` (nothing is kept: the keys then only name
+        the matrices for :func:`prefetch_svds`).
       keys: one string per matrix of the stacks computed in the block (e.g. ``"3/q_proj"``).
     """
-    token = _REUSE.set(None if store is None else (store, tuple(keys)))
+    token = _REUSE.set((store, tuple(keys)))
     try:
         yield
     finally:
@@ -306,3 +314,86 @@ def svd_settings(rank: int | None = None, method: str = "gram", oversample: int 
     if method == "gram":
         return f"g{int(rank)}"
     return f"r{int(rank)}-o{int(oversample)}-i{int(iters)}-s{SVD_SEED}"
+
+
+# ----- several stacks' SVDs at once ---------------------------------------------------------------
+_PREFETCHED: contextvars.ContextVar = contextvars.ContextVar("prinmix_svd_prefetched", default=None)
+
+
+def svd_cost(m: int, n: int, rank: int | None = None) -> float:
+    """A rough relative cost of one (m, n) SVD of rank ``rank`` (``None``: full): for the Gram SVD the Gram
+    product, the ``eigh`` (~9 r³) and the Rayleigh–Ritz step on the larger side; for the full SVD ~4·m·n·r.
+    Only its order matters (:func:`prefetch_svds` places the largest first)."""
+    big, r = max(m, n), min(m, n)
+    if rank is None:
+        return 4.0 * big * r * r
+    return big * r * r + 9.0 * r ** 3 + 4.0 * big * r * rank
+
+
+def plan_devices(sizes, costs, devices: int) -> list[list[int]]:
+    """Which devices start each stack's SVDs: stacks by falling cost, each on the ``size`` least-loaded
+    devices (ties to the lower index), one matrix per device (greedy longest-processing-time scheduling).
+    A stack of more matrices than devices is left out (``[]``): it fills the mesh on its own."""
+    load = [0.0] * devices
+    out: list[list[int]] = [[] for _ in sizes]
+    for i in sorted(range(len(sizes)), key=lambda i: -costs[i] * sizes[i]):
+        if sizes[i] > devices:
+            continue
+        out[i] = sorted(sorted(range(devices), key=lambda d: (load[d], d))[:sizes[i]])
+        for d in out[i]:
+            load[d] += costs[i]
+    return out
+
+
+def prefetch_svds(requests, mesh: Mesh | None = None, axis: str = BATCH_AXIS) -> dict:
+    """Starts the SVDs of several stacks at once, each stack on devices of its own, and returns them unwaited
+    for :func:`using_prefetched_svds`.
+
+    On a mesh of several devices a Llama block's stacks (q,k,v · o · gate,up · down) hold 1–3 matrices each:
+    one after the other, each stack would leave most devices idle. Here they run side by side, one matrix per
+    device (:func:`plan_devices`), each stack as :func:`svd_sharded` would run it on a mesh of its own devices
+    (one batch item per device: the same bytes as on a mesh of more devices).
+
+    Args:
+      requests: ``[(tags, deltas, kw)]``: one hashable tag per matrix, the (B, m, n) float32 stack, and
+        :func:`svd_sharded`'s ``rank``/``method``/``oversample``/``iters`` (``{}``: the full SVD).
+      mesh: the 1-D mesh; default all devices.
+
+    Returns:
+      ``{tag: (outputs, index)}``: the stack's ``(U, σ, V)`` (on its devices) and the matrix's batch index.
+    """
+    mesh = default_mesh(mesh, axis)
+    devs = list(mesh.devices.flat)
+    sizes = [len(t) for t, _, _ in requests]
+    costs = [svd_cost(*d.shape[-2:], kw.get("rank")) for _, d, kw in requests]
+    out = {}
+    for (tags, deltas, kw), place in zip(requests, plan_devices(sizes, costs, len(devs))):
+        if not place:
+            continue
+        _check_dtype(deltas)
+        sub = sub_mesh(mesh, [devs[d] for d in place], axis)
+        res = run_sharded(svd_fn(kw.get("rank"), kw.get("method", "gram"), kw.get("oversample", 32),
+                                 kw.get("iters", 4)), sub, deltas, axis=axis)
+        out.update({tag: (res, i) for i, tag in enumerate(tags)})
+    return out
+
+
+@contextlib.contextmanager
+def using_prefetched_svds(prefetched: dict):
+    """Within the ``with`` block, :func:`svd_sharded` calls with ``tags`` take the SVDs of ``prefetched``
+    (:func:`prefetch_svds`); each is dropped once taken."""
+    token = _PREFETCHED.set(prefetched)
+    try:
+        yield
+    finally:
+        _PREFETCHED.reset(token)
+
+
+def take_prefetched(tags):
+    """``(U, σ, V)`` (numpy) of the matrices ``tags`` from the active :func:`using_prefetched_svds`, removed
+    from it, or ``None`` (nothing removed) unless every one is there."""
+    pre = _PREFETCHED.get()
+    if not pre or any(t not in pre for t in tags):
+        return None
+    got = [pre.pop(t) for t in tags]
+    return tuple(np.stack([np.asarray(res[f])[i] for res, i in got]) for f in range(3))

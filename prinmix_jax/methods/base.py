@@ -76,6 +76,14 @@ class Method:
         """One compressed matrix (or ``(compressed, info)`` pair, with ``stack.return_info``) per delta."""
         raise NotImplementedError
 
+    def svd_request(self, stack: Stack):
+        """The plain SVD :meth:`compress` takes first, as the keyword arguments of
+        :func:`~prinmix_jax.core.svd.svd_sharded` that :func:`~prinmix_jax.methods.shared.stack_svd` passes for
+        ``stack.deltas()`` (:func:`~prinmix_jax.methods.shared.svd_kwargs`; ``{}`` is the full SVD), or ``None``
+        when it takes none (or decomposes something it computes on the way, such as a whitened delta). It lets
+        a caller start the SVDs of several stacks at once (:func:`~prinmix_jax.compress.prefetch_svds`)."""
+        return None
+
     def one_index_bits(self, m: int, n: int, cfg: CompressionConfig) -> int:
         """What keeping a single singular vector of an (m, n) matrix costs (its cheapest first index)."""
         raise NotImplementedError

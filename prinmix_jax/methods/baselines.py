@@ -15,7 +15,7 @@ from prinmix_jax.core.packing import pack_bits
 from prinmix_jax.formats import LowRankDelta, SignDelta
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (finish, hessian_stack, index_costs, max_kept_rank, quantize_stack, stack_svd,
-                                        svd_rank)
+                                        svd_kwargs, svd_rank)
 from prinmix_jax.methods.v_step import fixed_width_rows
 
 # Widths of Delta-CoMe by singular-value rank: (count, bits); the rest at 2 bits, then dropped.
@@ -48,7 +48,7 @@ class DeltaCoMe(Method):
         stack = dataclasses.replace(stack, cfg=dataclasses.replace(stack.cfg, grid="minmax"))
         cfg = stack.cfg
         m, n = stack.shape
-        u, sigma, v = stack_svd(stack, svd_rank(m, n, cfg, max_kept_rank(m, n, cfg, DELTACOME_BITS)))
+        u, sigma, v = stack_svd(stack, self._svd_rank(stack))
         h_all = hessian_stack(stack)
         t = time.perf_counter()
         widths = np.stack([deltacome_widths(s, m, n, stack.budget, cfg) for s in np.asarray(sigma)])
@@ -56,6 +56,13 @@ class DeltaCoMe(Method):
         select = fixed_width_rows(stack, v, h_all, widths)
         t_stage1 = (time.perf_counter() - t) / len(stack.pairs)
         return quantize_stack(stack, u, sigma, h_all, select, u_rank=u_rank, rtc=False, t_stage1=t_stage1)
+
+    def svd_request(self, stack):
+        return svd_kwargs(stack.cfg, self._svd_rank(stack))
+
+    def _svd_rank(self, stack):
+        m, n = stack.shape
+        return svd_rank(m, n, stack.cfg, max_kept_rank(m, n, stack.cfg, DELTACOME_BITS))
 
     def one_index_bits(self, m, n, cfg):   # the schedule starts at 8 bits
         return int(index_costs(m, n, cfg, (8,))[0])
@@ -89,8 +96,7 @@ class LowRank(Method):
 
     def compress(self, stack: Stack) -> list:
         m, n = stack.shape
-        k_max = min(min(m, n), stack.budget // self.one_index_bits(m, n, stack.cfg))
-        u, sigma, v = stack_svd(stack, svd_rank(m, n, stack.cfg, k_max))
+        u, sigma, v = stack_svd(stack, self._svd_rank(stack))
         sig_np = np.asarray(sigma)
         out = []
         for i, ((d_np, h_np), info) in enumerate(zip(stack.pairs, stack.infos)):
@@ -99,6 +105,13 @@ class LowRank(Method):
                               v=jnp.asarray(v[i, :k], jnp.float16), shape=(m, n))
             out.append(finish(cm, jnp.asarray(d_np), h_np, info, stack))
         return out
+
+    def svd_request(self, stack):
+        return svd_kwargs(stack.cfg, self._svd_rank(stack))
+
+    def _svd_rank(self, stack):
+        m, n = stack.shape
+        return svd_rank(m, n, stack.cfg, min(min(m, n), stack.budget // self.one_index_bits(m, n, stack.cfg)))
 
     def one_index_bits(self, m, n, cfg):
         return 16 * (m + n)

@@ -20,7 +20,8 @@ from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
 from prinmix_jax.methods.shared import (cheapest_index_bits, check_widths, gptq_kw, hessian_stack, index_costs,
-                                        max_kept_rank, quantize_stack, stack_energy, stack_svd, svd_rank)
+                                        max_kept_rank, quantize_stack, stack_energy, stack_svd, svd_kwargs,
+                                        svd_rank)
 from prinmix_jax.methods.v_step import fixed_width_rows, offer_v_passes, stack_rows
 
 
@@ -186,15 +187,26 @@ class TableMethod(Method):
         """(r,) widths of one matrix from its (r, nw) table; ``active``: the indices with σ > 0."""
         raise NotImplementedError
 
-    def compress(self, stack: Stack) -> list:
-        cfg = stack.cfg
+    def svd_request(self, stack: Stack):
+        if stack.cfg.whiten and stack.pairs[0][1] is not None:
+            return None
+        return svd_kwargs(stack.cfg, self._given_and_rank(stack)[1])
+
+    def _given_and_rank(self, stack: Stack):
+        """The checked widths given to the stack (or ``None``) and the rank of its SVD (``None``: full)."""
         m, n = stack.shape
         rank = table_svd_rank(stack)
         given = None
         if stack.widths is not None:
-            given = check_widths(stack.widths, len(stack.pairs), min(m, n), cfg.bits)
+            given = check_widths(stack.widths, len(stack.pairs), min(m, n), stack.cfg.bits)
             if rank is not None and given[:, rank:].any():   # widths from elsewhere reach beyond the truncation
                 rank = None
+        return given, rank
+
+    def compress(self, stack: Stack) -> list:
+        cfg = stack.cfg
+        m, n = stack.shape
+        given, rank = self._given_and_rank(stack)
         u, sigma, v = table_rows(stack, *table_svd(stack, rank), given)
         sig_np = np.asarray(sigma)
         h_all = hessian_stack(stack)

@@ -165,15 +165,28 @@ def stack_svd(stack: Stack, rank: int | None = None):
 
     Inside :func:`~prinmix_jax.core.svd.reusing_svds` the store gives the SVDs it kept (the same bytes) and
     is offered the ones computed here."""
-    kw = {} if rank is None else dict(rank=rank, method=svd_method(stack.cfg),
-                                      oversample=oversample_columns(rank, stack.cfg), iters=stack.cfg.svd_iters)
+    kw = svd_kwargs(stack.cfg, rank)
     reuse = active_svd_reuse()
     if reuse is None:
         return svd_sharded(stack.deltas(), stack.mesh, **kw)
     store, keys = reuse
     if len(keys) != len(stack.pairs):
         raise ValueError(f"{len(keys)} SVD reuse keys for a stack of {len(stack.pairs)} matrices")
-    return store.stack_svd(keys, stack.deltas, lambda d: svd_sharded(d, stack.mesh, **kw), svd_settings(**kw))
+    tags = [(key, svd_settings(**kw)) for key in keys]
+
+    def compute(d):       # the SVDs prefetch_svds started are taken when the whole stack is asked for
+        return svd_sharded(d, stack.mesh, tags=tags if d.shape[0] == len(keys) else None, **kw)
+    if store is None:
+        return compute(stack.deltas())
+    return store.stack_svd(keys, stack.deltas, compute, svd_settings(**kw))
+
+
+def svd_kwargs(cfg: CompressionConfig, rank: int | None) -> dict:
+    """The keyword arguments of :func:`~prinmix_jax.core.svd.svd_sharded` for the SVD of rank ``rank``
+    (``None``: full, ``{}``) under ``cfg``."""
+    if rank is None:
+        return {}
+    return dict(rank=rank, method=svd_method(cfg), oversample=oversample_columns(rank, cfg), iters=cfg.svd_iters)
 
 
 def oversample_columns(rank: int, cfg: CompressionConfig) -> int:

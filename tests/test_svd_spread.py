@@ -1,0 +1,140 @@
+"""Issue 14 item 3 for the SVDs: on a mesh of several devices no device computes a padding copy of a matrix,
+and a block's stacks (q,k,v · o · gate,up · down: 1–3 matrices each) start their SVDs together, each stack on
+devices of its own, with the same bytes as one stack at a time. (The suite runs on 8 simulated CPU devices.)"""
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from pipeline_fixtures import read_arrays
+
+from prinmix_jax import CompressionConfig, step_compress
+from prinmix_jax.core import svd as svd_mod
+from prinmix_jax.core.mesh import _compiled, default_mesh, run_sharded
+from prinmix_jax.core.svd import plan_devices, svd_cost, svd_fn
+from prinmix_jax.methods.shared import max_kept_rank, svd_rank
+from prinmix_jax.pipeline import ParamPolicy, compress_model
+from prinmix_jax.synthetic import write_llama_pair
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
+
+CFG = CompressionConfig(ratio=1 / 16, group_size=16)
+
+
+def _counted(fn, seen):
+    """``fn`` that records each batch item it computes (a callback per item under ``vmap``)."""
+    def run(x):
+        jax.debug.callback(lambda a: seen.append(float(a)), x[0, 0])
+        return fn(x)
+    return run
+
+
+@pytest.mark.parametrize("b", [1, 3, 8, 11])
+def test_run_sharded_computes_no_padding_copies(b):
+    """A stack of 3 on 8 devices used to be padded with 5 copies of its first matrix; now each device that
+    works computes a matrix of its own, and the results are the bytes the padded program gave."""
+    mesh = default_mesh()
+    d = np.random.default_rng(b).standard_normal((b, 96, 64)).astype(np.float32)
+    seen = []
+    out = run_sharded(_counted(svd_fn(24, "gram"), seen), mesh, d)
+    jax.effects_barrier()
+    assert len(seen) == b and sorted(seen) == sorted(d[:, 0, 0].tolist())
+    pad = (-b) % mesh.size            # the old path, reproduced: pad with copies, one program over the mesh
+    padded = np.concatenate([d, np.repeat(d[:1], pad, axis=0)])
+    ref = _compiled(svd_fn(24, "gram"), mesh, 1, "batch")(jax.device_put(padded, NamedSharding(mesh, P("batch"))))
+    for got, want in zip(out, ref):
+        if b % mesh.size == 0 or b < mesh.size:      # one matrix per device either way: the same program
+            assert np.array_equal(np.asarray(got), np.asarray(want)[:b])
+        else:                                         # 11: 2 per device before, 1 now: float rounding only
+            np.testing.assert_allclose(np.abs(np.asarray(got)), np.abs(np.asarray(want)[:b]), rtol=0, atol=2e-5)
+
+
+def _llama_block_stacks(hidden=4096, inter=11008, cfg=CFG):
+    """(sizes, costs) of a Llama block's SVD stacks at the pipeline's ranks: q,k,v · o · gate,up · down."""
+    shapes = [(3, (hidden, hidden)), (1, (hidden, hidden)), (2, (inter, hidden)), (1, (hidden, inter))]
+    costs = [svd_cost(m, n, svd_rank(m, n, cfg, max_kept_rank(m, n, cfg))) for _, (m, n) in shapes]
+    return [s for s, _ in shapes], costs
+
+
+def test_a_llama_block_starts_its_svds_on_seven_devices_at_once():
+    sizes, costs = _llama_block_stacks()
+    place = plan_devices(sizes, costs, 8)
+    used = [d for p in place for d in p]
+    assert [len(p) for p in place] == sizes and len(set(used)) == 7       # one matrix per device, no copies
+    # wall time in units of the work: one stack after another (every device waits for the stack's slowest
+    # matrix, or computes its copy) against all at once (the slowest device's load)
+    work = sum(s * c for s, c in zip(sizes, costs))
+    before, now = sum(costs), max(sum(c for p, c in zip(place, costs) if d in p) for d in range(8))
+    assert now == max(costs) and before / now > 2.5
+    assert work / (8 * now) > 2.5 * work / (8 * before)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_plan_devices_balances_the_load(seed):
+    """Greedy longest-first placement: each stack on distinct devices, none left out that fits, and the
+    largest load within (4/3)·OPT + the largest stack cost, where OPT ≥ max(total / devices, largest cost)."""
+    rng = np.random.default_rng(seed)
+    devices = int(rng.integers(2, 9))
+    sizes = rng.integers(1, devices + 3, int(rng.integers(1, 9))).tolist()
+    costs = rng.uniform(0.1, 5.0, len(sizes)).tolist()
+    place = plan_devices(sizes, costs, devices)
+    load = np.zeros(devices)
+    for s, c, p in zip(sizes, costs, place):
+        if s > devices:
+            assert p == []
+            continue
+        assert len(p) == s and len(set(p)) == s and all(0 <= d < devices for d in p)
+        load[p] += c
+    fit = [(s, c) for s, c in zip(sizes, costs) if s <= devices]
+    if fit:
+        bound = max(sum(s * c for s, c in fit) / devices, max(c for _, c in fit))
+        assert load.max() <= 4 / 3 * bound + max(c for _, c in fit) + 1e-9
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("svd-spread")
+    base, ft = write_llama_pair(str(root), 2, 64, 128, 64)      # 64x64 (Gram SVD), 128x64, 64x128
+    calib = np.random.default_rng(3).integers(3, 64, (4, 16)).astype(np.int32)
+    return root, base, ft, calib
+
+
+def _run(pair, out, spread, monkeypatch, **kw):
+    """compress_model with the block SVDs started together or not; returns the matrices each SVD program
+    computed (by the stacks' own calls and by the prefetch) and what the prefetch left untaken."""
+    root, base, ft, calib = pair
+    monkeypatch.setattr(step_compress, "SPREAD_SVDS", spread)
+    started, left = [], []
+    real_prefetch, real_using = svd_mod.prefetch_svds, svd_mod.using_prefetched_svds
+
+    def prefetch(requests, mesh=None, axis="batch"):
+        started.append(sum(len(t) for t, _, _ in requests))
+        return real_prefetch(requests, mesh, axis)
+
+    def using(pre):
+        cm = real_using(pre)
+        left.append(pre)                    # checked after the run: every started SVD was taken
+        return cm
+    monkeypatch.setattr(step_compress, "prefetch_svds", prefetch)
+    monkeypatch.setattr(step_compress, "using_prefetched_svds", using)
+    from prinmix_jax import pipeline
+    monkeypatch.setattr(pipeline, "using_prefetched_svds", using)
+    compress_model(base, ft, os.path.join(root, out), config=CFG, seq_len=16,
+                   policy=ParamPolicy(embeddings="store", lm_head="store"), log=lambda m: None, **kw)
+    return started, left
+
+
+@pytest.mark.parametrize("scope,calibrated", [("matrix", False), ("global", True)])
+def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope, calibrated):
+    from prinmix_jax import pipeline
+    monkeypatch.setattr(pipeline, "SVD_REUSE", "never")   # (a kept SVD is read back, not started again)
+    calib = pair[3] if calibrated else None
+    started_off, _ = _run(pair, f"off-{scope}", False, monkeypatch, scope=scope, calib=calib)
+    started, left = _run(pair, f"on-{scope}", True, monkeypatch, scope=scope, calib=calib)
+    assert started_off == []
+    # each block's 7 linears (4 stacks) start together, in each pass that computes SVDs
+    assert started == [7] * (4 if scope == "global" else 2)
+    assert all(not pre for pre in left), "a started SVD was not taken"
+    assert read_arrays(os.path.join(pair[0], f"on-{scope}")) == read_arrays(os.path.join(pair[0], f"off-{scope}"))
