@@ -71,3 +71,18 @@ def test_help_runs():
     with pytest.raises(SystemExit) as e:
         bench_scale.main(["--help"])
     assert e.value.code == 0
+
+
+def test_device_bench_stacks_are_a_blocks_linears():
+    """benchmarks/bench_svd_devices.py models a block's SVD stacks: together exactly the block's linears, and
+    matrices of one shape and one input (q/k/v, gate/up) in one stack, as the pipeline stacks them."""
+    import bench_svd_devices
+    for key in bench_scale.MODELS:
+        spec = bench_scale.scaled_spec(key)
+        linears = sorted(s for name, s in bench_scale.tensor_shapes(spec)
+                         if name.startswith("model.layers.0.") and name.endswith("proj.weight"))
+        stacks = bench_svd_devices.block_stacks(spec)
+        assert sorted(shape for _, b, shape in stacks for _ in range(b)) == linears
+        inputs = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
+        keys = [(shape, inputs[names.split(",")[0]]) for names, _, shape in stacks]
+        assert len(set(keys)) == len(keys)
