@@ -138,3 +138,53 @@ def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope,
     assert started == [7] * (4 if scope == "global" else 2)
     assert all(not pre for pre in left), "a started SVD was not taken"
     assert read_arrays(os.path.join(pair[0], f"on-{scope}")) == read_arrays(os.path.join(pair[0], f"off-{scope}"))
+
+
+def _device_spy(monkeypatch):
+    """Records the device each U step (``svd_quant``) ran on."""
+    from prinmix_jax.methods import shared
+    seen = []
+    real = shared.svd_quant
+
+    def spy(delta, *a, **kw):
+        seen.append(next(iter(delta.devices())).id)
+        return real(delta, *a, **kw)
+    monkeypatch.setattr(shared, "svd_quant", spy)
+    return seen
+
+
+@pytest.mark.parametrize("scope,calibrated", [("matrix", False), ("global", True)])
+def test_u_steps_run_side_by_side_with_the_same_bytes(pair, monkeypatch, scope, calibrated):
+    """A stack's U steps, each in a thread on a device of its own (shared.U_STEPS_ON_CPU turns it on for these
+    simulated devices), give the checkpoint of the plain loop on the first device, byte for byte."""
+    from prinmix_jax import pipeline
+    from prinmix_jax.methods import shared
+    monkeypatch.setattr(pipeline, "SVD_REUSE", "never")
+    calib = pair[3] if calibrated else None
+    loop = _device_spy(monkeypatch)
+    _run(pair, f"u-loop-{scope}", True, monkeypatch, scope=scope, calib=calib)
+    monkeypatch.setattr(shared, "U_STEPS_ON_CPU", True)
+    threads = _device_spy(monkeypatch)             # (wraps the first spy: each call is recorded in both)
+    _run(pair, f"u-threads-{scope}", True, monkeypatch, scope=scope, calib=calib)
+    n = len(loop) // 2                               # the first run's calls, before the second spy
+    assert n and set(loop[:n]) == {0}
+    assert set(threads) == {0, 1, 2}                      # q,k,v on three devices, gate/up on two
+    assert read_arrays(os.path.join(pair[0], f"u-threads-{scope}")) == \
+        read_arrays(os.path.join(pair[0], f"u-loop-{scope}"))
+
+
+def test_deltacome_u_steps_side_by_side_same_bytes(monkeypatch):
+    """Delta-CoMe's U step quantises the SVD's U (no RTC): the same bytes in threads as in the loop."""
+    from prinmix_jax import compress_stack
+    from prinmix_jax.methods import shared
+    rng = np.random.default_rng(5)
+    deltas = [rng.standard_normal((96, 64)).astype(np.float32) for _ in range(3)]
+    cfg = CompressionConfig(ratio=1 / 8, group_size=16)
+    loop = compress_stack(deltas, None, cfg, "deltacome", mesh=default_mesh())
+    monkeypatch.setattr(shared, "U_STEPS_ON_CPU", True)
+    seen = _device_spy(monkeypatch)
+    threads = compress_stack(deltas, None, cfg, "deltacome", mesh=default_mesh())
+    assert sorted(seen) == [0, 1, 2]
+    for a, b in zip(loop, threads):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert np.array_equal(np.asarray(x), np.asarray(y))

@@ -6,6 +6,8 @@ together: a method decides which widths each singular index gets and hands them 
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import math
 import time
 
@@ -248,8 +250,9 @@ def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: b
     be ``None`` with ``rtc``: RTC does not start from the SVD's U)."""
     if u is None and not rtc:
         raise ValueError("the U step without RTC quantises the SVD's U: u is needed")
-    out = []
-    for i, ((d_np, h_np), info) in enumerate(zip(stack.pairs, stack.infos)):
+
+    def one(i):
+        (d_np, h_np), info = stack.pairs[i], stack.infos[i]
         t1 = time.perf_counter()
         info["seconds_stage1"] = t_stage1
         w, v_rows = select(i, info)
@@ -258,8 +261,31 @@ def quantize_stack(stack: Stack, u, sigma, h_all, select, *, u_rank: int, rtc: b
         cm = svd_quant(d, h, None if u is None else u[i], sigma[i], w, v_rows, stack.cfg, stack.method, rtc=rtc,
                        info=info, want_error=stack.return_info, u_rank=u_rank)
         info["seconds_stage2"] = time.perf_counter() - t1
-        out.append(finish(cm, d, h_np, info, stack))
-    return out
+        return finish(cm, d, h_np, info, stack)
+    return per_matrix_on_devices(one, len(stack.pairs), stack.mesh)
+
+
+#: Whether :func:`per_matrix_on_devices` spreads a stack's matrices over several *CPU* devices. Off: simulated
+#: CPU devices share the host's cores (nothing to gain); tests turn it on.
+U_STEPS_ON_CPU = False
+
+
+def per_matrix_on_devices(fn, count: int, mesh) -> list:
+    """``[fn(i) for i in range(count)]``, each call on a device of its own where ``mesh`` has several
+    accelerators: matrix ``i``'s U step (RTC, GPTQ of U, the σ refit, the output error) runs in a thread whose
+    default device is the mesh's ``i % size``-th, so a stack's U steps run side by side instead of one after
+    the other on the first device. Each call computes with the same programs on its own device (the same bytes;
+    tests/test_svd_spread.py). On one device, or on CPU devices (:data:`U_STEPS_ON_CPU`), a plain loop."""
+    devices = [] if mesh is None else list(mesh.devices.flat)
+    if count < 2 or len(devices) < 2 or (devices[0].platform == "cpu" and not U_STEPS_ON_CPU):
+        return [fn(i) for i in range(count)]
+
+    def on_device(i):
+        with jax.default_device(devices[i % len(devices)]):
+            return fn(i)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(count, len(devices))) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, on_device, i) for i in range(count)]
+        return [f.result() for f in futures]
 
 
 def svd_quant(delta, h, u, sigma, widths, v_rows: GPTQResult, cfg, method, rtc, info, want_error, u_rank):
