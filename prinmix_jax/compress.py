@@ -122,7 +122,8 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
     together beforehand, :func:`~prinmix_jax.core.svd.prefetch_svds`); the GPTQ passes over the rows of V
     (error tables, the V step at given widths, Delta-CoMe's) spread the rows of the whole stack over the
     devices in fixed tiles (:func:`~prinmix_jax.core.mesh.run_stack_rows`: no padding copies, the same
-    bytes on 1 and 8 devices). The allocations (host) and the U step follow per matrix.
+    bytes on 1 and 8 devices). The allocations (host) and the U step follow per matrix (on several
+    accelerators side by side, one device each: :func:`~prinmix_jax.methods.shared.per_matrix_on_devices`).
     Each result equals :func:`compress_matrix` of that matrix.
 
     Args:
