@@ -154,7 +154,8 @@ def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[di
     """On a mesh of several devices, starts the SVDs of several stacks at once
     (:func:`~prinmix_jax.core.svd.prefetch_svds`: each stack on devices of its own), so that a Llama block's
     q,k,v · o · gate,up · down stacks, 1–3 matrices each, keep the devices busy together instead of one
-    after the other. Stacks whose SVDs ``store`` already holds, or that take no plain SVD, are left alone.
+    after the other. Stacks whose SVDs ``store`` already holds, that take no plain SVD, or of matrices of
+    :data:`STACK_SPLIT_BYTES` or more (whose host memory stays one stack's) are left alone.
 
     Args:
       stacks: ``[(keys, deltas, hessians, widths)]`` per stack: :func:`svd_key` keys, the deltas (arrays or
@@ -172,6 +173,8 @@ def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[di
         return {}, {}
     held, requests = {}, []
     for c, (keys, deltas, hs, ws) in enumerate(stacks):
+        if 4 * int(np.prod(deltas[0].shape)) >= STACK_SPLIT_BYTES:   # embedding-sized: read one stack at a time
+            continue
         kw = svd_request(deltas, hs, config, method, widths=ws)      # from shapes: nothing is read for it
         if kw is None or len(keys) > mesh.size or (store is not None and store.holds(keys, svd_settings(**kw))):
             continue

@@ -188,3 +188,19 @@ def test_deltacome_u_steps_side_by_side_same_bytes(monkeypatch):
     for a, b in zip(loop, threads):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_embedding_sized_stacks_are_not_read_ahead(monkeypatch):
+    """Matrices of STACK_SPLIT_BYTES or more keep their one-stack-at-a-time host memory: not read up front,
+    not started early; the others are, together."""
+    rng = np.random.default_rng(1)
+    small = [rng.standard_normal((64, 48)).astype(np.float32) for _ in range(2)]
+    big = [rng.standard_normal((96, 64)).astype(np.float32) for _ in range(2)]
+    monkeypatch.setattr(step_compress, "STACK_SPLIT_BYTES", 4 * 96 * 64)
+    stacks = [(["0/a", "0/b"], small, None, None), (["0/c"], small[:1], None, None), (["g/e", "g/h"], big, None, None)]
+    held, pre = step_compress.spread_stack_svds(stacks, CFG, "prinmix", default_mesh())
+    assert sorted(held) == [0, 1]
+    assert {t[0] for t in pre} == {"0/a", "0/b", "0/c"}
+    monkeypatch.setattr(step_compress, "STACK_SPLIT_BYTES", 1 << 30)
+    held, pre = step_compress.spread_stack_svds(stacks, CFG, "prinmix", default_mesh())
+    assert sorted(held) == [0, 1, 2] and {t[0] for t in pre} == {"0/a", "0/b", "0/c", "g/e", "g/h"}
