@@ -60,7 +60,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, svd_key
+from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, spreads_svds, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -243,9 +243,33 @@ def _calibration_ids(calib, ft: ModelSource, tokenizer_dir, seq_len, num_sequenc
 
 
 # ----- the first pass of the global scope --------------------------------------------------------
+#: On a mesh of several devices the global scope's first pass starts the SVDs of this many blocks together
+#: (:func:`~prinmix_jax.step_compress.spread_stack_svds`): one block's 7 matrices of unequal cost leave 8
+#: devices idle 34–56% of its SVD time, four blocks' 28 fill them to 91–100% (docs/benchmarks.md). It holds
+#: that many blocks' deltas on the host (0.8 GB per Llama-2-7B block). One device: one block at a time.
+SVD_WINDOW_BLOCKS = 4
+
+
+def _block_deltas(b: int, base_b, ft_b, linears, me) -> dict:
+    """``{(shape, Hessian key): [(name, delta)]}`` of block ``b``'s linears this process compresses (all-zero
+    deltas left out: they store nothing), from the block's base and fine-tuned parameters."""
+    groups = {}
+    for j, path in enumerate(linears):
+        if owner(b + 1, j) != me:
+            continue
+        d = np.asarray(get_path(ft_b, path), np.float32) - np.asarray(get_path(base_b, path), np.float32)
+        if np.any(d):
+            groups.setdefault((d.shape, HESSIAN_FOR_LINEAR[path[-2]]), []).append((path[-2], d))
+    return groups
+
+
 def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     """``[([block, name, shape], error table)]`` of the block linears this process will compress (the
-    same assignment as the second pass); all-zero deltas are left out (they store nothing)."""
+    same assignment as the second pass); all-zero deltas are left out (they store nothing).
+
+    On several devices the deltas of :data:`SVD_WINDOW_BLOCKS` blocks are read together and their SVDs
+    started together (:func:`~prinmix_jax.step_compress.spread_stack_svds`); the tables then follow block by
+    block, the calibration forward in order (it reads each fine-tuned block again)."""
     mcfg, chunk = plan.model_config, plan.chunk_size
     order = {n: i for i, n in enumerate(LINEAR_NAMES)}
     linears = sorted((path for path, kind in plan.block_table if kind == "linear"), key=lambda p: order[p[-2]])
@@ -253,39 +277,50 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     mine = []
     h = None if plan.ids is None else embed(ft_src.embedding(), mcfg, plan.ids)
     bar = progress_bar(plan.progress and me == 0, mcfg.num_layers, 0, "error tables")
-    for b in range(mcfg.num_layers):
-        base_b, ft_b = base_src.block(b), ft_src.block(b)
-        hess = None
-        if h is not None:
-            h, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
-        groups = {}
-        for j, path in enumerate(linears):
-            if owner(b + 1, j) != me:
-                continue
-            name = path[-2]
-            d = np.asarray(get_path(ft_b, path), np.float32) - np.asarray(get_path(base_b, path), np.float32)
-            if not np.any(d):
-                continue
-            hk = HESSIAN_FOR_LINEAR[name]
-            hm = None if hess is None else np.asarray(hess[hk], np.float32)
-            groups.setdefault((d.shape, hk), []).append((name, d, hm))
-        d = hm = hess = base_b = ft_b = None  # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
-        _, prefetched = spread_stack_svds(       # on several devices the block's stacks' SVDs start together
-            [([svd_key(b, m[0]) for m in g], [m[1] for m in g], None if g[0][2] is None else [m[2] for m in g],
-              None) for g in groups.values()], plan.config, "prinmix", plan.mesh, plan.svd_store)
+    window = SVD_WINDOW_BLOCKS if spreads_svds(plan.mesh) else 1
+    for w0 in range(0, mcfg.num_layers, window):
+        blocks = range(w0, min(w0 + window, mcfg.num_layers))
+        ahead = {} if window == 1 else {b: _block_deltas(b, base_src.block(b), ft_src.block(b), linears, me)
+                                        for b in blocks}
+        marks = None if h is None else "pending"       # which SVD a stack takes depends on having Hessians only
+        _, prefetched = spread_stack_svds(
+            [([svd_key(b, m[0]) for m in g], [m[1] for m in g], None if marks is None else [marks] * len(g), None)
+             for b in blocks for g in ahead.get(b, {}).values()], plan.config, "prinmix", plan.mesh,
+            plan.svd_store)
         with using_prefetched_svds(prefetched):
-            while groups:
-                members = groups.pop(next(iter(groups)))
-                hs = None if members[0][2] is None else [m[2] for m in members]
-                with reusing_svds(plan.svd_store, [svd_key(b, m[0]) for m in members]):
-                    tables = error_tables([m[1] for m in members], hs, plan.config, mesh=plan.mesh)
-                for (name, delta, _), e in zip(members, tables):
-                    mine.append(([b, name, list(delta.shape)], np.asarray(e)))
-                del members, hs, tables, delta
+            for b in blocks:
+                groups = ahead.pop(b, None)
+                ft_b = None
+                if groups is None:
+                    base_b, ft_b = base_src.block(b), ft_src.block(b)
+                    groups = _block_deltas(b, base_b, ft_b, linears, me)
+                    base_b = None
+                hess = None
+                if h is not None:
+                    ft_b = ft_src.block(b) if ft_b is None else ft_b
+                    h, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
+                    hess = {hk: np.asarray(hess[hk], np.float32) for _, hk in groups}    # on the host, as the deltas
+                ft_b = None  # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
+                _block_tables(plan, b, groups, hess, mine)
+                hess = None
+                bar.update(1)
         del prefetched
-        bar.update(1)
     bar.close()
     return mine
+
+
+def _block_tables(plan: RunPlan, b: int, groups: dict, hess, mine: list) -> None:
+    """Appends ``([b, name, shape], table)`` for every stack of ``groups`` (emptied as it goes)."""
+    while groups:
+        key = next(iter(groups))
+        members = groups.pop(key)
+        hm = None if hess is None else hess[key[1]]
+        with reusing_svds(plan.svd_store, [svd_key(b, m[0]) for m in members]):
+            tables = error_tables([m[1] for m in members], None if hm is None else [hm] * len(members),
+                                  plan.config, mesh=plan.mesh)
+        for (name, delta), e in zip(members, tables):
+            mine.append(([b, name, list(delta.shape)], np.asarray(e)))
+        del members, tables
 
 
 def _global_widths(plan: RunPlan, base_src, ft_src) -> dict:

@@ -150,6 +150,11 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
 SPREAD_SVDS = True
 
 
+def spreads_svds(mesh) -> bool:
+    """Whether stacks' SVDs start together on ``mesh`` (:data:`SPREAD_SVDS`, several devices)."""
+    return SPREAD_SVDS and default_mesh(mesh).size > 1
+
+
 def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[dict, dict]:
     """On a mesh of several devices, starts the SVDs of several stacks at once
     (:func:`~prinmix_jax.core.svd.prefetch_svds`: each stack on devices of its own), so that a Llama block's
@@ -169,7 +174,7 @@ def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[di
       on one device, with :data:`SPREAD_SVDS` off, or with fewer than two stacks to start.
     """
     mesh = default_mesh(mesh)
-    if not SPREAD_SVDS or mesh.size < 2 or len(stacks) < 2:
+    if not spreads_svds(mesh) or len(stacks) < 2:
         return {}, {}
     held, requests = {}, []
     for c, (keys, deltas, hs, ws) in enumerate(stacks):
