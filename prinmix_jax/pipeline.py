@@ -8,7 +8,9 @@ allocation -> storage -> apply (:mod:`prinmix_jax.apply`).
 Work units ("steps"): step 0 = the globals (embedding, final norm, output head), step ``b + 1`` = decoder
 block ``b``. Same-shape matrices of a step that share an input Hessian (k/v, gate/up, ...) are compressed
 together as one stack (the SVD and error table run sharded over a device mesh when the core provides
-``compress_stack``). Peak host memory is about one block of both models plus the calibration hidden states.
+``compress_stack``). Peak host memory is about one block of both models plus the calibration hidden states;
+on a mesh of several devices the deltas (and Hessians) of :data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS`
+blocks are held, so that their SVDs start together.
 
 Multi-process (``jax.distributed``, one process per host): matrix ``j`` of step ``s`` is compressed by
 process ``(16 s + j) % process_count``, which also writes it: after every step the processes exchange
@@ -60,7 +62,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, spreads_svds, svd_key
+from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, svd_key, svd_window
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -243,13 +245,6 @@ def _calibration_ids(calib, ft: ModelSource, tokenizer_dir, seq_len, num_sequenc
 
 
 # ----- the first pass of the global scope --------------------------------------------------------
-#: On a mesh of several devices the global scope's first pass starts the SVDs of this many blocks together
-#: (:func:`~prinmix_jax.step_compress.spread_stack_svds`): one block's 7 matrices of unequal cost leave 8
-#: devices idle 34–56% of its SVD time, four blocks' 28 fill them to 91–100% (docs/benchmarks.md). It holds
-#: that many blocks' deltas on the host (0.8 GB per Llama-2-7B block). One device: one block at a time.
-SVD_WINDOW_BLOCKS = 4
-
-
 def _block_deltas(b: int, base_b, ft_b, linears, me) -> dict:
     """``{(shape, Hessian key): [(name, delta)]}`` of block ``b``'s linears this process compresses (all-zero
     deltas left out: they store nothing), from the block's base and fine-tuned parameters."""
@@ -267,7 +262,7 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     """``[([block, name, shape], error table)]`` of the block linears this process will compress (the
     same assignment as the second pass); all-zero deltas are left out (they store nothing).
 
-    On several devices the deltas of :data:`SVD_WINDOW_BLOCKS` blocks are read together and their SVDs
+    On several devices the deltas of :data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS` blocks are read together and their SVDs
     started together (:func:`~prinmix_jax.step_compress.spread_stack_svds`); the tables then follow block by
     block, the calibration forward in order (it reads each fine-tuned block again)."""
     mcfg, chunk = plan.model_config, plan.chunk_size
@@ -277,7 +272,7 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     mine = []
     h = None if plan.ids is None else embed(ft_src.embedding(), mcfg, plan.ids)
     bar = progress_bar(plan.progress and me == 0, mcfg.num_layers, 0, "error tables")
-    window = SVD_WINDOW_BLOCKS if spreads_svds(plan.mesh) else 1
+    window = svd_window(plan.mesh)
     for w0 in range(0, mcfg.num_layers, window):
         blocks = range(w0, min(w0 + window, mcfg.num_layers))
         ahead = {} if window == 1 else {b: _block_deltas(b, base_src.block(b), ft_src.block(b), linears, me)

@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -23,8 +23,9 @@ from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
-from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, save_step, split_deltas,
-                                       step_items)
+from prinmix_jax.core.svd import using_prefetched_svds
+from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, owned_stacks, save_step,
+                                       split_deltas, spread_stack_svds, step_items, svd_stacks, svd_window)
 from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
@@ -145,10 +146,20 @@ def _replay_block(plan: RunPlan, store, base_src, ft_src, b: int, h):
     return _through_compressed(plan, store, base_src.block(b), b, h)
 
 
-def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
-    """Step ``b + 1``: compresses and writes decoder block ``b``; returns the next hidden states."""
+class _ReadBlock(NamedTuple):
+    """A decoder block read and split, ready to compress (:func:`_read_block`)."""
+    block: int
+    items: list
+    dense: dict
+    digests: tuple
+    h_next: Any             # hidden states after the fine-tuned block (parallel calibration), or None
+    base: dict | None       # the base block, kept for the sequential calibration's forward
+    seconds: float
+
+
+def _read_block(plan: RunPlan, base_src, ft_src, b: int, h) -> _ReadBlock:
+    """Reads decoder block ``b``, its deltas and (from ``h``) the Hessians of its fine-tuned forward."""
     t0 = time.perf_counter()
-    step = b + 1
     base_b, ft_b = base_src.block(b), ft_src.block(b)
     hess = h_next = None
     if h is not None:
@@ -156,16 +167,70 @@ def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
     items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy, hess)
     digests = _digests(plan.block_table, base_b, ft_b)
     del hess, ft_b          # the deltas are what the compression needs (a 7B block is 0.8 GB in float32)
-    if h is None or plan.calibration_mode == "parallel":
-        base_b = None
-    step_widths = None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
-    entries = compress_entries(items, plan.config, plan.method, plan.mesh, step, step_widths, u_ranks,
-                               plan.svd_store)
-    save_step(store, step, items, entries, dense, _step_meta(plan, step, t0, digests))
-    del items, dense, entries
-    if h is None or plan.calibration_mode == "parallel":
-        return h_next
+    keep_base = h is not None and plan.calibration_mode == "sequential"
+    return _ReadBlock(b, items, dense, digests, h_next, base_b if keep_base else None, time.perf_counter() - t0)
+
+
+def _block_widths(plan: RunPlan, b: int) -> dict | None:
+    return None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
+
+
+def _write_block(plan: RunPlan, store, read: _ReadBlock, u_ranks) -> None:
+    """Step ``read.block + 1``: compresses the block read and writes it."""
+    t0 = time.perf_counter()
+    step = read.block + 1
+    entries = compress_entries(read.items, plan.config, plan.method, plan.mesh, step,
+                               _block_widths(plan, read.block), u_ranks, plan.svd_store)
+    meta = _step_meta(plan, step, t0, read.digests)
+    meta["seconds"] += read.seconds
+    save_step(store, step, read.items, entries, read.dense, meta)
+
+
+def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
+    """Step ``b + 1``: compresses and writes decoder block ``b``; returns the next hidden states."""
+    read = _read_block(plan, base_src, ft_src, b, h)
+    _write_block(plan, store, read, u_ranks)
+    if read.base is None:
+        return read.h_next
+    base_b = read.base
+    del read
     return _through_compressed(plan, store, base_b, b, h)
+
+
+def _compress_window(plan: RunPlan, store, base_src, ft_src, blocks, h, u_ranks, done):
+    """Steps of the decoder ``blocks`` (consecutive) with their SVDs started together on the mesh
+    (:func:`~prinmix_jax.step_compress.spread_stack_svds`): every block is read (and, with parallel
+    calibration, run forward for its Hessians) first, then compressed and written in order. ``done(b)`` is
+    called after each. Returns the hidden states after the last block."""
+    reads = []
+    for b in blocks:
+        reads.append(_read_block(plan, base_src, ft_src, b, h))
+        h = reads[-1].h_next
+    stacks = []
+    for r in reads:
+        stacks += svd_stacks(owned_stacks(r.items, r.block + 1, plan.mesh)[1], r.block + 1,
+                             _block_widths(plan, r.block))
+    _, prefetched = spread_stack_svds(stacks, plan.config, plan.method, plan.mesh, plan.svd_store)
+    del stacks
+    with using_prefetched_svds(prefetched):
+        while reads:
+            read = reads.pop(0)
+            _write_block(plan, store, read, u_ranks)
+            done(read.block)
+            del read
+    return h
+
+
+def _block_windows(plan: RunPlan, start: int):
+    """The decoder blocks to compress, in windows of blocks whose SVDs start together
+    (:func:`~prinmix_jax.step_compress.svd_window`; one block at a time with sequential calibration, whose
+    Hessians need the blocks before compressed), from step ``start`` on, up to ``plan.stop_after_steps``."""
+    sequential = plan.ids is not None and plan.calibration_mode == "sequential"
+    window = 1 if sequential else svd_window(plan.mesh)
+    todo = list(range(max(start - 1, 0), plan.model_config.num_layers))
+    if plan.stop_after_steps is not None:
+        todo = todo[:max(plan.stop_after_steps - (start == 0), 0)]
+    return [todo[i:i + window] for i in range(0, len(todo), window)]
 
 
 def run_steps(plan: RunPlan, store, base_src, ft_src) -> dict:
@@ -187,16 +252,20 @@ def run_steps(plan: RunPlan, store, base_src, ft_src) -> dict:
         bar.update(1)
         done_this_run += 1
     h = None if plan.ids is None else _first_hidden(plan, store, base_src, ft_src)
+    for b in range(min(max(start - 1, 0), plan.model_config.num_layers)):
+        h = _replay_block(plan, store, base_src, ft_src, b, h)
     u_ranks = _largest_ranks(plan.widths)
-    for b in range(plan.model_config.num_layers):
-        if stop_after is not None and done_this_run >= stop_after:
-            break
-        if b + 1 < start:
-            h = _replay_block(plan, store, base_src, ft_src, b, h)
-            continue
-        h = _compress_block(plan, store, base_src, ft_src, b, h, u_ranks)
+
+    def done(_block):
+        nonlocal done_this_run
         bar.update(1)
         done_this_run += 1
+    for blocks in _block_windows(plan, start):
+        if len(blocks) == 1:
+            h = _compress_block(plan, store, base_src, ft_src, blocks[0], h, u_ranks)
+            done(blocks[0])
+        else:
+            h = _compress_window(plan, store, base_src, ft_src, blocks, h, u_ranks, done)
     bar.close()
     if stop_after is not None and store.latest_step() != num_steps - 1:
         store.close()

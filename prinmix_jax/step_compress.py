@@ -4,6 +4,7 @@ compressed; see :mod:`prinmix_jax.distributed` for who owns what), and :class:`S
 global scope's SVDs, and its error tables' GPTQ passes of V, between its two passes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,13 +16,15 @@ import numpy as np
 
 from prinmix_jax.compress import compress_stack, svd_request
 from prinmix_jax.core.mesh import default_mesh
-from prinmix_jax.core.svd import prefetch_svds, reusing_svds, svd_settings, using_prefetched_svds
+from prinmix_jax.core.svd import (active_prefetched, prefetch_svds, reusing_svds, svd_settings,
+                                  using_prefetched_svds)
 from prinmix_jax.delta_tree import entry_name, get_path, is_zero, materialise
 from prinmix_jax.distributed import allgather_json, owner
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
 
-__all__ = ["StepItem", "step_items", "split_deltas", "dense_entry", "compress_entries", "save_step", "SVDStore", "SVD_DIR"]
+__all__ = ["StepItem", "step_items", "split_deltas", "dense_entry", "compress_entries", "owned_stacks", "svd_stacks",
+           "save_step", "SVDStore", "SVD_DIR"]
 
 _INFO_KEYS = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
               "seconds_error_table", "seconds_u", "v_damp", "u_damp", "rtc_damp")
@@ -109,25 +112,15 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     An item's delta may be a :class:`~prinmix_jax.delta_tree.DeferredDelta`: it is read right before its
     stack is compressed and dropped after, so no large delta waits while another is compressed.
     """
-    me = jax.process_index()
-    entries, groups = {}, {}
-    for j, it in enumerate(items):
-        if owner(step, j) != me:
-            continue
-        if is_zero(it.delta):
-            entries[it.name] = ZeroEntry(it.delta.shape, {"rel_output_error": 0.0, "nbytes": 0})
-            continue
-        groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)
-    chunks = [chunk for group in groups.values() for chunk in stack_chunks(group, mesh)]
+    entries, chunks = owned_stacks(items, step, mesh)
     store = svd_store if step > 0 else None
     # On several devices the stacks' SVDs start together (each stack on devices of its own): their deltas are
-    # read up front and held. On one device, one stack's deltas at a time.
-    held, prefetched = spread_stack_svds(
-        [([svd_key(step - 1, m.name) for m in members], [m.delta for m in members],
-          None if members[0].hessian is None else [m.hessian for m in members],
-          None if widths is None else [widths[m.name] for m in members]) for members in chunks],
-        config, method, mesh, store)
-    with using_prefetched_svds(prefetched):
+    # read up front and held. On one device, one stack's deltas at a time. A caller that started this step's
+    # SVDs with other steps' (:func:`spread_stack_svds` over a window of blocks) leaves them active: they stay.
+    held, prefetched = {}, None
+    if active_prefetched() is None:
+        held, prefetched = spread_stack_svds(svd_stacks(chunks, step, widths), config, method, mesh, store)
+    with contextlib.nullcontext() if prefetched is None else using_prefetched_svds(prefetched):
         for c, members in enumerate(chunks):
             shape = members[0].delta.shape
             hs = None if members[0].hessian is None else [m.hessian for m in members]
@@ -145,6 +138,28 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     return {it.name: entries[it.name] for it in items if it.name in entries}
 
 
+def owned_stacks(items: list[StepItem], step: int, mesh) -> tuple[dict, list[list[StepItem]]]:
+    """This process's share of a step's ``items``: ``({name: ZeroEntry}`` of its all-zero deltas, the stacks
+    :func:`compress_entries` compresses the others in``)`` (same shape and Hessian key, :func:`stack_chunks`)."""
+    me = jax.process_index()
+    zeros, groups = {}, {}
+    for j, it in enumerate(items):
+        if owner(step, j) != me:
+            continue
+        if is_zero(it.delta):
+            zeros[it.name] = ZeroEntry(it.delta.shape, {"rel_output_error": 0.0, "nbytes": 0})
+            continue
+        groups.setdefault((it.delta.shape, it.hessian_key), []).append(it)
+    return zeros, [chunk for group in groups.values() for chunk in stack_chunks(group, mesh)]
+
+
+def svd_stacks(chunks: list[list[StepItem]], step: int, widths=None) -> list:
+    """The ``stacks`` argument of :func:`spread_stack_svds` for a step's :func:`owned_stacks`."""
+    return [([svd_key(step - 1, m.name) for m in members], [m.delta for m in members],
+             None if members[0].hessian is None else [m.hessian for m in members],
+             None if widths is None else [widths[m.name] for m in members]) for members in chunks]
+
+
 #: Whether the SVDs of a step's (or a block's) stacks start together on a mesh of several devices
 #: (:func:`spread_stack_svds`). Off, each stack's SVDs run when its turn comes (the same bytes).
 SPREAD_SVDS = True
@@ -153,6 +168,19 @@ SPREAD_SVDS = True
 def spreads_svds(mesh) -> bool:
     """Whether stacks' SVDs start together on ``mesh`` (:data:`SPREAD_SVDS`, several devices)."""
     return SPREAD_SVDS and default_mesh(mesh).size > 1
+
+
+#: On a mesh of several devices the SVDs of this many blocks start together (the global scope's first pass;
+#: the steps of :func:`~prinmix_jax.run.run_steps` unless calibration is sequential): one block's 7 matrices
+#: of unequal cost leave 8 devices idle 34–56% of its SVD time, four blocks' 28 fill them to 91–100%
+#: (docs/benchmarks.md). It holds that many blocks' deltas on the host (0.8 GB per Llama-2-7B block; with
+#: calibration their Hessians too).
+SVD_WINDOW_BLOCKS = 4
+
+
+def svd_window(mesh) -> int:
+    """How many blocks' SVDs start together on ``mesh``: :data:`SVD_WINDOW_BLOCKS`, or 1 on one device."""
+    return max(1, SVD_WINDOW_BLOCKS) if spreads_svds(mesh) else 1
 
 
 def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[dict, dict]:

@@ -126,19 +126,41 @@ def _run(pair, out, spread, monkeypatch, **kw):
     return started, left
 
 
-@pytest.mark.parametrize("scope,calibrated", [("matrix", False), ("global", True)])
-def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope, calibrated):
+@pytest.mark.parametrize("scope,calib_mode,expected", [
+    ("matrix", None, [14]),                 # both blocks' 7 linears (4 stacks each) start together
+    ("matrix", "parallel", [14]),           # the blocks' Hessians come from one forward, before any compression
+    ("matrix", "sequential", [7, 7]),       # a block's Hessians need the blocks before it compressed
+    ("global", "parallel", [14, 14]),       # first pass, then the second (nothing kept here)
+])
+def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope, calib_mode, expected):
     from prinmix_jax import pipeline
     monkeypatch.setattr(pipeline, "SVD_REUSE", "never")   # (a kept SVD is read back, not started again)
-    calib = pair[3] if calibrated else None
-    started_off, _ = _run(pair, f"off-{scope}", False, monkeypatch, scope=scope, calib=calib)
-    started, left = _run(pair, f"on-{scope}", True, monkeypatch, scope=scope, calib=calib)
+    kw = {} if calib_mode is None else dict(calib=pair[3], calibration_mode=calib_mode)
+    name = f"{scope}-{calib_mode}"
+    started_off, _ = _run(pair, f"off-{name}", False, monkeypatch, scope=scope, **kw)
+    started, left = _run(pair, f"on-{name}", True, monkeypatch, scope=scope, **kw)
     assert started_off == []
-    # each block's 7 linears (4 stacks) start together; the global scope's first pass starts both blocks' 14
-    # together (SVD_WINDOW_BLOCKS), its second pass (nothing kept here) each block's 7
-    assert started == ([14, 7, 7] if scope == "global" else [7, 7])
+    # the SVDs of SVD_WINDOW_BLOCKS blocks (here both) start in one go
+    assert started == expected
     assert all(not pre for pre in left), "a started SVD was not taken"
-    assert read_arrays(os.path.join(pair[0], f"on-{scope}")) == read_arrays(os.path.join(pair[0], f"off-{scope}"))
+    assert read_arrays(os.path.join(pair[0], f"on-{name}")) == read_arrays(os.path.join(pair[0], f"off-{name}"))
+
+
+def test_a_stopped_windowed_run_resumes_to_the_same_bytes(pair, monkeypatch):
+    """A run stopped inside a window of blocks (after the globals and block 0 of a 3-block window) resumes
+    from the next block, and the result equals a run in one go with the same bytes."""
+    root, base, ft, calib = pair
+    monkeypatch.setattr(step_compress, "SVD_WINDOW_BLOCKS", 3)
+    kw = dict(config=CFG, seq_len=16, calib=calib, scope="matrix", log=lambda m: None,
+              policy=ParamPolicy(embeddings="store", lm_head="store"))
+    whole = os.path.join(root, "window-whole")
+    compress_model(base, ft, whole, **kw)
+    parts = os.path.join(root, "window-parts")
+    assert compress_model(base, ft, parts, _stop_after_steps=2, **kw) == {"stopped_after_steps": 2}
+    steps = sorted(os.listdir(os.path.join(parts + ".partial", "steps")))
+    compress_model(base, ft, parts, **kw)
+    assert read_arrays(parts) == read_arrays(whole)
+    assert len([s for s in steps if s.isdigit()]) == 2, steps
 
 
 def _device_spy(monkeypatch):

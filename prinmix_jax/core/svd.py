@@ -389,6 +389,11 @@ def using_prefetched_svds(prefetched: dict):
         _PREFETCHED.reset(token)
 
 
+def active_prefetched():
+    """The SVDs of the innermost active :func:`using_prefetched_svds` (a dict, possibly emptied), or ``None``."""
+    return _PREFETCHED.get()
+
+
 def take_prefetched(tags):
     """``(U, σ, V)`` (numpy) of the matrices ``tags`` from the active :func:`using_prefetched_svds`, removed
     from it, or ``None`` (nothing removed) unless every one is there."""
