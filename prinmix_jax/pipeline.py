@@ -9,8 +9,8 @@ Work units ("steps"): step 0 = the globals (embedding, final norm, output head),
 block ``b``. Same-shape matrices of a step that share an input Hessian (k/v, gate/up, ...) are compressed
 together as one stack (the SVD and error table run sharded over a device mesh when the core provides
 ``compress_stack``). Peak host memory is about one block of both models plus the calibration hidden states;
-on a mesh of several devices the deltas (and Hessians) of :data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS`
-blocks are held, so that their SVDs start together.
+on a mesh of several accelerators the deltas (and Hessians) of
+:data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS` blocks are held, so that their SVDs start together.
 
 Multi-process (``jax.distributed``, one process per host): matrix ``j`` of step ``s`` is compressed by
 process ``(16 s + j) % process_count``, which also writes it: after every step the processes exchange
@@ -62,7 +62,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, svd_key, svd_window
+from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, spreads_svds, svd_key, svd_window
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -262,9 +262,10 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     """``[([block, name, shape], error table)]`` of the block linears this process will compress (the
     same assignment as the second pass); all-zero deltas are left out (they store nothing).
 
-    On several devices the deltas of :data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS` blocks are read together and their SVDs
-    started together (:func:`~prinmix_jax.step_compress.spread_stack_svds`); the tables then follow block by
-    block, the calibration forward in order (it reads each fine-tuned block again)."""
+    On several devices the deltas of a window of blocks (:func:`~prinmix_jax.step_compress.svd_window`) are
+    read together and their SVDs started together (:func:`~prinmix_jax.step_compress.spread_stack_svds`); the
+    tables then follow block by block, the calibration forward in order (it reads each fine-tuned block
+    again)."""
     mcfg, chunk = plan.model_config, plan.chunk_size
     order = {n: i for i, n in enumerate(LINEAR_NAMES)}
     linears = sorted((path for path, kind in plan.block_table if kind == "linear"), key=lambda p: order[p[-2]])
@@ -275,7 +276,7 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     window = svd_window(plan.mesh)
     for w0 in range(0, mcfg.num_layers, window):
         blocks = range(w0, min(w0 + window, mcfg.num_layers))
-        ahead = {} if window == 1 else {b: _block_deltas(b, base_src.block(b), ft_src.block(b), linears, me)
+        ahead = {} if not spreads_svds(plan.mesh) else {b: _block_deltas(b, base_src.block(b), ft_src.block(b), linears, me)
                                         for b in blocks}
         marks = None if h is None else "pending"       # which SVD a stack takes depends on having Hessians only
         _, prefetched = spread_stack_svds(

@@ -178,9 +178,19 @@ def spreads_svds(mesh) -> bool:
 SVD_WINDOW_BLOCKS = 4
 
 
+#: Whether :func:`svd_window` holds several blocks on a mesh of *CPU* devices. Off: simulated CPU devices share
+#: the host's cores, so the window would only add host memory (the SVDs' too); tests turn it on.
+WINDOW_ON_CPU = False
+
+
 def svd_window(mesh) -> int:
-    """How many blocks' SVDs start together on ``mesh``: :data:`SVD_WINDOW_BLOCKS`, or 1 on one device."""
-    return max(1, SVD_WINDOW_BLOCKS) if spreads_svds(mesh) else 1
+    """How many blocks' SVDs start together on ``mesh``: :data:`SVD_WINDOW_BLOCKS` on several accelerators
+    (or CPU devices with :data:`WINDOW_ON_CPU`), else 1."""
+    if not spreads_svds(mesh):
+        return 1
+    if default_mesh(mesh).devices.flat[0].platform == "cpu" and not WINDOW_ON_CPU:
+        return 1
+    return max(1, SVD_WINDOW_BLOCKS)
 
 
 def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[dict, dict]:

@@ -101,11 +101,12 @@ def pair(tmp_path_factory):
     return root, base, ft, calib
 
 
-def _run(pair, out, spread, monkeypatch, **kw):
+def _run(pair, out, spread, monkeypatch, window=True, **kw):
     """compress_model with the block SVDs started together or not; returns the matrices each SVD program
     computed (by the stacks' own calls and by the prefetch) and what the prefetch left untaken."""
     root, base, ft, calib = pair
     monkeypatch.setattr(step_compress, "SPREAD_SVDS", spread)
+    monkeypatch.setattr(step_compress, "WINDOW_ON_CPU", window)
     started, left = [], []
     real_prefetch, real_using = svd_mod.prefetch_svds, svd_mod.using_prefetched_svds
 
@@ -146,11 +147,22 @@ def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope,
     assert read_arrays(os.path.join(pair[0], f"on-{name}")) == read_arrays(os.path.join(pair[0], f"off-{name}"))
 
 
+def test_cpu_devices_start_one_block_at_a_time_by_default(pair, monkeypatch):
+    """Simulated CPU devices share the host's cores: without step_compress.WINDOW_ON_CPU the window holds one
+    block (no more host memory than one block's deltas), while a block's stacks still start together."""
+    from prinmix_jax import pipeline
+    monkeypatch.setattr(pipeline, "SVD_REUSE", "never")
+    started, left = _run(pair, "cpu-default", True, monkeypatch, window=False, scope="global", calib=pair[3])
+    assert started == [7, 7, 7, 7]
+    assert all(not pre for pre in left)
+
+
 def test_a_stopped_windowed_run_resumes_to_the_same_bytes(pair, monkeypatch):
     """A run stopped inside a window of blocks (after the globals and block 0 of a 3-block window) resumes
     from the next block, and the result equals a run in one go with the same bytes."""
     root, base, ft, calib = pair
     monkeypatch.setattr(step_compress, "SVD_WINDOW_BLOCKS", 3)
+    monkeypatch.setattr(step_compress, "WINDOW_ON_CPU", True)
     kw = dict(config=CFG, seq_len=16, calib=calib, scope="matrix", log=lambda m: None,
               policy=ParamPolicy(embeddings="store", lm_head="store"))
     whole = os.path.join(root, "window-whole")
