@@ -10,7 +10,8 @@ block ``b``. Same-shape matrices of a step that share an input Hessian (k/v, gat
 together as one stack (the SVD and error table run sharded over a device mesh when the core provides
 ``compress_stack``). Peak host memory is about one block of both models plus the calibration hidden states;
 on a mesh of several accelerators the deltas (and Hessians) of
-:data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS` blocks are held, so that their SVDs start together.
+:data:`~prinmix_jax.step_compress.SVD_WINDOW_BLOCKS` blocks are held, so that their SVDs start together, and
+on accelerators the next blocks are read in a thread meanwhile (:func:`~prinmix_jax.sources.read_ahead`).
 
 Multi-process (``jax.distributed``, one process per host): matrix ``j`` of step ``s`` is compressed by
 process ``(16 s + j) % process_count``, which also writes it: after every step the processes exchange
@@ -61,8 +62,9 @@ from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widths_digest
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
-from prinmix_jax.sources import ModelSource, NonFiniteWeightsError
-from prinmix_jax.step_compress import SVD_DIR, SVDStore, spread_stack_svds, spreads_svds, svd_key, svd_window
+from prinmix_jax.sources import ModelSource, NonFiniteWeightsError, read_ahead
+from prinmix_jax.step_compress import (SVD_DIR, SVDStore, read_ahead_blocks, spread_stack_svds, svd_key,
+                                      svd_window)
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -263,9 +265,10 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     same assignment as the second pass); all-zero deltas are left out (they store nothing).
 
     On several devices the deltas of a window of blocks (:func:`~prinmix_jax.step_compress.svd_window`) are
-    read together and their SVDs started together (:func:`~prinmix_jax.step_compress.spread_stack_svds`); the
-    tables then follow block by block, the calibration forward in order (it reads each fine-tuned block
-    again)."""
+    read together, with their Hessians when calibrated (the forward in order), and their SVDs started
+    together (:func:`~prinmix_jax.step_compress.spread_stack_svds`); the tables then follow block by block.
+    On accelerators the next blocks are read in a thread meanwhile
+    (:func:`~prinmix_jax.step_compress.read_ahead_blocks`)."""
     mcfg, chunk = plan.model_config, plan.chunk_size
     order = {n: i for i, n in enumerate(LINEAR_NAMES)}
     linears = sorted((path for path, kind in plan.block_table if kind == "linear"), key=lambda p: order[p[-2]])
@@ -274,33 +277,36 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     h = None if plan.ids is None else embed(ft_src.embedding(), mcfg, plan.ids)
     bar = progress_bar(plan.progress and me == 0, mcfg.num_layers, 0, "error tables")
     window = svd_window(plan.mesh)
-    for w0 in range(0, mcfg.num_layers, window):
-        blocks = range(w0, min(w0 + window, mcfg.num_layers))
-        ahead = {} if not spreads_svds(plan.mesh) else {b: _block_deltas(b, base_src.block(b), ft_src.block(b), linears, me)
-                                        for b in blocks}
-        marks = None if h is None else "pending"       # which SVD a stack takes depends on having Hessians only
-        _, prefetched = spread_stack_svds(
-            [([svd_key(b, m[0]) for m in g], [m[1] for m in g], None if marks is None else [marks] * len(g), None)
-             for b in blocks for g in ahead.get(b, {}).values()], plan.config, "prinmix", plan.mesh,
-            plan.svd_store)
-        with using_prefetched_svds(prefetched):
-            for b in blocks:
-                groups = ahead.pop(b, None)
-                ft_b = None
-                if groups is None:
-                    base_b, ft_b = base_src.block(b), ft_src.block(b)
-                    groups = _block_deltas(b, base_b, ft_b, linears, me)
-                    base_b = None
+    calibrated = h is not None
+
+    def load(b):      # host work only: it may run ahead in a thread (read_ahead)
+        base_b, ft_b = base_src.block(b), ft_src.block(b)
+        return _block_deltas(b, base_b, ft_b, linears, me), (ft_b if calibrated else None)
+    loads = read_ahead(load, range(mcfg.num_layers), read_ahead_blocks(plan.mesh, window))
+    try:
+        for w0 in range(0, mcfg.num_layers, window):
+            ready = []
+            for b in range(w0, min(w0 + window, mcfg.num_layers)):
+                groups, ft_b = next(loads)
                 hess = None
                 if h is not None:
-                    ft_b = ft_src.block(b) if ft_b is None else ft_b
                     h, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
-                    hess = {hk: np.asarray(hess[hk], np.float32) for _, hk in groups}    # on the host, as the deltas
-                ft_b = None  # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
-                _block_tables(plan, b, groups, hess, mine)
-                hess = None
-                bar.update(1)
-        del prefetched
+                    hess = {hk: np.asarray(hess[hk], np.float32) for _, hk in groups}  # on the host, as the deltas
+                ft_b = None   # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
+                ready.append((b, groups, hess))
+            _, prefetched = spread_stack_svds(
+                [([svd_key(b, m[0]) for m in g], [m[1] for m in g], None if hess is None else [hess[hk]] * len(g),
+                  None) for b, groups, hess in ready for (_, hk), g in groups.items()],
+                plan.config, "prinmix", plan.mesh, plan.svd_store)
+            with using_prefetched_svds(prefetched):
+                while ready:
+                    b, groups, hess = ready.pop(0)
+                    _block_tables(plan, b, groups, hess, mine)
+                    del groups, hess
+                    bar.update(1)
+            del prefetched
+    finally:
+        loads.close()
     bar.close()
     return mine
 

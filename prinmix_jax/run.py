@@ -23,9 +23,11 @@ from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
+from prinmix_jax.sources import read_ahead
 from prinmix_jax.core.svd import using_prefetched_svds
 from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, owned_stacks, save_step,
-                                       split_deltas, spread_stack_svds, step_items, svd_stacks, svd_window)
+                                       read_ahead_blocks, split_deltas, spread_stack_svds, step_items, svd_stacks,
+                                       svd_window)
 from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
@@ -146,6 +148,17 @@ def _replay_block(plan: RunPlan, store, base_src, ft_src, b: int, h):
     return _through_compressed(plan, store, base_src.block(b), b, h)
 
 
+class _Loaded(NamedTuple):
+    """A decoder block as read from the sources (:func:`_load_block`, possibly in a read-ahead thread)."""
+    block: int
+    items: list             # StepItems without Hessians
+    dense: dict
+    digests: tuple
+    ft: dict | None         # the fine-tuned block, kept for the calibration forward
+    base: dict | None       # the base block, kept for the sequential calibration's forward
+    seconds: float
+
+
 class _ReadBlock(NamedTuple):
     """A decoder block read and split, ready to compress (:func:`_read_block`)."""
     block: int
@@ -157,18 +170,30 @@ class _ReadBlock(NamedTuple):
     seconds: float
 
 
-def _read_block(plan: RunPlan, base_src, ft_src, b: int, h) -> _ReadBlock:
-    """Reads decoder block ``b``, its deltas and (from ``h``) the Hessians of its fine-tuned forward."""
+def _load_block(plan: RunPlan, base_src, ft_src, b: int) -> _Loaded:
+    """Reads decoder block ``b`` and takes its deltas and digests: host work only (no device program), so
+    that it can run ahead in a thread (:func:`~prinmix_jax.sources.read_ahead`)."""
     t0 = time.perf_counter()
     base_b, ft_b = base_src.block(b), ft_src.block(b)
-    hess = h_next = None
-    if h is not None:
-        h_next, hess = block_forward_with_hessians(ft_b, plan.model_config, h, layer=b, chunk_size=plan.chunk_size)
-    items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy, hess)
+    items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy)
     digests = _digests(plan.block_table, base_b, ft_b)
-    del hess, ft_b          # the deltas are what the compression needs (a 7B block is 0.8 GB in float32)
-    keep_base = h is not None and plan.calibration_mode == "sequential"
-    return _ReadBlock(b, items, dense, digests, h_next, base_b if keep_base else None, time.perf_counter() - t0)
+    calibrated = plan.ids is not None
+    keep_base = calibrated and plan.calibration_mode == "sequential"
+    return _Loaded(b, items, dense, digests, ft_b if calibrated else None, base_b if keep_base else None,
+                   time.perf_counter() - t0)
+
+
+def _read_block(plan: RunPlan, loaded: _Loaded, h) -> _ReadBlock:
+    """Block ``loaded.block`` with the Hessians of its fine-tuned forward from ``h`` (calibrated)."""
+    t0 = time.perf_counter()
+    items, h_next = loaded.items, None
+    if h is not None:
+        h_next, hess = block_forward_with_hessians(loaded.ft, plan.model_config, h, layer=loaded.block,
+                                                   chunk_size=plan.chunk_size)
+        items = [it._replace(hessian=np.asarray(hess[it.hessian_key], np.float32)) for it in items]
+        del hess
+    return _ReadBlock(loaded.block, items, loaded.dense, loaded.digests, h_next, loaded.base,
+                      loaded.seconds + time.perf_counter() - t0)
 
 
 def _block_widths(plan: RunPlan, b: int) -> dict | None:
@@ -186,9 +211,12 @@ def _write_block(plan: RunPlan, store, read: _ReadBlock, u_ranks) -> None:
     save_step(store, step, read.items, entries, read.dense, meta)
 
 
-def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
-    """Step ``b + 1``: compresses and writes decoder block ``b``; returns the next hidden states."""
-    read = _read_block(plan, base_src, ft_src, b, h)
+def _compress_block(plan: RunPlan, store, loaded: _Loaded, h, u_ranks):
+    """Step ``b + 1``: compresses and writes decoder block ``b`` (``loaded``); returns the next hidden
+    states."""
+    b = loaded.block
+    read = _read_block(plan, loaded, h)
+    del loaded
     _write_block(plan, store, read, u_ranks)
     if read.base is None:
         return read.h_next
@@ -197,14 +225,14 @@ def _compress_block(plan: RunPlan, store, base_src, ft_src, b: int, h, u_ranks):
     return _through_compressed(plan, store, base_b, b, h)
 
 
-def _compress_window(plan: RunPlan, store, base_src, ft_src, blocks, h, u_ranks, done):
-    """Steps of the decoder ``blocks`` (consecutive) with their SVDs started together on the mesh
-    (:func:`~prinmix_jax.step_compress.spread_stack_svds`): every block is read (and, with parallel
-    calibration, run forward for its Hessians) first, then compressed and written in order. ``done(b)`` is
-    called after each. Returns the hidden states after the last block."""
+def _compress_window(plan: RunPlan, store, loads, count: int, h, u_ranks, done):
+    """Steps of the next ``count`` decoder blocks of ``loads`` (consecutive) with their SVDs started together
+    on the mesh (:func:`~prinmix_jax.step_compress.spread_stack_svds`): every block is read (and, with
+    parallel calibration, run forward for its Hessians) first, then compressed and written in order.
+    ``done(b)`` is called after each. Returns the hidden states after the last block."""
     reads = []
-    for b in blocks:
-        reads.append(_read_block(plan, base_src, ft_src, b, h))
+    for _ in range(count):
+        reads.append(_read_block(plan, next(loads), h))
         h = reads[-1].h_next
     stacks = []
     for r in reads:
@@ -260,12 +288,18 @@ def run_steps(plan: RunPlan, store, base_src, ft_src) -> dict:
         nonlocal done_this_run
         bar.update(1)
         done_this_run += 1
-    for blocks in _block_windows(plan, start):
-        if len(blocks) == 1:
-            h = _compress_block(plan, store, base_src, ft_src, blocks[0], h, u_ranks)
-            done(blocks[0])
-        else:
-            h = _compress_window(plan, store, base_src, ft_src, blocks, h, u_ranks, done)
+    windows = _block_windows(plan, start)
+    loads = read_ahead(lambda b: _load_block(plan, base_src, ft_src, b), [b for w in windows for b in w],
+                       read_ahead_blocks(plan.mesh, max(map(len, windows), default=1)))
+    try:
+        for blocks in windows:
+            if len(blocks) == 1:
+                h = _compress_block(plan, store, next(loads), h, u_ranks)
+                done(blocks[0])
+            else:
+                h = _compress_window(plan, store, loads, len(blocks), h, u_ranks, done)
+    finally:
+        loads.close()
     bar.close()
     if stop_after is not None and store.latest_step() != num_steps - 1:
         store.close()

@@ -3,8 +3,11 @@ read one step at a time (the globals, or one decoder block) as float32 NumPy, wi
 finite as it is read."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import os
+import threading
 
 import jax
 import numpy as np
@@ -13,7 +16,7 @@ from flax import nnx
 from prinmix_jax.models import CheckpointReader, check_params, params_from_model
 from prinmix_jax.models.llama.params import block_param_table, get_path, global_param_table, iter_leaves
 
-__all__ = ["ModelSource", "NonFiniteWeightsError"]
+__all__ = ["ModelSource", "NonFiniteWeightsError", "read_ahead"]
 
 
 class NonFiniteWeightsError(ValueError):
@@ -36,6 +39,7 @@ class ModelSource:
 
     def __init__(self, obj, model_config, label: str):
         self.label, self.reader, self.params, self.path = label, None, None, None
+        self._lock = threading.Lock()           # one read at a time (a read-ahead thread may read too)
         if isinstance(obj, (str, os.PathLike)):
             self.path = os.fspath(obj)
             self.reader = CheckpointReader(self.path)
@@ -56,8 +60,9 @@ class ModelSource:
     def _read(self, fn):
         # Copy out of the memory map and drop the file handles after every read: mapped pages count towards
         # the process RSS, so keeping the maps open would make the peak grow with the model size.
-        tree = jax.tree.map(lambda a: np.array(a, np.float32, copy=True), fn())
-        self.reader.close()
+        with self._lock:
+            tree = jax.tree.map(lambda a: np.array(a, np.float32, copy=True), fn())
+            self.reader.close()
         return tree
 
     def block(self, b: int) -> dict:
@@ -132,4 +137,37 @@ class ModelSource:
     def close(self):
         """Drops the reader's file handles (it reopens them when read again)."""
         if self.reader is not None and self.path is not None:
-            self.reader.close()
+            with self._lock:
+                self.reader.close()
+
+
+def read_ahead(fn, items, ahead: int = 1):
+    """Yields ``fn(x)`` for each of ``items`` in order, computing up to ``ahead`` of the next ones in a
+    background thread while the caller works on the current one (``ahead=0``: each when asked for).
+
+    The reads of a compress run (safetensors, the float32 copies, the digests: host work that releases the
+    GIL) then overlap the devices' work on the block before, instead of leaving them idle. At most
+    ``ahead + 1`` results are alive at once: the one yielded and those read ahead. An exception raised by
+    ``fn`` reaches the caller when it asks for that item; closing the generator early (``break``, an
+    exception in the caller) waits for the read in flight and drops what was read ahead.
+    """
+    items = list(items)
+    if ahead < 1 or len(items) < 2:
+        for x in items:
+            yield fn(x)
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prinmix-read-ahead")
+    pending = collections.deque()
+    try:
+        for x in items[:ahead]:
+            pending.append(pool.submit(fn, x))
+        for i in range(len(items)):
+            result = pending.popleft().result()
+            if i + ahead < len(items):
+                pending.append(pool.submit(fn, items[i + ahead]))
+            yield result
+            del result
+    finally:
+        for f in pending:
+            f.cancel()
+        pool.shutdown(wait=True)

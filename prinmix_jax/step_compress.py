@@ -193,6 +193,21 @@ def svd_window(mesh) -> int:
     return max(1, SVD_WINDOW_BLOCKS)
 
 
+#: Whether decoder blocks are read ahead (:func:`read_ahead_blocks`) on a mesh of *CPU* devices. Off: there
+#: the reading thread competes with the computation for the same cores and holds one more block; tests turn
+#: it on.
+READ_AHEAD_ON_CPU = False
+
+
+def read_ahead_blocks(mesh, window: int = 1) -> int:
+    """How many decoder blocks a pass reads ahead in a thread (:func:`~prinmix_jax.sources.read_ahead`)
+    while the devices work on the blocks before: one window of blocks on accelerators (the next window's
+    reads overlap the current window's compression), none on CPU devices (:data:`READ_AHEAD_ON_CPU`)."""
+    if default_mesh(mesh).devices.flat[0].platform == "cpu" and not READ_AHEAD_ON_CPU:
+        return 0
+    return max(1, int(window))
+
+
 def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[dict, dict]:
     """On a mesh of several devices, starts the SVDs of several stacks at once
     (:func:`~prinmix_jax.core.svd.prefetch_svds`: each stack on devices of its own), so that a Llama block's

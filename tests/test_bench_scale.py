@@ -86,3 +86,30 @@ def test_device_bench_stacks_are_a_blocks_linears():
         inputs = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
         keys = [(shape, inputs[names.split(",")[0]]) for names, _, shape in stacks]
         assert len(set(keys)) == len(keys)
+
+
+def test_stage_timers_keep_other_threads_apart():
+    """Blocks read ahead (and U steps on other devices) run in threads: their wrapped calls are timed apart
+    (``overlapped``), without touching the main thread's stage stack, so the stages still add up to the wall
+    time."""
+    import threading
+    import time
+    import types
+
+    timers = bench_scale._Timers()
+    ns = types.SimpleNamespace(read=lambda: time.sleep(0.05), outer=None)
+    timers.wrap(ns, "read", "read")
+
+    def outer():
+        t = threading.Thread(target=ns.read)
+        t.start()
+        time.sleep(0.01)
+        ns.read()                                  # the main thread's own read, nested in the outer stage
+        t.join()
+    ns.outer = outer
+    timers.wrap(ns, "outer", "compress_other")
+    ns.outer()
+    assert timers.stack == []
+    assert set(timers.overlapped) == {"read"} and 0.04 < timers.overlapped["read"] < 1.0
+    assert timers.calls[("block", "read")] == 1      # only the main thread's read is a stage
+    assert timers.calls[("block", "compress_other")] == 1

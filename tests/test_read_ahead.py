@@ -1,0 +1,134 @@
+"""Decoder blocks read ahead in a thread (sources.read_ahead) while the devices work on the blocks before: the
+same bytes as reading each block when its turn comes, at most ``ahead`` blocks read ahead, errors raised at
+the block that has them, and no thread left behind. (On accelerators by default; here turned on with
+step_compress.READ_AHEAD_ON_CPU.)"""
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline_fixtures import read_arrays
+
+from prinmix_jax import CompressionConfig, step_compress
+from prinmix_jax.pipeline import NonFiniteWeightsError, ParamPolicy, compress_model
+from prinmix_jax.sources import ModelSource, read_ahead
+from prinmix_jax.synthetic import write_llama_pair
+
+CFG = CompressionConfig(ratio=1 / 16, group_size=16)
+THREAD = "prinmix-read-ahead"
+
+
+def _no_reader_threads():
+    return not any(t.name.startswith(THREAD) for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 3])
+def test_read_ahead_yields_in_order_and_reads_at_most_ahead(ahead):
+    calls, seen = [], []
+
+    def fn(x):
+        calls.append(x)
+        time.sleep(0.01)
+        return x * x
+    for i, y in enumerate(read_ahead(fn, range(7), ahead)):
+        time.sleep(0.03)                               # the reader has time to run ahead as far as it may
+        seen.append(y)
+        assert len(calls) <= i + 1 + ahead, (i, calls)
+        if ahead and i < 7 - ahead:
+            assert len(calls) == i + 1 + ahead         # ... and it does
+    assert seen == [x * x for x in range(7)] and calls == list(range(7))
+    assert _no_reader_threads()
+
+
+def test_read_ahead_raises_at_the_failing_item_and_stops_on_close():
+    calls = []
+
+    def fn(x):
+        calls.append(x)
+        if x == 2:
+            raise ValueError("bad item 2")
+        return x
+    got = []
+    with pytest.raises(ValueError, match="bad item 2"):
+        for y in read_ahead(fn, range(6), 2):
+            got.append(y)
+    assert got == [0, 1]                               # the items before the failing one arrive first
+    assert _no_reader_threads()
+    calls.clear()
+    gen = read_ahead(lambda x: calls.append(x) or x, range(10), 1)
+    assert next(gen) == 0
+    gen.close()                                        # the caller stops early: the read in flight ends, no more
+    n = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == n <= 2 and _no_reader_threads()
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("read-ahead")
+    base, ft = write_llama_pair(str(root), 3, 64, 128, 64)
+    calib = np.random.default_rng(5).integers(3, 64, (4, 16)).astype(np.int32)
+    return str(root), base, ft, calib
+
+
+def _compress(pair, out, monkeypatch, read_ahead_on, window_on, **kw):
+    root, base, ft, calib = pair
+    monkeypatch.setattr(step_compress, "READ_AHEAD_ON_CPU", read_ahead_on)
+    monkeypatch.setattr(step_compress, "WINDOW_ON_CPU", window_on)
+    threads = []
+    real = ModelSource.block
+
+    def block(self, b):
+        threads.append(threading.current_thread().name)
+        return real(self, b)
+    monkeypatch.setattr(ModelSource, "block", block)
+    compress_model(base, ft, os.path.join(root, out), config=CFG, seq_len=16, log=lambda m: None,
+                   policy=ParamPolicy(embeddings="store", lm_head="store"), **kw)
+    return threads
+
+
+@pytest.mark.parametrize("scope,mode", [("global", "parallel"), ("matrix", "sequential"), ("matrix", None)])
+def test_blocks_read_ahead_give_the_same_bytes(pair, monkeypatch, scope, mode):
+    kw = dict(scope=scope) if mode is None else dict(scope=scope, calib=pair[3], calibration_mode=mode)
+    name = f"{scope}-{mode}"
+    plain = _compress(pair, f"plain-{name}", monkeypatch, False, False, **kw)
+    assert not any(t.startswith(THREAD) for t in plain)
+    for window in (False, True):
+        ahead = _compress(pair, f"ahead-{name}-{window}", monkeypatch, True, window, **kw)
+        # every block the passes compress is read in the thread (a calibrated run's replay/forward reads none
+        # again: the forward takes the block read ahead)
+        assert sum(t.startswith(THREAD) for t in ahead) >= 2 * 3, ahead
+        assert read_arrays(os.path.join(pair[0], f"ahead-{name}-{window}")) == \
+            read_arrays(os.path.join(pair[0], f"plain-{name}"))
+    assert _no_reader_threads()
+
+
+def test_a_bad_block_read_ahead_is_refused_and_leaves_nothing(pair, monkeypatch, tmp_path):
+    """NaN in block 1 of the fine-tuned model: read ahead while block 0 is compressed, the error is raised when
+    block 1's turn comes, naming it, and the run leaves no output or work folder."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    root, base, ft, _ = pair
+    bad = str(tmp_path / "ft-nan")
+    shutil.copytree(ft, bad)
+    for f in os.listdir(bad):
+        if f.endswith(".safetensors"):
+            path = os.path.join(bad, f)
+            t = load_file(path)
+            key = "model.layers.1.mlp.up_proj.weight"
+            if key in t:
+                t[key] = np.where(np.arange(t[key].size).reshape(t[key].shape) == 5, np.nan, t[key]).astype(
+                    t[key].dtype)
+                save_file(t, path, metadata={"format": "pt"})
+    monkeypatch.setattr(step_compress, "READ_AHEAD_ON_CPU", True)
+    out = str(tmp_path / "out")
+    for scope in ("global", "matrix"):
+        with pytest.raises(NonFiniteWeightsError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*block 1"):
+            compress_model(base, bad, out, config=CFG, scope=scope, log=lambda m: None,
+                           policy=ParamPolicy(embeddings="store", lm_head="store"))
+        assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+        assert _no_reader_threads()
