@@ -25,9 +25,9 @@ from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
 from prinmix_jax.sources import read_ahead
 from prinmix_jax.core.svd import using_prefetched_svds
-from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, owned_stacks, save_step,
-                                       read_ahead_blocks, split_deltas, spread_stack_svds, step_items, svd_stacks,
-                                       svd_window)
+from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, owned_stacks,
+                                       preload_kept_svds, read_ahead_blocks, save_step, split_deltas,
+                                       spread_stack_svds, step_items, svd_stacks, svd_window)
 from prinmix_jax.storage import decode_step, publish, write_summary
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
@@ -171,13 +171,17 @@ class _ReadBlock(NamedTuple):
 
 
 def _load_block(plan: RunPlan, base_src, ft_src, b: int) -> _Loaded:
-    """Reads decoder block ``b`` and takes its deltas and digests: host work only (no device program), so
-    that it can run ahead in a thread (:func:`~prinmix_jax.sources.read_ahead`)."""
+    """Reads decoder block ``b``, takes its deltas and digests, and reads the SVDs the global scope's first
+    pass kept for it: host work only (no device program), so that it can run ahead in a thread
+    (:func:`~prinmix_jax.sources.read_ahead`)."""
     t0 = time.perf_counter()
     base_b, ft_b = base_src.block(b), ft_src.block(b)
     items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy)
     digests = _digests(plan.block_table, base_b, ft_b)
     calibrated = plan.ids is not None
+    if read_ahead_blocks(plan.mesh):     # (else each stack reads its own when its turn comes: less memory)
+        preload_kept_svds(plan.svd_store, items, b + 1, plan.mesh, plan.config, plan.method,
+                          _block_widths(plan, b), calibrated)
     keep_base = calibrated and plan.calibration_mode == "sequential"
     return _Loaded(b, items, dense, digests, ft_b if calibrated else None, base_b if keep_base else None,
                    time.perf_counter() - t0)
@@ -230,9 +234,15 @@ def _compress_window(plan: RunPlan, store, loads, count: int, h, u_ranks, done):
     on the mesh (:func:`~prinmix_jax.step_compress.spread_stack_svds`): every block is read (and, with
     parallel calibration, run forward for its Hessians) first, then compressed and written in order.
     ``done(b)`` is called after each. Returns the hidden states after the last block."""
-    reads = []
+    reads, error = [], None
     for _ in range(count):
-        reads.append(_read_block(plan, next(loads), h))
+        try:
+            loaded = next(loads)
+        except Exception as e:      # noqa: BLE001 (re-raised below) a block that cannot be read: the blocks
+            error = e               # before it are compressed and written first, as without the window
+            break
+        reads.append(_read_block(plan, loaded, h))
+        del loaded
         h = reads[-1].h_next
     stacks = []
     for r in reads:
@@ -246,6 +256,8 @@ def _compress_window(plan: RunPlan, store, loads, count: int, h, u_ranks, done):
             _write_block(plan, store, read, u_ranks)
             done(read.block)
             del read
+    if error is not None:
+        raise error
     return h
 
 

@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import shutil
+import threading
 import time
 from typing import NamedTuple
 
@@ -136,6 +137,19 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
             for m, (cm, info) in zip(members, results):
                 entries[m.name] = MatrixEntry(cm, _json_info(info, cm))
     return {it.name: entries[it.name] for it in items if it.name in entries}
+
+
+def preload_kept_svds(store, items: list[StepItem], step: int, mesh, config, method: str, widths=None,
+                      calibrated: bool = False) -> None:
+    """Reads the SVDs ``store`` kept for this process's stacks of a decoder block's ``items`` into memory
+    (:meth:`SVDStore.preload`; a no-op in the first pass or without a store). ``items`` may still lack their
+    Hessians: which SVD a stack takes depends only on whether it has them (``calibrated``)."""
+    if store is None or step == 0:
+        return
+    for keys, deltas, _, ws in svd_stacks(owned_stacks(items, step, mesh)[1], step, widths):
+        kw = svd_request(deltas, ["pending"] * len(deltas) if calibrated else None, config, method, widths=ws)
+        if kw is not None:
+            store.preload(keys, svd_settings(**kw))
 
 
 def owned_stacks(items: list[StepItem], step: int, mesh) -> tuple[dict, list[list[StepItem]]]:
@@ -317,6 +331,8 @@ class SVDStore:
             raise ValueError(f"SVD reuse policy must be one of {SVD_POLICIES}, got {policy!r}")
         self.folder, self.policy, self.writing = folder, policy, True
         self.bytes_per_s = SVD_DISK_BYTES_PER_S
+        self._ready = {}                   # SVDs read ahead (preload), by path, until stack_svd takes them
+        self._lock = threading.Lock()      # preload runs in a read-ahead thread
         self.stats = dict(kept=0, reused=0, computed=0, bytes_kept=0, seconds_svd=0.0, seconds_write=0.0,
                           seconds_read=0.0, passes_kept=0, passes_reused=0, bytes_passes=0)
         shutil.rmtree(folder, ignore_errors=True)
@@ -336,7 +352,9 @@ class SVDStore:
           ``compute(deltas())``'s result, or numpy arrays with the same bytes.
         """
         paths = [self._path(k, settings) for k in keys]
-        got = [self._read(p, _FACTORS) for p in paths]
+        with self._lock:
+            ready = [self._ready.pop(p, None) for p in paths]
+        got = [r if r is not None else self._read(p, _FACTORS) for p, r in zip(paths, ready)]
         miss = [i for i, g in enumerate(got) if g is None]
         if miss:
             d = deltas()
@@ -354,6 +372,18 @@ class SVDStore:
                 if keep:
                     self._write(paths[i], _FACTORS, got[i])
         return tuple(np.stack([g[f] for g in got]) for f in range(len(_FACTORS)))
+
+    def preload(self, keys, settings: str) -> None:
+        """In the second pass, reads the kept SVDs of ``keys`` into memory now, for :meth:`stack_svd` to take
+        later (from a read-ahead thread: the disk reads then overlap the devices' work on earlier blocks)."""
+        if self.writing:
+            return
+        for k in keys:
+            path = self._path(k, settings)
+            arrays = self._read(path, _FACTORS)
+            if arrays is not None:
+                with self._lock:
+                    self._ready[path] = arrays
 
     def holds(self, keys, settings: str) -> bool:
         """Whether every one of ``keys``' SVDs with ``settings`` is kept (nothing is read)."""
@@ -424,8 +454,9 @@ class SVDStore:
         if arrays is None or not self.writing:
             shutil.rmtree(path, ignore_errors=True)
         if arrays is not None:
-            self.stats["reused" if kind == "svd" else "passes_reused"] += 1
-            self.stats["seconds_read"] += time.perf_counter() - t
+            with self._lock:
+                self.stats["reused" if kind == "svd" else "passes_reused"] += 1
+                self.stats["seconds_read"] += time.perf_counter() - t
         return arrays
 
     def freeze(self) -> None:
@@ -434,6 +465,8 @@ class SVDStore:
 
     def remove(self) -> None:
         """Deletes the store's folder, and its parent once empty (idempotent)."""
+        with self._lock:
+            self._ready.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
         try:
             os.rmdir(os.path.dirname(self.folder))

@@ -73,8 +73,11 @@ def pair(tmp_path_factory):
     return str(root), base, ft, calib
 
 
-def _compress(pair, out, monkeypatch, read_ahead_on, window_on, **kw):
+def _compress(pair, out, monkeypatch, read_ahead_on, window_on, messages=False, **kw):
+    """compress_model with reading ahead and the window on or off; returns the threads that read blocks (or,
+    with ``messages``, the log)."""
     root, base, ft, calib = pair
+    log = []
     monkeypatch.setattr(step_compress, "READ_AHEAD_ON_CPU", read_ahead_on)
     monkeypatch.setattr(step_compress, "WINDOW_ON_CPU", window_on)
     threads = []
@@ -84,9 +87,9 @@ def _compress(pair, out, monkeypatch, read_ahead_on, window_on, **kw):
         threads.append(threading.current_thread().name)
         return real(self, b)
     monkeypatch.setattr(ModelSource, "block", block)
-    compress_model(base, ft, os.path.join(root, out), config=CFG, seq_len=16, log=lambda m: None,
+    compress_model(base, ft, os.path.join(root, out), config=CFG, seq_len=16, log=log.append,
                    policy=ParamPolicy(embeddings="store", lm_head="store"), **kw)
-    return threads
+    return log if messages else threads
 
 
 @pytest.mark.parametrize("scope,mode", [("global", "parallel"), ("matrix", "sequential"), ("matrix", None)])
@@ -132,3 +135,66 @@ def test_a_bad_block_read_ahead_is_refused_and_leaves_nothing(pair, monkeypatch,
                            policy=ParamPolicy(embeddings="store", lm_head="store"))
         assert not os.path.exists(out) and not os.path.exists(out + ".partial")
         assert _no_reader_threads()
+
+
+def test_kept_svds_are_read_ahead_in_the_second_pass(pair, monkeypatch):
+    """The global scope's second pass reads the SVDs the first pass kept in the reading thread, with the
+    block (SVDStore.preload), and its stacks take them from memory: the same bytes, every SVD read back once."""
+    from prinmix_jax import pipeline
+    from prinmix_jax.step_compress import SVDStore
+
+    monkeypatch.setattr(pipeline, "SVD_REUSE", "always")
+    reads = []
+    real = SVDStore._read
+
+    def spy(self, path, names, kind="svd"):
+        if kind == "svd" and not self.writing:
+            reads.append(threading.current_thread().name)
+        return real(self, path, names, kind)
+    monkeypatch.setattr(SVDStore, "_read", spy)
+    kw = dict(scope="global", calib=pair[3], calibration_mode="parallel")
+    _compress(pair, "svd-plain", monkeypatch, False, False, **kw)
+    plain_reads, reads[:] = list(reads), []
+    messages = _compress(pair, "svd-ahead", monkeypatch, True, False, messages=True, **kw)
+    root = pair[0]
+    linears = 3 * 7
+    assert len(plain_reads) == linears and not any(t.startswith(THREAD) for t in plain_reads)
+    assert len(reads) == linears and all(t.startswith(THREAD) for t in reads), reads
+    assert any(f"{linears} kept" in m and f"{linears} read back" in m and f"{linears} computed" in m
+               for m in messages), messages
+    assert read_arrays(os.path.join(root, "svd-ahead")) == read_arrays(os.path.join(root, "svd-plain"))
+
+
+def test_blocks_before_a_bad_block_of_a_window_are_written(pair, monkeypatch, tmp_path):
+    """A resumed run whose window (3 blocks here) holds an unreadable block (NaN in block 2) still compresses
+    and writes the blocks before it, as a run one block at a time would, before it raises."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from prinmix_jax.storage import STEPS_DIR, WORK_SUFFIX, StepStore
+
+    root, base, ft, _ = pair
+    bad = str(tmp_path / "ft-nan2")
+    shutil.copytree(ft, bad)
+    key = "model.layers.2.self_attn.o_proj.weight"
+    for f in os.listdir(bad):
+        if f.endswith(".safetensors"):
+            t = load_file(os.path.join(bad, f))
+            if key in t:
+                t[key] = np.where(np.arange(t[key].size).reshape(t[key].shape) == 1, np.nan, t[key]).astype(
+                    t[key].dtype)
+                save_file(t, os.path.join(bad, f), metadata={"format": "pt"})
+    monkeypatch.setattr(step_compress, "WINDOW_ON_CPU", True)
+    monkeypatch.setattr(step_compress, "SVD_WINDOW_BLOCKS", 3)
+    kw = dict(config=CFG, scope="matrix", log=lambda m: None, policy=ParamPolicy(embeddings="store", lm_head="store"))
+    for ahead in (False, True):
+        monkeypatch.setattr(step_compress, "READ_AHEAD_ON_CPU", ahead)
+        out = str(tmp_path / f"out-{ahead}")
+        assert compress_model(base, bad, out, _stop_after_steps=1, **kw) == {"stopped_after_steps": 1}
+        with pytest.raises(NonFiniteWeightsError, match="block 2"):
+            compress_model(base, bad, out, **kw)
+        store = StepStore(os.path.join(out + WORK_SUFFIX, STEPS_DIR), read_only=True)
+        assert store.latest_step() == 2                 # the globals, blocks 0 and 1
+        store.close()
+    assert _no_reader_threads()
