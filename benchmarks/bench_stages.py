@@ -165,13 +165,13 @@ def block_rows(hidden: int, inter: int, ratio: float, reps: int):
 
 def svd_reuse(hidden: int, inter: int, ratio: float, reps: int):
     """Prints, per shape of a Llama block, the SVD's warm time (as the pipeline computes it) against writing it
-    with :class:`~prinmix_jax.step_compress.SVDStore` and reading it back (page cache)."""
+    with :class:`~prinmix_jax.svd_store.SVDStore` and reading it back (page cache)."""
     import tempfile
 
     from prinmix_jax.core.svd import svd_settings, svd_sharded
     from prinmix_jax.core.mesh import single_device_mesh
     from prinmix_jax.methods.shared import oversample_columns, svd_method, svd_rank
-    from prinmix_jax.step_compress import SVDStore
+    from prinmix_jax.svd_store import SVDStore
 
     cfg = CompressionConfig(ratio=ratio)
     print(f"# SVD of one delta vs keeping it: ratio {ratio:g}, {jax.devices()[0].platform}, {os.cpu_count()} cpus")

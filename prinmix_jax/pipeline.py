@@ -28,6 +28,7 @@ rest lives in:
 - :mod:`prinmix_jax.delta_tree`: parameter kinds, ``base + delta`` of a step, the compatibility check;
 - :mod:`prinmix_jax.run`: the step loop (:class:`~prinmix_jax.run.RunPlan`, calibration flow, publishing);
 - :mod:`prinmix_jax.step_compress`: the entries of one step, compressed and written;
+- :mod:`prinmix_jax.svd_store`: the SVDs (and V passes) the global scope's first pass keeps for its second;
 - :mod:`prinmix_jax.resume`: whether an unfinished run may be resumed;
 - :mod:`prinmix_jax.distributed`: who owns what, host-side collectives;
 - :mod:`prinmix_jax.run_summary`: ``prinmix_delta.json`` and :func:`result_problems`.
@@ -63,8 +64,8 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError, read_ahead
-from prinmix_jax.step_compress import (SVD_DIR, SVDStore, read_ahead_blocks, spread_stack_svds, svd_key,
-                                      svd_window)
+from prinmix_jax.step_compress import read_ahead_blocks, spread_stack_svds, svd_window
+from prinmix_jax.svd_store import SVD_DIR, SVDStore, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
 
@@ -72,8 +73,8 @@ __all__ = ["ParamPolicy", "compress_model", "init_distributed", "IncompatibleMod
            "result_problems", "CALIBRATION_MODES",
            "merge_block", "param_groups"]
 
-#: What the global scope's first pass keeps of its SVDs for the second (:class:`~prinmix_jax.step_compress.
-#: SVDStore` policy): ``"auto"`` (when recomputing would take longer than reading back), ``"always"``, ``"never"``.
+#: What the global scope's first pass keeps of its SVDs for the second (:class:`~prinmix_jax.svd_store.SVDStore`
+#: policy): ``"auto"`` (when recomputing would take longer than reading back), ``"always"``, ``"never"``.
 SVD_REUSE = "auto"
 
 

@@ -25,10 +25,11 @@ from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
 from prinmix_jax.sources import read_ahead
 from prinmix_jax.core.svd import using_prefetched_svds
-from prinmix_jax.step_compress import (SVD_DIR, STACK_SPLIT_BYTES, compress_entries, owned_stacks,
+from prinmix_jax.step_compress import (STACK_SPLIT_BYTES, compress_entries, owned_stacks,
                                        preload_kept_svds, read_ahead_blocks, save_step, split_deltas,
                                        spread_stack_svds, step_items, svd_stacks, svd_window)
 from prinmix_jax.storage import decode_step, publish, write_summary
+from prinmix_jax.svd_store import SVD_DIR
 
 __all__ = ["RunPlan", "run_steps", "progress_bar"]
 
@@ -52,7 +53,7 @@ class RunPlan:
       log: receives one-line status messages.
       stop_after_steps: stop after this many steps (tests of resume); None = run to the end.
       t_start: ``time.perf_counter()`` when the run started.
-      svd_store: the global scope's :class:`~prinmix_jax.step_compress.SVDStore` (SVDs of the first pass
+      svd_store: the global scope's :class:`~prinmix_jax.svd_store.SVDStore` (SVDs of the first pass
         for the second), or None.
     """
     work: str

@@ -141,7 +141,7 @@ def test_kept_svds_are_read_ahead_in_the_second_pass(pair, monkeypatch):
     """The global scope's second pass reads the SVDs the first pass kept in the reading thread, with the
     block (SVDStore.preload), and its stacks take them from memory: the same bytes, every SVD read back once."""
     from prinmix_jax import pipeline
-    from prinmix_jax.step_compress import SVDStore
+    from prinmix_jax.svd_store import SVDStore
 
     monkeypatch.setattr(pipeline, "SVD_REUSE", "always")
     reads = []

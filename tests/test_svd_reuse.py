@@ -1,5 +1,5 @@
 """Issue 14 item 2: the global scope computes every block linear's SVD once. The first pass (error tables)
-keeps the SVDs on disk (step_compress.SVDStore); the second pass reads them back instead of calling the SVD
+keeps the SVDs on disk (svd_store.SVDStore); the second pass reads them back instead of calling the SVD
 again, with byte-identical results; nothing kept survives the run or is trusted by a later one."""
 import os
 
@@ -13,7 +13,7 @@ from prinmix_jax import pipeline
 from prinmix_jax.core.svd import svd_settings
 from prinmix_jax.methods import shared, v_step
 from prinmix_jax.pipeline import ParamPolicy, compress_model
-from prinmix_jax.step_compress import SVD_DIR, SVDStore
+from prinmix_jax.svd_store import SVD_DIR, SVDStore
 from prinmix_jax.synthetic import write_llama_pair
 
 CFG = CompressionConfig(ratio=1 / 16, group_size=16)

@@ -291,7 +291,7 @@ def reusing_svds(store, keys):
 
     Args:
       store: an object with ``stack_svd(keys, deltas, compute, settings) -> (U, σ, V)`` (e.g.
-        :class:`~prinmix_jax.step_compress.SVDStore`), or ``None`` (nothing is kept: the keys then only name
+        :class:`~prinmix_jax.svd_store.SVDStore`), or ``None`` (nothing is kept: the keys then only name
         the matrices for :func:`prefetch_svds`).
       keys: one string per matrix of the stacks computed in the block (e.g. ``"3/q_proj"``).
     """

@@ -1,6 +1,6 @@
 """The GPTQ passes of V for a stack of matrices: the rows of V over the mesh (the error tables' passes, the V
 step at widths already decided), and the global scope's reuse of the first pass's error-table passes in its
-second pass's V step (kept on disk by :class:`~prinmix_jax.step_compress.SVDStore`)."""
+second pass's V step (kept on disk by :class:`~prinmix_jax.svd_store.SVDStore`)."""
 from __future__ import annotations
 
 import functools
