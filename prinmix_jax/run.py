@@ -149,29 +149,20 @@ def _replay_block(plan: RunPlan, store, base_src, ft_src, b: int, h):
     return _through_compressed(plan, store, base_src.block(b), b, h)
 
 
-class _Loaded(NamedTuple):
-    """A decoder block as read from the sources (:func:`_load_block`, possibly in a read-ahead thread)."""
+class _Block(NamedTuple):
+    """A decoder block read from the sources (:func:`_load_block`, possibly in a read-ahead thread), then
+    ready to compress (:func:`_read_block`: with its Hessians, ``ft`` dropped, ``h_next`` set)."""
     block: int
-    items: list             # StepItems without Hessians
+    items: list             # StepItems (with their Hessians once read)
     dense: dict
     digests: tuple
     ft: dict | None         # the fine-tuned block, kept for the calibration forward
     base: dict | None       # the base block, kept for the sequential calibration's forward
-    seconds: float
-
-
-class _ReadBlock(NamedTuple):
-    """A decoder block read and split, ready to compress (:func:`_read_block`)."""
-    block: int
-    items: list
-    dense: dict
-    digests: tuple
     h_next: Any             # hidden states after the fine-tuned block (parallel calibration), or None
-    base: dict | None       # the base block, kept for the sequential calibration's forward
     seconds: float
 
 
-def _load_block(plan: RunPlan, base_src, ft_src, b: int) -> _Loaded:
+def _load_block(plan: RunPlan, base_src, ft_src, b: int) -> _Block:
     """Reads decoder block ``b``, takes its deltas and digests, and reads the SVDs the global scope's first
     pass kept for it: host work only (no device program), so that it can run ahead in a thread
     (:func:`~prinmix_jax.sources.read_ahead`)."""
@@ -184,11 +175,11 @@ def _load_block(plan: RunPlan, base_src, ft_src, b: int) -> _Loaded:
         preload_kept_svds(plan.svd_store, items, b + 1, plan.mesh, plan.config, plan.method,
                           _block_widths(plan, b), calibrated)
     keep_base = calibrated and plan.calibration_mode == "sequential"
-    return _Loaded(b, items, dense, digests, ft_b if calibrated else None, base_b if keep_base else None,
-                   time.perf_counter() - t0)
+    return _Block(b, items, dense, digests, ft_b if calibrated else None, base_b if keep_base else None, None,
+                  time.perf_counter() - t0)
 
 
-def _read_block(plan: RunPlan, loaded: _Loaded, h) -> _ReadBlock:
+def _read_block(plan: RunPlan, loaded: _Block, h) -> _Block:
     """Block ``loaded.block`` with the Hessians of its fine-tuned forward from ``h`` (calibrated)."""
     t0 = time.perf_counter()
     items, h_next = loaded.items, None
@@ -197,15 +188,14 @@ def _read_block(plan: RunPlan, loaded: _Loaded, h) -> _ReadBlock:
                                                    chunk_size=plan.chunk_size)
         items = [it._replace(hessian=np.asarray(hess[it.hessian_key], np.float32)) for it in items]
         del hess
-    return _ReadBlock(loaded.block, items, loaded.dense, loaded.digests, h_next, loaded.base,
-                      loaded.seconds + time.perf_counter() - t0)
+    return loaded._replace(items=items, ft=None, h_next=h_next, seconds=loaded.seconds + time.perf_counter() - t0)
 
 
 def _block_widths(plan: RunPlan, b: int) -> dict | None:
     return None if plan.widths is None else {n: w for (bb, n), w in plan.widths.items() if bb == b}
 
 
-def _write_block(plan: RunPlan, store, read: _ReadBlock, u_ranks) -> None:
+def _write_block(plan: RunPlan, store, read: _Block, u_ranks) -> None:
     """Step ``read.block + 1``: compresses the block read and writes it."""
     t0 = time.perf_counter()
     step = read.block + 1
@@ -216,7 +206,7 @@ def _write_block(plan: RunPlan, store, read: _ReadBlock, u_ranks) -> None:
     save_step(store, step, read.items, entries, read.dense, meta)
 
 
-def _compress_block(plan: RunPlan, store, loaded: _Loaded, h, u_ranks):
+def _compress_block(plan: RunPlan, store, loaded: _Block, h, u_ranks):
     """Step ``b + 1``: compresses and writes decoder block ``b`` (``loaded``); returns the next hidden
     states."""
     b = loaded.block

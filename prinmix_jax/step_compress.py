@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from prinmix_jax.compress import compress_stack, svd_request
-from prinmix_jax.core.mesh import default_mesh
+from prinmix_jax.core.mesh import default_mesh, on_cpu
 from prinmix_jax.core.svd import (active_prefetched, prefetch_svds, reusing_svds, svd_settings,
                                   using_prefetched_svds)
 from prinmix_jax.delta_tree import entry_name, get_path, is_zero, materialise
@@ -199,7 +199,7 @@ def svd_window(mesh) -> int:
     (or CPU devices with :data:`WINDOW_ON_CPU`), else 1."""
     if not spreads_svds(mesh):
         return 1
-    if default_mesh(mesh).devices.flat[0].platform == "cpu" and not WINDOW_ON_CPU:
+    if on_cpu(mesh) and not WINDOW_ON_CPU:
         return 1
     return max(1, SVD_WINDOW_BLOCKS)
 
@@ -214,7 +214,7 @@ def read_ahead_blocks(mesh, window: int = 1) -> int:
     """How many decoder blocks a pass reads ahead in a thread (:func:`~prinmix_jax.sources.read_ahead`)
     while the devices work on the blocks before: one window of blocks on accelerators (the next window's
     reads overlap the current window's compression), none on CPU devices (:data:`READ_AHEAD_ON_CPU`)."""
-    if default_mesh(mesh).devices.flat[0].platform == "cpu" and not READ_AHEAD_ON_CPU:
+    if on_cpu(mesh) and not READ_AHEAD_ON_CPU:
         return 0
     return max(1, int(window))
 

@@ -21,6 +21,12 @@ def default_mesh(mesh: Mesh | None = None, axis: str = BATCH_AXIS) -> Mesh:
     return mesh if mesh is not None else Mesh(np.asarray(jax.local_devices()), (axis,))
 
 
+def on_cpu(mesh: Mesh | None = None) -> bool:
+    """Whether ``mesh`` (default: :func:`default_mesh`) is made of CPU devices, whose simulated devices share
+    the host's cores: several switches keep their multi-device paths for accelerators there."""
+    return default_mesh(mesh).devices.flat[0].platform == "cpu"
+
+
 def single_device_mesh(axis: str = BATCH_AXIS) -> Mesh:
     """A 1-D mesh of the first device."""
     return Mesh(np.asarray(jax.devices()[:1]), (axis,))
@@ -239,7 +245,7 @@ def run_stack_rows(fn, mesh: Mesh, rows, shared, scalar=None, *, out_rows, axis:
     Returns:
       ``vmap(fn)``'s result over the stack, on the host (numpy), laid out as :func:`run_rows_sharded`'s.
     """
-    if mesh.size > 1 and (ROWS_ON_CPU or mesh.devices.flat[0].platform != "cpu"):
+    if mesh.size > 1 and (ROWS_ON_CPU or not on_cpu(mesh)):
         return run_rows_sharded(fn, mesh, rows, shared, scalar, out_rows=out_rows, axis=axis)
     args = (*rows, *shared) + (() if scalar is None else (scalar,))
     return jax.tree.map(np.asarray, jax.device_get(run_sharded(fn, mesh, *args, axis=axis)))
