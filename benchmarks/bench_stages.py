@@ -129,6 +129,7 @@ def block_rows(hidden: int, inter: int, ratio: float, reps: int):
     and the warm wall time of the error tables and of the V step, by whole matrices and by rows."""
     from jax.sharding import Mesh
 
+    from prinmix_jax.core.factors import factor_settings, stack_factors
     from prinmix_jax.core.mesh import row_plan, run_rows_sharded, run_sharded
     from prinmix_jax.methods.prinmix import TABLE_ROWS, _error_table_fn
     from prinmix_jax.methods.v_step import V_ROWS, _v_rows_fn
@@ -152,11 +153,12 @@ def block_rows(hidden: int, inter: int, ratio: float, reps: int):
         h = np.broadcast_to(x @ x.T / (2 * n), (b, n, n)).copy()
         bits = rng.choice([b_ for b_ in cfg.bits if b_], (b, k)).astype(np.int32)
         damp = np.float32(cfg.damp)
+        r, fd = stack_factors(h, factor_settings(damp, **gptq_kw(cfg)), mesh)
         rows_m, rows_r = -(-b // d) * d * k, row_plan([list(range(b))], k, d).rows.size
-        t = [_best(lambda: run_sharded(table, mesh, v, s, h, damp), reps),
-             _best(lambda: run_rows_sharded(table, mesh, (v, s), (h,), damp, out_rows=TABLE_ROWS), reps),
-             _best(lambda: run_sharded(vstep, mesh, v, bits, h, damp), reps),
-             _best(lambda: run_rows_sharded(vstep, mesh, (v, bits), (h,), damp, out_rows=V_ROWS), reps)]
+        t = [_best(lambda: run_sharded(table, mesh, v, s, h, r, fd, damp), reps),
+             _best(lambda: run_rows_sharded(table, mesh, (v, s), (h, r, fd), damp, out_rows=TABLE_ROWS), reps),
+             _best(lambda: run_sharded(vstep, mesh, v, bits, h, r, fd, damp), reps),
+             _best(lambda: run_rows_sharded(vstep, mesh, (v, bits), (h, r, fd), damp, out_rows=V_ROWS), reps)]
         tot += [b * k * n * n, rows_m * n * n, rows_r * n * n, 0]
         print(f"| {name} | {b} x {k} ({n}) | {rows_m} / {rows_r} | {t[0]:.2f} / {t[1]:.2f} | {t[2]:.2f} / {t[3]:.2f} |",
               flush=True)

@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prinmix_jax.config import CompressionConfig
+from prinmix_jax.core.factors import factor_settings, stack_factors
 from prinmix_jax.core.gptq import GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import ROW_TILES, row_plan, run_rows_sharded, run_sharded, useful_share
 from prinmix_jax.methods.prinmix import TABLE_ROWS as PIPELINE_TABLE_ROWS, _error_table_fn
@@ -84,8 +85,9 @@ def _outputs(path: str) -> None:
         res[f"{tag}-matrices"] = run_sharded(_v_gptq_matrices(**kw), mesh, v, h, bits, damp)
     fn = _error_table_fn(widths=CFG.bits, **gptq_kw(CFG))
     v, s, h, _ = _stack(3, 40, 128, seed=2)
-    res["table-rows"] = run_rows_sharded(fn, mesh, (v, s), (h,), np.float32(CFG.damp), out_rows=TABLE_ROWS)
-    res["table-matrices"] = run_sharded(fn, mesh, v, s, h, np.float32(CFG.damp))
+    r, d = stack_factors(h, factor_settings(CFG.damp, **gptq_kw(CFG)), mesh)
+    res["table-rows"] = run_rows_sharded(fn, mesh, (v, s), (h, r, d), np.float32(CFG.damp), out_rows=TABLE_ROWS)
+    res["table-matrices"] = run_sharded(fn, mesh, v, s, h, r, d, np.float32(CFG.damp))
     flat = {f"{k}/{i}": np.asarray(x) for k, r in res.items() for i, x in enumerate(jax.tree.leaves(r))}
     np.savez(path, **flat)
 

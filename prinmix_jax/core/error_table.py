@@ -27,7 +27,7 @@ def row_hessian_norms(e, h):
 
 
 @partial(jax.jit, static_argnames=("widths", "group_size", "act_order", "block_size", "scale_dtype", "grid"))
-def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: int | None = 128,
+def error_table(v, sigma, h, damp=0.01, factor=None, *, widths: tuple[int, ...], group_size: int | None = 128,
                 act_order: bool = True, block_size: int = 128, scale_dtype=None, grid: str = "minmax"):
     """Error table of every singular index at every candidate width.
 
@@ -38,6 +38,8 @@ def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: 
         (data-free): the passes are then round-to-nearest, which is what GPTQ is under ``H = I``
         (:func:`~prinmix_jax.core.gptq.gptq_quantize`), with no n×n matrix at all.
       damp: GPTQ relative damping.
+      factor: GPTQ's set-up under ``h`` (:func:`~prinmix_jax.core.gptq.gptq_factor` with these settings), or
+        ``None`` to compute it here (once for all widths); the same bytes either way.
       widths: candidate widths, 0 allowed (static).
       group_size, act_order, block_size, scale_dtype, grid: GPTQ settings of the V side.
 
@@ -53,7 +55,7 @@ def error_table(v, sigma, h, damp=0.01, *, widths: tuple[int, ...], group_size: 
     # without the product (2·r·n² flops per width: more than the pass itself)
     passes, d_nz = jax.vmap(lambda bb: gptq_quantize_with_error(
         v, h, bb, damp, group_size=group_size, act_order=act_order, block_size=block_size,
-        scale_dtype=scale_dtype, grid=grid))(bits)                      # d_nz (nnz, r)
+        scale_dtype=scale_dtype, grid=grid, factor=factor))(bits)                      # d_nz (nnz, r)
     s2 = sigma.astype(v.dtype) ** 2
     d_0 = row_hessian_norms(v, h)                                       # (r,)
     cols = []

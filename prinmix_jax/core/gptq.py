@@ -192,10 +192,84 @@ def inverse_cholesky_upper(h, damp, max_tries: int = 12):
 _STATIC = ("group_size", "act_order", "block_size", "scale_axis", "scale_dtype", "grid")
 
 
+class GPTQFactor(NamedTuple):
+    """GPTQ's set-up under one Hessian (:func:`gptq_factor`), which a pass given it (``factor=``) skips.
+
+    Attributes:
+      r: (cp, cp) the rows of GPTQ's upper factor ``R`` in the column loop's order (act-order permuted), padded
+        with the identity to whole blocks (``cp`` = the columns rounded up to the loop's block), row block by
+        row block as the loop solves them: the same bytes.
+      damp: the damping used, relative to ``mean(diag H)`` (escalated where ``H`` was not positive definite).
+    """
+    r: jax.Array
+    damp: jax.Array
+
+
+def _loop_layout(rows: int, cols: int, group_size, act_order: bool, block_size: int, row_mode: bool):
+    """``(g, static, bsz)`` of GPTQ's column loop: the scale group along its axis, whether row-mode groups are
+    fixed up front (act-order or one group), and the columns per lazy-batch block (a whole number of groups
+    when row-mode groups are fixed as they are reached, so that a group never straddles a block)."""
+    axis_len = cols if row_mode else rows
+    g = axis_len if (group_size is None or group_size <= 0 or group_size >= axis_len) else group_size
+    static = row_mode and (act_order or g == cols)
+    bsz = g * max(1, block_size // g) if (row_mode and not static) else max(1, min(block_size, cols))
+    return g, static, bsz
+
+
+def _factor_rows(low, nblocks: int, bsz: int, dt):
+    """:class:`GPTQFactor`'s ``r`` from ``L``: block by block and segment by segment as the column loop solves
+    them (:func:`upper_factor_rows`, :func:`_segments`), into one (cp, cp) buffer."""
+    n, cp = low.shape[0], nblocks * bsz
+    out = jnp.zeros((cp, cp), dt)
+    for b0, b1 in _segments(nblocks):
+        start = b0 * bsz
+        low_s = low if start == 0 else low[: n - start, : n - start]
+
+        def body(bi, out, low_s=low_s, start=start):
+            return lax.dynamic_update_slice(out, upper_factor_rows(low_s, bi * bsz, bsz, cp, start),
+                                            (bi * bsz, start))
+        out = lax.fori_loop(b0, b1, body, out)
+    return out
+
+
+@partial(jax.jit, static_argnames=("group_size", "act_order", "block_size", "scale_axis", "rows", "dtype"))
+def gptq_factor(h, damp=0.01, *, group_size: int | None = None, act_order: bool = False, block_size: int = 128,
+                scale_axis: str = "row", rows: int = 1, dtype=None) -> GPTQFactor:
+    """GPTQ's set-up under the Hessian ``h`` (n, n): the damped Cholesky factor and every row of the upper factor
+    ``R`` the column loop reads, as one program, for :func:`gptq_quantize` / :func:`gptq_quantize_with_error`
+    ``(…, factor=)`` passes of any rows under ``h`` with these settings (the same bytes as without).
+
+    The set-up depends on ``h`` only, so the passes of many row sets under one Hessian (the rows of V tiled over
+    the devices, the matrices of a stack that share their inputs, q, k and v) can share it: computed in every
+    pass, at n = 4096 with 150 rows a tile it is ~60% of the pass (docs/benchmarks.md).
+
+    Args:
+      h: (n, n) Hessian.
+      damp: relative damping (escalated as in :func:`damped_reversed_cholesky`).
+      group_size, act_order, block_size, scale_axis: the passes' settings (they fix the column order and blocks).
+      rows: the passes' row count (``scale_axis="col"`` only: its groups run along the rows).
+      dtype: the passes' dtype (default ``h``'s).
+
+    Returns:
+      A :class:`GPTQFactor`; it holds one (cp, cp) buffer, ``cp`` the columns rounded up to a whole block.
+    """
+    if scale_axis not in ("row", "col"):
+        raise ValueError(f"scale_axis must be 'row' or 'col', got {scale_axis!r}")
+    cols = h.shape[0]
+    dt = h.dtype if dtype is None else dtype
+    _, _, bsz = _loop_layout(rows, cols, group_size, act_order, block_size, scale_axis == "row")
+    hd = jnp.diag(h).astype(dt)
+    dead = hd == 0
+    perm = jnp.argsort(-(hd + dead.astype(dt)), stable=True) if act_order else None
+    low, d = damped_reversed_cholesky(h, damp, perm, dead, dt)
+    return GPTQFactor(_factor_rows(low, -(-cols // bsz), bsz, dt), d)
+
+
+
 @partial(jax.jit, static_argnames=_STATIC)
 def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_order: bool = False,
                   block_size: int = 128, scale_axis: str = "row", scale_dtype=None,
-                  grid: str = "minmax") -> GPTQResult:
+                  grid: str = "minmax", factor: GPTQFactor | None = None) -> GPTQResult:
     """Quantises ``w`` (rows, cols) with GPTQ under the input Hessian ``h`` (cols, cols).
 
     Args:
@@ -213,6 +287,8 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
       scale_dtype: dtype the scales are stored in (rounded before use), or ``None``.
       grid: ``"minmax"`` (the reference GPTQ's) or ``"mse"`` (:mod:`prinmix_jax.core.quantizer`); a
         group's grid is chosen from its values when its scale is fixed, as above.
+      factor: the set-up under ``h`` (:func:`gptq_factor` with the same settings and ``damp``), or ``None`` to
+        compute it here; the same bytes either way.
 
     Returns:
       A :class:`GPTQResult`.
@@ -221,12 +297,13 @@ def gptq_quantize(w, h, bits, damp=0.01, *, group_size: int | None = None, act_o
         raise ValueError(f"scale_axis must be 'row' or 'col', got {scale_axis!r}")
     if h is None:
         return _identity_gptq(w, bits, damp, group_size, scale_axis, scale_dtype, grid)
-    return _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale_dtype, grid)[0]
+    return _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale_dtype, grid, factor)[0]
 
 
 @partial(jax.jit, static_argnames=_STATIC[:3] + _STATIC[4:])
 def gptq_quantize_with_error(w, h, bits, damp=0.01, *, group_size: int | None = None, act_order: bool = False,
-                             block_size: int = 128, scale_dtype=None, grid: str = "minmax"):
+                             block_size: int = 128, scale_dtype=None, grid: str = "minmax",
+                             factor: GPTQFactor | None = None):
     """:func:`gptq_quantize` by rows (``scale_axis="row"``), with every row's error ``(w − ŵ) H (w − ŵ)ᵀ``.
 
     The error comes from GPTQ's own per-column errors, in O(rows · cols): with ``H_d⁻¹ = RᵀR`` (``H_d`` the
@@ -238,6 +315,8 @@ def gptq_quantize_with_error(w, h, bits, damp=0.01, *, group_size: int | None = 
     in place of the product ``(V − V̂) H (V − V̂)ᵀ``, which costs ``2·rows·cols²`` flops per width, more than
     the GPTQ pass itself (tests/test_error_table.py compares the two with a float64 transcription).
 
+    ``factor``: as in :func:`gptq_quantize`.
+
     Returns:
       ``(GPTQResult, err (rows,))``; under ``h=None`` (the identity), round-to-nearest and ``Σ_j (w − ŵ)_j²``.
     """
@@ -245,10 +324,10 @@ def gptq_quantize_with_error(w, h, bits, damp=0.01, *, group_size: int | None = 
         res = _identity_gptq(w, bits, damp, group_size, "row", scale_dtype, grid)
         e = w - res.q
         return res, jnp.sum(e * e, axis=1)
-    return _gptq(w, h, bits, damp, group_size, act_order, block_size, "row", scale_dtype, grid)
+    return _gptq(w, h, bits, damp, group_size, act_order, block_size, "row", scale_dtype, grid, factor)
 
 
-def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale_dtype, grid):
+def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale_dtype, grid, factor=None):
     """:func:`gptq_quantize` under a Hessian; also, in row mode, every row's ``(w − ŵ) H (w − ŵ)ᵀ``
     (:func:`gptq_quantize_with_error`; ``None`` in column mode). Under jit an unused output costs nothing."""
     # One function on purpose: the lazy-batch loop bodies below (lax.fori_loop) close over the per-call
@@ -264,9 +343,7 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
     w_in = w
     maxq = (2 ** jnp.asarray(bits, jnp.int32) - 1).astype(dt)
 
-    axis_len = cols if row_mode else rows
-    g = axis_len if (group_size is None or group_size <= 0 or group_size >= axis_len) else group_size
-    static = row_mode and (act_order or g == cols)
+    g, static, bsz = _loop_layout(rows, cols, group_size, act_order, block_size, row_mode)
     if static:
         s_static, z_static = group_params(w, maxq, g, scale_dtype, grid)          # original column order
 
@@ -274,14 +351,18 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
     w = w[:, perm]
     if not row_mode:
         maxq = maxq[perm]
-    # The factor of the reversed, permuted, damped Hessian, the one n×n buffer the column loop holds (two while it
-    # is factorised). The rows of R are solved for a block at a time in the loop (upper_factor_rows), never
-    # R or L⁻¹ whole.
-    low, damp_used = damped_reversed_cholesky(h, damp, perm if act_order else None, dead, dt)
-
-    bsz = g * max(1, block_size // g) if (row_mode and not static) else max(1, min(block_size, cols))
     nblocks = -(-cols // bsz)
     cp = nblocks * bsz
+    if factor is None:
+        # The factor of the reversed, permuted, damped Hessian, the one n×n buffer the column loop holds (two
+        # while it is factorised). The rows of R are solved for a block at a time in the loop
+        # (upper_factor_rows), never R or L⁻¹ whole.
+        low, damp_used = damped_reversed_cholesky(h, damp, perm if act_order else None, dead, dt)
+    else:                      # the set-up done once for every pass under h (gptq_factor): the rows of R as given
+        if factor.r.shape != (cp, cp) or factor.r.dtype != dt:
+            raise ValueError(f"factor of shape {factor.r.shape} {factor.r.dtype} does not fit this pass, whose "
+                             f"loop reads ({cp}, {cp}) {dt}: make it with gptq_factor and the pass's settings")
+        low, damp_used = None, factor.damp
     pad = cp - cols
     w = jnp.pad(w, ((0, 0), (0, pad)))
     col_idx = jnp.arange(cp)
@@ -326,7 +407,10 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
         w, qout, cout, cur, store, loss = state
         i1 = bi * bsz
         w1 = lax.dynamic_slice_in_dim(w, i1, bsz, axis=1)
-        r_blk = upper_factor_rows(low_s, i1, bsz, cp, start)                  # R[i1:i1+bsz, start:] (bsz, cp-start)
+        if factor is None:
+            r_blk = upper_factor_rows(low_s, i1, bsz, cp, start)              # R[i1:i1+bsz, start:] (bsz, cp-start)
+        else:
+            r_blk = lax.dynamic_slice_in_dim(factor.r, i1, bsz, axis=0)[:, start:]
         r_in = lax.dynamic_slice_in_dim(r_blk, i1 - start, bsz, axis=1)       # (bsz, bsz)
 
         def col_step(jl, st):
@@ -354,10 +438,10 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
 
     cur0 = (jnp.ones((rows,), dt), jnp.zeros((rows,), dt))
     state = (w, jnp.zeros((rows, cp), dt), jnp.zeros((rows, cp), jnp.uint8), cur0, pstore, jnp.zeros((rows,), dt))
-    n = low.shape[0]
+    n = cols
     for b0, b1 in _segments(nblocks):                # each later segment solves against a smaller triangle of L
         start = b0 * bsz
-        low_s = low if start == 0 else low[: n - start, : n - start]
+        low_s = low if (low is None or start == 0) else low[: n - start, : n - start]
         state = lax.fori_loop(b0, b1, partial(block_step, low_s=low_s, start=start), state)
     _, qout, cout, _, store, loss = state
 

@@ -115,12 +115,22 @@ class RowPlan(NamedTuple):
     needed: int
 
 
-def _same_operand_groups(shared, b: int) -> list[list[int]]:
-    """The B matrices grouped by byte-equal shared operands (a tuple of (B, ...) arrays), in order of first use."""
+def _equal(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    # a strided sample first: unequal Hessians (n×n, up to 485 MB each) differ there, without a full pass
+    return bool(np.array_equal(a.reshape(-1)[::4099], b.reshape(-1)[::4099]) and np.array_equal(a, b))
+
+
+def same_operand_groups(items) -> list[list[int]]:
+    """The indices of ``items`` (arrays, or tuples of arrays) grouped by byte-equal value, in order of first use
+    (the matrices of a stack that share their operands: q, k and v their input Hessian)."""
+    items = [it if isinstance(it, tuple) else (it,) for it in items]
     groups: list[list[int]] = []
-    for i in range(b):
+    for i, it in enumerate(items):
         for g in groups:
-            if all(np.array_equal(s[g[0]], s[i]) for s in shared):
+            if all(_equal(a, b) for a, b in zip(items[g[0]], it)):
                 g.append(i)
                 break
         else:
@@ -133,7 +143,7 @@ def row_plan(groups: list[list[int]], k: int, devices: int, tiles: int | None = 
     in tiles of their own), padded to a multiple of ``devices`` tiles.
 
     Args:
-      groups: the matrices, grouped by shared operands (:func:`_same_operand_groups`).
+      groups: the matrices, grouped by shared operands (:func:`same_operand_groups`).
       k: rows per matrix.
       devices: the device count.
       tiles: the tile count aimed at; default :data:`ROW_TILES` times ``ceil(devices / ROW_TILES)``. The tile
@@ -208,7 +218,7 @@ def run_rows_sharded(fn, mesh: Mesh, rows, shared, scalar=None, *, out_rows, axi
     rows = [np.asarray(r) for r in rows]
     shared = [np.asarray(s) for s in shared]
     b, k = rows[0].shape[:2]
-    plan = row_plan(_same_operand_groups(shared, b), k, mesh.size, tiles)
+    plan = row_plan(same_operand_groups([tuple(s[i] for s in shared) for i in range(b)]), k, mesh.size, tiles)
     tiled = [r.reshape(b * k, *r.shape[2:])[plan.rows] for r in rows]
     uniq = sorted(set(plan.group.tolist()))
     index = np.searchsorted(uniq, plan.group).astype(np.int32)

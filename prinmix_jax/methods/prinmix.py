@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prinmix_jax.allocation import allocate_bits
-from prinmix_jax.core.gptq import HIGHEST, GPTQResult
+from prinmix_jax.core.gptq import HIGHEST, GPTQFactor, GPTQResult
 from prinmix_jax.core.error_table import error_table, row_hessian_norms, select_rows, u_error_estimate
 from prinmix_jax.core.mesh import run_sharded
 from prinmix_jax.methods.base import Method, Stack
@@ -27,7 +27,7 @@ from prinmix_jax.methods.v_step import fixed_width_rows, offer_v_passes, stack_r
 
 @functools.cache
 def _error_table_fn(**kw):
-    return lambda v, s, h, damp: error_table(v, s, h, damp, **kw)
+    return lambda v, s, h, r, d, damp: error_table(v, s, h, damp, GPTQFactor(r, d), **kw)
 
 
 @functools.cache
@@ -61,7 +61,7 @@ def allocation_tables(u, sigma, v, h_all, cfg, mesh, *, rank: int | None = None,
     kw = dict(widths=cfg.bits, **gptq_kw(cfg))
     t = time.perf_counter()
     e, passes = stack_rows(_error_table_fn(**kw), _error_table_identity_fn(**kw), mesh, (v, sigma), h_all,
-                           cfg.damp, out_rows=TABLE_ROWS)
+                           cfg.damp, out_rows=TABLE_ROWS, settings=gptq_kw(cfg))
     # the V step of the global scope's second pass takes its rows from these passes if they are kept
     offer_v_passes(v, h_all, passes, (time.perf_counter() - t) / max(1, sum(b > 0 for b in cfg.bits)), cfg)
     tables = np.asarray(e, np.float64)

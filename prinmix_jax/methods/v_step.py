@@ -10,28 +10,36 @@ import numpy as np
 
 from prinmix_jax.config import CompressionConfig
 from prinmix_jax.core.error_table import select_rows_from_codes
-from prinmix_jax.core.gptq import GPTQResult, gptq_quantize
+from prinmix_jax.core.factors import factor_settings, stack_factors
+from prinmix_jax.core.gptq import GPTQFactor, GPTQResult, gptq_quantize
 from prinmix_jax.core.mesh import run_stack_rows
 from prinmix_jax.core.svd import active_svd_reuse
 from prinmix_jax.methods.base import Stack
 from prinmix_jax.methods.shared import gptq_kw
 
 
-def stack_rows(fn, fn_identity, mesh, rows, h_all, damp, *, out_rows):
-    """:func:`~prinmix_jax.core.mesh.run_stack_rows` of a GPTQ pass over V's rows: ``fn(*rows, h, damp)``
-    under each matrix's Hessian, or ``fn_identity(*rows, damp)`` for a data-free stack (``h_all`` ``None``),
-    where nothing n×n goes to the devices."""
+def stack_rows(fn, fn_identity, mesh, rows, h_all, damp, *, out_rows, settings: dict):
+    """:func:`~prinmix_jax.core.mesh.run_stack_rows` of a GPTQ pass over V's rows: ``fn(*rows, h, r, d, damp)``
+    under each matrix's Hessian ``h`` and GPTQ set-up ``GPTQFactor(r, d)``, or ``fn_identity(*rows, damp)``
+    for a data-free stack (``h_all`` ``None``), where nothing n×n goes to the devices.
+
+    The set-up is computed once per distinct Hessian of the stack (:func:`~prinmix_jax.core.factors.stack_factors`,
+    or taken from a window's :func:`~prinmix_jax.core.factors.prefetch_factors`), not in every pass: q, k and v
+    share one, and so do the row tiles of a stack spread over the devices. ``settings``: the passes' GPTQ
+    settings (:func:`~prinmix_jax.methods.shared.gptq_kw`)."""
     damp = np.float32(damp)
     if h_all is None:
         return run_stack_rows(fn_identity, mesh, rows, (), damp, out_rows=out_rows)
-    return run_stack_rows(fn, mesh, rows, (h_all,), damp, out_rows=out_rows)
+    r, d = stack_factors(h_all, factor_settings(damp, **settings), mesh)
+    return run_stack_rows(fn, mesh, rows, (h_all, r, d), damp, out_rows=out_rows)
 
 
 @functools.cache
 def _v_rows_fn(**kw):
     """GPTQ of V's rows at per-row widths, in :func:`~prinmix_jax.core.mesh.run_stack_rows`' argument order
-    (rows, then the shared Hessian, then the damping); long-lived, as its compiled program is cached by it."""
-    return lambda v, bits, h, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", **kw)
+    (rows, then the shared Hessian and set-up, then the damping); long-lived, as its compiled program is cached by it."""
+    return lambda v, bits, h, r, d, damp: gptq_quantize(v, h, bits, damp, scale_axis="row", factor=GPTQFactor(r, d),
+                                                        **kw)
 
 
 @functools.cache
@@ -66,7 +74,8 @@ def fixed_width_rows(stack: Stack, v, h_all, widths):
         return select_kept
     kw = gptq_kw(stack.cfg)
     v_res = stack_rows(_v_rows_fn(**kw), _v_rows_identity_fn(**kw), stack.mesh,
-                       (v, np.maximum(widths, 1).astype(np.int32)), h_all, stack.cfg.damp, out_rows=V_ROWS)
+                       (v, np.maximum(widths, 1).astype(np.int32)), h_all, stack.cfg.damp, out_rows=V_ROWS,
+                       settings=kw)
 
     def select(i, info):
         w = widths[i]
