@@ -12,17 +12,20 @@ import jax
 import numpy as np
 
 from prinmix_jax.compress import compress_stack, svd_request
+from prinmix_jax.core.factors import factor_settings, prefetch_factors, using_prefetched_factors
 from prinmix_jax.core.mesh import default_mesh, on_cpu
 from prinmix_jax.core.svd import (active_prefetched, prefetch_svds, reusing_svds, svd_settings,
                                   using_prefetched_svds)
 from prinmix_jax.delta_tree import entry_name, get_path, is_zero, materialise
 from prinmix_jax.distributed import allgather_json, owner
+from prinmix_jax.methods import get_method
+from prinmix_jax.methods.shared import gptq_kw
 from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
 from prinmix_jax.svd_store import svd_key
 
 __all__ = ["StepItem", "step_items", "split_deltas", "dense_entry", "compress_entries", "owned_stacks", "svd_stacks",
-           "save_step"]
+           "spread_factors", "save_step"]
 
 _INFO_KEYS = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
               "seconds_error_table", "seconds_u", "v_damp", "u_damp", "rtc_damp")
@@ -115,10 +118,13 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     # On several devices the stacks' SVDs start together (each stack on devices of its own): their deltas are
     # read up front and held. On one device, one stack's deltas at a time. A caller that started this step's
     # SVDs with other steps' (:func:`spread_stack_svds` over a window of blocks) leaves them active: they stay.
-    held, prefetched = {}, None
+    # The same for the GPTQ set-ups of the stacks' Hessians (spread_factors).
+    held, prefetched, factors = {}, None, []
     if active_prefetched() is None:
         held, prefetched = spread_stack_svds(svd_stacks(chunks, step, widths), config, method, mesh, store)
-    with contextlib.nullcontext() if prefetched is None else using_prefetched_svds(prefetched):
+        factors = spread_factors([c[0].hessian for c in chunks], config, method, mesh, widths is not None)
+    with (contextlib.nullcontext() if prefetched is None else using_prefetched_svds(prefetched),
+          using_prefetched_factors(factors)):
         for c, members in enumerate(chunks):
             shape = members[0].delta.shape
             hs = None if members[0].hessian is None else [m.hessian for m in members]
@@ -252,6 +258,35 @@ def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[di
     if len(requests) < 2:
         return held, {}
     return held, prefetch_svds(requests, mesh)
+
+
+#: Whether the GPTQ set-ups of a step's (or a window's) calibration Hessians start together on a mesh of several
+#: devices (:func:`spread_factors`). Off, each stack factors its own Hessians when its turn comes (the same bytes).
+SPREAD_FACTORS = True
+
+
+def spread_factors(hessians, config, method: str, mesh, widths_given: bool = False) -> list:
+    """On a mesh of several devices, starts the GPTQ set-ups of the stacks' Hessians at once, one distinct Hessian
+    per device (:func:`~prinmix_jax.core.factors.prefetch_factors`), for
+    :func:`~prinmix_jax.core.factors.using_prefetched_factors`: a 7B block's four (q,k,v · o · gate,up · down
+    inputs), or a window's sixteen, side by side instead of one stack after another.
+
+    Args:
+      hessians: one per stack (``None`` for a data-free stack: nothing to factor).
+      config, method: as for :func:`~prinmix_jax.compress.compress_stack`; nothing starts for a method that runs
+        no GPTQ pass of V under the Hessians (:meth:`~prinmix_jax.methods.base.Method.v_passes_under_hessian`).
+      mesh: the 1-D mesh.
+      widths_given: the stacks get widths from elsewhere (the global scope's second pass).
+
+    Returns:
+      The started set-ups (empty on one device, with :data:`SPREAD_FACTORS` off, or with nothing to factor).
+    """
+    hessians = [h for h in hessians if h is not None]
+    mesh = default_mesh(mesh)
+    if not (SPREAD_FACTORS and spreads_svds(mesh) and hessians
+            and get_method(method).v_passes_under_hessian(widths_given)):
+        return []
+    return prefetch_factors(hessians, factor_settings(config.damp, **gptq_kw(config)), mesh)
 
 
 #: Matrices of at least this many float32 bytes (a 7B embedding: 0.5 GB) go to :func:`compress_stack` at most

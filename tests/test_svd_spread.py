@@ -147,6 +147,34 @@ def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope,
     assert read_arrays(os.path.join(pair[0], f"on-{name}")) == read_arrays(os.path.join(pair[0], f"off-{name}"))
 
 
+@pytest.mark.parametrize("scope,calib_mode,method,expected", [
+    ("matrix", "parallel", "prinmix", [8]),            # both blocks' 4 distinct Hessians, in one go
+    ("matrix", "sequential", "prinmix", [4, 4]),       # a window of one block
+    ("global", "parallel", "prinmix", [8] + [1] * 8),  # first pass; the second (given widths) factors per stack
+    ("matrix", "parallel", "deltacome", [8]),          # its V step at fixed widths under the Hessians
+])
+def test_block_gptq_set_ups_start_together_with_the_same_bytes(pair, monkeypatch, scope, calib_mode, method,
+                                                                expected):
+    """With several devices the GPTQ set-ups of a window's distinct Hessians start together, one per device
+    (step_compress.spread_factors), and every stack takes them; off, each stack of each block factors its own
+    (one per stack: q,k,v · o · gate,up · down), with the same bytes."""
+    from prinmix_jax import pipeline
+    from prinmix_jax.core import factors
+    monkeypatch.setattr(pipeline, "SVD_REUSE", "never")
+    kw = dict(calib=pair[3], calibration_mode=calib_mode, scope=scope, method=method)
+    name = f"{scope}-{calib_mode}-{method}"
+    runs = {}
+    for spread in (False, True):
+        monkeypatch.setattr(step_compress, "SPREAD_FACTORS", spread)
+        monkeypatch.setattr(factors, "STARTED", [])
+        _run(pair, f"factors-{spread}-{name}", True, monkeypatch, **kw)
+        runs[spread] = factors.STARTED
+    assert runs[True] == expected
+    assert runs[False] == [1] * (8 * (1 + (scope == "global")))
+    assert (read_arrays(os.path.join(pair[0], f"factors-True-{name}"))
+            == read_arrays(os.path.join(pair[0], f"factors-False-{name}")))
+
+
 def test_cpu_devices_start_one_block_at_a_time_by_default(pair, monkeypatch):
     """Simulated CPU devices share the host's cores: without step_compress.WINDOW_ON_CPU the window holds one
     block (no more host memory than one block's deltas), while a block's stacks still start together."""

@@ -117,7 +117,8 @@ def stack_factors(h_all, settings: FactorSettings, mesh: Mesh | None = None) -> 
     groups = same_operand_groups([h_all[i] for i in range(len(h_all))])
     factors = [_prefetched(h_all[g[0]], settings) for g in groups]
     todo = [j for j, f in enumerate(factors) if f is None]
-    for j, s in zip(todo, start_factors([h_all[groups[j][0]] for j in todo], settings, mesh)):
+    started = start_factors([h_all[groups[j][0]] for j in todo], settings, mesh) if todo else []
+    for j, s in zip(todo, started):
         factors[j] = s.factor
     of = np.empty(len(h_all), np.int64)
     for j, g in enumerate(groups):

@@ -60,6 +60,9 @@ class DeltaCoMe(Method):
     def svd_request(self, stack):
         return svd_kwargs(stack.cfg, self._svd_rank(stack))
 
+    def v_passes_under_hessian(self, widths_given):
+        return True
+
     def _svd_rank(self, stack):
         m, n = stack.shape
         return svd_rank(m, n, stack.cfg, max_kept_rank(m, n, stack.cfg, DELTACOME_BITS))
