@@ -111,7 +111,7 @@ def stack_factors(h_all, settings: FactorSettings, mesh: Mesh | None = None) -> 
 
     Returns:
       ``(r (B, cp, cp), damp (B,))`` on the host, :class:`~prinmix_jax.core.gptq.GPTQFactor`'s fields per matrix,
-      for the passes' ``factor=``.
+      for the passes' ``factor=`` (``r`` a read-only view of one factor when the stack has one Hessian).
     """
     h_all = np.asarray(h_all, np.float32)
     groups = same_operand_groups([h_all[i] for i in range(len(h_all))])
@@ -120,8 +120,13 @@ def stack_factors(h_all, settings: FactorSettings, mesh: Mesh | None = None) -> 
     started = start_factors([h_all[groups[j][0]] for j in todo], settings, mesh) if todo else []
     for j, s in zip(todo, started):
         factors[j] = s.factor
-    of = np.empty(len(h_all), np.int64)
-    for j, g in enumerate(groups):
-        of[g] = j
     host = [jax.device_get(f) for f in factors]
-    return np.stack([np.asarray(host[j].r) for j in of]), np.stack([np.asarray(host[j].damp) for j in of])
+    d = np.empty(len(h_all), np.float32)
+    for j, g in enumerate(groups):
+        d[g] = host[j].damp
+    if len(groups) == 1:           # one Hessian (q, k, v): a view, not B host copies of an n×n factor
+        return np.broadcast_to(np.asarray(host[0].r), (len(h_all),) + host[0].r.shape), d
+    r = np.empty((len(h_all),) + host[0].r.shape, host[0].r.dtype)
+    for j, g in enumerate(groups):
+        r[g] = host[j].r
+    return r, d
