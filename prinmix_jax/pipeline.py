@@ -297,12 +297,12 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
                     hess = {hk: np.asarray(hess[hk], np.float32) for _, hk in groups}  # on the host, as the deltas
                 ft_b = None   # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
                 ready.append((b, groups, hess))
-            _, prefetched = spread_stack_svds(
-                [([svd_key(b, m[0]) for m in g], [m[1] for m in g], None if hess is None else [hess[hk]] * len(g),
-                  None) for b, groups, hess in ready for (_, hk), g in groups.items()],
-                plan.config, "prinmix", plan.mesh, plan.svd_store)
-            factors = spread_factors([hess[hk] for _, groups, hess in ready if hess is not None for _, hk in groups],
-                                     plan.config, "prinmix", plan.mesh)
+            stacks = [([svd_key(b, m[0]) for m in g], [m[1] for m in g],
+                       None if hess is None else [hess[hk]] * len(g), None)
+                      for b, groups, hess in ready for (_, hk), g in groups.items()]
+            _, prefetched = spread_stack_svds(stacks, plan.config, "prinmix", plan.mesh, plan.svd_store)
+            factors = spread_factors(stacks, plan.config, "prinmix", plan.mesh)
+            del stacks
             with using_prefetched_svds(prefetched), using_prefetched_factors(factors):
                 while ready:
                     b, groups, hess = ready.pop(0)

@@ -237,14 +237,13 @@ def _compress_window(plan: RunPlan, store, loads, count: int, h, u_ranks, done):
         reads.append(_read_block(plan, loaded, h))
         del loaded
         h = reads[-1].h_next
-    stacks, hessians = [], []
+    stacks = []
     for r in reads:
-        chunks = owned_stacks(r.items, r.block + 1, plan.mesh)[1]
-        stacks += svd_stacks(chunks, r.block + 1, _block_widths(plan, r.block))
-        hessians += [c[0].hessian for c in chunks]
+        stacks += svd_stacks(owned_stacks(r.items, r.block + 1, plan.mesh)[1], r.block + 1,
+                             _block_widths(plan, r.block))
     _, prefetched = spread_stack_svds(stacks, plan.config, plan.method, plan.mesh, plan.svd_store)
-    factors = spread_factors(hessians, plan.config, plan.method, plan.mesh, plan.widths is not None)
-    del stacks, hessians
+    factors = spread_factors(stacks, plan.config, plan.method, plan.mesh, plan.svd_store)
+    del stacks
     with using_prefetched_svds(prefetched), using_prefetched_factors(factors):
         while reads:
             read = reads.pop(0)

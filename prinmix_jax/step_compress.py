@@ -122,7 +122,7 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     held, prefetched, factors = {}, None, []
     if active_prefetched() is None:
         held, prefetched = spread_stack_svds(svd_stacks(chunks, step, widths), config, method, mesh, store)
-        factors = spread_factors([c[0].hessian for c in chunks], config, method, mesh, widths is not None)
+        factors = spread_factors(svd_stacks(chunks, step, widths), config, method, mesh, store)
     with (contextlib.nullcontext() if prefetched is None else using_prefetched_svds(prefetched),
           using_prefetched_factors(factors)):
         for c, members in enumerate(chunks):
@@ -265,26 +265,29 @@ def spread_stack_svds(stacks, config, method: str, mesh, store=None) -> tuple[di
 SPREAD_FACTORS = True
 
 
-def spread_factors(hessians, config, method: str, mesh, widths_given: bool = False) -> list:
+def spread_factors(stacks, config, method: str, mesh, store=None) -> list:
     """On a mesh of several devices, starts the GPTQ set-ups of the stacks' Hessians at once, one distinct Hessian
     per device (:func:`~prinmix_jax.core.factors.prefetch_factors`), for
     :func:`~prinmix_jax.core.factors.using_prefetched_factors`: a 7B block's four (q,k,v · o · gate,up · down
     inputs), or a window's sixteen, side by side instead of one stack after another.
 
     Args:
-      hessians: one per stack (``None`` for a data-free stack: nothing to factor).
+      stacks: as for :func:`spread_stack_svds` (:func:`svd_stacks`); data-free stacks have nothing to factor.
       config, method: as for :func:`~prinmix_jax.compress.compress_stack`; nothing starts for a method that runs
         no GPTQ pass of V under the Hessians (:meth:`~prinmix_jax.methods.base.Method.v_passes_under_hessian`).
       mesh: the 1-D mesh.
-      widths_given: the stacks get widths from elsewhere (the global scope's second pass).
+      store: the :class:`~prinmix_jax.svd_store.SVDStore` of the global scope, or ``None``: a stack with given
+        widths whose V passes it kept takes them instead (:func:`~prinmix_jax.methods.v_step.fixed_width_rows`).
 
     Returns:
       The started set-ups (empty on one device, with :data:`SPREAD_FACTORS` off, or with nothing to factor).
     """
-    hessians = [h for h in hessians if h is not None]
     mesh = default_mesh(mesh)
-    if not (SPREAD_FACTORS and spreads_svds(mesh) and hessians
-            and get_method(method).v_passes_under_hessian(widths_given)):
+    if not (SPREAD_FACTORS and spreads_svds(mesh) and get_method(method).v_passes_under_hessian()):
+        return []
+    hessians = [hs[0] for keys, _, hs, ws in stacks if hs is not None
+                and not (ws is not None and store is not None and store.holds_passes(keys))]
+    if not hessians:
         return []
     return prefetch_factors(hessians, factor_settings(config.damp, **gptq_kw(config)), mesh)
 

@@ -111,6 +111,12 @@ class SVDStore:
         """Whether every one of ``keys``' SVDs with ``settings`` is kept (nothing is read)."""
         return all(os.path.isdir(self._path(k, settings)) for k in keys)
 
+    def holds_passes(self, keys) -> bool:
+        """Whether V passes are kept for every one of ``keys`` (under any tag; nothing is read)."""
+        names = set(os.listdir(self.folder)) if os.path.isdir(self.folder) else set()
+        prefixes = [os.path.basename(self._path(k, "passes-")) for k in keys]
+        return all(any(n.startswith(p) for n in names) for p in prefixes)
+
     def keep_passes(self, keys, tags, passes, seconds: float) -> None:
         """Offers the GPTQ passes of V of a stack's error tables, while :attr:`writing`: kept (all but ``q``,
         which :meth:`passes`' reader recomputes from the codes) when a V step of the stack, ``seconds`` long,

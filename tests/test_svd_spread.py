@@ -147,22 +147,24 @@ def test_block_svds_start_together_with_the_same_bytes(pair, monkeypatch, scope,
     assert read_arrays(os.path.join(pair[0], f"on-{name}")) == read_arrays(os.path.join(pair[0], f"off-{name}"))
 
 
-@pytest.mark.parametrize("scope,calib_mode,method,expected", [
-    ("matrix", "parallel", "prinmix", [8]),            # both blocks' 4 distinct Hessians, in one go
-    ("matrix", "sequential", "prinmix", [4, 4]),       # a window of one block
-    ("global", "parallel", "prinmix", [8] + [1] * 8),  # first pass; the second (given widths) factors per stack
-    ("matrix", "parallel", "deltacome", [8]),          # its V step at fixed widths under the Hessians
+@pytest.mark.parametrize("scope,calib_mode,method,reuse,expected", [
+    ("matrix", "parallel", "prinmix", "never", [8]),         # both blocks' 4 distinct Hessians, in one go
+    ("matrix", "sequential", "prinmix", "never", [4, 4]),    # a window of one block
+    ("global", "parallel", "prinmix", "never", [8, 8]),      # both passes (the second's V step at given widths)
+    ("global", "parallel", "prinmix", "always", [8]),        # the second pass takes the first's kept V passes
+    ("matrix", "parallel", "deltacome", "never", [8]),       # its V step at fixed widths under the Hessians
 ])
 def test_block_gptq_set_ups_start_together_with_the_same_bytes(pair, monkeypatch, scope, calib_mode, method,
-                                                                expected):
+                                                                reuse, expected):
     """With several devices the GPTQ set-ups of a window's distinct Hessians start together, one per device
     (step_compress.spread_factors), and every stack takes them; off, each stack of each block factors its own
-    (one per stack: q,k,v · o · gate,up · down), with the same bytes."""
+    (one per stack: q,k,v · o · gate,up · down), with the same bytes. Where the global scope's first pass kept a
+    stack's V passes, its second pass starts no set-up for it."""
     from prinmix_jax import pipeline
     from prinmix_jax.core import factors
-    monkeypatch.setattr(pipeline, "SVD_REUSE", "never")
+    monkeypatch.setattr(pipeline, "SVD_REUSE", reuse)
     kw = dict(calib=pair[3], calibration_mode=calib_mode, scope=scope, method=method)
-    name = f"{scope}-{calib_mode}-{method}"
+    name = f"{scope}-{calib_mode}-{method}-{reuse}"
     runs = {}
     for spread in (False, True):
         monkeypatch.setattr(step_compress, "SPREAD_FACTORS", spread)
@@ -170,7 +172,7 @@ def test_block_gptq_set_ups_start_together_with_the_same_bytes(pair, monkeypatch
         _run(pair, f"factors-{spread}-{name}", True, monkeypatch, **kw)
         runs[spread] = factors.STARTED
     assert runs[True] == expected
-    assert runs[False] == [1] * (8 * (1 + (scope == "global")))
+    assert runs[False] == [1] * sum(expected)               # here every stack has a Hessian of its own
     assert (read_arrays(os.path.join(pair[0], f"factors-True-{name}"))
             == read_arrays(os.path.join(pair[0], f"factors-False-{name}")))
 

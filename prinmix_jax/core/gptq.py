@@ -21,6 +21,11 @@ one triangular solve against ``L`` (:func:`upper_factor_rows`); from 16 blocks o
 segments, each solving against a smaller leading triangle of ``L`` (:func:`_segments`).
 tests/test_gptq_memory.py checks this from XLA's memory analysis.
 
+The set-up depends on the Hessian alone, so it is also a program of its own (:func:`gptq_factor`: the factor and
+every row of ``R``, one n×n buffer), whose result passes under the same Hessian take (``factor=``, the same
+bytes): the error table's widths, q, k and v, and the row tiles of a stack on several devices then share one
+(:mod:`prinmix_jax.core.factors`).
+
 References:
   Frantar, Ashkboos, Hoefler, Alistarh. "GPTQ: Accurate Post-Training Quantization for
   Generative Pre-trained Transformers", ICLR 2023.

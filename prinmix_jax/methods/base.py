@@ -84,10 +84,11 @@ class Method:
         a caller start the SVDs of several stacks at once (:func:`~prinmix_jax.compress.prefetch_svds`)."""
         return None
 
-    def v_passes_under_hessian(self, widths_given: bool) -> bool:
+    def v_passes_under_hessian(self) -> bool:
         """Whether :meth:`compress` of a calibrated stack runs GPTQ passes of V under its Hessians with the
-        config's settings (:func:`~prinmix_jax.methods.v_step.stack_rows`), whose set-ups a caller may start
-        ahead for several stacks (:func:`~prinmix_jax.step_compress.spread_factors`)."""
+        config's settings (:func:`~prinmix_jax.methods.v_step.stack_rows`; with given widths, unless the global
+        scope's first pass kept them), whose set-ups a caller may start ahead for several stacks
+        (:func:`~prinmix_jax.step_compress.spread_factors`)."""
         return False
 
     def one_index_bits(self, m: int, n: int, cfg: CompressionConfig) -> int:

@@ -60,7 +60,7 @@ class DeltaCoMe(Method):
     def svd_request(self, stack):
         return svd_kwargs(stack.cfg, self._svd_rank(stack))
 
-    def v_passes_under_hessian(self, widths_given):
+    def v_passes_under_hessian(self):
         return True
 
     def _svd_rank(self, stack):

@@ -187,9 +187,8 @@ class TableMethod(Method):
         """(r,) widths of one matrix from its (r, nw) table; ``active``: the indices with σ > 0."""
         raise NotImplementedError
 
-    def v_passes_under_hessian(self, widths_given):
-        # its error tables; given widths (the global scope's second pass) may take the first pass's passes
-        return not widths_given
+    def v_passes_under_hessian(self):
+        return True
 
     def svd_request(self, stack: Stack):
         if stack.cfg.whiten and stack.pairs[0][1] is not None:
