@@ -52,11 +52,10 @@ from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionCo
 from prinmix_jax.core.mesh import default_mesh
 from prinmix_jax.core.factors import using_prefetched_factors
 from prinmix_jax.core.svd import reusing_svds, using_prefetched_svds
-from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, get_path, merge_block, param_groups
-from prinmix_jax.distributed import (allgather_arrays, barrier, broadcast_array, check_shared, init_distributed,
-                                     owner)
+from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, merge_block, param_groups
+from prinmix_jax.distributed import allgather_arrays, barrier, broadcast_array, check_shared, init_distributed
 from prinmix_jax.methods.shared import index_costs
-from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
+from prinmix_jax.models import LINEAR_NAMES
 from prinmix_jax.models.calibration import block_forward_with_hessians, embed, tokenize_calibration
 from prinmix_jax.models.hf_io import TOKENIZER_FILES
 from prinmix_jax.models.llama.params import block_param_table, global_param_table
@@ -65,7 +64,8 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError, read_ahead
-from prinmix_jax.step_compress import read_ahead_blocks, spread_factors, spread_stack_svds, svd_window
+from prinmix_jax.step_compress import (owned_stacks, read_ahead_blocks, spread_factors, spread_stack_svds, step_items,
+                                      svd_stacks, svd_window, with_hessians)
 from prinmix_jax.svd_store import SVD_DIR, SVDStore, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
@@ -249,19 +249,6 @@ def _calibration_ids(calib, ft: ModelSource, tokenizer_dir, seq_len, num_sequenc
 
 
 # ----- the first pass of the global scope --------------------------------------------------------
-def _block_deltas(b: int, base_b, ft_b, linears, me) -> dict:
-    """``{(shape, Hessian key): [(name, delta)]}`` of block ``b``'s linears this process compresses (all-zero
-    deltas left out: they store nothing), from the block's base and fine-tuned parameters."""
-    groups = {}
-    for j, path in enumerate(linears):
-        if owner(b + 1, j) != me:
-            continue
-        d = np.asarray(get_path(ft_b, path), np.float32) - np.asarray(get_path(base_b, path), np.float32)
-        if np.any(d):
-            groups.setdefault((d.shape, HESSIAN_FOR_LINEAR[path[-2]]), []).append((path[-2], d))
-    return groups
-
-
 def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     """``[([block, name, shape], error table)]`` of the block linears this process will compress (the
     same assignment as the second pass); all-zero deltas are left out (they store nothing).
@@ -273,41 +260,39 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     On accelerators the next blocks are read in a thread meanwhile
     (:func:`~prinmix_jax.step_compress.read_ahead_blocks`)."""
     mcfg, chunk = plan.model_config, plan.chunk_size
-    order = {n: i for i, n in enumerate(LINEAR_NAMES)}
-    linears = sorted((path for path, kind in plan.block_table if kind == "linear"), key=lambda p: order[p[-2]])
-    me = jax.process_index()
     mine = []
     h = None if plan.ids is None else embed(ft_src.embedding(), mcfg, plan.ids)
-    bar = progress_bar(plan.progress and me == 0, mcfg.num_layers, 0, "error tables")
+    bar = progress_bar(plan.progress and jax.process_index() == 0, mcfg.num_layers, 0, "error tables")
     window = svd_window(plan.mesh)
     calibrated = h is not None
 
     def load(b):      # host work only: it may run ahead in a thread (read_ahead)
         base_b, ft_b = base_src.block(b), ft_src.block(b)
-        return _block_deltas(b, base_b, ft_b, linears, me), (ft_b if calibrated else None)
+        return step_items(plan.block_table, base_b, ft_b, plan.policy)[0], (ft_b if calibrated else None)
     loads = read_ahead(load, range(mcfg.num_layers), read_ahead_blocks(plan.mesh, window))
     try:
         for w0 in range(0, mcfg.num_layers, window):
             ready = []
             for b in range(w0, min(w0 + window, mcfg.num_layers)):
-                groups, ft_b = next(loads)
-                hess = None
+                items, ft_b = next(loads)
                 if h is not None:
                     h, hess = block_forward_with_hessians(ft_b, mcfg, h, layer=b, chunk_size=chunk)
-                    hess = {hk: np.asarray(hess[hk], np.float32) for _, hk in groups}  # on the host, as the deltas
+                    items = with_hessians(items, hess)
+                    del hess
                 ft_b = None   # the tables need the deltas and Hessians only: 1.6 GB less, 7B block
-                ready.append((b, groups, hess))
-            stacks = [([svd_key(b, m[0]) for m in g], [m[1] for m in g],
-                       None if hess is None else [hess[hk]] * len(g), None)
-                      for b, groups, hess in ready for (_, hk), g in groups.items()]
+                # the stacks the second pass compresses (the same owners, all-zero deltas left out: they store
+                # nothing)
+                ready.append((b, owned_stacks(items, b + 1, plan.mesh)[1]))
+                del items
+            stacks = [s for b, chunks in ready for s in svd_stacks(chunks, b + 1)]
             _, prefetched = spread_stack_svds(stacks, plan.config, "prinmix", plan.mesh, plan.svd_store)
             factors = spread_factors(stacks, plan.config, "prinmix", plan.mesh)
             del stacks
             with using_prefetched_svds(prefetched), using_prefetched_factors(factors):
                 while ready:
-                    b, groups, hess = ready.pop(0)
-                    _block_tables(plan, b, groups, hess, mine)
-                    del groups, hess
+                    b, chunks = ready.pop(0)
+                    _block_tables(plan, b, chunks, mine)
+                    del chunks
                     bar.update(1)
             del prefetched, factors
     finally:
@@ -316,18 +301,17 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     return mine
 
 
-def _block_tables(plan: RunPlan, b: int, groups: dict, hess, mine: list) -> None:
-    """Appends ``([b, name, shape], table)`` for every stack of ``groups`` (emptied as it goes)."""
-    while groups:
-        key = next(iter(groups))
-        members = groups.pop(key)
-        hm = None if hess is None else hess[key[1]]
-        with reusing_svds(plan.svd_store, [svd_key(b, m[0]) for m in members]):
-            tables = error_tables([m[1] for m in members], None if hm is None else [hm] * len(members),
-                                  plan.config, mesh=plan.mesh)
-        for (name, delta), e in zip(members, tables):
-            mine.append(([b, name, list(delta.shape)], np.asarray(e)))
-        del members, tables
+def _block_tables(plan: RunPlan, b: int, chunks: list, mine: list) -> None:
+    """Appends ``([b, name, shape], table)`` for every stack of ``chunks``
+    (:func:`~prinmix_jax.step_compress.owned_stacks`; emptied as it goes)."""
+    while chunks:
+        members = chunks.pop(0)
+        hs = None if members[0].hessian is None else [m.hessian for m in members]
+        with reusing_svds(plan.svd_store, [svd_key(b, m.name) for m in members]):
+            tables = error_tables([m.delta for m in members], hs, plan.config, mesh=plan.mesh)
+        for m, e in zip(members, tables):
+            mine.append(([b, m.name, list(m.delta.shape)], np.asarray(e)))
+        del members, hs, tables
 
 
 def _global_widths(plan: RunPlan, base_src, ft_src) -> dict:

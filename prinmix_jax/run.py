@@ -28,7 +28,8 @@ from prinmix_jax.core.factors import using_prefetched_factors
 from prinmix_jax.core.svd import using_prefetched_svds
 from prinmix_jax.step_compress import (STACK_SPLIT_BYTES, compress_entries, owned_stacks,
                                        preload_kept_svds, read_ahead_blocks, save_step, split_deltas,
-                                       spread_factors, spread_stack_svds, step_items, svd_stacks, svd_window)
+                                       spread_factors, spread_stack_svds, step_items, svd_stacks, svd_window,
+                                       with_hessians)
 from prinmix_jax.storage import decode_step, publish, write_summary
 from prinmix_jax.svd_store import SVD_DIR
 
@@ -187,7 +188,7 @@ def _read_block(plan: RunPlan, loaded: _Block, h) -> _Block:
     if h is not None:
         h_next, hess = block_forward_with_hessians(loaded.ft, plan.model_config, h, layer=loaded.block,
                                                    chunk_size=plan.chunk_size)
-        items = [it._replace(hessian=np.asarray(hess[it.hessian_key], np.float32)) for it in items]
+        items = with_hessians(items, hess)
         del hess
     return loaded._replace(items=items, ft=None, h_next=h_next, seconds=loaded.seconds + time.perf_counter() - t0)
 

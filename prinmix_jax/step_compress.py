@@ -24,7 +24,7 @@ from prinmix_jax.models import HESSIAN_FOR_LINEAR, LINEAR_NAMES
 from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step, owned_tree
 from prinmix_jax.svd_store import svd_key
 
-__all__ = ["StepItem", "step_items", "split_deltas", "dense_entry", "compress_entries", "owned_stacks", "svd_stacks",
+__all__ = ["StepItem", "step_items", "with_hessians", "split_deltas", "dense_entry", "compress_entries", "owned_stacks", "svd_stacks",
            "spread_factors", "save_step"]
 
 _INFO_KEYS = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
@@ -65,6 +65,14 @@ def step_items(table, base_tree: dict, ft_tree: dict, policy, hessians=None) -> 
     deltas = {tuple(path): np.asarray(get_path(ft_tree, path), np.float32)
               - np.asarray(get_path(base_tree, path), np.float32) for path, _ in table}
     return split_deltas(table, deltas, policy, hessians)
+
+
+def with_hessians(items: list[StepItem], hessians: dict) -> list[StepItem]:
+    """``items`` with their block's calibration Hessians (``{key: (n, n)}``, e.g. on a device) as float32 host
+    arrays, one per key: q, k and v share one array (one host copy, and one GPTQ set-up,
+    :func:`~prinmix_jax.core.factors.stack_factors`)."""
+    host = {k: np.asarray(hessians[k], np.float32) for k in dict.fromkeys(it.hessian_key for it in items)}
+    return [it._replace(hessian=host[it.hessian_key]) for it in items]
 
 
 def split_deltas(table, deltas: dict, policy, hessians=None) -> tuple[list[StepItem], dict]:
