@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,25 +34,13 @@ from prinmix_jax.core.factors import factor_settings, stack_factors  # noqa: E40
 from prinmix_jax.core.gptq import GPTQFactor, gptq_factor  # noqa: E402
 from prinmix_jax.core.mesh import ROW_TILES, single_device_mesh  # noqa: E402
 from prinmix_jax.core.svd import plan_devices  # noqa: E402
-from prinmix_jax.methods.shared import gptq_kw, max_kept_rank, svd_rank  # noqa: E402
+from prinmix_jax.methods.shared import gptq_kw  # noqa: E402
+from benchmarks.bench_stages import _best as _best_of, _block_stacks  # noqa: E402
 
 
 def _best(fn, reps):
     jax.block_until_ready(fn())                    # compile and warm
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def block_stacks(hidden: int, inter: int, cfg: CompressionConfig) -> dict:
-    """``{stack: (matrices, rows k, n)}`` of a Llama (MHA) block's calibrated tables at the pipeline's ranks."""
-    def k(m, n):
-        return svd_rank(m, n, cfg, max_kept_rank(m, n, cfg)) or min(m, n)
-    return {"q,k,v": (3, k(hidden, hidden), hidden), "o": (1, k(hidden, hidden), hidden),
-            "gate,up": (2, k(inter, hidden), hidden), "down": (1, k(hidden, inter), inter)}
+    return _best_of(fn, reps)
 
 
 def _hessian(n, rng):
@@ -89,7 +76,7 @@ def main(argv=None):
           "| tile given s |")
     print("|---|---|---:|---:|---:|---|---:|---:|---:|")
     sums = dict(before=0.0, now=0.0, set_ups=[], tiles_own=0.0, tiles_given=0.0, work=0.0)
-    for name, (b, k, n) in block_stacks(args.hidden, args.inter, cfg).items():
+    for name, (b, k, n) in _block_stacks(args.hidden, args.inter, cfg).items():
         v = rng.standard_normal((b, k, n)).astype(np.float32)
         v /= np.linalg.norm(v, axis=2, keepdims=True)
         s = np.sort(rng.random((b, k)).astype(np.float32), axis=1)[:, ::-1].copy()
