@@ -112,20 +112,40 @@ def test_a_stack_factors_each_distinct_hessian_once(monkeypatch):
 
 def test_prefetched_set_ups_are_taken_not_computed(monkeypatch):
     """Inside using_prefetched_factors, a stack whose Hessians were prefetched (under the same settings) starts
-    no set-up, and gets the same bytes; a Hessian of other bytes, or other settings, is still computed."""
+    no set-up and gets the same bytes; a Hessian of other bytes or other settings is still computed. Each
+    prefetched factor serves as many stacks as asked for it (``h0`` twice), then is dropped (its device memory
+    freed) and a later stack computes its own."""
     monkeypatch.setattr(factors, "STARTED", [])
     s = factors.factor_settings(0.01, group_size=16, act_order=True, block_size=32)
     h_all = _stack(3, 96, 2)
+    h0, h1 = h_all[0], h_all[1]
     want = factors.stack_factors(h_all, s)
-    other = _hessian(96, 99)
-    pre = factors.prefetch_factors([h_all[0], h_all[1], h_all[0].copy()], s)    # equal bytes count once
-    assert factors.STARTED == [2, 2]
+    pre = factors.prefetch_factors([h0, h1, h0.copy()], s)               # equal bytes are factored once
+    assert factors.STARTED == [2, 2] and [p.uses for p in pre] == [2, 1]
     with factors.using_prefetched_factors(pre):
-        got = factors.stack_factors(h_all, s)
-        assert factors.STARTED == [2, 2]
-        factors.stack_factors(other[None], s)
-        factors.stack_factors(h_all[:1], s._replace(damp=0.1))
+        got = factors.stack_factors(h_all, s)                            # one use of each
+        assert factors.STARTED == [2, 2] and pre[1].factor is None
+        factors.stack_factors(_hessian(96, 99)[None], s)                 # other bytes
+        factors.stack_factors(h0[None], s._replace(damp=0.1))            # other settings
         assert factors.STARTED == [2, 2, 1, 1]
+        assert np.array_equal(factors.stack_factors(h0[None], s)[0][0], want[0][0])   # h0's second use
+        assert factors.STARTED == [2, 2, 1, 1] and pre[0].factor is None
+        factors.stack_factors(h1[None], s)                               # used up: computed
+        assert factors.STARTED == [2, 2, 1, 1, 1]
     assert all(np.array_equal(a, b) for a, b in zip(want, got))
-    factors.stack_factors(h_all[:1], s)                          # outside the block: computed again
-    assert factors.STARTED == [2, 2, 1, 1, 1]
+    factors.stack_factors(h0[None], s)                                   # outside the block: computed
+    assert factors.STARTED == [2, 2, 1, 1, 1, 1]
+
+
+def test_same_bytes_compares_bytes():
+    from prinmix_jax.core.mesh import same_bytes
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert same_bytes(a, a.copy()) and same_bytes(np.broadcast_to(a[0], (3, 4)), np.stack([a[0]] * 3))
+    assert not same_bytes(a, a.astype(np.float64)) and not same_bytes(a, a.reshape(4, 3))
+    b = a.copy()
+    b[2, 3] = -b[2, 3]
+    assert not same_bytes(a, b)
+    z = np.zeros(3, np.float32)
+    assert not same_bytes(z, -z)                                         # equal values, other bytes
+    n = np.full(3, np.nan, np.float32)
+    assert same_bytes(n, n.copy())                                       # the same bytes, unequal values

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prinmix_jax.core.gptq import GPTQFactor, gptq_factor
-from prinmix_jax.core.mesh import default_mesh, same_operand_groups
+from prinmix_jax.core.mesh import default_mesh, same_bytes, same_operand_groups
 from prinmix_jax.core.svd import plan_devices
 
 
@@ -47,10 +48,12 @@ def _factor_fn(s: FactorSettings):
                                          block_size=s.block_size))
 
 
-class _Started(NamedTuple):
+@dataclasses.dataclass
+class _Started:
     hessian: np.ndarray        # the (n, n) float32 Hessian (held: the match of a later lookup)
     settings: FactorSettings
-    factor: GPTQFactor         # on its device, possibly still running
+    factor: GPTQFactor | None  # on its device, possibly still running; dropped once its last use took it
+    uses: int = 1              # how many stacks will take it
 
 
 #: How many set-ups each call of :func:`start_factors` started (tests count them).
@@ -73,18 +76,22 @@ _PREFETCHED: contextvars.ContextVar = contextvars.ContextVar("prinmix_gptq_facto
 
 
 def prefetch_factors(hessians, settings: FactorSettings, mesh: Mesh | None = None) -> list[_Started]:
-    """:func:`start_factors` of the distinct arrays among ``hessians`` (equal bytes count once), for
-    :func:`using_prefetched_factors`."""
+    """:func:`start_factors` of the distinct arrays among ``hessians``, one per stack that will take it (equal
+    bytes are factored once), for :func:`using_prefetched_factors`. Once taken by as many stacks as it appears
+    in ``hessians``, a factor is dropped (its device memory freed: a 7B window holds up to 4 × 485 MB)."""
     hessians = [np.asarray(h, np.float32) for h in hessians]
-    distinct = [g[0] for g in same_operand_groups(hessians)]
-    return start_factors([hessians[i] for i in distinct], settings, mesh)
+    groups = same_operand_groups(hessians)
+    started = start_factors([hessians[g[0]] for g in groups], settings, mesh)
+    for s, g in zip(started, groups):
+        s.uses = len(g)
+    return started
 
 
 @contextlib.contextmanager
 def using_prefetched_factors(prefetched: list[_Started]):
     """Within the ``with`` block, :func:`stack_factors` takes the factors of ``prefetched``
-    (:func:`prefetch_factors`) for Hessians of equal bytes and settings (they are kept until the block ends: a
-    Hessian may serve several stacks)."""
+    (:func:`prefetch_factors`) for Hessians of equal bytes and settings, each as many times as it was asked for
+    (a Hessian may serve several stacks: q and k,v under GQA); a stack asking after that computes its own."""
     token = _PREFETCHED.set(list(prefetched) + list(_PREFETCHED.get() or []))
     try:
         yield
@@ -92,16 +99,15 @@ def using_prefetched_factors(prefetched: list[_Started]):
         _PREFETCHED.reset(token)
 
 
-def _sample(h: np.ndarray) -> np.ndarray:
-    return h.reshape(-1)[::4099]
-
-
 def _prefetched(h: np.ndarray, settings: FactorSettings) -> GPTQFactor | None:
-    """The active prefetched factor of ``h`` under ``settings``, or ``None``."""
+    """The active prefetched factor of ``h`` under ``settings`` (one of its uses taken), or ``None``."""
     for s in _PREFETCHED.get() or []:
-        if (s.settings == settings and s.hessian.shape == h.shape and np.array_equal(_sample(s.hessian), _sample(h))
-                and np.array_equal(s.hessian, h)):
-            return s.factor
+        if s.factor is not None and s.settings == settings and same_bytes(s.hessian, h):
+            factor = s.factor
+            s.uses -= 1
+            if s.uses <= 0:
+                s.factor = None
+            return factor
     return None
 
 

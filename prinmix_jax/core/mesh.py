@@ -115,12 +115,14 @@ class RowPlan(NamedTuple):
     needed: int
 
 
-def _equal(a, b) -> bool:
+def same_bytes(a, b) -> bool:
+    """Whether two arrays have the same shape, dtype and bytes."""
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
     # a strided sample first: unequal Hessians (n×n, up to 485 MB each) differ there, without a full pass
-    return bool(np.array_equal(a.reshape(-1)[::4099], b.reshape(-1)[::4099]) and np.array_equal(a, b))
+    a, b = (np.ascontiguousarray(x).reshape(-1).view(np.uint8) for x in (a, b))
+    return bool(np.array_equal(a[::4099], b[::4099]) and np.array_equal(a, b))
 
 
 def same_operand_groups(items) -> list[list[int]]:
@@ -130,7 +132,7 @@ def same_operand_groups(items) -> list[list[int]]:
     groups: list[list[int]] = []
     for i, it in enumerate(items):
         for g in groups:
-            if all(_equal(a, b) for a, b in zip(items[g[0]], it)):
+            if all(same_bytes(a, b) for a, b in zip(items[g[0]], it)):
                 g.append(i)
                 break
         else:
