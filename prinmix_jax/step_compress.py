@@ -1,7 +1,7 @@
 """One step of a compress run: the deltas of a step's tensors, the compression of its matrices (same-shape
 matrices that share an input Hessian as one stack), and writing the step (every process writes what it
 compressed; see :mod:`prinmix_jax.distributed` for who owns what), and how a step's (or a window of
-blocks') stack SVDs are started together on a mesh of several devices. The SVDs kept between the global
+blocks') stack SVDs and GPTQ set-ups are started together on a mesh of several devices. The SVDs kept between the global
 scope's two passes live in :mod:`prinmix_jax.svd_store`."""
 from __future__ import annotations
 
