@@ -129,8 +129,10 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     # The same for the GPTQ set-ups of the stacks' Hessians (spread_factors).
     held, prefetched, factors = {}, None, []
     if active_prefetched() is None:
-        held, prefetched = spread_stack_svds(svd_stacks(chunks, step, widths), config, method, mesh, store)
-        factors = spread_factors(svd_stacks(chunks, step, widths), config, method, mesh, store)
+        stacks = svd_stacks(chunks, step, widths)
+        held, prefetched = spread_stack_svds(stacks, config, method, mesh, store)
+        factors = spread_factors(stacks, config, method, mesh, store)
+        del stacks
     with (contextlib.nullcontext() if prefetched is None else using_prefetched_svds(prefetched),
           using_prefetched_factors(factors)):
         for c, members in enumerate(chunks):
