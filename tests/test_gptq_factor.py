@@ -90,6 +90,17 @@ def test_the_row_pass_given_the_set_up_holds_no_n2_scratch():
     assert comp.memory_analysis().temp_size_in_bytes < 0.5 * 4 * n * n
 
 
+def _count_starts(monkeypatch) -> list:
+    """How many set-ups each call of factors.start_factors starts, from here on."""
+    started, real = [], factors.start_factors
+
+    def counted(hessians, *a, **kw):
+        started.append(len(hessians))
+        return real(hessians, *a, **kw)
+    monkeypatch.setattr(factors, "start_factors", counted)
+    return started
+
+
 def _stack(b, n, hessians, seed=7):
     hs = [_hessian(n, seed + 10 + i) for i in range(hessians)]
     return np.stack([hs[i % hessians] for i in range(b)])
@@ -98,7 +109,7 @@ def _stack(b, n, hessians, seed=7):
 def test_a_stack_factors_each_distinct_hessian_once(monkeypatch):
     """Three matrices sharing a Hessian (q, k, v) start one set-up, a stack of two Hessians two; every matrix
     gets its own Hessian's factor, the same bytes as gptq_factor of it."""
-    monkeypatch.setattr(factors, "STARTED", [])
+    started = _count_starts(monkeypatch)
     s = factors.factor_settings(0.01, group_size=16, act_order=True, block_size=32)
     for b, nh in ((3, 1), (3, 2)):
         h_all = _stack(b, 96, nh)
@@ -107,7 +118,7 @@ def test_a_stack_factors_each_distinct_hessian_once(monkeypatch):
         for i in range(b):
             f = gptq_factor(h_all[i], np.float32(0.01), group_size=16, act_order=True, block_size=32)
             assert np.array_equal(r[i], np.asarray(f.r)) and d[i] == float(f.damp)
-    assert factors.STARTED == [1, 2]
+    assert started == [1, 2]
 
 
 def test_prefetched_set_ups_are_taken_not_computed(monkeypatch):
@@ -115,26 +126,26 @@ def test_prefetched_set_ups_are_taken_not_computed(monkeypatch):
     no set-up and gets the same bytes; a Hessian of other bytes or other settings is still computed. Each
     prefetched factor serves as many stacks as asked for it (``h0`` twice), then is dropped (its device memory
     freed) and a later stack computes its own."""
-    monkeypatch.setattr(factors, "STARTED", [])
+    started = _count_starts(monkeypatch)
     s = factors.factor_settings(0.01, group_size=16, act_order=True, block_size=32)
     h_all = _stack(3, 96, 2)
     h0, h1 = h_all[0], h_all[1]
     want = factors.stack_factors(h_all, s)
     pre = factors.prefetch_factors([h0, h1, h0.copy()], s)               # equal bytes are factored once
-    assert factors.STARTED == [2, 2] and [p.uses for p in pre] == [2, 1]
+    assert started == [2, 2] and [p.uses for p in pre] == [2, 1]
     with factors.using_prefetched_factors(pre):
         got = factors.stack_factors(h_all, s)                            # one use of each
-        assert factors.STARTED == [2, 2] and pre[1].factor is None
+        assert started == [2, 2] and pre[1].factor is None
         factors.stack_factors(_hessian(96, 99)[None], s)                 # other bytes
         factors.stack_factors(h0[None], s._replace(damp=0.1))            # other settings
-        assert factors.STARTED == [2, 2, 1, 1]
+        assert started == [2, 2, 1, 1]
         assert np.array_equal(factors.stack_factors(h0[None], s)[0][0], want[0][0])   # h0's second use
-        assert factors.STARTED == [2, 2, 1, 1] and pre[0].factor is None
+        assert started == [2, 2, 1, 1] and pre[0].factor is None
         factors.stack_factors(h1[None], s)                               # used up: computed
-        assert factors.STARTED == [2, 2, 1, 1, 1]
+        assert started == [2, 2, 1, 1, 1]
     assert all(np.array_equal(a, b) for a, b in zip(want, got))
     factors.stack_factors(h0[None], s)                                   # outside the block: computed
-    assert factors.STARTED == [2, 2, 1, 1, 1, 1]
+    assert started == [2, 2, 1, 1, 1, 1]
 
 
 def test_same_bytes_compares_bytes():

@@ -165,12 +165,16 @@ def test_block_gptq_set_ups_start_together_with_the_same_bytes(pair, monkeypatch
     monkeypatch.setattr(pipeline, "SVD_REUSE", reuse)
     kw = dict(calib=pair[3], calibration_mode=calib_mode, scope=scope, method=method)
     name = f"{scope}-{calib_mode}-{method}-{reuse}"
-    runs = {}
+    runs, real = {}, factors.start_factors
     for spread in (False, True):
         monkeypatch.setattr(step_compress, "SPREAD_FACTORS", spread)
-        monkeypatch.setattr(factors, "STARTED", [])
+        runs[spread] = started = []                     # set-ups started per call of start_factors
+
+        def counted(hessians, *a, started=started, **kw):
+            started.append(len(hessians))
+            return real(hessians, *a, **kw)
+        monkeypatch.setattr(factors, "start_factors", counted)
         _run(pair, f"factors-{spread}-{name}", True, monkeypatch, **kw)
-        runs[spread] = factors.STARTED
     assert runs[True] == expected
     assert runs[False] == [1] * sum(expected)               # here every stack has a Hessian of its own
     assert (read_arrays(os.path.join(pair[0], f"factors-True-{name}"))

@@ -56,16 +56,11 @@ class _Started:
     uses: int = 1              # how many stacks will take it
 
 
-#: How many set-ups each call of :func:`start_factors` started (tests count them).
-STARTED: list[int] = []
-
-
 def start_factors(hessians, settings: FactorSettings, mesh: Mesh | None = None) -> list[_Started]:
     """Starts the set-ups of ``hessians`` ((n, n) float32 each, distinct), each on one device of ``mesh``, the
     largest first on the least-loaded devices (:func:`~prinmix_jax.core.svd.plan_devices`), and returns
     without waiting: a block's four Hessians, or a window's sixteen, are factored side by side."""
     devs = list(default_mesh(mesh).devices.flat)
-    STARTED.append(len(hessians))
     place = plan_devices([1] * len(hessians), [float(h.shape[0]) ** 3 for h in hessians], len(devs))
     fn = _factor_fn(settings)
     return [_Started(h, settings, fn(jax.device_put(np.asarray(h, np.float32), devs[p[0]])))
