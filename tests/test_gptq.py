@@ -56,7 +56,7 @@ def test_result_does_not_depend_on_block_size(mode, group, act):
     bits = np.full(16 if mode == "row" else 96, 3)
     outs = []
     with jax.enable_x64(True):
-        for bs in (8, 32, 96, 128, 4):          # 4: 24 blocks in 4 segments (core.gptq._segments)
+        for bs in (8, 32, 96, 128, 4):          # 4: 24 blocks in 4 segments (core.gptq_setup.loop_segments)
             res = gptq_quantize(jnp.asarray(w), jnp.asarray(h), jnp.asarray(bits), 0.01, group_size=group,
                                 act_order=act, scale_axis=mode, block_size=bs)
             outs.append(np.asarray(res.codes))
@@ -101,7 +101,7 @@ def test_dead_columns_are_zero():
 
 def test_program_size_does_not_grow_with_columns():
     """The column loop is a fori_loop: the compiled program is the same size for 64 and 1024 columns, and for
-    2048 and 16384 (from 16 blocks on, four segments of the loop: core.gptq._segments)."""
+    2048 and 16384 (from 16 blocks on, four segments of the loop: core.gptq_setup.loop_segments)."""
     def hlo_len(cols):
         w = jax.ShapeDtypeStruct((16, cols), jnp.float32)
         h = jax.ShapeDtypeStruct((cols, cols), jnp.float32)

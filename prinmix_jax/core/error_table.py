@@ -38,7 +38,7 @@ def error_table(v, sigma, h, damp=0.01, factor=None, *, widths: tuple[int, ...],
         (data-free): the passes are then round-to-nearest, which is what GPTQ is under ``H = I``
         (:func:`~prinmix_jax.core.gptq.gptq_quantize`), with no n×n matrix at all.
       damp: GPTQ relative damping.
-      factor: GPTQ's set-up under ``h`` (:func:`~prinmix_jax.core.gptq.gptq_factor` with these settings), or
+      factor: GPTQ's set-up under ``h`` (:func:`~prinmix_jax.core.gptq_setup.gptq_factor` with these settings), or
         ``None`` to compute it here (once for all widths); the same bytes either way.
       widths: candidate widths, 0 allowed (static).
       group_size, act_order, block_size, scale_dtype, grid: GPTQ settings of the V side.

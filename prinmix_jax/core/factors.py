@@ -1,7 +1,7 @@
 """GPTQ's set-up under each distinct Hessian, computed once and shared by every pass under it.
 
 A GPTQ pass under a Hessian starts with a set-up that depends on the Hessian alone: the damped Cholesky factor
-and the rows of the upper factor ``R`` its column loop reads (:func:`~prinmix_jax.core.gptq.gptq_factor`, about
+and the rows of the upper factor ``R`` its column loop reads (:func:`~prinmix_jax.core.gptq_setup.gptq_factor`, about
 0.8·n³ flops). Inside one pass it is shared by the widths of an error table (vmap), but nothing shared it
 across passes: q, k and v (one input Hessian) each computed it, and so did every row tile of a stack spread
 over the devices (:func:`~prinmix_jax.core.mesh.run_rows_sharded`), where it was 60–70% of a tile's work for a
@@ -24,13 +24,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from prinmix_jax.core.gptq import GPTQFactor, gptq_factor
+from prinmix_jax.core.gptq_setup import GPTQFactor, gptq_factor
 from prinmix_jax.core.mesh import default_mesh, same_bytes, same_operand_groups
 from prinmix_jax.core.svd import plan_devices
 
 
 class FactorSettings(NamedTuple):
-    """What a V-side (row mode) set-up depends on besides its Hessian (:func:`~prinmix_jax.core.gptq.gptq_factor`)."""
+    """What a V-side (row mode) set-up depends on besides its Hessian (:func:`~prinmix_jax.core.gptq_setup.gptq_factor`)."""
     damp: float
     group_size: int | None
     act_order: bool
@@ -111,7 +111,7 @@ def stack_factors(h_all, settings: FactorSettings, mesh: Mesh | None = None) -> 
     :func:`using_prefetched_factors`), the others started side by side (:func:`start_factors`).
 
     Returns:
-      ``(r (B, cp, cp), damp (B,))`` on the host, :class:`~prinmix_jax.core.gptq.GPTQFactor`'s fields per matrix,
+      ``(r (B, cp, cp), damp (B,))`` on the host, :class:`~prinmix_jax.core.gptq_setup.GPTQFactor`'s fields per matrix,
       for the passes' ``factor=`` (``r`` a read-only view of one factor when the stack has one Hessian).
     """
     h_all = np.asarray(h_all, np.float32)
