@@ -50,8 +50,7 @@ from prinmix_jax.allocation import allocate_bits_global
 from prinmix_jax.compress import check_settings, error_tables
 from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionConfig
 from prinmix_jax.core.mesh import default_mesh
-from prinmix_jax.core.factors import using_prefetched_factors
-from prinmix_jax.core.svd import reusing_svds, using_prefetched_svds
+from prinmix_jax.core.svd import reusing_svds
 from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, merge_block, param_groups
 from prinmix_jax.distributed import allgather_arrays, barrier, broadcast_array, check_shared, init_distributed
 from prinmix_jax.methods.shared import index_costs
@@ -64,8 +63,8 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError, read_ahead
-from prinmix_jax.step_compress import (owned_stacks, read_ahead_blocks, spread_factors, spread_stack_svds, step_items,
-                                      svd_stacks, svd_window, with_hessians)
+from prinmix_jax.step_compress import (owned_stacks, read_ahead_blocks, started_together, step_items, svd_stacks,
+                                      svd_window, with_hessians)
 from prinmix_jax.svd_store import SVD_DIR, SVDStore, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
                                  file_sha256, write_output_marker)
@@ -255,8 +254,8 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
 
     On several devices the deltas of a window of blocks (:func:`~prinmix_jax.step_compress.svd_window`) are
     read together, with their Hessians when calibrated (the forward in order), and their SVDs started
-    together (:func:`~prinmix_jax.step_compress.spread_stack_svds`), and the GPTQ set-ups of their Hessians
-    (:func:`~prinmix_jax.step_compress.spread_factors`); the tables then follow block by block.
+    together, and the GPTQ set-ups of their Hessians (:func:`~prinmix_jax.step_compress.started_together`); the
+    tables then follow block by block.
     On accelerators the next blocks are read in a thread meanwhile
     (:func:`~prinmix_jax.step_compress.read_ahead_blocks`)."""
     mcfg, chunk = plan.model_config, plan.chunk_size
@@ -285,16 +284,13 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
                 ready.append((b, owned_stacks(items, b + 1, plan.mesh)[1]))
                 del items
             stacks = [s for b, chunks in ready for s in svd_stacks(chunks, b + 1)]
-            _, prefetched = spread_stack_svds(stacks, plan.config, "prinmix", plan.mesh, plan.svd_store)
-            factors = spread_factors(stacks, plan.config, "prinmix", plan.mesh)
-            del stacks
-            with using_prefetched_svds(prefetched), using_prefetched_factors(factors):
+            with started_together(stacks, plan.config, "prinmix", plan.mesh, plan.svd_store):
+                del stacks
                 while ready:
                     b, chunks = ready.pop(0)
                     _block_tables(plan, b, chunks, mine)
                     del chunks
                     bar.update(1)
-            del prefetched, factors
     finally:
         loads.close()
     bar.close()

@@ -24,12 +24,9 @@ from prinmix_jax.models.calibration import block_forward, block_forward_with_hes
 from prinmix_jax.policy import ParamPolicy
 from prinmix_jax.run_summary import build_summary, result_problems
 from prinmix_jax.sources import read_ahead
-from prinmix_jax.core.factors import using_prefetched_factors
-from prinmix_jax.core.svd import using_prefetched_svds
 from prinmix_jax.step_compress import (STACK_SPLIT_BYTES, compress_entries, owned_stacks,
                                        preload_kept_svds, read_ahead_blocks, save_step, split_deltas,
-                                       spread_factors, spread_stack_svds, step_items, svd_stacks, svd_window,
-                                       with_hessians)
+                                       started_together, step_items, svd_stacks, svd_window, with_hessians)
 from prinmix_jax.storage import decode_step, publish, write_summary
 from prinmix_jax.svd_store import SVD_DIR
 
@@ -224,8 +221,8 @@ def _compress_block(plan: RunPlan, store, loaded: _Block, h, u_ranks):
 
 def _compress_window(plan: RunPlan, store, loads, count: int, h, u_ranks, done):
     """Steps of the next ``count`` decoder blocks of ``loads`` (consecutive) with their SVDs started together
-    on the mesh (:func:`~prinmix_jax.step_compress.spread_stack_svds`), and so the GPTQ set-ups of their Hessians
-    (:func:`~prinmix_jax.step_compress.spread_factors`): every block is read (and, with
+    on the mesh, and so the GPTQ set-ups of their Hessians (:func:`~prinmix_jax.step_compress.started_together`):
+    every block is read (and, with
     parallel calibration, run forward for its Hessians) first, then compressed and written in order.
     ``done(b)`` is called after each. Returns the hidden states after the last block."""
     reads, error = [], None
@@ -242,10 +239,8 @@ def _compress_window(plan: RunPlan, store, loads, count: int, h, u_ranks, done):
     for r in reads:
         stacks += svd_stacks(owned_stacks(r.items, r.block + 1, plan.mesh)[1], r.block + 1,
                              _block_widths(plan, r.block))
-    _, prefetched = spread_stack_svds(stacks, plan.config, plan.method, plan.mesh, plan.svd_store)
-    factors = spread_factors(stacks, plan.config, plan.method, plan.mesh, plan.svd_store)
-    del stacks
-    with using_prefetched_svds(prefetched), using_prefetched_factors(factors):
+    with started_together(stacks, plan.config, plan.method, plan.mesh, plan.svd_store):
+        del stacks
         while reads:
             read = reads.pop(0)
             _write_block(plan, store, read, u_ranks)

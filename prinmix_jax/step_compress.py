@@ -25,7 +25,7 @@ from prinmix_jax.storage import DenseEntry, MatrixEntry, ZeroEntry, encode_step,
 from prinmix_jax.svd_store import svd_key
 
 __all__ = ["StepItem", "step_items", "with_hessians", "split_deltas", "dense_entry", "compress_entries", "owned_stacks", "svd_stacks",
-           "spread_factors", "save_step"]
+           "spread_factors", "started_together", "save_step"]
 
 _INFO_KEYS = ("rel_output_error", "budget_bits", "nbytes", "seconds", "solver", "allocation_seconds",
               "seconds_error_table", "seconds_u", "v_damp", "u_damp", "rtc_damp")
@@ -123,18 +123,12 @@ def compress_entries(items: list[StepItem], config, method: str, mesh, step: int
     """
     entries, chunks = owned_stacks(items, step, mesh)
     store = svd_store if step > 0 else None
-    # On several devices the stacks' SVDs start together (each stack on devices of its own): their deltas are
+    # On several devices the stacks' SVDs and GPTQ set-ups start together (started_together): their deltas are
     # read up front and held. On one device, one stack's deltas at a time. A caller that started this step's
-    # SVDs with other steps' (:func:`spread_stack_svds` over a window of blocks) leaves them active: they stay.
-    # The same for the GPTQ set-ups of the stacks' Hessians (spread_factors).
-    held, prefetched, factors = {}, None, []
-    if active_prefetched() is None:
-        stacks = svd_stacks(chunks, step, widths)
-        held, prefetched = spread_stack_svds(stacks, config, method, mesh, store)
-        factors = spread_factors(stacks, config, method, mesh, store)
-        del stacks
-    with (contextlib.nullcontext() if prefetched is None else using_prefetched_svds(prefetched),
-          using_prefetched_factors(factors)):
+    # with other steps' (a window of blocks) leaves them active: they stay.
+    together = (started_together(svd_stacks(chunks, step, widths), config, method, mesh, store)
+                if active_prefetched() is None else contextlib.nullcontext({}))
+    with together as held:
         for c, members in enumerate(chunks):
             shape = members[0].delta.shape
             hs = None if members[0].hessian is None else [m.hessian for m in members]
@@ -300,6 +294,24 @@ def spread_factors(stacks, config, method: str, mesh, store=None) -> list:
     if not hessians:
         return []
     return prefetch_factors(hessians, factor_settings(config.damp, **gptq_kw(config)), mesh)
+
+
+@contextlib.contextmanager
+def started_together(stacks, config, method: str, mesh, store=None):
+    """Starts the SVDs of ``stacks`` (:func:`spread_stack_svds`) and the GPTQ set-ups of their Hessians
+    (:func:`spread_factors`) together on the mesh and, within the ``with`` block, lets the stacks' compression
+    take them (:func:`~prinmix_jax.core.svd.using_prefetched_svds`,
+    :func:`~prinmix_jax.core.factors.using_prefetched_factors`): a step's stacks, or a window of blocks'.
+
+    Yields:
+      ``{stack index: deltas read}`` (:func:`spread_stack_svds`' ``held``). The caller should hold ``stacks``
+      no longer than needed to call this.
+    """
+    held, prefetched = spread_stack_svds(stacks, config, method, mesh, store)
+    factors = spread_factors(stacks, config, method, mesh, store)
+    del stacks       # (nor here: a block's deltas are dropped as its stacks are done, not when the window ends)
+    with using_prefetched_svds(prefetched), using_prefetched_factors(factors):
+        yield held
 
 
 #: Matrices of at least this many float32 bytes (a 7B embedding: 0.5 GB) go to :func:`compress_stack` at most

@@ -119,9 +119,7 @@ def _run(pair, out, spread, monkeypatch, window=True, **kw):
         left.append(pre)                    # checked after the run: every started SVD was taken
         return cm
     monkeypatch.setattr(step_compress, "prefetch_svds", prefetch)
-    monkeypatch.setattr(step_compress, "using_prefetched_svds", using)
-    from prinmix_jax import pipeline
-    monkeypatch.setattr(pipeline, "using_prefetched_svds", using)
+    monkeypatch.setattr(step_compress, "using_prefetched_svds", using)    # every pass's, the windows' too
     compress_model(base, ft, os.path.join(root, out), config=CFG, seq_len=16,
                    policy=ParamPolicy(embeddings="store", lm_head="store"), log=lambda m: None, **kw)
     return started, left
