@@ -84,7 +84,7 @@ def test_u_error_estimate_is_the_measured_error_of_quantising_one_u_column():
 def test_u_error_estimate_of_a_tall_u_works_in_chunks_with_the_same_numbers(monkeypatch):
     """An embedding-like tall U: the columns go through in chunks (bounded scratch, read from XLA's memory
     analysis), with the numbers of quantising every column at once. The chunk is scaled down 64x with U
-    (2500 x 200 against 4M / 64 entries a chunk: 8 chunks of 26 columns, as 40000 x 800 has 8 of 104 at the
+    (2500 x 200 against 4M / 64 entries a chunk: 8 chunks of 25 columns, as 40000 x 800 has 8 of 100 at the
     real size), so the scratch compares the same way at 1/64 of the work."""
     from prinmix_jax import rtn_quantize
     from prinmix_jax.core import error_table as et

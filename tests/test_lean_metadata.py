@@ -47,6 +47,32 @@ def test_symmetric_grid_has_implied_zeros_and_matches_mse_above_two_bits(bits):
         np.testing.assert_array_equal(z_sym, z_mse)
 
 
+@pytest.mark.parametrize("scale_dtype", [None, np.float16])
+def test_symmetric_grid_of_mixed_widths_chooses_each_group_as_alone(scale_dtype):
+    """``"mse-sym"`` tries one family per group (symmetric at widths <= 2, min-max above), in one list of
+    candidates whose i-th is either family's i-th: a group's grid must not depend on its neighbours' widths, so
+    a call with mixed widths (U's columns in GPTQ, a V step's rows) chooses every group as a call of its width
+    alone does (and those are checked against "mse" and the implied zeros above)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((400, 128)) * rng.choice([1e-3, 1.0, 30.0], (400, 1))).astype(np.float32)
+    x[::9] += 1.5                                         # skewed groups
+    x[::13] = np.round(x[::13] * 2) / 2                   # ties between candidates
+    widths = rng.choice([1, 2, 3, 4, 8], 400)
+    maxq = (2.0 ** widths - 1).astype(np.float32)
+    count = rng.integers(100, 129, 400).astype(np.float32)      # short last groups
+    s_mix, z_mix = (np.asarray(a) for a in grid_params(x, maxq, scale_dtype, count, "mse-sym"))
+    for b in (1, 2, 3, 4, 8):
+        rows = widths == b
+        s_b, z_b = (np.asarray(a) for a in grid_params(x[rows], np.float32(2 ** b - 1), scale_dtype, count[rows],
+                                                       "mse-sym"))
+        np.testing.assert_array_equal(s_mix[rows], s_b)
+        np.testing.assert_array_equal(z_mix[rows], z_b)
+        if b <= HALF_ZERO_MAX_BITS:
+            np.testing.assert_array_equal(z_b, (2 ** b - 1) / 2)
+        else:
+            np.testing.assert_array_equal(z_b, np.round(z_b))
+
+
 def test_lean_layout_stores_the_same_values_at_the_same_widths():
     """Same widths and grid (min-max, so the codes are identical): the lean matrix rebuilds the same delta to
     float32 rounding (σ holds the folded scales) and stores fewer bytes; both survive a storage round trip."""

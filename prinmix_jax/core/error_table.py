@@ -145,8 +145,10 @@ def u_error_estimate(u, d0, *, widths: tuple[int, ...], group_size: int | None =
 
     # Columns are independent: take them U_ERROR_CHUNK entries at a time (lax.map), so that the scratch of the
     # grids stays a few chunks whatever m (all at once, an embedding's U held ~15x its size: 4 GB).
-    c = max(1, min(r, U_ERROR_CHUNK // max(m, 1)))
-    nchunks = -(-r // c)
+    # Equal chunks: as few as fit, then as small as they can be (e.g. 1202 columns of 4096 in 2 chunks of 601, not
+    # 2 of 1024 with 846 padding columns quantised for nothing)
+    nchunks = -(-r // max(1, min(r, U_ERROR_CHUNK // max(m, 1))))
+    c = -(-r // nchunks)
     xs = jnp.pad(ut, ((0, nchunks * c - r), (0, 0))).reshape(nchunks, c, m)
     err = jax.lax.map(chunk_errors, xs).reshape(nchunks * c, len(nz))[:r] if nz else jnp.zeros((r, 0), u.dtype)
     cols, k = [], 0

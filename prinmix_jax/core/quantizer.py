@@ -124,22 +124,32 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
                           scale_dtype)
     s_sym = jnp.concatenate([s_sym, flat(jnp.where(mq == 1, s_sign, s_sym[0]))])
     z_sym = jnp.broadcast_to(flat(mq / 2), s_sym.shape)
-    scales, zeros = jnp.concatenate([s_mm, s_sym]), jnp.concatenate([z_mm, z_sym])
     # a symmetric candidate of a wider width is never chosen (its half-integer zero would not be storable)
-    sym_ok = mq <= 2 ** HALF_ZERO_MAX_BITS - 1
-    mm_ok = jnp.ones(s_mm.shape, bool) if grid == "mse" else jnp.broadcast_to(flat(~sym_ok), s_mm.shape)
-    allowed = jnp.concatenate([mm_ok, jnp.broadcast_to(flat(sym_ok), s_sym.shape)])
+    sym_ok = flat(mq <= 2 ** HALF_ZERO_MAX_BITS - 1)
+    if grid == "mse":
+        scales, zeros = jnp.concatenate([s_mm, s_sym]), jnp.concatenate([z_mm, z_sym])
+        allowed = jnp.concatenate([jnp.ones(s_mm.shape, bool), jnp.broadcast_to(sym_ok, s_sym.shape)])
+    else:
+        # "mse-sym": a group tries the symmetric candidates (widths <= 2) or the min-max ones, never both, so
+        # candidate i is either family's i-th (the same candidates in the same order: the same choice, at
+        # about half the work of trying both families and masking one)
+        nm = s_mm.shape[0]
+        scales = jnp.concatenate([jnp.where(sym_ok, s_sym[:nm], s_mm), s_sym[nm:]])
+        zeros = jnp.concatenate([jnp.where(sym_ok, z_sym[:nm], z_mm), z_sym[nm:]])
+        allowed = jnp.concatenate([jnp.ones(s_mm.shape, bool), jnp.broadcast_to(sym_ok, s_sym[nm:].shape)])
+
+    def error(s_, z_, ok):
+        return jnp.where(ok, _sq_error(xf, s_, z_, mq, mf), jnp.finfo(dt).max)
 
     def better(best, cand):
         """The running least-squares choice (the first of equal errors, as ``argmin``), one candidate at a
         time: a (groups, g) array per candidate, never all candidates at once (an embedding's U is 0.5 GB)."""
         s_, z_, ok = cand
-        err = jnp.where(ok, _sq_error(xf, s_, z_, mq, mf), jnp.finfo(dt).max)
+        err = error(s_, z_, ok)
         take = err < best[0]
         return (jnp.where(take, err, best[0]), jnp.where(take, s_, best[1]), jnp.where(take, z_, best[2])), None
 
-    first = (jnp.where(allowed[0], _sq_error(xf, scales[0], zeros[0], mq, mf), jnp.finfo(dt).max),
-             scales[0], zeros[0])
+    first = (error(scales[0], zeros[0], allowed[0]), scales[0], zeros[0])
     (_, scale, zero), _ = jax.lax.scan(better, first, (scales[1:], zeros[1:], allowed[1:]))
     return scale.reshape(shape), zero.reshape(shape)
 
