@@ -102,6 +102,8 @@ def _solver_kwargs(name: str, time_limit: float | None, options: dict | None, ga
         opts.setdefault("mip_rel_gap", gap)
         if abs_gap is not None:
             opts.setdefault("mip_abs_gap", abs_gap)
+        if gap == 0:   # an exact answer asked for: optimality to 1e-10 of the scaled objective, not 1e-7
+            opts.setdefault("dual_feasibility_tolerance", 1e-10)
         if time_limit is not None:
             opts.setdefault("time_limit", float(time_limit))
     elif name == "SCIPY":
@@ -221,27 +223,40 @@ def _allocate_mckp(e, c, budget_bits, max_widths, name, time_limit, solver_optio
 
 
 def _allocate_milp(e, c, budget_bits, max_widths, name, time_limit, solver_options, mip_rel_gap, reduce):
-    """``method="milp"``: returns ``(choice, lower bound, solver label, MILP pairs)``."""
+    """``method="milp"``: returns ``(choice, lower bound, solver label, MILP pairs)``.
+
+    The solver sees the errors scaled by an upper bound on the optimum (a feasible choice's error), and no
+    pair whose error alone exceeds that bound (it is in no optimal solution): scaled by the table's largest
+    entry, an optimum far below it (a generous budget, errors spanning many decades) would sit under the
+    solver's tolerances, and its "optimal" answer could be any near-zero choice. When the answer is far
+    below the bound it was scaled by, the problem is solved again scaled by the answer.
+    """
     # Exact proofs (gap 0) are left to the solver on the whole problem: with the reduction the core is
     # made of near-ties only, and proving its optimum to HiGHS's absolute tolerance can take minutes.
     reduce = reduce and mip_rel_gap > 0
-    keep, incumbent, lower = lagrangian_reduction(e, c, budget_bits) if reduce else (np.ones(e.shape, bool), None, 0.)
+    keep, incumbent, lower = lagrangian_reduction(e, c, budget_bits)
+    if not reduce:
+        keep = np.ones(e.shape, bool)
     if incumbent is not None and max_widths is not None and len(np.unique(incumbent)) > max_widths:
-        keep = np.ones(e.shape, bool)   # the incumbent breaks the cap: its error bounds nothing
-    free = keep.sum(axis=1) > 1
-    choice = np.argmax(keep, axis=1)   # the single kept pair of every fixed index
-    pairs = int(keep[free].sum())
-    fixed_err = float(e[~free, choice[~free]].sum())
-    dual = None
-    if pairs:
-        # the gap is the whole problem's: as an absolute gap (the fixed indices' error is a constant)
-        sub, dual = _solve_core(e[free], c[free], keep[free], budget_bits - int(c[~free, choice[~free]].sum()),
-                                max_widths, np.unique(choice[~free]), name, time_limit, solver_options, mip_rel_gap,
-                                abs_gap=mip_rel_gap * lower if mip_rel_gap > 0 else None)
-        choice[free] = sub
-    obj = float(e[np.arange(e.shape[0]), choice].sum())
+        keep, incumbent = np.ones(e.shape, bool), None   # the incumbent breaks the cap: its error bounds nothing
+    rows = np.arange(e.shape[0])
+    upper = float(e[rows, incumbent].sum()) if incumbent is not None else None
+    choice, pairs = None, 0
+    for _ in range(3):
+        if upper is not None:
+            keep = keep & (e <= upper * (1 + 1e-9))
+            keep[rows, incumbent] = True
+        got, dual, pairs = _milp_pass(e, c, keep, budget_bits, max_widths, name, time_limit, solver_options,
+                                      mip_rel_gap, lower if reduce else None, upper)
+        obj = float(e[rows, got].sum())
+        if choice is None or obj < float(e[rows, choice].sum()):
+            choice = got
+        if upper is None or not 0 < obj < 0.5 * upper:
+            break
+        upper, incumbent = obj, got
+    obj = float(e[rows, choice].sum())
     if dual is not None:
-        lower = max(lower, fixed_err + dual)
+        lower = max(lower, dual)
     elif pairs:   # what an OPTIMAL status certifies: the relative gap
         lower = max(lower, obj * (1 - mip_rel_gap))
     else:
@@ -249,12 +264,33 @@ def _allocate_milp(e, c, budget_bits, max_widths, name, time_limit, solver_optio
     return choice, lower, name, pairs
 
 
+def _milp_pass(e, c, keep, budget_bits, max_widths, name, time_limit, solver_options, mip_rel_gap, abs_lower,
+               scale):
+    """One MILP over the pairs ``keep`` leaves (indices with one pair are fixed): ``(choice, proven lower
+    bound or None, pairs)``. ``abs_lower``: a lower bound that turns the relative gap into an absolute one."""
+    free = keep.sum(axis=1) > 1
+    choice = np.argmax(keep, axis=1)   # the single kept pair of every fixed index
+    pairs = int(keep[free].sum())
+    if not pairs:
+        return choice, None, 0
+    fixed_err = float(e[~free, choice[~free]].sum())
+    # the gap is the whole problem's: as an absolute gap (the fixed indices' error is a constant)
+    sub, dual = _solve_core(e[free], c[free], keep[free], budget_bits - int(c[~free, choice[~free]].sum()),
+                            max_widths, np.unique(choice[~free]), name, time_limit, solver_options, mip_rel_gap,
+                            abs_gap=(mip_rel_gap * abs_lower if abs_lower is not None
+                                     else 0.0 if mip_rel_gap == 0 else None), scale=scale)
+    choice[free] = sub
+    return choice, (None if dual is None else fixed_err + dual), pairs
+
+
 def _solve_core(e, c, keep, budget_bits, max_widths, fixed_cols, name, time_limit, solver_options, mip_rel_gap,
-                abs_gap=None, counts=False):
+                abs_gap=None, counts=False, scale=None):
     """The MILP over the kept (index, width) pairs.
 
     ``fixed_cols``: the columns the fixed indices use (they count towards ``max_widths``).
     ``abs_gap``: optional absolute optimality gap (HiGHS), in the units of ``e``.
+    ``scale``: what the errors are divided by for the solver (default: the largest kept error); best an
+    upper bound on the optimum, so that the solver's tolerances are relative to it.
     ``counts``: the count formulation (module docstring): ``x`` continuous, one integer count per cost
     class and width.
 
@@ -267,7 +303,8 @@ def _solve_core(e, c, keep, budget_bits, max_widths, fixed_cols, name, time_limi
     k = ii.size
     # Scaled to O(1) for the solver; the reported objective is recomputed from the unscaled table.
     ek = e[ii, bb]
-    scale = float(ek.max()) if k and ek.max() > 0 else 1.0
+    if not scale or scale <= 0:
+        scale = float(ek.max()) if k and ek.max() > 0 else 1.0
     one_each = sp.csr_matrix((np.ones(k), (ii, np.arange(k))), shape=(r, k))
     if counts:
         x = cp.Variable(k, nonneg=True)

@@ -182,3 +182,25 @@ def test_global_allocation_reduces_to_a_small_milp_with_the_same_optimum():
     _, mckp = allocate_bits_global(tables, costs, budget, widths, mip_rel_gap=1e-4)
     assert mckp.cost_bits <= budget and mckp.gap <= 1e-4
     assert mckp.objective <= full.objective * (1 + 1e-9) and full.objective <= mckp.objective * (1 + 2e-4)
+
+
+@pytest.mark.parametrize("method,solver", [("mckp", "HIGHS"), ("milp", "HIGHS"), ("milp", "SCIPY")])
+def test_errors_spanning_many_decades_under_generous_budgets(method, solver):
+    """Errors from 1e-12 to 1e6 and budgets near the most expensive choice: the optimum lies many decades below
+    the table's largest entry, where a solver scaled by that entry sees only zeros. The answer must still be
+    the DP optimum (to the MILP solver's tolerances) and the reported lower bound a bound."""
+    if solver not in milp_solvers_installed():
+        pytest.skip(f"{solver} not installed")
+    rng = np.random.default_rng(7)
+    # the MCKP solver is exact in float64; a MILP solver is exact to its tolerances (SciPy's cannot be set)
+    tol = {"mckp": 1e-9, "HIGHS": 1e-8, "SCIPY": 1e-6}["mckp" if method == "mckp" else solver]
+    for _ in range(40):
+        r, widths = int(rng.integers(8, 40)), (0, 2, 3, 4, 8)
+        e = 10.0 ** rng.uniform(-12, 6, (r, len(widths)))
+        c = rng.integers(0, 12, (r, len(widths)))
+        budget = int(rng.integers((c.min(1).sum() + 3 * c.max(1).sum()) // 4, c.max(1).sum() + 1))
+        opt = dp_optimum(e, c, budget)
+        alloc = allocate_bits(e, c, budget, widths, method=method, solver=solver)
+        assert alloc.cost_bits <= budget
+        assert opt * (1 - 1e-12) <= alloc.objective <= opt * (1 + tol)
+        assert alloc.lower_bound <= opt * (1 + tol)
