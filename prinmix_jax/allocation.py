@@ -209,7 +209,7 @@ def _allocate_mckp(e, c, budget_bits, max_widths, name, time_limit, solver_optio
     fixed_err = float(e[~free, fixed[~free]].sum())
     sub, dual = _solve_core(e[free], c[free], keep[free], budget_bits - int(c[~free, fixed[~free]].sum()),
                             max_widths, np.unique(fixed[~free]), name, time_limit, solver_options, 0.0,
-                            abs_gap=gap * max(lower, 0.0), counts=True)
+                            abs_gap=gap * max(lower, 0.0), counts=True, scale=upper)
     cand = fixed.copy()
     cand[free] = sub
     obj = float(e[rows, cand].sum())
