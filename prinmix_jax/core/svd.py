@@ -85,54 +85,16 @@ def gram_svd(delta, rank: int):
         raise ValueError(f"rank must be in 1..{r} for a {m}x{n} delta, got {rank}")
     # Every product contracts the shared axis in place (dot_general), never through a transposed operand:
     # XLA:CPU rounds a product with a transposed operand differently under a vmap of batch 1 than unbatched.
-    # The large ones read an explicit transposed copy instead (_gram_products).
     wide = m < n                                   # work on the smaller Gram matrix: ΔWΔWᵀ for a wide delta
-    g, delta_t = _gram_products(delta, wide)
+    side = 1 if wide else 0                        # the axis of ΔW that AᵀA contracts
+    g = _contract(delta, delta, side, side)
     _, w = jnp.linalg.eigh(g)                      # ascending eigenvalues
     w_k = w[:, ::-1][:, :rank]
-    if wide:                                       # ΔWᵀ W_k: from the transposed copy where there is one
-        b = _contract(delta, w_k, 0, 0) if delta_t is None else jnp.matmul(delta_t, w_k, precision=HIGHEST)
-    else:
-        b = jnp.matmul(delta, w_k, precision=HIGHEST)
-    q, rr = jnp.linalg.qr(b)
+    q, rr = jnp.linalg.qr(_contract(delta, w_k, 0, 0) if wide else jnp.matmul(delta, w_k, precision=HIGHEST))
     ub, s, vbt = jnp.linalg.svd(rr, full_matrices=False)
     if wide:                                       # ΔW ≈ W_k Bᵀ = W_k Ṽ S Ũᵀ Qᵀ
         return _contract(w_k, vbt, 1, 1), s, _contract(ub, q, 0, 1)
     return jnp.matmul(q, ub, precision=HIGHEST), s, _contract(vbt, w_k, 1, 1)     # ΔW ≈ B W_kᵀ
-
-
-#: Up to this size the Gram product reads one explicit transposed copy of the whole delta; above it (7B-70B
-#: embeddings and heads), one copy of a slice at a time, each slice at most this size.
-GRAM_COPY_BYTES = 1 << 30
-
-
-def _gram_products(delta, wide: bool):
-    """``(G, ΔWᵀ or None)``: the Gram matrix of the smaller side (``ΔWᵀΔW``, or ``ΔWΔWᵀ`` for a wide
-    delta) as plain products of ``ΔW`` and an explicit transposed copy of it, and that copy where it was
-    made whole (``None`` when made by slices).
-
-    XLA:CPU runs a product that contracts both operands' leading axis (``dot_general`` on axis 0 of each,
-    what ``AᵀA`` is in place) at about 60% of a plain product's speed: 4096² 1.71 → 1.03 s, 32000×4096
-    13.8 → 8.5 s in one run, the copy included (docs/benchmarks.md). The copy is fenced with an
-    optimization barrier, so XLA does not fold the transpose back into the product. A delta over
-    :data:`GRAM_COPY_BYTES` is summed over slices of the contracted axis, one copy of a slice at a time."""
-    m, n = delta.shape
-    size = delta.size * delta.dtype.itemsize
-    parts = -(-size // GRAM_COPY_BYTES)
-
-    def one(x):
-        x_t = jax.lax.optimization_barrier(jnp.swapaxes(x, 0, 1))
-        return (jnp.matmul(x, x_t, precision=HIGHEST) if wide else jnp.matmul(x_t, x, precision=HIGHEST)), x_t
-
-    if parts <= 1:
-        return one(delta)
-    long = n if wide else m                        # the contracted axis
-    step = -(-long // parts)
-    g = None
-    for start in range(0, long, step):
-        part = one(delta[:, start:start + step] if wide else delta[start:start + step])[0]
-        g = part if g is None else g + part
-    return g, None
 
 
 def _contract(x, y, ax: int, ay: int):
