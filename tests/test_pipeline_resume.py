@@ -63,11 +63,10 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stderr
     assert not os.path.exists(work)
-    # reference: the uninterrupted run, in this process (8 devices; the subprocesses use 4)
-    from prinmix_jax import CompressionConfig
-    from prinmix_jax.pipeline import ParamPolicy, compress_model
-
+    # reference: the uninterrupted run, with the same command and environment (4 devices at XLA's default
+    # optimisation level; this process compiles at level 0, whose products round differently on some CPUs)
     ref = os.path.join(tmp_path, "ref")
-    compress_model(base, ft, ref, calib=calib, config=CompressionConfig(**SMALL_CONFIG), seq_len=16,
-                   calibration_mode="sequential", method="bitdelta", policy=ParamPolicy(embeddings="store", lm_head="store"))
+    r = subprocess.run(_cmd(base, ft, calib, ref), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" not in r.stderr
     assert read_arrays(out) == read_arrays(ref)

@@ -1,5 +1,5 @@
-"""The 1-D device mesh of a stack of same-shape matrices, and ``vmap`` programs sharded over it: whole
-matrices per device, never a padding copy (:func:`run_sharded`), or tiles of the rows of a stack
+"""The 1-D device mesh of a stack of same-shape matrices, and programs sharded over it: whole
+matrices per device, one at a time, never a padding copy (:func:`run_sharded`), or tiles of the rows of a stack
 (:func:`run_rows_sharded`; the GPTQ passes of V go through :func:`run_stack_rows`, which picks between the two
 by the device count)."""
 from __future__ import annotations
@@ -33,17 +33,23 @@ def single_device_mesh(axis: str = BATCH_AXIS) -> Mesh:
 
 
 @functools.cache
-def _compiled(fn, mesh, n_batched, axis):
-    sh = NamedSharding(mesh, P(axis))
-    rep = NamedSharding(mesh, P())
-    in_axes = (0,) * n_batched + (None,)
-    if n_batched == 1:
-        return jax.jit(jax.vmap(fn), in_shardings=sh, out_shardings=sh)
-    return jax.jit(jax.vmap(fn, in_axes=in_axes), in_shardings=(sh,) * n_batched + (rep,), out_shardings=sh)
+def _compiled(fn, mesh, n_batched, with_scalar, axis):
+    """``fn`` over the leading axis of ``n_batched`` arrays sharded over ``mesh``: each device runs ``fn`` on its
+    own matrices one at a time (``lax.map`` inside ``shard_map``), so a matrix's bytes come from the same
+    unbatched program whatever the device count or batch size (a ``vmap``'s batched products and a
+    partitioned program's layouts round differently on XLA:CPU: by ~1e-7, which the byte-identity of resumed
+    and re-sharded runs does not allow)."""
+    def local(*a):
+        xs, rest = a[:n_batched], a[n_batched:]
+        return jax.lax.map(lambda t: fn(*t, *rest), xs)
+
+    specs = (P(axis),) * n_batched + (P(),) * with_scalar
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(axis), check_vma=False))
 
 
 def run_sharded(fn, mesh: Mesh, *args, axis: str = BATCH_AXIS):
-    """Runs ``vmap(fn)`` over the leading axis of the array arguments, sharded over ``mesh``, with no padding
+    """Runs ``fn`` over the leading axis of the array arguments (one matrix at a time on each device: the
+    bytes of ``fn`` on that matrix alone, whatever the batch or mesh), sharded over ``mesh``, with no padding
     copies.
 
     All arguments but a trailing scalar are batched. The largest multiple of the device count runs as one
@@ -55,7 +61,7 @@ def run_sharded(fn, mesh: Mesh, *args, axis: str = BATCH_AXIS):
     identity, mesh and shape.
 
     Returns:
-      ``vmap(fn)``'s result: on the mesh when the batch is a multiple of the device count (and so fills every
+      ``fn``'s results stacked: on the mesh when the batch is a multiple of the device count (and so fills every
       device), else on the host (numpy).
     """
     if mesh.axis_names != (axis,):
@@ -74,10 +80,10 @@ def run_sharded(fn, mesh: Mesh, *args, axis: str = BATCH_AXIS):
 
 
 def _run_on(fn, mesh: Mesh, batched, scalar, axis: str):
-    """``vmap(fn)`` of a batch whose size is a multiple of ``mesh.size``, sharded over it (not waited for)."""
+    """``fn`` over a batch whose size is a multiple of ``mesh.size``, sharded over it (not waited for)."""
     sh = NamedSharding(mesh, P(axis))
     batched = [jax.device_put(a, sh) for a in batched]
-    call = _compiled(fn, mesh, len(batched), axis)
+    call = _compiled(fn, mesh, len(batched), scalar is not None, axis)
     return call(*batched) if scalar is None else call(*batched, scalar)
 
 

@@ -183,7 +183,9 @@ def svd_fn(rank: int | None = None, method: str = "gram", oversample: int = 32, 
 
 @functools.cache
 def _jitted(fn, batched: bool):
-    return jax.jit(jax.vmap(fn) if batched else fn)
+    # a stack goes one matrix at a time (lax.map), as on a mesh (core.mesh.run_sharded): the same bytes as
+    # the matrix alone, which a vmap's batched products do not give on XLA:CPU
+    return jax.jit((lambda d: jax.lax.map(fn, d)) if batched else fn)
 
 
 def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversample: int = 32, iters: int = 4):
@@ -214,11 +216,13 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
                 method: str = "gram", oversample: int = 32, iters: int = 4, tags=None):
     """SVD of a stack ``(batch, m, n)`` of same-shape deltas, spread over the devices of ``mesh``.
 
-    One ``jax.jit``-compiled ``vmap`` of :func:`svd_fn` (the full SVD for ``rank=None``, else the top
-    ``rank`` triplets by ``method``) with batch-sharded in/out shardings
-    (:func:`~prinmix_jax.core.mesh.run_sharded`: no padding copies; a batch that does not fill the mesh runs
-    on as many devices as it has matrices). A matrix's result depends only on how many matrices its device
-    computes (1 wherever the batch fits the mesh): XLA:CPU's batched QR and eigh round by ~6e-8 with it.
+    One ``jax.jit``-compiled program of :func:`svd_fn` (the full SVD for ``rank=None``, else the top
+    ``rank`` triplets by ``method``) over the batch-sharded stack (:func:`~prinmix_jax.core.mesh.run_sharded`:
+    no padding copies; a batch that does not fill the mesh runs on as many devices as it has matrices), each
+    device taking its matrices one at a time: a matrix's bytes are those of :func:`svd_delta` of it alone,
+    whatever the batch and the mesh. (A ``vmap`` rounded by ~1e-7 with the batch on XLA:CPU. Processes with
+    different simulated CPU device counts can still differ: XLA:CPU's products round with the threads each
+    device gets, e.g. 1–2 against 4–8 devices on a 2-core machine.)
 
     Args:
       deltas: float32/float64 array (batch, m, n); bf16/f16 is refused. A numpy array goes to the
