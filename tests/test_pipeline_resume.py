@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays, write_calib
+from pipeline_fixtures import jax_cache_env, make_pair, read_arrays, write_calib
 
 from prinmix_jax.storage import STEPS_DIR, StepStore
 
