@@ -118,8 +118,9 @@ def compress_stack(deltas, hessians=None, config: CompressionConfig | None = Non
     """Compresses a stack of same-shape deltas; the heavy steps run sharded over ``mesh``.
 
     The SVDs of all matrices run as one ``jax.jit``-compiled program whose batch axis is sharded over the
-    mesh, each device taking its matrices one at a time (one matrix per device where the stack fits, no padding copies; several stacks' SVDs can be started
-    together beforehand, :func:`~prinmix_jax.core.svd.prefetch_svds`); the GPTQ passes over the rows of V
+    mesh, each device taking its matrices one at a time (one matrix per device where the stack fits, no
+    padding copies; several stacks' SVDs can be started together beforehand,
+    :func:`~prinmix_jax.core.svd.prefetch_svds`); the GPTQ passes over the rows of V
     (error tables, the V step at given widths, Delta-CoMe's) spread the rows of the whole stack over the
     devices in fixed tiles (:func:`~prinmix_jax.core.mesh.run_stack_rows`: no padding copies, the same
     bytes on 1 and 8 devices). The allocations (host) and the U step follow per matrix (on several

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded, sub_mesh
+from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded, single_device_mesh, sub_mesh
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -182,10 +182,14 @@ def svd_fn(rank: int | None = None, method: str = "gram", oversample: int = 32, 
 
 
 @functools.cache
-def _jitted(fn, batched: bool):
-    # a stack goes one matrix at a time (lax.map), as on a mesh (core.mesh.run_sharded): the same bytes as
-    # the matrix alone, which a vmap's batched products do not give on XLA:CPU
-    return jax.jit((lambda d: jax.lax.map(fn, d)) if batched else fn)
+def _jitted(fn):
+    return jax.jit(fn)
+
+
+def _on_one_device(fn):
+    """``fn`` over a stack on the first device, one matrix at a time (:func:`~prinmix_jax.core.mesh.run_sharded`
+    on a one-device mesh): the same bytes as each matrix alone and as :func:`svd_sharded`."""
+    return lambda deltas: run_sharded(fn, single_device_mesh(), deltas)
 
 
 def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversample: int = 32, iters: int = 4):
@@ -203,12 +207,13 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     """
     delta = jnp.asarray(delta)
     _check_dtype(delta)
-    out = _jitted(svd_fn(rank, method, oversample, iters), delta.ndim == 3)(delta)
+    fn = svd_fn(rank, method, oversample, iters)
     if delta.ndim == 3:
-        return _gram_fallback(delta, out, rank, method, _jitted(thin_svd, True))
+        return _gram_fallback(delta, _on_one_device(fn)(delta), rank, method, _on_one_device(thin_svd))
+    out = _jitted(fn)(delta)
     if rank is None or method != "gram":     # nothing to guard: no stack of one made and taken apart
         return out
-    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method, _jitted(thin_svd, True))
+    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method, _on_one_device(thin_svd))
     return tuple(x[0] for x in fixed)
 
 
