@@ -2,34 +2,51 @@
 # Issue 14, item 5, as one prepared command for a lent accelerator (the `device` tool): the Llama-2-7B-shaped
 # pair at full depth, `prinmix compress --data-free` end to end, wall time including XLA compilation.
 #
-#   1. a short run (SHORT_LAYERS blocks, default 2) whose per-block figures give a projection to full depth
-#      even if the long run does not finish inside the command's time limit;
-#   2. the full-depth run (LAYERS, default 32; 0 skips it), given what is left of TOTAL seconds (default 560,
+#   0. benchmarks/device_numerics.py (NUMERICS=1, the default; ~10 s): float32 accuracy of the products and
+#      decompositions the SVD path uses on this backend, and the margins of test_svd_truncated's checks (four
+#      of its cases failed on the first H200 run; see that script and docs/benchmarks.md);
+#   1. a short run (SHORT_LAYERS blocks; 0, the default, skips it) whose per-block figures give a projection
+#      to full depth even if the long run does not finish inside the command's time limit;
+#   2. the full-depth run (LAYERS, default 32; 0 skips it), given what is left of TOTAL seconds (default 570,
 #      inside the device tool's 600-s command limit) and stopped there.
 #
+# The first H200 run (2026-12-04) ran with SHORT_LAYERS=2, TOTAL=560: the 2-block run took 120 s of the window
+# (write 25.8 s, compress 80.8 s of which 35.4 s compile; projected to 32 blocks: 420 s), and the full-depth
+# run wrote its pair in 68.9 s, then stopped at step 22 of 33 of its compress pass after 371 s. Hence the
+# 2-block run is now off by default: the full-depth run needs ~69 + ~435 s of the window.
+#
 # Each run writes its pair with one process per shard (--jobs, the core count), then compresses it in a fresh
-# child. Output lands in $OUT (short.json, long.json, their logs and the compress children's logs with
-# their progress bars, env.txt); bench_scale.py prints the tables
-# docs/benchmarks.md takes. Disk: the full-depth pair is 27 GB (both models, bf16) plus ~1 GB of delta.
+# child. Output lands in $OUT (env.txt, numerics.txt, long.json, long.log and the compress child's log with its
+# progress bar and `[stage]` lines: first 60 and last 140 lines; short.* likewise when it runs);
+# bench_scale.py prints the tables docs/benchmarks.md takes. Disk: the full-depth pair is 27 GB (both models,
+# bf16) plus ~1 GB of delta.
 #
 # Packages the device's image lacks travel as wheels in .whl/ (ignored by git; name it in `carry`), made here
 # for its Python 3.12 with pip download (see the device tool's README), e.g.:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl cvxpy==1.9.3 highspy clarabel osqp qdldl 'sparsediffpy>=0.6,<0.7' cffi pycparser
-# (21 MB; cvxpy imports and solves with HiGHS without scs, whose 43-MB wheel would not fit the 64-MiB tree).
-# The device's own jax (0.11.x with its CUDA plugin) runs this code; this script refuses a run where JAX does
-# not see an accelerator, so a CPU-only number never passes for a device one (PRINMIX_ALLOW_CPU=1 overrides,
-# for trying the script itself at a small SCALE on a CPU).
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl cvxpy==1.9.3 highspy clarabel osqp qdldl 'sparsediffpy>=0.6,<0.7' \
+#     cffi pycparser orbax-checkpoint==0.12.8
+# (23 MB; cvxpy imports and solves with HiGHS without scs, whose 43-MB wheel would not fit the 64-MiB tree;
+# orbax-checkpoint is pinned to the project's <0.13 range. The image had flax 0.12.10 and orbax 0.12.8 on
+# 2026-12-04.) The device's own jax (0.11.2 with its CUDA plugin on 2026-12-04) runs this code; this script
+# refuses a run where JAX does not see an accelerator, so a CPU-only number never passes for a device one
+# (PRINMIX_ALLOW_CPU=1 overrides, for trying the script itself at a small SCALE on a CPU).
 #
 #   SCALE=0.0625 LAYERS=4 PRINMIX_ALLOW_CPU=1 OUT=/tmp/o bash benchmarks/device_scale.sh    # a CPU dry run
+#
+# With device time left after it, the GPU test run that was cut short on 2026-12-04 (failures printed as they
+# happen, PRINMIX_TEST_INSTAFAIL=1 in tests/conftest.py):
+#   JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false PRINMIX_TEST_XLA_OPT=default PRINMIX_TEST_INSTAFAIL=1 \
+#     python3 -m pytest -p no:cacheprovider -q tests/test_svd_truncated.py tests/test_gptq.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 SCALE=${SCALE:-1}
-SHORT_LAYERS=${SHORT_LAYERS:-2}
+SHORT_LAYERS=${SHORT_LAYERS:-0}
+NUMERICS=${NUMERICS:-1}
 LAYERS=${LAYERS:-32}
-TOTAL=${TOTAL:-560}
+TOTAL=${TOTAL:-570}
 WORK=${WORK:-/tmp/prinmix-device-scale}
 JOBS=${JOBS:-$(nproc)}
 SHARD_MB=${SHARD_MB:-1000}   # 14 shards a model at full depth: one writer process each
@@ -67,19 +84,26 @@ bench() {   # bench NAME LAYERS [timeout]
   local cmd=("$PY" benchmarks/bench_scale.py --models llama2 --modes data-free --layers "$layers"
              --shapes-scale "$SCALE" --progress --keep --jobs "$JOBS" --shard-mb "$SHARD_MB" --workdir "$WORK/$name" --out-json "$OUT/$name.json")
   echo "== $name: ${cmd[*]}"
-  if [ "$limit" -gt 0 ]; then timeout --signal=INT --kill-after=30 "$limit" "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?
+  if [ "$limit" -gt 0 ]; then timeout --signal=INT --kill-after=15 "$limit" "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?
   else "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?; fi
   tail -n 40 "$OUT/$name.log"
   # the compress child's own log (its progress bar: how far a stopped run got, and when)
   for f in "$WORK/$name"/*/delta-*.log; do
-    if [ -f "$f" ]; then tr '\r' '\n' <"$f" | tail -n 200 >"$OUT/$name.child.log"; fi
+    if [ -f "$f" ]; then
+      { tr '\r' '\n' <"$f" | sed -n '1,60p'; echo "[...]"; tr '\r' '\n' <"$f" | tail -n 140; } >"$OUT/$name.child.log"
+    fi
   done
   rm -rf "${WORK:?}/$name"
   echo "== $name: exit $rc"
   return "$rc"
 }
 
-bench short "$SHORT_LAYERS"
+if [ "$NUMERICS" = 1 ]; then
+  echo "== numerics"
+  timeout 90 "$PY" benchmarks/device_numerics.py >"$OUT/numerics.txt" 2>&1 || echo "numerics: exit $?"
+  cat "$OUT/numerics.txt"
+fi
+if [ "$SHORT_LAYERS" -gt 0 ]; then bench short "$SHORT_LAYERS"; fi
 left=$((TOTAL - SECONDS))
 if [ "$LAYERS" -gt 0 ] && [ "$left" -gt 60 ]; then
   bench long "$LAYERS" "$left" || echo "the full-depth run did not finish in ${left} s (exit $?): see long.log"

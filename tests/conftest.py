@@ -86,3 +86,13 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+def pytest_runtest_logreport(report):
+    """``PRINMIX_TEST_INSTAFAIL=1``: each failure's report goes to stderr as it happens, not only in the
+    summary at the end. For runs on a lent accelerator, whose command is stopped at a time limit (on the first
+    H200 run, the limit fell before the summary and the reasons for four failures were lost)."""
+    if report.failed and os.environ.get("PRINMIX_TEST_INSTAFAIL") == "1":
+        import sys
+        sys.__stderr__.write(f"\n---- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n")
+        sys.__stderr__.flush()
