@@ -374,8 +374,9 @@ class _Timers:
                 if peak1 > peak0 and (timers.peak_stage is None or peak1 > timers.peak_stage[2]):
                     # the innermost stage that raised the peak owns it (outer ones see the same peak)
                     timers.peak_stage = (stage or attr, timers.scope, peak1)
-                print(f"[stage] {timers.scope}/{stage or attr} {elapsed:.1f} s, peak RSS {peak1 / 1e9:.2f} GB",
-                      file=sys.stderr, flush=True)
+                if "." not in (stage or attr):     # sub-stages ("rtc_u.target") only in the JSON and tables
+                    print(f"[stage] {timers.scope}/{stage or attr} {elapsed:.1f} s, peak RSS {peak1 / 1e9:.2f} GB",
+                          file=sys.stderr, flush=True)
                 if stage is not None:
                     key = (timers.scope, stage)
                     timers.seconds[key] = timers.seconds.get(key, 0.0) + elapsed - children
@@ -410,6 +411,7 @@ def _install(timers: _Timers) -> None:
     import prinmix_jax.methods.shared as sh
     import prinmix_jax.pipeline as pl
     import prinmix_jax.run as run
+    import prinmix_jax.methods.v_step as vs
     import prinmix_jax.sources as src
 
     jax.monitoring.register_event_duration_secs_listener(timers.on_event)
@@ -442,6 +444,20 @@ def _install(timers: _Timers) -> None:
     w(pm, "allocate_bits", "ilp")
     w(pl, "allocate_bits_global", "ilp")
     w(sh, "svd_quant", "rtc_u", block=True)
+    # The RTC + U step by part, each waited for (sub-stages roll up into the rtc_u column; what is left in
+    # rtc_u itself is host work at the kept rank, the transfers back and dispatch): on the first H200 run the
+    # step took ~0.6 s a matrix against ~0.02 s of kernels measured on an H100, with nothing to say where.
+    w(sh, "padded_u_inputs", "rtc_u.inputs")
+    w(sh, "h_times_vt", "rtc_u.hv", block=True)
+    w(sh, "rtc_target", "rtc_u.target", block=True)
+    w(sh, "u_hessian", "rtc_u.hessian", block=True)
+    w(sh, "gptq_quantize", "rtc_u.gptq", block=True)
+    w(sh, "delta_times_h", "rtc_u.dh", block=True)
+    w(sh, "refit_sigma", "rtc_u.refit", block=True)
+    w(sh, "_factored_error_terms", "rtc_u.error", block=True)
+    # the V step's GPTQ passes at given widths, waited for where they are launched (fixed_width_rows returns
+    # before the device is done, so without this their time landed in a later stage)
+    w(vs, "stack_rows", "v_step_given_widths", block=True)
     w(sh, "pack_svd", "packing", block=True)
     w(run, "save_step", "write")
     w(run, "build_summary", "write")
@@ -540,10 +556,26 @@ def _stage_table(child: dict, wall: float, plain: bool) -> dict:
         return {s: None for s in STAGES + ("other",)}
     out = {s: 0.0 for s in STAGES}
     for _scope, stage, secs, _calls in child["stages"]:
+        stage = stage.split(".")[0]                  # a sub-stage ("rtc_u.target") counts in its parent's column
         if stage in out:
             out[stage] += secs
     out["other"] = wall - sum(out.values())
     return out
+
+
+def stage_parts(child: dict, parent: str) -> dict:
+    """``{part: seconds}`` of ``parent``'s sub-stages (``parent.part``, all scopes together) and ``"rest"``, the
+    parent's own exclusive seconds; empty when it has no sub-stages."""
+    parts, rest = {}, 0.0
+    for _scope, stage, secs, _calls in child.get("stages") or ():
+        head, _, part = stage.partition(".")
+        if head != parent:
+            continue
+        if part:
+            parts[part] = parts.get(part, 0.0) + secs
+        else:
+            rest += secs
+    return dict(parts, rest=rest) if parts else {}
 
 
 def _projection(spec: dict, res: dict, plain: bool) -> dict:
@@ -610,6 +642,11 @@ def markdown(results: list[dict], args) -> str:
         lines.append(f"| {r['title']} | {r['mode']} | {r['run']['wall_seconds']:.1f} | "
                      + " | ".join(_sec(st[c]) for c in cols)
                      + f" | {_sec(sum(comp.values())) if comp else '—'} |")
+    for r in results:
+        parts = stage_parts(r["run"]["child"], "rtc_u")
+        if parts:
+            lines += ["", f"RTC + U step by part ({r['title']}, {r['mode']}; seconds over all matrices, each part waited "
+                          "for): " + ", ".join(f"{k} {_sec(v)}" for k, v in parts.items())]
     over = [(r, r["run"]["child"].get("overlapped_seconds")) for r in results]
     over = [(r, o) for r, o in over if o]
     if over:

@@ -113,3 +113,32 @@ def test_stage_timers_keep_other_threads_apart():
     assert set(timers.overlapped) == {"read"} and 0.04 < timers.overlapped["read"] < 1.0
     assert timers.calls[("block", "read")] == 1      # only the main thread's read is a stage
     assert timers.calls[("block", "compress_other")] == 1
+
+
+def test_sub_stages_roll_up_into_their_parent_column(capsys):
+    """A sub-stage ("rtc_u.gptq") is timed on its own, counts in its parent's column of the stage table, is listed
+    by :func:`bench_scale.stage_parts` beside the parent's own exclusive rest, and prints no ``[stage]`` line."""
+    import time
+    import types
+
+    timers = bench_scale._Timers()
+    ns = types.SimpleNamespace(a=lambda: time.sleep(0.05), b=lambda: time.sleep(0.03), step=None)
+    timers.wrap(ns, "a", "rtc_u.gptq")
+    timers.wrap(ns, "b", "rtc_u.target")
+
+    def step():
+        ns.a()
+        ns.b()
+        ns.a()
+    ns.step = step
+    timers.wrap(ns, "step", "rtc_u")
+    ns.step()
+    child = {"stages": [[sc, st, v, timers.calls[(sc, st)]] for (sc, st), v in timers.seconds.items()]}
+    table = bench_scale._stage_table(child, wall=1.0, plain=False)
+    parts = bench_scale.stage_parts(child, "rtc_u")
+    assert set(parts) == {"gptq", "target", "rest"}
+    assert parts["gptq"] >= 0.1 and parts["target"] >= 0.03 and parts["rest"] < 0.03
+    assert table["rtc_u"] == sum(parts.values()) and table["rtc_u"] >= 0.13
+    assert bench_scale.stage_parts(child, "svd") == {}
+    printed = capsys.readouterr().err
+    assert "[stage] block/rtc_u " in printed and "rtc_u.gptq" not in printed
