@@ -35,10 +35,7 @@
 #
 #   SCALE=0.0625 LAYERS=4 PRINMIX_ALLOW_CPU=1 OUT=/tmp/o bash benchmarks/device_scale.sh    # a CPU dry run
 #
-# With device time left after it, the GPU test run that was cut short on 2026-12-04 (failures printed as they
-# happen, PRINMIX_TEST_INSTAFAIL=1 in tests/conftest.py):
-#   JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false PRINMIX_TEST_XLA_OPT=default PRINMIX_TEST_INSTAFAIL=1 \
-#     python3 -m pytest -p no:cacheprovider -q tests/test_svd_truncated.py tests/test_gptq.py
+# With device time left after it, the GPU test run that was cut short on 2026-12-04: benchmarks/device_tests.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -53,10 +50,8 @@ SHARD_MB=${SHARD_MB:-1000}   # 14 shards a model at full depth: one writer proce
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# shellcheck source=benchmarks/device_env.sh
+source benchmarks/device_env.sh
 
 {
   date -u
