@@ -9,7 +9,8 @@ The Gram SVD's fallback test still passes under it, though. Rounding every produ
 transposed operand, makes the tall Gram SVD fail too. This script tells the cases apart in well under a minute:
 
 1. each product form the SVD path uses, at ``Precision.HIGHEST`` and at the default precision: its relative
-   error against float64 (float32 gives ~1e-7, TF32 ~1e-4, bf16 ~1e-3);
+   error against float64 (float32 gives ~1e-7, TF32 ~1e-4, bf16 ~1e-3), and how XLA compiled it (a cuBLAS
+   call or a Triton GEMM fusion: Triton's default f32 dot precision is TF32x3 since triton-lang/triton#9080);
 2. residuals and orthogonality of ``eigh``, ``qr``, ``lu`` and ``svd``;
 3. for the failing test cases: how close each of the test's checks is to its tolerance (1.0 = at the
    tolerance), and whether ``svd_sharded`` of a stack gives the bytes of ``svd_delta`` of the matrix alone.
@@ -62,11 +63,20 @@ def products(n: int = 512) -> None:
     print(f"\n1. products of two {n}x{n} float32 matrices, relative error against float64 "
           "(float32 ~1e-7, TF32 ~1e-4, bf16 ~1e-3):", flush=True)
     for name, (f, ref) in PRODUCTS.items():
-        errs = []
+        errs, paths = [], []
         for p in (HIGHEST, None):
-            out = jax.jit(lambda a, b, p=p, f=f: f(a, b, p))(x, y)
-            errs.append(_rel(out, ref(x64, y64)))
-        print(f"   {name:34s} HIGHEST {errs[0]:.1e}   default {errs[1]:.1e}", flush=True)
+            fn = jax.jit(lambda a, b, p=p, f=f: f(a, b, p))
+            errs.append(_rel(fn(x, y), ref(x64, y64)))
+            paths.append(compiled_path(fn.lower(x, y).compile().as_text()))
+        print(f"   {name:34s} HIGHEST {errs[0]:.1e} ({paths[0]})   default {errs[1]:.1e} ({paths[1]})", flush=True)
+
+
+def compiled_path(hlo: str) -> str:
+    """How XLA compiled a product: a cuBLAS(Lt) call, a Triton GEMM fusion, or neither (e.g. the CPU's)."""
+    text = hlo.lower()
+    found = [n for n, key in (("cublaslt", "__cublas$lt"), ("cublas", "__cublas$gemm"), ("triton", "triton"),
+                              ("cudnn", "__cudnn")) if key in text]
+    return "+".join(found) or "other"
 
 
 def decompositions(n: int = 512) -> None:

@@ -2,9 +2,10 @@
 # Issue 14, item 5, as one prepared command for a lent accelerator (the `device` tool): the Llama-2-7B-shaped
 # pair at full depth, `prinmix compress --data-free` end to end, wall time including XLA compilation.
 #
-#   0. benchmarks/device_numerics.py (NUMERICS=1, the default; ~10 s): float32 accuracy of the products and
-#      decompositions the SVD path uses on this backend, and the margins of test_svd_truncated's checks (four
-#      of its cases failed on the first H200 run; see that script and docs/benchmarks.md);
+#   0. benchmarks/device_numerics.py (NUMERICS=1, the default; ~10 s, run twice: as is and with XLA's Triton
+#      GEMM fusions off): float32 accuracy of the products and decompositions the SVD path uses on this
+#      backend, and the margins of test_svd_truncated's checks (four of its cases failed on the first H200
+#      run; see that script and docs/benchmarks.md);
 #   1. a short run (SHORT_LAYERS blocks; 0, the default, skips it) whose per-block figures give a projection
 #      to full depth even if the long run does not finish inside the command's time limit;
 #   2. the full-depth run (LAYERS, default 32; 0 skips it), given what is left of TOTAL seconds (default 570,
@@ -96,6 +97,10 @@ bench() {   # bench NAME LAYERS [timeout]
 if [ "$NUMERICS" = 1 ]; then
   echo "== numerics"
   timeout 90 "$PY" benchmarks/device_numerics.py >"$OUT/numerics.txt" 2>&1 || echo "numerics: exit $?"
+  # again with XLA's Triton GEMM fusions off (every dot through cuBLAS): does that restore float32 accuracy?
+  echo "== numerics with --xla_gpu_enable_triton_gemm=false" >>"$OUT/numerics.txt"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 90 "$PY" benchmarks/device_numerics.py \
+    >>"$OUT/numerics.txt" 2>&1 || echo "numerics without Triton GEMM: exit $?"
   cat "$OUT/numerics.txt"
 fi
 if [ "$SHORT_LAYERS" -gt 0 ]; then bench short "$SHORT_LAYERS"; fi
