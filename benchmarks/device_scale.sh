@@ -66,6 +66,11 @@ for m in ("jax", "jaxlib", "flax", "orbax.checkpoint", "cvxpy", "highspy", "tran
         print(m, "MISSING", type(e).__name__, e)
 import jax
 print("devices", jax.devices())
+import resource
+import jax.numpy as jnp
+jax.jit(lambda x: jnp.linalg.eigh(x @ x.T)[1])(jnp.ones((256, 256))).block_until_ready()
+# the runtime's own host memory (bench_scale's bound takes RUNTIME_BYTES, measured on the CPU backend)
+print(f"host peak RSS of jax after start-up and one compiled program: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
 EOF
   echo "nproc $(nproc); free: $(df -h /tmp | tail -1)"
 } 2>&1 | tee "$OUT/env.txt"
