@@ -2,10 +2,9 @@
 # Issue 14, item 5, as one prepared command for a lent accelerator (the `device` tool): the Llama-2-7B-shaped
 # pair at full depth, `prinmix compress --data-free` end to end, wall time including XLA compilation.
 #
-#   0. benchmarks/device_numerics.py (NUMERICS=1, the default; ~10 s, run twice: as is and with XLA's Triton
-#      GEMM fusions off): float32 accuracy of the products and decompositions the SVD path uses on this
-#      backend, and the margins of test_svd_truncated's checks (four of its cases failed on the first H200
-#      run; see that script and docs/benchmarks.md);
+#   0. with NUMERICS=1 (off by default: on a GPU its compiles can take a minute the full-depth run needs;
+#      benchmarks/device_tests.sh runs it in the second call), benchmarks/device_numerics.py twice, as is and
+#      with XLA's Triton GEMM fusions off: float32 accuracy of the SVD path's products and decompositions;
 #   1. a short run (SHORT_LAYERS blocks; 0, the default, skips it) whose per-block figures give a projection
 #      to full depth even if the long run does not finish inside the command's time limit;
 #   2. the full-depth run (LAYERS, default 32; 0 skips it), given what is left of TOTAL seconds (default 570,
@@ -15,6 +14,7 @@
 # (write 25.8 s, compress 80.8 s of which 35.4 s compile; projected to 32 blocks: 420 s), and the full-depth
 # run wrote its pair in 68.9 s, then stopped at step 22 of 33 of its compress pass after 371 s. Hence the
 # 2-block run is now off by default: the full-depth run needs ~69 + ~435 s of the window.
+# Then, if >= 2 min of device time is left, at once (the machine stays warm 30 s): benchmarks/device_tests.sh.
 #
 # Each run writes its pair with one process per shard (--jobs, the core count), then compresses it in a fresh
 # child. Output lands in $OUT (env.txt, numerics.txt, long.json, long.log and the compress child's log with its
@@ -36,13 +36,12 @@
 #
 #   SCALE=0.0625 LAYERS=4 PRINMIX_ALLOW_CPU=1 OUT=/tmp/o bash benchmarks/device_scale.sh    # a CPU dry run
 #
-# With device time left after it, the GPU test run that was cut short on 2026-12-04: benchmarks/device_tests.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 SCALE=${SCALE:-1}
 SHORT_LAYERS=${SHORT_LAYERS:-0}
-NUMERICS=${NUMERICS:-1}
+NUMERICS=${NUMERICS:-0}
 LAYERS=${LAYERS:-32}
 TOTAL=${TOTAL:-570}
 WORK=${WORK:-/tmp/prinmix-device-scale}

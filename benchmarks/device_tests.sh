@@ -9,7 +9,8 @@
 # Default files: test_svd_truncated (4 of its first 8 cases failed on the H200 on 2026-12-04), test_gptq,
 # test_error_table, test_rtc. JAX runs on the GPU (JAX_PLATFORMS=cuda unless set), without preallocating its
 # memory, at XLA's default optimisation level. Tests that assume 8 devices or compare against CPU bytes are
-# not meant for one GPU. The log goes to $OUT/tests.log.
+# not meant for one GPU. First (NUMERICS=1, the default) benchmarks/device_numerics.py runs twice, as is and
+# with XLA's Triton GEMM fusions off, into $OUT/numerics.txt. The test log goes to $OUT/tests.log.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$(mktemp -d)}
@@ -23,4 +24,10 @@ if [ ${#files[@]} -eq 0 ]; then
   files=(tests/test_svd_truncated.py tests/test_gptq.py tests/test_error_table.py tests/test_rtc.py)
 fi
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/tests.log"
+if [ "${NUMERICS:-1}" = 1 ]; then   # the float32 probe first, as is and with XLA's Triton GEMM fusions off
+  timeout 120 "$PY" benchmarks/device_numerics.py 2>&1 | tee "$OUT/numerics.txt"
+  echo "== numerics with --xla_gpu_enable_triton_gemm=false" | tee -a "$OUT/numerics.txt"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 120 "$PY" benchmarks/device_numerics.py 2>&1 \
+    | tee -a "$OUT/numerics.txt"
+fi
 "$PY" -m pytest -p no:cacheprovider -v -rf "${files[@]}" 2>&1 | tee -a "$OUT/tests.log"
