@@ -409,9 +409,9 @@ def _install(timers: _Timers) -> None:
     import prinmix_jax.core.mesh as mesh_mod
     import prinmix_jax.methods.prinmix as pm
     import prinmix_jax.methods.shared as sh
+    import prinmix_jax.methods.v_step as vs
     import prinmix_jax.pipeline as pl
     import prinmix_jax.run as run
-    import prinmix_jax.methods.v_step as vs
     import prinmix_jax.sources as src
 
     jax.monitoring.register_event_duration_secs_listener(timers.on_event)
