@@ -100,12 +100,7 @@ bench() {   # bench NAME LAYERS [timeout]
 
 if [ "$NUMERICS" = 1 ]; then
   echo "== numerics"
-  timeout 90 "$PY" benchmarks/device_numerics.py >"$OUT/numerics.txt" 2>&1 || echo "numerics: exit $?"
-  # again with XLA's Triton GEMM fusions off (every dot through cuBLAS): does that restore float32 accuracy?
-  echo "== numerics with --xla_gpu_enable_triton_gemm=false" >>"$OUT/numerics.txt"
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 90 "$PY" benchmarks/device_numerics.py \
-    >>"$OUT/numerics.txt" 2>&1 || echo "numerics without Triton GEMM: exit $?"
-  cat "$OUT/numerics.txt"
+  numerics_probe "$OUT/numerics.txt" || echo "numerics: exit $?"
 fi
 if [ "$SHORT_LAYERS" -gt 0 ]; then bench short "$SHORT_LAYERS"; fi
 left=$((TOTAL - SECONDS))

@@ -25,9 +25,6 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/tests.log"
 if [ "${NUMERICS:-1}" = 1 ]; then   # the float32 probe first, as is and with XLA's Triton GEMM fusions off
-  timeout 120 "$PY" benchmarks/device_numerics.py 2>&1 | tee "$OUT/numerics.txt"
-  echo "== numerics with --xla_gpu_enable_triton_gemm=false" | tee -a "$OUT/numerics.txt"
-  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" timeout 120 "$PY" benchmarks/device_numerics.py 2>&1 \
-    | tee -a "$OUT/numerics.txt"
+  numerics_probe "$OUT/numerics.txt"
 fi
 "$PY" -m pytest -p no:cacheprovider -v -rf "${files[@]}" 2>&1 | tee -a "$OUT/tests.log"
