@@ -14,6 +14,7 @@ _EXPORTS = {
     **dict.fromkeys(['METHODS', 'CompressionConfig'], "prinmix_jax.config"),
     **dict.fromkeys(['error_table'], "prinmix_jax.core.error_table"),
     **dict.fromkeys(['GPTQResult', 'gptq_quantize'], "prinmix_jax.core.gptq"),
+    **dict.fromkeys(['PrecisionWarning', 'check_float32_products', 'float32_product_errors'], "prinmix_jax.core.numerics"),
     **dict.fromkeys(['pack_bits', 'packed_nbytes', 'unpack_bits'], "prinmix_jax.core.packing"),
     **dict.fromkeys(['rtn_quantize'], "prinmix_jax.core.quantizer"),
     **dict.fromkeys(['rtc_target', 'u_hessian'], "prinmix_jax.core.rtc"),

@@ -17,7 +17,8 @@ The one SVD path of the project: :func:`compress_stack <prinmix_jax.compress.com
 :func:`reusing_svds`, that path looks each matrix's SVD up in a store first (the global scope's two passes
 compute it once; the store, which does the I/O, is the caller's). On several devices the pipeline starts a
 block's stacks' SVDs together beforehand (:func:`prefetch_svds`, each stack on devices of its own), and that
-path takes them (:func:`using_prefetched_svds`).
+path takes them (:func:`using_prefetched_svds`). Before the first SVD on an accelerator,
+:func:`~prinmix_jax.core.numerics.check_float32_products` checks that its float32 products are float32.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded, single_device_mesh, sub_mesh
+from prinmix_jax.core.numerics import check_float32_products
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -207,6 +209,7 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     """
     delta = jnp.asarray(delta)
     _check_dtype(delta)
+    check_float32_products(jax.devices()[0])      # once per device kind, not on the CPU
     fn = svd_fn(rank, method, oversample, iters)
     if delta.ndim == 3:
         return _gram_fallback(delta, _on_one_device(fn)(delta), rank, method, _on_one_device(thin_svd))
@@ -246,6 +249,7 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
     if deltas.ndim != 3:
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
     mesh = default_mesh(mesh, axis)
+    check_float32_products(mesh.devices.flat[0])  # once per device kind, not on the CPU
     out = None if tags is None else take_prefetched(tags)
     if out is None:
         out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
@@ -373,6 +377,7 @@ def prefetch_svds(requests, mesh: Mesh | None = None, axis: str = BATCH_AXIS) ->
     """
     mesh = default_mesh(mesh, axis)
     devs = list(mesh.devices.flat)
+    check_float32_products(devs[0])
     sizes = [len(t) for t, _, _ in requests]
     costs = [svd_cost(*d.shape[-2:], kw.get("rank")) for _, d, kw in requests]
     out = {}
