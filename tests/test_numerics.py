@@ -88,9 +88,19 @@ def test_the_svd_checks_its_device_before_computing(monkeypatch):
     from prinmix_jax.core import svd
 
     seen = []
-    monkeypatch.setattr(svd, "check_float32_products", lambda device: seen.append(device.platform))
+    monkeypatch.setattr(svd, "check_float32_products", lambda devices: seen.append(numerics.local_device(devices)))
     d = np.random.default_rng(0).standard_normal((3, 32, 16)).astype(np.float32)
     svd.svd_sharded(d, rank=4)
     svd.svd_delta(d[0], 4)
     svd.prefetch_svds([(("a", "b", "c"), d, {"rank": 4})])
-    assert seen == ["cpu"] * 3
+    assert seen == [jax.local_devices()[0]] * 3
+
+
+def test_the_device_checked_is_this_processes_own():
+    class Remote:
+        platform, process_index = "gpu", jax.process_index() + 1
+
+    devices = jax.local_devices()
+    assert numerics.local_device(devices[3]) is devices[3]
+    assert numerics.local_device([Remote(), devices[2], devices[1]]) is devices[2]
+    assert numerics.local_device([Remote()]) is devices[0] and numerics.local_device() is devices[0]

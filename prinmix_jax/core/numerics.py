@@ -53,7 +53,7 @@ def float32_product_errors(device=None, n: int = 256, product=None) -> dict[str,
     against float64, for two ``n×n`` standard normal float32 matrices.
 
     Args:
-      device: a JAX device (default: the first of the default backend).
+      device: a JAX device of this process (default: its first).
       n: the matrices' size.
       product: ``product(dims) -> f(x, y)``, the product of each form (default: ``lax.dot_general`` at
         ``Precision.HIGHEST``, jitted).
@@ -61,7 +61,7 @@ def float32_product_errors(device=None, n: int = 256, product=None) -> dict[str,
     Returns:
       ``{form: relative error}``.
     """
-    device = device or jax.devices()[0]
+    device = local_device(device)
     product = product or _product
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, n)).astype(np.float32)
@@ -78,15 +78,25 @@ def float32_product_errors(device=None, n: int = 256, product=None) -> dict[str,
 _CHECKED: dict = {}
 
 
+def local_device(devices=None):
+    """``devices`` if it is one device, else the first of this process's devices among ``devices`` (e.g. a
+    mesh's ``devices.flat``), else this process's first device."""
+    if hasattr(devices, "platform"):
+        return devices
+    me = jax.process_index()
+    return next((d for d in (devices if devices is not None else ()) if d.process_index == me),
+                jax.local_devices()[0])
+
+
 def check_float32_products(device=None, *, product=None, force: bool = False) -> dict[str, float] | None:
-    """Warns (:class:`PrecisionWarning`) where a float32 product at ``Precision.HIGHEST`` on ``device`` is off by
+    """``device`` (or the first of this process's devices among an iterable of devices, e.g. a mesh's): warns (:class:`PrecisionWarning`) where a float32 product at ``Precision.HIGHEST`` on ``device`` is off by
     more than :data:`FLOAT32_PRODUCT_TOLERANCE` (:func:`float32_product_errors`), once per platform and device
     kind (later calls return the first result). CPU devices are not checked (``None``) unless ``force``.
 
     Returns:
       ``{form: relative error}``, or ``None`` where nothing was checked.
     """
-    device = device or jax.devices()[0]
+    device = local_device(device)
     if device.platform == "cpu" and not force:
         return None
     key = (device.platform, getattr(device, "device_kind", ""))

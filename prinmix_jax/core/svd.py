@@ -209,7 +209,7 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     """
     delta = jnp.asarray(delta)
     _check_dtype(delta)
-    check_float32_products(jax.devices()[0])      # once per device kind, not on the CPU
+    check_float32_products(jax.local_devices()[0])  # once per device kind, not on the CPU
     fn = svd_fn(rank, method, oversample, iters)
     if delta.ndim == 3:
         return _gram_fallback(delta, _on_one_device(fn)(delta), rank, method, _on_one_device(thin_svd))
@@ -249,7 +249,7 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
     if deltas.ndim != 3:
         raise ValueError(f"svd_sharded expects (batch, m, n), got shape {deltas.shape}")
     mesh = default_mesh(mesh, axis)
-    check_float32_products(mesh.devices.flat[0])  # once per device kind, not on the CPU
+    check_float32_products(mesh.devices.flat)  # once per device kind, not on the CPU
     out = None if tags is None else take_prefetched(tags)
     if out is None:
         out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
@@ -377,7 +377,7 @@ def prefetch_svds(requests, mesh: Mesh | None = None, axis: str = BATCH_AXIS) ->
     """
     mesh = default_mesh(mesh, axis)
     devs = list(mesh.devices.flat)
-    check_float32_products(devs[0])
+    check_float32_products(devs)
     sizes = [len(t) for t, _, _ in requests]
     costs = [svd_cost(*d.shape[-2:], kw.get("rank")) for _, d, kw in requests]
     out = {}
