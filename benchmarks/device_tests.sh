@@ -10,7 +10,9 @@
 # test_error_table, test_rtc. JAX runs on the GPU (JAX_PLATFORMS=cuda unless set), without preallocating its
 # memory, at XLA's default optimisation level. Tests that assume 8 devices or compare against CPU bytes are
 # not meant for one GPU. First (NUMERICS=1, the default) benchmarks/device_numerics.py runs twice, as is and
-# with XLA's Triton GEMM fusions off, into $OUT/numerics.txt. The test log goes to $OUT/tests.log.
+# with XLA's Triton GEMM fusions off, into $OUT/numerics.txt; then (LOOP=1, the default)
+# benchmarks/bench_gptq_loop.py, whether a step of GPTQ's column loop costs a fixed floor on the GPU (the
+# H200's ~0.6 s RTC + U step per matrix), into $OUT/gptq_loop.txt. The test log goes to $OUT/tests.log.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$(mktemp -d)}
@@ -26,5 +28,8 @@ fi
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/tests.log"
 if [ "${NUMERICS:-1}" = 1 ]; then   # the float32 probe first, as is and with XLA's Triton GEMM fusions off
   numerics_probe "$OUT/numerics.txt"
+fi
+if [ "${LOOP:-1}" = 1 ]; then
+  timeout 120 "$PY" benchmarks/bench_gptq_loop.py --rows 1024,8192 --cols 256,1024 2>&1 | tee "$OUT/gptq_loop.txt"
 fi
 "$PY" -m pytest -p no:cacheprovider -v -rf "${files[@]}" 2>&1 | tee -a "$OUT/tests.log"
