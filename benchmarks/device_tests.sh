@@ -6,10 +6,10 @@
 #   run(command="OUT=$OUT bash benchmarks/device_tests.sh", carry=[".whl"], timeout_s=240)
 #   OUT=/tmp/o bash benchmarks/device_tests.sh tests/test_gptq.py     # other files
 #
-# Default files: test_svd_truncated (4 of its first 8 cases failed on the H200 on 2026-12-04), test_gptq,
-# test_error_table, test_rtc. JAX runs on the GPU (JAX_PLATFORMS=cuda unless set), without preallocating its
-# memory, at XLA's default optimisation level. Tests that assume 8 devices or compare against CPU bytes are
-# not meant for one GPU. First (NUMERICS=1, the default) benchmarks/device_numerics.py runs twice, as is and
+# Default files: test_numerics (the float32 product check, on the GPU), test_svd_truncated (4 of its first 8
+# cases failed on the H200 on 2026-12-04), test_gptq, test_error_table, test_rtc. JAX runs on the GPU
+# (JAX_PLATFORMS=cuda unless set), without preallocating its memory, at XLA's default optimisation level.
+# Tests that assume 8 devices or compare against CPU bytes are not meant for one GPU. First (NUMERICS=1, the default) benchmarks/device_numerics.py runs twice, as is and
 # with XLA's Triton GEMM fusions off, into $OUT/numerics.txt; then (LOOP=1, the default)
 # benchmarks/bench_gptq_loop.py, whether a step of GPTQ's column loop costs a fixed floor on the GPU (the
 # H200's ~0.6 s RTC + U step per matrix), into $OUT/gptq_loop.txt. The test log goes to $OUT/tests.log.
@@ -23,7 +23,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} XLA_PYTHON_CLIENT_PREALLOCATE=false 
   PRINMIX_TEST_INSTAFAIL=1 PYTHONUNBUFFERED=1
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
-  files=(tests/test_svd_truncated.py tests/test_gptq.py tests/test_error_table.py tests/test_rtc.py)
+  files=(tests/test_numerics.py tests/test_svd_truncated.py tests/test_gptq.py tests/test_error_table.py tests/test_rtc.py)
 fi
 "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tee "$OUT/tests.log"
 if [ "${NUMERICS:-1}" = 1 ]; then   # the float32 probe first, as is and with XLA's Triton GEMM fusions off
