@@ -38,6 +38,12 @@ GRIDS = ("minmax", "mse", "mse-sym")
 #: Candidate scale factors of the ``"mse"`` grid: the shrink of the range at widths ≥ 3, the fraction
 #: of the full-range scale at widths ≤ 2 (1 bit uses its closed form instead).
 MSE_STEPS = tuple(1.0 - 0.04 * i for i in range(19))          # 1.0 .. 0.28
+#: The most values times candidates :func:`grid_params` tries at once on an accelerator (as one
+#: ``(candidates, groups, g)`` array, 16 MB in float32); larger searches (a whole matrix's round-to-nearest: an
+#: embedding's U is 0.5 GB), and every search on the CPU, try the candidates one at a time in a loop. Inside
+#: GPTQ's column loop a search is one column's groups (U) or one group of columns (V̂): at once, a step of
+#: that loop runs no inner loop of ~20 steps (on the first H200 run the U step took ~0.6 s per 7B matrix).
+GRID_SEARCH_AT_ONCE = 1 << 22
 #: Widths whose zero point is stored in half steps (the symmetric grid's zero is ``maxq / 2``).
 HALF_ZERO_MAX_BITS = 2
 
@@ -138,20 +144,44 @@ def grid_params(xg, maxq, scale_dtype=None, count=None, grid: str = "minmax"):
         zeros = jnp.concatenate([jnp.where(sym_ok, z_sym[:nm], z_mm), z_sym[nm:]])
         allowed = jnp.concatenate([jnp.ones(s_mm.shape, bool), jnp.broadcast_to(sym_ok, s_sym[nm:].shape)])
 
-    def error(s_, z_, ok):
-        return jnp.where(ok, _sq_error(xf, s_, z_, mq, mf), jnp.finfo(dt).max)
+    errors = partial(_candidate_errors, xf, mq, mf, jnp.finfo(dt).max)
+    if xf.size * scales.shape[0] <= GRID_SEARCH_AT_ONCE:
+        # On an accelerator a small search (inside GPTQ's column loop: a column of U, a group of V̂'s rows) runs as
+        # one step rather than a loop of ~20 in every step of that loop; on the CPU the loop is as fast.
+        # The same choice either way (tests/test_quantizer_grids.py).
+        scale, zero = jax.lax.platform_dependent(scales, zeros, allowed, cpu=partial(search_one_at_a_time, errors),
+                                                 default=partial(search_at_once, errors))
+    else:
+        scale, zero = search_one_at_a_time(errors, scales, zeros, allowed)
+    return scale.reshape(shape), zero.reshape(shape)
 
+
+def _candidate_errors(xf, mq, mf, big, s_, z_, ok):
+    """Squared errors of groups ``xf`` (G, g) on candidate grids ``(s_, z_)`` (``(..., G)``), ``big`` where not
+    ``ok``."""
+    return jnp.where(ok, _sq_error(xf, s_, z_, mq, mf), big)
+
+
+def search_one_at_a_time(errors, scales, zeros, allowed):
+    """Per group, the candidate grid ``(scales[i], zeros[i])`` (``(C, G)`` each) of least ``errors`` among the
+    ``allowed``, the first of equal errors (as ``argmin``), trying one candidate at a time: a (groups, g) array
+    per candidate, never all candidates at once (an embedding's U is 0.5 GB)."""
     def better(best, cand):
-        """The running least-squares choice (the first of equal errors, as ``argmin``), one candidate at a
-        time: a (groups, g) array per candidate, never all candidates at once (an embedding's U is 0.5 GB)."""
         s_, z_, ok = cand
-        err = error(s_, z_, ok)
+        err = errors(s_, z_, ok)
         take = err < best[0]
         return (jnp.where(take, err, best[0]), jnp.where(take, s_, best[1]), jnp.where(take, z_, best[2])), None
 
-    first = (error(scales[0], zeros[0], allowed[0]), scales[0], zeros[0])
+    first = (errors(scales[0], zeros[0], allowed[0]), scales[0], zeros[0])
     (_, scale, zero), _ = jax.lax.scan(better, first, (scales[1:], zeros[1:], allowed[1:]))
-    return scale.reshape(shape), zero.reshape(shape)
+    return scale, zero
+
+
+def search_at_once(errors, scales, zeros, allowed):
+    """:func:`search_one_at_a_time`'s choice from every candidate's errors at once (a (C, G, g) array)."""
+    best = jnp.argmin(errors(scales, zeros, allowed), axis=0)[None]
+    pick = lambda a: jnp.take_along_axis(a, best, axis=0)[0]
+    return pick(scales), pick(zeros)
 
 
 def stored_zero(zero, bits: int):
