@@ -10,15 +10,17 @@ from prinmix_jax import pack_bits, packed_nbytes, unpack_bits
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_round_trip_every_width(bits, word_bits, host):
     rng = np.random.default_rng(bits)
-    for length in (1, 7, 8, 33, 100):
-        codes = rng.integers(0, 2 ** bits, size=(3, length), dtype=np.uint8)
+    for lead, length in [((3,), n) for n in (1, 7, 8, 33, 100)] + [((2, 3), 77)]:
+        codes = rng.integers(0, 2 ** bits, size=(*lead, length), dtype=np.uint8)
         words = pack_bits(codes if host else jnp.asarray(codes), bits, word_bits)
         assert isinstance(words, np.ndarray) == host
-        if not host:
+        if not host:      # the NumPy and JAX packings are written differently: each is the other's oracle
             np.testing.assert_array_equal(np.asarray(words), pack_bits(codes, bits, word_bits))
+            np.testing.assert_array_equal(unpack_bits(np.asarray(words), bits, length, word_bits),
+                                          np.asarray(unpack_bits(words, bits, length, word_bits)))
         assert words.dtype == (np.uint8 if word_bits == 8 else np.uint32)
-        assert words.shape == (3, bits * -(-length // word_bits))
-        assert words.shape[1] * word_bits // 8 == packed_nbytes(length, bits, word_bits)
+        assert words.shape == (*lead, bits * -(-length // word_bits))
+        assert words.shape[-1] * word_bits // 8 == packed_nbytes(length, bits, word_bits)
         np.testing.assert_array_equal(np.asarray(unpack_bits(words, bits, length, word_bits)), codes)
 
 

@@ -55,16 +55,28 @@ def pack_bits(codes, bits: int, word_bits: int = 8):
     return _pack_jax(jnp.asarray(codes), bits, word_bits)
 
 
+def _chunk_dtype(bits: int):
+    """The little-endian integer that holds one chunk of 8 values of ``bits`` bits (``bits`` bytes)."""
+    return np.dtype("<u4") if bits <= 4 else np.dtype("<u8")
+
+
 def _pack_host(codes, bits: int, word_bits: int):
-    """:func:`pack_bits` in NumPy through ``np.unpackbits`` / ``np.packbits``: the low ``bits`` bits of each
-    value, little-endian, are the stream, whose bytes in order are the little-endian words."""
+    """:func:`pack_bits` in NumPy: every 8 values are one chunk of ``bits`` bytes of the stream, built as a
+    little-endian integer ``Σ_i value_i << (bits · i)`` whose low ``bits`` bytes, in order, are the chunk; the
+    stream's bytes in order are the little-endian words. (Values keep their low ``bits`` bits, through uint8,
+    as in JAX.)"""
     *lead, length = codes.shape
-    pad = math.ceil(length / word_bits) * word_bits - length
-    c = codes.astype(np.uint8)              # the low 8 bits: all that widths up to 8 read, as in JAX
-    if pad:
-        c = np.pad(c, [(0, 0)] * len(lead) + [(0, pad)])
-    stream = np.unpackbits(c[..., None], axis=-1, bitorder="little")[..., :bits]   # (..., length + pad, bits)
-    words = np.packbits(stream.reshape(*lead, (length + pad) * bits), axis=-1, bitorder="little")
+    total = math.ceil(length / word_bits) * word_bits          # values, a multiple of 8
+    dt = _chunk_dtype(bits)
+    c = codes.astype(np.uint8) & np.uint8((1 << bits) - 1)
+    if total > length:
+        c = np.pad(c, [(0, 0)] * len(lead) + [(0, total - length)])
+    c = c.reshape(*lead, total // 8, 8)
+    acc = c[..., 0].astype(dt)
+    for i in range(1, 8):
+        acc |= c[..., i].astype(dt) << dt.type(bits * i)
+    chunks = acc[..., None].view(np.uint8)[..., :bits]          # (..., total / 8, bits)
+    words = np.ascontiguousarray(chunks).reshape(*lead, total // 8 * bits)
     return words if word_bits == 8 else words.view("<u4").astype(np.uint32)
 
 
@@ -99,13 +111,20 @@ def unpack_bits(words, bits: int, length: int, word_bits: int = 8):
 
 
 def _unpack_host(words, bits: int, length: int, word_bits: int):
-    """:func:`unpack_bits` in NumPy through ``np.unpackbits`` / ``np.packbits`` (the layout is a little-endian
-    bit stream, so the bytes of the words in little-endian order are the stream)."""
+    """:func:`unpack_bits` in NumPy: the bytes of the words in little-endian order are the stream, whose every
+    ``bits`` bytes are one chunk of 8 values (:func:`_pack_host`)."""
     *lead, nw = words.shape
     b = np.ascontiguousarray(words, dtype=np.dtype(_WORD_DTYPES[word_bits]).newbyteorder("<")).view(np.uint8)
-    stream = np.unpackbits(b, axis=-1, bitorder="little")                    # (..., nw · word_bits)
-    stream = stream.reshape(*lead, nw * word_bits // bits, bits)[..., :length, :]   # (..., length, bits)
-    return np.packbits(stream, axis=-1, bitorder="little").reshape(*lead, length)   # zero bits pad to 8
+    nchunk = nw * word_bits // 8 // bits                      # chunks of 8 values
+    dt = _chunk_dtype(bits)
+    buf = np.zeros((*lead, nchunk, dt.itemsize), np.uint8)
+    buf[..., :bits] = b.reshape(*lead, nchunk, bits)
+    acc = buf.view(dt)[..., 0]                                # (..., nchunk)
+    mask = dt.type((1 << bits) - 1)
+    out = np.empty((*lead, nchunk, 8), np.uint8)
+    for i in range(8):
+        out[..., i] = (acc >> dt.type(bits * i)) & mask
+    return np.ascontiguousarray(out.reshape(*lead, nchunk * 8)[..., :length])
 
 
 def _unpack_traced(words, bits: int, length: int, word_bits: int):
