@@ -36,21 +36,16 @@ import jax.numpy as jnp  # noqa: E402
 from prinmix_jax import CompressionConfig  # noqa: E402
 from prinmix_jax.core.gptq import gptq_quantize  # noqa: E402
 from prinmix_jax.methods.shared import gptq_kw  # noqa: E402
-
-
-def hessian(n: int, rng) -> np.ndarray:
-    """An ``n × n`` positive definite Hessian with a decaying spectrum, like a layer input's."""
-    x = rng.standard_normal((n, 2 * n)).astype(np.float32) * (np.arange(1, n + 1) ** -0.5)[:, None]
-    return (x @ x.T / (2 * n)).astype(np.float32)
+from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
 
 def time_pass(rows: int, cols: int, side: str, reps: int, kw: dict, seed: int = 0) -> float:
-    """Seconds of a warm GPTQ pass (the best of ``reps``) of a ``rows × cols`` matrix on ``side`` ("U"/"V")."""
-    rng = np.random.default_rng(seed)
-    w = jnp.asarray(rng.standard_normal((rows, cols)).astype(np.float32))
-    h = jnp.asarray(hessian(cols, rng))
+    """Seconds of a warm GPTQ pass (the best of ``reps``) of a ``rows × cols`` matrix on ``side`` ("U"/"V"),
+    under the ``cols × cols`` calibration Hessian of :func:`~prinmix_jax.synthetic.long_tailed_delta`."""
+    w, h = (jnp.asarray(a) for a in long_tailed_delta(rows, cols, seed=seed))
     axis = "col" if side == "U" else "row"
-    bits = jnp.asarray(rng.choice([2, 3, 4, 8], cols if axis == "col" else rows).astype(np.int32))
+    bits = jnp.asarray(np.random.default_rng(seed).choice([2, 3, 4, 8], cols if axis == "col" else rows)
+                       .astype(np.int32))
 
     def run():
         gptq_quantize(w, h, bits, 0.01, scale_axis=axis, **kw).q.block_until_ready()

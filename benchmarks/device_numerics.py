@@ -32,21 +32,20 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from prinmix_jax import CompressionConfig  # noqa: E402
+from prinmix_jax.core.numerics import PRODUCT_FORMS, float64_product, product_form  # noqa: E402
 from prinmix_jax.core.svd import svd_delta, svd_sharded  # noqa: E402
 from prinmix_jax.methods.shared import max_kept_rank, oversample_columns, svd_rank  # noqa: E402
 from prinmix_jax.synthetic import long_tailed_delta  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
-#: ``name: (f(x, y, precision), float64 reference of the same)``: the product forms of core/svd.py.
+
+#: ``name: (f(x, y, precision), float64 reference of the same)``: the core's product forms
+#: (:data:`~prinmix_jax.core.numerics.PRODUCT_FORMS`, which the library checks itself at ``HIGHEST``), and the
+#: range finder's ``(xᵀ A)`` written as a matmul of a transposed operand.
 PRODUCTS = {
-    "A B (matmul)": (lambda x, y, p: jnp.matmul(x, y, precision=p), lambda x, y: x @ y),
-    "Aᵀ B (dot_general lhs dim 0)": (lambda x, y, p: jax.lax.dot_general(x, y, (((0,), (0,)), ((), ())), precision=p),
-                                     lambda x, y: x.T @ y),
-    "A Bᵀ (dot_general rhs dim 1)": (lambda x, y, p: jax.lax.dot_general(x, y, (((1,), (1,)), ((), ())), precision=p),
-                                     lambda x, y: x @ y.T),
-    "Aᵀ Bᵀ (lhs dim 0, rhs dim 1)": (lambda x, y, p: jax.lax.dot_general(x, y, (((0,), (1,)), ((), ())), precision=p),
-                                     lambda x, y: x.T @ y.T),
+    **{name: (lambda x, y, p, dims=dims: product_form(dims, p)(x, y), lambda x, y, dims=dims: float64_product(x, y, dims))
+       for name, dims in PRODUCT_FORMS.items()},
     "(Aᵀ B) as matmul(x.T, y)": (lambda x, y, p: jnp.matmul(x.T, y, precision=p), lambda x, y: x.T @ y),
 }
 

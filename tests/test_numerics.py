@@ -10,9 +10,8 @@ import pytest
 
 from prinmix_jax.core import numerics
 from prinmix_jax.core.numerics import (FLOAT32_PRODUCT_TOLERANCE, PRODUCT_FORMS, PrecisionWarning,
-                                       check_float32_products, float32_product_errors)
+                                       check_float32_products, float32_product_errors, float64_product, product_form)
 
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _rounded_product(mantissa_bits: int, forms):
@@ -22,7 +21,7 @@ def _rounded_product(mantissa_bits: int, forms):
 
         def f(x, y):
             x, y = (jax.lax.reduce_precision(t, exponent_bits=8, mantissa_bits=bits) for t in (x, y))
-            return jax.lax.dot_general(x, y, ((dims[:1], dims[1:]), ((), ())), precision=HIGHEST)
+            return product_form(dims)(x, y)
         return f
     return product
 
@@ -55,9 +54,9 @@ def test_the_forms_are_the_products_they_name():
     x, y = (rng.standard_normal((16, 16)).astype(np.float32) for _ in range(2))
     refs = {"A B": x @ y, "Aᵀ B": x.T @ y, "A Bᵀ": x @ y.T, "Aᵀ Bᵀ": x.T @ y.T}
     for name, dims in PRODUCT_FORMS.items():
-        got = jax.lax.dot_general(jnp.asarray(x), jnp.asarray(y), ((dims[:1], dims[1:]), ((), ())),
-                                  precision=HIGHEST)
+        got = product_form(dims)(jnp.asarray(x), jnp.asarray(y))
         np.testing.assert_allclose(np.asarray(got), refs[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(float64_product(x, y, dims), refs[name], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("bits,forms", [(10, {(0, 0)}), (7, set(PRODUCT_FORMS.values())), (10, {(0, 1), (1, 1)})])
@@ -96,7 +95,7 @@ def test_the_svd_checks_its_device_before_computing(monkeypatch):
     from prinmix_jax.core import svd
 
     seen = []
-    monkeypatch.setattr(svd, "check_float32_products", lambda devices: seen.append(numerics.local_device(devices)))
+    monkeypatch.setattr(svd, "check_float32_products", lambda devices=None: seen.append(numerics.local_device(devices)))
     d = np.random.default_rng(0).standard_normal((3, 32, 16)).astype(np.float32)
     svd.svd_sharded(d, rank=4)
     svd.svd_delta(d[0], 4)

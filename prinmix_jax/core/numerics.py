@@ -37,15 +37,21 @@ class PrecisionWarning(UserWarning):
     """Float32 products at ``Precision.HIGHEST`` are less accurate than float32 on this backend."""
 
 
-def _reference(x, y, dims) -> np.ndarray:
+def float64_product(x, y, dims) -> np.ndarray:
+    """The product of form ``dims`` (:data:`PRODUCT_FORMS`) of two 2-D arrays, in float64."""
     a = x.T if dims[0] == 0 else x
     b = y.T if dims[1] == 1 else y
     return a.astype(np.float64) @ b.astype(np.float64)
 
 
+def product_form(dims, precision=HIGHEST):
+    """``f(x, y)``: the product of form ``dims`` (:data:`PRODUCT_FORMS`) as one ``lax.dot_general``."""
+    return lambda x, y: jax.lax.dot_general(x, y, ((dims[:1], dims[1:]), ((), ())), precision=precision)
+
+
 @functools.cache
 def _product(dims):
-    return jax.jit(lambda x, y: jax.lax.dot_general(x, y, ((dims[:1], dims[1:]), ((), ())), precision=HIGHEST))
+    return jax.jit(product_form(dims))
 
 
 def float32_product_errors(device=None, n: int = 256, product=None) -> dict[str, float]:
@@ -69,7 +75,7 @@ def float32_product_errors(device=None, n: int = 256, product=None) -> dict[str,
     xd, yd = jax.device_put(x, device), jax.device_put(y, device)
     out = {}
     for name, dims in PRODUCT_FORMS.items():
-        ref = _reference(x, y, dims)
+        ref = float64_product(x, y, dims)
         got = np.asarray(product(dims)(xd, yd), np.float64)
         out[name] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
     return out
@@ -89,9 +95,12 @@ def local_device(devices=None):
 
 
 def check_float32_products(device=None, *, product=None, force: bool = False) -> dict[str, float] | None:
-    """``device`` (or the first of this process's devices among an iterable of devices, e.g. a mesh's): warns (:class:`PrecisionWarning`) where a float32 product at ``Precision.HIGHEST`` on ``device`` is off by
+    """Warns (:class:`PrecisionWarning`) where a float32 product at ``Precision.HIGHEST`` on ``device`` is off by
     more than :data:`FLOAT32_PRODUCT_TOLERANCE` (:func:`float32_product_errors`), once per platform and device
     kind (later calls return the first result). CPU devices are not checked (``None``) unless ``force``.
+
+    ``device``: one device, or devices (e.g. a mesh's ``devices.flat``) of which this process's first is
+    measured (:func:`local_device`); default this process's first device.
 
     Returns:
       ``{form: relative error}``, or ``None`` where nothing was checked.

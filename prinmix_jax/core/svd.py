@@ -209,7 +209,7 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     """
     delta = jnp.asarray(delta)
     _check_dtype(delta)
-    check_float32_products(jax.local_devices()[0])  # once per device kind, not on the CPU
+    check_float32_products()                       # once per device kind, not on the CPU
     fn = svd_fn(rank, method, oversample, iters)
     if delta.ndim == 3:
         return _gram_fallback(delta, _on_one_device(fn)(delta), rank, method, _on_one_device(thin_svd))
