@@ -11,6 +11,7 @@ the Markdown tables are ready for docs/benchmarks.md.
     python benchmarks/bench_scale.py                                    # 1 layer, the three shapes
     python benchmarks/bench_scale.py --shapes-scale 0.125 --layers 1    # smoke run (about a minute a model)
     python benchmarks/bench_scale.py --models llama2 --modes data-free --layers 32 --out-json scale.json
+    python benchmarks/bench_scale.py --models path/to/Mistral-7B/config.json --layers 2   # your model's shapes
 
 The pair
     Every tensor is generated, rounded to bf16 and written one at a time (large ones in row chunks): host
@@ -91,23 +92,63 @@ MODELS = {
 def scaled_spec(key: str, scale: float = 1.0, layers: int = 1) -> dict:
     """The shapes of model ``key`` with every dimension scaled by ``scale``, ``layers`` blocks deep.
 
+    ``key`` is one of :data:`MODELS` or the path of a Hub ``config.json`` (or of a folder holding one) of any
+    architecture ``prinmix_jax.models`` reads (Llama, Mistral, Qwen2, Qwen3): the pair then has that model's
+    shapes, biases, q/k norms, tied embeddings and the rest of its config.
+
     The head structure stays valid: the numbers of query and key/value heads are kept (so MHA / GQA 8 /
     GQA 4 stay what they are) and the head dimension is scaled (even, at least 2, for RoPE); hidden =
-    heads · head_dim. Intermediate size is rounded to a multiple of 8, vocab to an integer (at least 64).
+    heads · head_dim where the model has it so (otherwise hidden is scaled on its own, a multiple of 8).
+    Intermediate size is rounded to a multiple of 8, vocab to an integer (at least 64).
     """
-    s = dict(MODELS[key], key=key, layers_full=MODELS[key]["layers"], layers=layers, scale=scale)
-    head_dim = s["hidden"] // s["heads"]
+    base = dict(MODELS[key]) if key in MODELS else _spec_from_config(key)
+    s = dict(base, key=key, layers_full=base["layers"], layers=layers, scale=scale)
+    head_dim = s.get("head_dim") or s["hidden"] // s["heads"]
     if scale != 1.0:
+        square = s["hidden"] == s["heads"] * head_dim
         head_dim = max(2, 2 * round(head_dim * scale / 2))
-        s["hidden"] = s["heads"] * head_dim
+        s["hidden"] = s["heads"] * head_dim if square else max(8, 8 * round(s["hidden"] * scale / 8))
         s["inter"] = max(8, 8 * round(s["inter"] * scale / 8))
         s["vocab"] = max(64, round(s["vocab"] * scale))
     s["head_dim"] = head_dim
     return s
 
 
+def _spec_from_config(path: str) -> dict:
+    """A :data:`MODELS`-style entry from a config.json (checked by ``prinmix_jax.models.ModelConfig``)."""
+    from prinmix_jax.models import ModelConfig
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f"{path!r} is neither one of the built-in models ({', '.join(MODELS)}) nor a config.json "
+                         "(or a folder holding one)")
+    with open(file, encoding="utf-8") as f:
+        d = json.load(f)
+    cfg = ModelConfig.from_hf_config(d, source=file)      # unsupported architectures fail here, by name
+    title = d.get("_name_or_path") or (os.path.basename(os.path.dirname(os.path.abspath(file)))
+                                       if os.path.basename(file) == "config.json"
+                                       else os.path.splitext(os.path.basename(file))[0])
+    return dict(title=os.path.basename(str(title).rstrip("/")) or "model", model_type=cfg.model_type,
+                architecture=cfg.architecture, hidden=cfg.hidden_size, inter=cfg.intermediate_size,
+                vocab=cfg.vocab_size, layers=cfg.num_layers, heads=cfg.num_heads, kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.head_dim, qkv_bias=cfg.qkv_bias, hf=d)
+
+
 def hf_config(spec: dict) -> dict:
     """A config.json as the Hub has it for the model (with the spec's shapes and depth)."""
+    if "hf" in spec:      # the user's config.json, with this spec's shapes and depth written over it
+        cfg = dict(spec["hf"], vocab_size=spec["vocab"], hidden_size=spec["hidden"],
+                   intermediate_size=spec["inter"], num_hidden_layers=spec["layers"],
+                   num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+                   head_dim=spec["head_dim"])
+        cfg["dtype" if "dtype" in cfg else "torch_dtype"] = "bfloat16"
+        cfg.pop("quantization_config", None)
+        if isinstance(cfg.get("layer_types"), list) and cfg["layer_types"]:
+            types = cfg["layer_types"]
+            cfg["layer_types"] = [types[i % len(types)] for i in range(spec["layers"])]
+        if isinstance(cfg.get("max_window_layers"), int):
+            cfg["max_window_layers"] = min(cfg["max_window_layers"], spec["layers"])
+        return cfg
     cfg = {"architectures": [spec["architecture"]], "model_type": spec["model_type"], "vocab_size": spec["vocab"],
            "hidden_size": spec["hidden"], "intermediate_size": spec["inter"], "num_hidden_layers": spec["layers"],
            "num_attention_heads": spec["heads"], "num_key_value_heads": spec["kv_heads"],
@@ -122,23 +163,24 @@ def hf_config(spec: dict) -> dict:
     return cfg
 
 
+def model_config(spec: dict):
+    """The ``prinmix_jax.models.ModelConfig`` of the written pair (what ``prinmix compress`` will read)."""
+    from prinmix_jax.models import ModelConfig
+
+    return ModelConfig.from_hf_config(hf_config(spec), source=f"{spec['title']} (bench_scale)")
+
+
 def tensor_shapes(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """``[(HF name, shape)]`` of every tensor of the model, in the order written."""
-    h, i, v = spec["hidden"], spec["inter"], spec["vocab"]
-    q, kv = spec["heads"] * spec["head_dim"], spec["kv_heads"] * spec["head_dim"]
-    out = [("model.embed_tokens.weight", (v, h))]
-    for b in range(spec["layers"]):
-        p = f"model.layers.{b}."
-        out += [(p + "input_layernorm.weight", (h,)),
-                (p + "self_attn.q_proj.weight", (q, h)), (p + "self_attn.k_proj.weight", (kv, h)),
-                (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, q))]
-        if spec["qkv_bias"]:
-            out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
-                    (p + "self_attn.v_proj.bias", (kv,))]
-        out += [(p + "post_attention_layernorm.weight", (h,)), (p + "mlp.gate_proj.weight", (i, h)),
-                (p + "mlp.up_proj.weight", (i, h)), (p + "mlp.down_proj.weight", (h, i))]
-    out += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
-    return out
+    """``[(HF name, shape)]`` of every tensor of the model, in the order written (the library's own key map,
+    ``prinmix_jax.models.llama.params``: embedding, the blocks in order, final norm, head unless tied)."""
+    from prinmix_jax.models.llama.params import block_param_table, global_param_table
+
+    cfg = model_config(spec)
+    glob = [(name, tuple(shape)) for name, _, shape in global_param_table(cfg)]
+    out = glob[:1]
+    for b in range(cfg.num_layers):
+        out += [(f"model.layers.{b}.{suffix}", tuple(shape)) for suffix, _, shape in block_param_table(cfg)]
+    return out + glob[1:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -333,6 +375,22 @@ class _Timers:
         self.peak_stage = None
         self.overlapped = {}       # stage -> seconds spent in other threads (not part of the wall time split)
         self.lock = threading.Lock()
+        self.runtime_rss = None    # bytes held before the first tensor is read (see measure_runtime)
+        self.runtime_breakdown = None
+        self.peak_breakdown = None  # (stage, scope, peak bytes, current bytes by kind) where the peak last rose
+
+    def measure_runtime(self) -> None:
+        """The process's RSS once the CLI has set JAX up and JAX's backend runs its first programs, before any
+        tensor is read: Python, the imports, the backend's runtime and libraries (on a GPU: the driver,
+        cuBLAS/cuSOLVER, XLA's GPU compiler), the compile of a few small programs. Called at the first
+        wrapped library call, so the CLI's own JAX settings (XLA flags, compile cache) come first."""
+        import jax
+        import jax.numpy as jnp
+
+        x = jnp.eye(128, dtype=jnp.float32) + jnp.ones((128, 128), jnp.float32)
+        jax.block_until_ready((x @ x.T, jnp.linalg.eigh(x)[0], jnp.linalg.qr(x)[0], jnp.linalg.svd(x)[1]))
+        self.runtime_rss = _current_rss()
+        self.runtime_breakdown = rss_breakdown()
 
     def wrap(self, owner, attr: str, stage: str | None, *, block: bool = False, scope: str | None = None):
         import functools
@@ -357,6 +415,8 @@ class _Timers:
                     key = stage or attr
                     with timers.lock:
                         timers.overlapped[key] = timers.overlapped.get(key, 0.0) + time.perf_counter() - t
+            if timers.runtime_rss is None:
+                timers.measure_runtime()
             prev = timers.scope
             if scope is not None:
                 timers.scope = scope
@@ -374,6 +434,10 @@ class _Timers:
                 if peak1 > peak0 and (timers.peak_stage is None or peak1 > timers.peak_stage[2]):
                     # the innermost stage that raised the peak owns it (outer ones see the same peak)
                     timers.peak_stage = (stage or attr, timers.scope, peak1)
+                    if timers.peak_breakdown is None or peak1 > timers.peak_breakdown[2] + (128 << 20):
+                        # what the memory is, just after the stage that raised the peak (read every 128 MB of
+                        # new peak: /proc/self/smaps lists every mapping)
+                        timers.peak_breakdown = (stage or attr, timers.scope, peak1, rss_breakdown())
                 if "." not in (stage or attr):     # sub-stages ("rtc_u.target") only in the JSON and tables
                     print(f"[stage] {timers.scope}/{stage or attr} {elapsed:.1f} s, peak RSS {peak1 / 1e9:.2f} GB",
                           file=sys.stderr, flush=True)
@@ -394,6 +458,43 @@ class _Timers:
             self.compile_events[event] = self.compile_events.get(event, 0.0) + duration
             if event.startswith("/jax/core/compile/") and event.endswith("_duration"):
                 self.compile[self.scope if self.scope == "once" else "block"] += duration
+
+
+def _current_rss() -> int:
+    """This process's resident set now, bytes (``VmRSS``; the peak so far where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _maxrss()
+
+
+def rss_breakdown() -> dict | None:
+    """This process's resident memory now, bytes, by kind of mapping (``/proc/self/smaps``): ``anonymous``
+    (the heap: arrays, Python objects, malloc arenas, thread stacks), ``libraries`` (shared objects: Python's,
+    BLAS, XLA, an accelerator's runtime), ``checkpoint files`` (mapped safetensors pages) and ``other files``.
+    None where ``/proc`` is missing."""
+    out = dict.fromkeys(("anonymous", "libraries", "checkpoint files", "other files"), 0)
+    kind = "anonymous"
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    out[kind] += int(line.split()[1]) * 1024
+                    continue
+                head = line.split(maxsplit=5)
+                if head and not head[0].endswith(":") and "-" in head[0]:      # a mapping's header line
+                    path = head[5].strip() if len(head) > 5 else ""
+                    name = os.path.basename(path.split(" (deleted)")[0])
+                    kind = ("anonymous" if not path or path.startswith("[")
+                            else "libraries" if ".so" in name
+                            else "checkpoint files" if name.endswith(".safetensors") else "other files")
+    except OSError:
+        return None
+    return out
 
 
 def _maxrss() -> int:
@@ -492,7 +593,8 @@ def _child(timings_path: str, cli_args: list[str], instrument: bool) -> int:
                "stages": [[sc, st, v, timers.calls.get((sc, st), 0)] for (sc, st), v in timers.seconds.items()],
                "overlapped_seconds": timers.overlapped,
                "compile_seconds": timers.compile, "compile_events": timers.compile_events,
-               "peak_rss_stage": timers.peak_stage,
+               "peak_rss_stage": timers.peak_stage, "runtime_rss_bytes": timers.runtime_rss,
+               "runtime_rss_breakdown": timers.runtime_breakdown, "peak_rss_breakdown": timers.peak_breakdown,
                "platform": jax.devices()[0].platform, "device_count": jax.device_count(),
                "device_memory": None if not stats else {k: int(stats[k]) for k in keep if k in stats}}
         with open(timings_path, "w") as f:
@@ -605,27 +707,42 @@ def _full_params(spec: dict) -> int:
     return sum(math.prod(s) for _, s in tensor_shapes(full))
 
 
-def rss_bound(spec: dict, block_params: int, args, calibrated: bool) -> dict:
+def block_params(spec: dict) -> int:
+    """Parameters of one decoder block (every tensor of block 0, biases and norms included)."""
+    return sum(math.prod(s) for name, s in tensor_shapes(dict(spec, layers=1)) if name.startswith("model.layers.0."))
+
+
+def rss_bound(spec: dict, args, calibrated: bool, runtime_bytes: int | None = None) -> dict:
     """The host-memory bound of issue 14: three blocks of both models in float32, plus both models' embedding
-    and output head in float32, plus the calibration state (every sequence's hidden states in float32, twice:
-    a block's input and output, and one block's input Hessians: attention, MLP and down_proj inputs in
-    float32), plus the JAX process itself (``RUNTIME_BYTES``)."""
-    h, i, v = spec["hidden"], spec["inter"], spec["vocab"]
-    blocks = 3 * 2 * 4 * block_params
-    embeddings = 2 * 4 * 2 * v * h
-    calib = (2 * 4 * args.calib_seqs * args.seq_len * h + 4 * (2 * h * h + i * i)) if calibrated else 0
-    total = blocks + embeddings + calib + RUNTIME_BYTES
-    return {"blocks": blocks, "embeddings": embeddings, "calibration": calib, "runtime": RUNTIME_BYTES,
-            "total": total}
+    and output head in float32 (one matrix each when tied), plus the calibration state (every sequence's
+    hidden states in float32, twice: a block's input and output, and one block's input Hessians in float32:
+    attention, o_proj, MLP and down_proj inputs), plus the JAX process itself: ``RUNTIME_BYTES``, or what the
+    child measured before reading a tensor (``runtime_bytes``, its backend's runtime) where that is more."""
+    h, i, q = spec["hidden"], spec["inter"], spec["heads"] * spec["head_dim"]
+    blocks = 3 * 2 * 4 * block_params(spec)
+    embeddings = 2 * 4 * sum(math.prod(s) for name, s in tensor_shapes(dict(spec, layers=0)) if len(s) == 2)
+    calib = (2 * 4 * args.calib_seqs * args.seq_len * h + 4 * (2 * h * h + q * q + i * i)) if calibrated else 0
+    runtime = max(RUNTIME_BYTES, runtime_bytes or 0)
+    total = blocks + embeddings + calib + runtime
+    return {"blocks": blocks, "embeddings": embeddings, "calibration": calib, "runtime": runtime,
+            "runtime_measured": runtime_bytes, "total": total}
 
 
 #: What a ``prinmix compress`` process holds before it reads a tensor (Python, JAX, XLA:CPU, CVXPY; measured
-#: on the scaled-down smoke run, where the model itself is a few MB).
+#: on the scaled-down smoke run, where the model itself is a few MB). The child also measures its own
+#: (``runtime_rss``); the bound takes the larger, so an accelerator's runtime (its driver, libraries and
+#: compiler in host memory) is counted as measured, not assumed to be the CPU's.
 RUNTIME_BYTES = int(1.1e9)
 
 
 def _gb(x) -> str:
     return "n/a" if x is None else f"{x / 1e9:.2f}"
+
+
+def _kinds(breakdown: dict) -> str:
+    """``"2.31 GB (anonymous 1.20, libraries 0.95, ...)"``: an :func:`rss_breakdown` in GB."""
+    return (f"{_gb(sum(breakdown.values()))} GB ("
+            + ", ".join(f"{k} {_gb(v)}" for k, v in breakdown.items()) + ")")
 
 
 def _sec(x) -> str:
@@ -654,18 +771,27 @@ def markdown(results: list[dict], args) -> str:
                          f"ahead, U steps on other devices): " + ", ".join(f"{k} {v:.1f} s" for k, v in sorted(o.items()))
                          for r, o in over]
     lines += ["", "| model | mode | params (this pair) | peak host RSS GB | RSS / (1 block, both, f32) | "
-              "bound GB (3 blocks + embeddings + calibration + runtime) | within bound | peak device mem GB | bytes | ratio (of 16-bit delta) | block-linears ratio | within budget | "
+              "runtime GB measured / in bound | bound GB (3 blocks + embeddings + calibration + runtime) | within bound | peak device mem GB | bytes | ratio (of 16-bit delta) | block-linears ratio | within budget | "
               "full depth: projected s | full depth: bytes | full depth: ratio |",
-              "|" + "---|" * 15]
+              "|" + "---|" * 16]
     for r in results:
         s = r["run"]["summary"]
         dev = (r["run"]["child"].get("device_memory") or {}).get("peak_bytes_in_use")
         p = r["projection"]
         lines.append(f"| {r['title']} | {r['mode']} | {r['num_params'] / 1e6:.1f} M | {_gb(r['run']['peak_rss_bytes'])} "
-                     f"| {r['run']['peak_rss_bytes'] / r['block_f32_both']:.1f} | {_gb(r['rss_bound']['total'])} "
+                     f"| {r['run']['peak_rss_bytes'] / r['block_f32_both']:.1f} "
+                     f"| {_gb(r['rss_bound'].get('runtime_measured'))} / {_gb(r['rss_bound']['runtime'])} "
+                     f"| {_gb(r['rss_bound']['total'])} "
                      f"| {'yes' if r['run']['peak_rss_bytes'] <= r['rss_bound']['total'] else 'NO'} | {_gb(dev)} | {s['bytes']['total']:,} | "
                      f"{s['ratio']:.4f} | {s['ratio_block_linears']:.4f} | {'yes' if s['within_budget'] else 'NO'} | "
                      f"{_sec(p['seconds'])} | {p['bytes'] / 1e9:.3f} GB | {p['ratio']:.4f} |")
+    for r in results:
+        child = r["run"]["child"]
+        pb, rb = child.get("peak_rss_breakdown"), child.get("runtime_rss_breakdown")
+        if pb and pb[3]:
+            lines += ["", f"Host memory ({r['title']}, {r['mode']}): peak {_gb(r['run']['peak_rss_bytes'])} GB; just after "
+                          f"the stage that last raised it ({pb[1]}/{pb[0]}): {_kinds(pb[3])}"
+                          + (f"; before the first tensor was read: {_kinds(rb)}" if rb else "") + "."]
     lines += ["", "Delta that survives bf16 rounding (block 0; `planted share` = energy in the planted singular "
               "subspace, white noise would give `white`):", "",
               "| model | matrix | shape | ‖Δ‖/‖W‖ intended | ‖Δ_bf16‖/‖W‖ | ‖Δ_bf16 − Δ‖/‖Δ‖ | planted share "
@@ -687,7 +813,9 @@ def markdown(results: list[dict], args) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="llama2,llama3,qwen25", help="comma-separated: " + ",".join(MODELS))
+    ap.add_argument("--models", default="llama2,llama3,qwen25",
+                    help="comma-separated: " + ", ".join(MODELS) + ", or the path of a Hub config.json (or of its "
+                         "folder) of a Llama, Mistral, Qwen2 or Qwen3 model: a pair with that model's shapes")
     ap.add_argument("--layers", type=int, default=1, help="decoder blocks of the written pair")
     ap.add_argument("--shapes-scale", type=float, default=1.0,
                     help="scale every dimension (head counts kept, head_dim scaled), e.g. 0.125 for a smoke run")
@@ -715,16 +843,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [k for k in keys if k not in MODELS] + [m for m in modes if m not in ("data-free", "calib")]
+    bad = [k for k in keys if k not in MODELS and not os.path.exists(k)]
+    bad += [m for m in modes if m not in ("data-free", "calib")]
     if bad:
         ap.error(f"unknown model(s)/mode(s): {bad}")
     root = args.workdir or tempfile.mkdtemp(prefix="prinmix-bench-scale-")
     os.makedirs(root, exist_ok=True)
     results = []
     try:
-        for key in keys:
-            spec = scaled_spec(key, args.shapes_scale, args.layers)
-            d = os.path.join(root, key)
+        for j, key in enumerate(keys):
+            try:
+                spec = scaled_spec(key, args.shapes_scale, args.layers)
+            except Exception as e:     # noqa: BLE001 (a config.json prinmix cannot read: say so, by name)
+                ap.error(f"{key}: {e}")
+            # a folder of the work dir's own, never the path given (a config's folder is the user's model)
+            d = os.path.join(root, key if key in MODELS else f"config{j}")
             shutil.rmtree(d, ignore_errors=True)
             shard = None if args.shard_mb is None else int(args.shard_mb * 1e6)
             print(f"[{spec['title']}] writing {args.layers}-layer pair: hidden {spec['hidden']}, intermediate "
@@ -735,16 +868,14 @@ def main(argv=None):
             print(f"  {pair['bytes_per_model'] / 1e9:.3f} GB per model in {pair['num_shards']} shard(s), "
                   f"{pair['seconds']:.1f} s", flush=True)
             calib = write_calib(os.path.join(d, "calib.npy"), spec["vocab"], args.calib_seqs, args.seq_len)
-            h, i = spec["hidden"], spec["inter"]
-            q, kv = spec["heads"] * spec["head_dim"], spec["kv_heads"] * spec["head_dim"]
-            block_params = 2 * q * h + 2 * kv * h + 3 * i * h + 2 * h + (q + 2 * kv if spec["qkv_bias"] else 0)
+            params_per_block = block_params(spec)
             for mode in modes:
                 out = os.path.join(d, f"delta-{mode}")
                 res = run_compress(pair, out, calib if mode == "calib" else None, args, out + ".log")
                 row = {"key": key, "title": spec["title"] + ("" if args.shapes_scale == 1 else f" ×{args.shapes_scale:g}"),
                        "mode": mode, "spec": spec, "num_params": pair["num_params"],
-                       "block_f32_both": 2 * 4 * block_params, "pair_seconds": pair["seconds"],
-                       "rss_bound": rss_bound(spec, block_params, args, mode == "calib"),
+                       "block_f32_both": 2 * 4 * params_per_block, "pair_seconds": pair["seconds"],
+                       "rss_bound": rss_bound(spec, args, mode == "calib", res["child"].get("runtime_rss_bytes")),
                        "delta_stats": pair["delta_stats"], "run": res,
                        "stages": _stage_table(res["child"], res["wall_seconds"], args.plain),
                        "projection": _projection(spec, res, args.plain)}

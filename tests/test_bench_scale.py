@@ -142,3 +142,114 @@ def test_sub_stages_roll_up_into_their_parent_column(capsys):
     assert bench_scale.stage_parts(child, "svd") == {}
     printed = capsys.readouterr().err
     assert "[stage] block/rtc_u " in printed and "rtc_u.gptq" not in printed
+
+
+#: Hub config.json files of two architectures the built-in shapes do not cover: Qwen3-4B (q/k norms, head_dim
+#: 128 with hidden 2560, so q_proj is 4096×2560; tied embeddings; GQA 4) and Mistral-7B (GQA 8, sliding window).
+QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 2560,
+            "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 1000000,
+            "max_position_embeddings": 40960, "hidden_act": "silu", "attention_bias": False, "sliding_window": None,
+            "use_sliding_window": False, "max_window_layers": 36, "layer_types": ["full_attention"] * 36,
+            "torch_dtype": "bfloat16"}
+MISTRAL_7B = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "vocab_size": 32000,
+              "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "sliding_window": 4096, "rope_theta": 10000.0,
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+              "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+@pytest.mark.parametrize("hub", [QWEN3_4B, MISTRAL_7B], ids=["qwen3-4b", "mistral-7b"])
+def test_pair_from_a_users_config_json(tmp_path, hub):
+    """``--models path/config.json``: the pair has that model's tensors (the library's key map: q/k norms, no
+    head when tied, q_proj wider than hidden), scaled like the built-in shapes, and reads back as that model."""
+    folder = tmp_path / "My-Model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hub))
+    full = bench_scale.scaled_spec(str(folder), 1.0, layers=2)
+    assert full["title"] == "My-Model" and full["layers_full"] == hub["num_hidden_layers"]
+    assert (full["hidden"], full["inter"], full["vocab"]) == (hub["hidden_size"], hub["intermediate_size"],
+                                                               hub["vocab_size"])
+    spec = bench_scale.scaled_spec(str(folder / "config.json"), 1 / 64, layers=2)
+    assert spec["head_dim"] == 2 and spec["kv_heads"] == hub["num_key_value_heads"]
+    square = hub["hidden_size"] == hub["num_attention_heads"] * hub.get("head_dim", 128)
+    assert (spec["hidden"] == spec["heads"] * spec["head_dim"]) == square
+    pair = bench_scale.write_pair(str(tmp_path / "pair"), spec, shard_bytes=64 << 10)
+    shapes = dict(bench_scale.tensor_shapes(spec))
+    tied = hub["tie_word_embeddings"]
+    assert ("lm_head.weight" in shapes) == (not tied)
+    assert ("model.layers.1.self_attn.q_norm.weight" in shapes) == (hub["model_type"] == "qwen3")
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (spec["heads"] * spec["head_dim"], spec["hidden"])
+
+    from transformers import AutoConfig
+
+    from prinmix_jax.models import CheckpointReader, ModelConfig, load_hf_params
+
+    for kind in ("base", "ft"):
+        cfg = ModelConfig.from_pretrained_dir(pair[kind])
+        assert (cfg.model_type, cfg.num_layers, cfg.tie_word_embeddings) == (hub["model_type"], 2, tied)
+        assert (cfg.q_dim, cfg.hidden_size) == (spec["heads"] * spec["head_dim"], spec["hidden"])
+        hf = AutoConfig.from_pretrained(pair[kind])
+        assert (hf.model_type, hf.num_hidden_layers, hf.hidden_size) == (hub["model_type"], 2, spec["hidden"])
+    reader = CheckpointReader(pair["ft"])
+    assert sorted(reader.names()) == sorted(shapes)
+    reader.close()
+    load_hf_params(pair["ft"], device_put=False)        # the library's own checks of a whole checkpoint
+
+    # the memory bound counts what is written: a block's tensors, one embedding matrix per model when tied
+    args = bench_scale.argparse.Namespace(calib_seqs=4, seq_len=8)
+    bound = bench_scale.rss_bound(spec, args, calibrated=False)
+    assert bound["blocks"] == 3 * 2 * 4 * sum(int(np.prod(s)) for n, s in shapes.items()
+                                              if n.startswith("model.layers.0."))
+    assert bound["embeddings"] == 2 * 4 * (1 if tied else 2) * spec["vocab"] * spec["hidden"]
+    assert bound["runtime"] == bench_scale.RUNTIME_BYTES and bound["calibration"] == 0
+    measured = bench_scale.rss_bound(spec, args, calibrated=True, runtime_bytes=5 * bench_scale.RUNTIME_BYTES)
+    assert measured["runtime"] == 5 * bench_scale.RUNTIME_BYTES       # an accelerator's larger runtime counts
+    assert measured["calibration"] > 0
+
+
+def test_models_option_refuses_what_it_cannot_read(tmp_path, capsys):
+    """Neither a built-in model nor a config.json, or a config of an architecture prinmix does not read: a usage
+    error naming it, before anything is written."""
+    with pytest.raises(SystemExit) as e:
+        bench_scale.main(["--models", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 2 and "nowhere" in capsys.readouterr().err
+    bad = tmp_path / "gpt2.json"
+    bad.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(SystemExit) as e:
+        bench_scale.main(["--models", str(bad), "--workdir", str(tmp_path / "w")])
+    assert e.value.code == 2 and "gpt2" in capsys.readouterr().err
+    assert not os.listdir(tmp_path / "w")
+
+
+def test_runtime_rss_is_measured_once_at_the_first_wrapped_call():
+    """The child records what the process holds before its first library call (the backend's runtime), once."""
+    import types
+
+    timers = bench_scale._Timers()
+    calls = []
+    ns = types.SimpleNamespace(read=lambda: calls.append(timers.runtime_rss))
+    timers.wrap(ns, "read", "read")
+    assert timers.runtime_rss is None
+    ns.read()
+    first = timers.runtime_rss
+    assert calls == [first] and first > 10 << 20           # measured before the call ran, in bytes
+    ns.read()
+    assert timers.runtime_rss == first
+
+
+def test_rss_breakdown_tells_arrays_from_mapped_checkpoints(tmp_path):
+    """The memory breakdown the child records at its peak: a touched array lands in ``anonymous``, a mapped
+    safetensors file's read pages in ``checkpoint files``; the kinds add up to the resident set."""
+    before = bench_scale.rss_breakdown()
+    assert before["libraries"] > 0
+    arr = np.ones(48 << 20, np.float32)                              # 192 MiB, touched
+    path = tmp_path / "model-00001-of-00001.safetensors"
+    np.full(24 << 20, 3, np.float32).tofile(path)                    # 96 MiB on disk
+    mapped = np.memmap(path, np.float32, mode="r")
+    assert float(mapped.sum()) == 3.0 * (24 << 20)                   # every page read through the mapping
+    after = bench_scale.rss_breakdown()
+    assert after["anonymous"] - before["anonymous"] > 0.9 * arr.nbytes
+    assert after["checkpoint files"] - before["checkpoint files"] > 0.9 * mapped.nbytes
+    assert abs(sum(after.values()) - bench_scale._current_rss()) < 0.05 * sum(after.values())
+    del mapped, arr
