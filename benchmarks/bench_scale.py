@@ -391,6 +391,8 @@ class _Timers:
         jax.block_until_ready((x @ x.T, jnp.linalg.eigh(x)[0], jnp.linalg.qr(x)[0], jnp.linalg.svd(x)[1]))
         self.runtime_rss = _current_rss()
         self.runtime_breakdown = rss_breakdown()
+        if self.runtime_breakdown:        # in the log too: a run stopped by a time limit writes no JSON
+            print(f"[memory] before the first read: {_kinds(self.runtime_breakdown)}", file=sys.stderr, flush=True)
 
     def wrap(self, owner, attr: str, stage: str | None, *, block: bool = False, scope: str | None = None):
         import functools
@@ -438,6 +440,9 @@ class _Timers:
                         # what the memory is, just after the stage that raised the peak (read every 128 MB of
                         # new peak: /proc/self/smaps lists every mapping)
                         timers.peak_breakdown = (stage or attr, timers.scope, peak1, rss_breakdown())
+                        if timers.peak_breakdown[3]:
+                            print(f"[memory] peak {peak1 / 1e9:.2f} GB after {timers.scope}/{stage or attr}: "
+                                  f"{_kinds(timers.peak_breakdown[3])}", file=sys.stderr, flush=True)
                 if "." not in (stage or attr):     # sub-stages ("rtc_u.target") only in the JSON and tables
                     print(f"[stage] {timers.scope}/{stage or attr} {elapsed:.1f} s, peak RSS {peak1 / 1e9:.2f} GB",
                           file=sys.stderr, flush=True)
@@ -789,8 +794,8 @@ def markdown(results: list[dict], args) -> str:
         child = r["run"]["child"]
         pb, rb = child.get("peak_rss_breakdown"), child.get("runtime_rss_breakdown")
         if pb and pb[3]:
-            lines += ["", f"Host memory ({r['title']}, {r['mode']}): peak {_gb(r['run']['peak_rss_bytes'])} GB; just after "
-                          f"the stage that last raised it ({pb[1]}/{pb[0]}): {_kinds(pb[3])}"
+            lines += ["", f"Host memory ({r['title']}, {r['mode']}): peak {_gb(r['run']['peak_rss_bytes'])} GB; at its last "
+                          f"rise of 128 MB or more, just after {pb[1]}/{pb[0]}: {_kinds(pb[3])}"
                           + (f"; before the first tensor was read: {_kinds(rb)}" if rb else "") + "."]
     lines += ["", "Delta that survives bf16 rounding (block 0; `planted share` = energy in the planted singular "
               "subspace, white noise would give `white`):", "",
