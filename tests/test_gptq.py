@@ -146,3 +146,18 @@ def test_row_errors_from_the_pass_are_the_hessian_norms(group, act, grid):
     np.testing.assert_allclose(np.asarray(err), _row_errors64(w32, res.q, h32), rtol=1e-3)
     res, err = gptq_quantize_with_error(jnp.asarray(w32), None, jnp.asarray(bits), 0.01, **kw)   # identity
     np.testing.assert_allclose(np.asarray(err), _row_errors64(w32, res.q, np.eye(70)), rtol=1e-5)
+
+
+def test_row_groups_fixed_as_reached_need_no_conditional():
+    """Row-mode groups fixed as they are reached (act-order off) take their grid at each group's first column
+    in a loop over groups, not through a ``lax.cond`` per column: on a GPU a conditional reads its predicate
+    back to the host at every column. The compiled program (constant conditionals folded) holds none. The
+    reference equality of these settings is tested above."""
+    w = jax.ShapeDtypeStruct((6, 70), jnp.float32)
+    h = jax.ShapeDtypeStruct((70, 70), jnp.float32)
+    b = jax.ShapeDtypeStruct((6,), jnp.int32)
+    for group, act in ((16, False), (5, False), (16, True)):
+        text = jax.jit(lambda w, h, b: gptq_quantize(w, h, b, 0.01, group_size=group, act_order=act,
+                                                     block_size=32)).lower(w, h, b).compile().as_text()
+        assert " while(" in text                                          # the column loop itself
+        assert " conditional(" not in text, (group, act)

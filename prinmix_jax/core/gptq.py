@@ -179,12 +179,7 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
             zc = lax.dynamic_index_in_dim(z_cols, j, 1, keepdims=False)
             q, deq = quantize(x, sc, zc, maxq)
             return q, deq, cur, store
-        if row_mode:
-            def fresh(_):
-                blk = lax.dynamic_slice_in_dim(w1, jl, g, axis=1)
-                return grid_params(blk, maxq, scale_dtype, jnp.minimum(g, cols - j), grid)   # last group may be short
-            cur = lax.cond(j % g == 0, fresh, lambda _: cur, None)
-            store = tuple(lax.dynamic_update_index_in_dim(a, p, j // g, 1) for a, p in zip(store, cur))
+        if row_mode:           # the group's grid, fixed where the group starts (group_step)
             q, deq = quantize(x, cur[0], cur[1], maxq)
             return q, deq, cur, store
         xg = jnp.pad(x, (0, ngr * g - rows)).reshape(ngr, g)
@@ -218,9 +213,23 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
             e1 = lax.dynamic_update_index_in_dim(e1, err, jl, 1)
             return w1, q1, c1, e1, cur, store
 
+        def group_step(gi, st):
+            """Row-mode groups fixed as they are reached: the group's grid from its columns as updated so far,
+            then its g columns (a block is a whole number of groups, loop_layout). A loop over groups, not a
+            ``lax.cond`` per column: on a GPU a conditional reads its predicate back to the host."""
+            w1, q1, c1, e1, cur, store = st
+            jl0 = gi * g
+            blk = lax.dynamic_slice_in_dim(w1, jl0, g, axis=1)
+            cur = grid_params(blk, maxq, scale_dtype, jnp.minimum(g, cols - i1 - jl0), grid)  # last may be short
+            store = tuple(lax.dynamic_update_index_in_dim(a, p, (i1 + jl0) // g, 1) for a, p in zip(store, cur))
+            return lax.fori_loop(jl0, jl0 + g, col_step, (w1, q1, c1, e1, cur, store))
+
         z = jnp.zeros((rows, bsz), dt)
         init = (w1, z, jnp.zeros((rows, bsz), jnp.uint8), z, cur, store)
-        _, q1, c1, e1, cur, store = lax.fori_loop(0, bsz, col_step, init)
+        if row_mode and not static:
+            _, q1, c1, e1, cur, store = lax.fori_loop(0, bsz // g, group_step, init)
+        else:
+            _, q1, c1, e1, cur, store = lax.fori_loop(0, bsz, col_step, init)
         later = (col_idx[start:] >= i1 + bsz).astype(dt)
         w = w.at[:, start:].add(-jnp.matmul(e1, r_blk * later[None, :], precision=HIGHEST))   # a − b as a + (−b)
         qout = lax.dynamic_update_slice_in_dim(qout, q1, i1, axis=1)
