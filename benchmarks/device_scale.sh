@@ -13,7 +13,9 @@
 # The first H200 run (2026-12-04) ran with SHORT_LAYERS=2, TOTAL=560: the 2-block run took 120 s of the window
 # (write 25.8 s, compress 80.8 s of which 35.4 s compile; projected to 32 blocks: 420 s), and the full-depth
 # run wrote its pair in 68.9 s, then stopped at step 22 of 33 of its compress pass after 371 s. Hence the
-# 2-block run is now off by default: the full-depth run needs ~69 + ~435 s of the window.
+# 2-block run is now off by default: the full-depth run needs ~69 + ~435 s of the window. The writer processes
+# now run with one BLAS thread each (they ran with a thread per core each, 16 x 16 threads on 16 cores; on the
+# 2-core CPU that alone took a 2-writer pair from 27-29 s to 21-23 s), which should shorten the 69 s.
 # Then, if >= 2 min of device time is left, at once (the machine stays warm 30 s): benchmarks/device_tests.sh.
 #
 # Each run writes its pair with one process per shard (--jobs, the core count), then compresses it in a fresh
