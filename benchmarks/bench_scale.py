@@ -458,10 +458,13 @@ class _Timers:
                     if timers.peak_breakdown is None or peak1 > timers.peak_breakdown[2] + (128 << 20):
                         # what the memory is, just after the stage that raised the peak (read every 128 MB of
                         # new peak: /proc/self/smaps lists every mapping)
-                        timers.peak_breakdown = (stage or attr, timers.scope, peak1, rss_breakdown())
+                        timers.peak_breakdown = (stage or attr, timers.scope, peak1, rss_breakdown(),
+                                                 device_array_bytes())
                         if timers.peak_breakdown[3]:
                             print(f"[memory] peak {peak1 / 1e9:.2f} GB after {timers.scope}/{stage or attr}: "
-                                  f"{_kinds(timers.peak_breakdown[3])}", file=sys.stderr, flush=True)
+                                  f"{_kinds(timers.peak_breakdown[3])}; JAX: "
+                                  + ", ".join(f"{k} {_gb(v)}" for k, v in timers.peak_breakdown[4].items()),
+                                  file=sys.stderr, flush=True)
                 if "." not in (stage or attr):     # sub-stages ("rtc_u.target") only in the JSON and tables
                     print(f"[stage] {timers.scope}/{stage or attr} {elapsed:.1f} s, peak RSS {peak1 / 1e9:.2f} GB",
                           file=sys.stderr, flush=True)
@@ -519,6 +522,24 @@ def rss_breakdown() -> dict | None:
     except OSError:
         return None
     return out
+
+
+def device_array_bytes() -> dict:
+    """Bytes of the live JAX arrays (on a CPU backend they are host memory, part of ``anonymous``; on an
+    accelerator they are not) and of the host copies the accelerator's arrays keep once converted to NumPy
+    (``np.asarray`` of a GPU/TPU array caches its copy on the array for as long as the array lives; on the
+    CPU the conversion aliases the buffer and caches nothing)."""
+    import jax
+
+    live = cached = 0
+    for a in jax.live_arrays():
+        try:
+            live += a.nbytes
+            npy = getattr(a, "_npy_value", None)         # jax.Array's cache of its host copy (private)
+            cached += 0 if npy is None else npy.nbytes
+        except Exception:       # noqa: BLE001 (a deleted or donated array)
+            continue
+    return {"live arrays": live, "host copies of device arrays": cached}
 
 
 def _maxrss() -> int:
@@ -815,6 +836,8 @@ def markdown(results: list[dict], args) -> str:
         if pb and pb[3]:
             lines += ["", f"Host memory ({r['title']}, {r['mode']}): peak {_gb(r['run']['peak_rss_bytes'])} GB; at its last "
                           f"rise of 128 MB or more, just after {pb[1]}/{pb[0]}: {_kinds(pb[3])}"
+                          + (("; JAX: " + ", ".join(f"{k} {_gb(v)} GB" for k, v in pb[4].items()))
+                             if len(pb) > 4 else "")
                           + (f"; before the first tensor was read: {_kinds(rb)}" if rb else "") + "."]
     lines += ["", "Delta that survives bf16 rounding (block 0; `planted share` = energy in the planted singular "
               "subspace, white noise would give `white`):", "",

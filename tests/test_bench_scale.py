@@ -253,3 +253,17 @@ def test_rss_breakdown_tells_arrays_from_mapped_checkpoints(tmp_path):
     assert after["checkpoint files"] - before["checkpoint files"] > 0.9 * mapped.nbytes
     assert abs(sum(after.values()) - bench_scale._current_rss()) < 0.05 * sum(after.values())
     del mapped, arr
+
+
+def test_device_array_bytes_counts_live_arrays():
+    """The JAX part of the memory snapshot: live arrays by their bytes; on the CPU a NumPy conversion aliases
+    the buffer, so no host copy is cached on the array (on an accelerator one would be, and is counted)."""
+    import jax.numpy as jnp
+
+    before = bench_scale.device_array_bytes()
+    x = jnp.ones((512, 1024), jnp.float32) + 1.0
+    np.asarray(x)
+    after = bench_scale.device_array_bytes()
+    assert after["live arrays"] - before["live arrays"] >= x.nbytes
+    assert after["host copies of device arrays"] == before["host copies of device arrays"]
+    del x
