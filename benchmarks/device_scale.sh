@@ -18,6 +18,17 @@
 # 2-core CPU that alone took a 2-writer pair from 27-29 s to 21-23 s), which should shorten the 69 s.
 # Then, if >= 2 min of device time is left, at once (the machine stays warm 30 s): benchmarks/device_tests.sh.
 #
+# The full-depth run is detached (DETACH=1, the default): it runs in a process session of its own (setsid),
+# which the device tool leaves running after the command returns, until the machine goes back. The command
+# waits for it until TOTAL; if it has not finished by then, a second call made at once (within the 30 s the
+# machine stays warm) waits for it again and collects it, without installing or writing anything:
+#
+#   run(command="MODE=wait OUT=$OUT bash benchmarks/device_scale.sh", timeout_s=<device time left - 20>)
+#
+# So a run that overruns one 600-s command is still measured end to end (bench_scale times its compress child
+# itself; the waiting is not in its figures). Everything the run writes goes to $WORK (long.log, long.json,
+# long.child.log, long.rc with its exit status); each call copies what is there into its own $OUT.
+#
 # Each run writes its pair with one process per shard (--jobs, the core count), then compresses it in a fresh
 # child. Output lands in $OUT (env.txt, numerics.txt, long.json, long.log and the compress child's log with its
 # progress bar and `[stage]` lines: first 60 and last 140 lines; short.* likewise when it runs);
@@ -39,6 +50,7 @@
 #   SCALE=0.0625 LAYERS=4 PRINMIX_ALLOW_CPU=1 OUT=/tmp/o bash benchmarks/device_scale.sh    # a CPU dry run
 #
 set -euo pipefail
+SELF="$(cd "$(dirname "$0")" && pwd)/$(basename "$0")"     # the detached run starts this script again
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 SCALE=${SCALE:-1}
@@ -50,7 +62,71 @@ WORK=${WORK:-/tmp/prinmix-device-scale}
 JOBS=${JOBS:-$(nproc)}
 SHARD_MB=${SHARD_MB:-1000}   # 14 shards a model at full depth: one writer process each
 PY=${PYTHON:-python3}
+MODE=${MODE:-run}           # run: everything; wait: wait for an earlier call's detached run and collect it
+DETACH=${DETACH:-1}
 export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK"
+
+bench_cmd() {   # bench_cmd NAME LAYERS: the bench_scale command line of a run, into the array CMD
+  CMD=("$PY" benchmarks/bench_scale.py --models llama2 --modes data-free --layers "$2"
+       --shapes-scale "$SCALE" --progress --keep --jobs "$JOBS" --shard-mb "$SHARD_MB" --workdir "$WORK/$1"
+       --out-json "$WORK/$1.json")
+}
+
+excerpt() {   # excerpt NAME: the compress child's log (its progress bar: how far a run got, and when) -> $WORK
+  local f
+  for f in "$WORK/$1"/*/delta-*.log; do
+    if [ -f "$f" ]; then
+      { tr '\r' '\n' <"$f" | sed -n '1,60p'; echo "[...]"; tr '\r' '\n' <"$f" | tail -n 140; } >"$WORK/$1.child.log"
+    fi
+  done
+}
+
+collect() {   # collect NAME: what the run has written so far, into this call's $OUT
+  local name=$1 f
+  if [ ! -f "$WORK/$name.rc" ]; then excerpt "$name"; fi       # still running: its log as it stands
+  for f in "$name.log" "$name.json" "$name.child.log"; do
+    if [ -f "$WORK/$f" ]; then cp "$WORK/$f" "$OUT/$f"; fi
+  done
+  if [ -f "$WORK/$name.log" ]; then tail -n 40 "$WORK/$name.log"; fi
+}
+
+wait_for() {   # wait_for NAME DEADLINE: until the detached run has finished or $SECONDS reaches DEADLINE
+  local name=$1 deadline=$2 last=$SECONDS
+  while [ ! -f "$WORK/$name.rc" ] && [ "$SECONDS" -lt "$deadline" ]; do
+    sleep 5
+    if [ $((SECONDS - last)) -ge 60 ]; then      # a sign of life: the child's last progress line
+      last=$SECONDS
+      tail -c 300 "$WORK/$name"/*/delta-*.log 2>/dev/null | tr '\r' '\n' | grep -v '^$' | tail -n 1 || true
+    fi
+  done
+  collect "$name"
+  if [ -f "$WORK/$name.rc" ]; then
+    echo "== $name: finished, exit $(cat "$WORK/$name.rc")"
+    return 0
+  fi
+  echo "== $name: still running after this call's ${TOTAL} s; call again at once, within 30 s:"
+  echo "   MODE=wait OUT=\$OUT bash benchmarks/device_scale.sh"
+  return 3
+}
+
+if [ "$MODE" = job ]; then     # the detached run itself (started below with setsid): no terminal, no $OUT
+  rc=0
+  bench_cmd "$JOB_NAME" "$JOB_LAYERS"
+  "${CMD[@]}" >"$WORK/$JOB_NAME.log" 2>&1 || rc=$?
+  excerpt "$JOB_NAME"
+  rm -rf "${WORK:?}/$JOB_NAME"
+  echo "$rc" >"$WORK/$JOB_NAME.rc"
+  exit 0
+fi
+if [ "$MODE" = wait ]; then
+  if [ ! -f "$WORK/long.log" ]; then
+    echo "no detached run in $WORK on this machine (a fresh one, or none was started): nothing to wait for" >&2
+    exit 2
+  fi
+  wait_for long "$TOTAL"
+  exit $?
+fi
 
 # shellcheck source=benchmarks/device_env.sh
 source benchmarks/device_env.sh
@@ -81,21 +157,16 @@ if [ "${PRINMIX_ALLOW_CPU:-0}" != 1 ] && ! "$PY" -c "import jax, sys; sys.exit(j
   exit 2
 fi
 
-bench() {   # bench NAME LAYERS [timeout]
+bench() {   # bench NAME LAYERS [timeout]: in this process, stopped at the timeout
   local name=$1 layers=$2 limit=${3:-0} rc=0
-  local cmd=("$PY" benchmarks/bench_scale.py --models llama2 --modes data-free --layers "$layers"
-             --shapes-scale "$SCALE" --progress --keep --jobs "$JOBS" --shard-mb "$SHARD_MB" --workdir "$WORK/$name" --out-json "$OUT/$name.json")
-  echo "== $name: ${cmd[*]}"
-  if [ "$limit" -gt 0 ]; then timeout --signal=INT --kill-after=15 "$limit" "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?
-  else "${cmd[@]}" >"$OUT/$name.log" 2>&1 || rc=$?; fi
-  tail -n 40 "$OUT/$name.log"
-  # the compress child's own log (its progress bar: how far a stopped run got, and when)
-  for f in "$WORK/$name"/*/delta-*.log; do
-    if [ -f "$f" ]; then
-      { tr '\r' '\n' <"$f" | sed -n '1,60p'; echo "[...]"; tr '\r' '\n' <"$f" | tail -n 140; } >"$OUT/$name.child.log"
-    fi
-  done
+  bench_cmd "$name" "$layers"
+  echo "== $name: ${CMD[*]}"
+  if [ "$limit" -gt 0 ]; then timeout --signal=INT --kill-after=15 "$limit" "${CMD[@]}" >"$WORK/$name.log" 2>&1 || rc=$?
+  else "${CMD[@]}" >"$WORK/$name.log" 2>&1 || rc=$?; fi
+  excerpt "$name"
   rm -rf "${WORK:?}/$name"
+  echo "$rc" >"$WORK/$name.rc"
+  collect "$name"
   echo "== $name: exit $rc"
   return "$rc"
 }
@@ -104,10 +175,16 @@ if [ "$NUMERICS" = 1 ]; then
   echo "== numerics"
   numerics_probe "$OUT/numerics.txt" || echo "numerics: exit $?"
 fi
+rm -f "$WORK"/short.* "$WORK"/long.*
 if [ "$SHORT_LAYERS" -gt 0 ]; then bench short "$SHORT_LAYERS"; fi
 left=$((TOTAL - SECONDS))
-if [ "$LAYERS" -gt 0 ] && [ "$left" -gt 60 ]; then
-  bench long "$LAYERS" "$left" || echo "the full-depth run did not finish in ${left} s (exit $?): see long.log"
-else
+if [ "$LAYERS" -le 0 ] || [ "$left" -le 60 ]; then
   echo "== long: skipped (LAYERS=$LAYERS, ${left} s left of TOTAL=$TOTAL)"
+elif [ "$DETACH" = 1 ]; then
+  bench_cmd long "$LAYERS"
+  echo "== long (detached): ${CMD[*]}"
+  MODE=job JOB_NAME=long JOB_LAYERS=$LAYERS setsid nohup bash "$SELF" >/dev/null 2>&1 </dev/null &
+  wait_for long "$TOTAL" || exit 3
+else
+  bench long "$LAYERS" "$left" || echo "the full-depth run did not finish in ${left} s (exit $?): see long.log"
 fi
