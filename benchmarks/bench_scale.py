@@ -26,8 +26,9 @@ The pair
 
 Per-stage times
     The child is ``prinmix compress`` (the CLI, unchanged) with timers wrapped around library functions by
-    this script (nothing in the library is edited): read (``ModelSource.block/globals``: safetensors ->
-    float32), deltas (``step_items``: FT − base), calibration (tokenizing, ``embed``,
+    this script (nothing in the library is edited): read (``ModelSource.block_tensor/block/globals``:
+    safetensors -> float32), deltas (``block_deltas``: FT − base and the step digests, one tensor at a
+    time), calibration (tokenizing, ``embed``,
     ``block_forward_with_hessians``), SVD (``stack_svd``), error tables (``stack_tables``: the V-side
     GPTQ passes at every width), V step at given widths (``fixed_width_rows``, the global scope's
     second pass), ILP (``allocate_bits`` / ``allocate_bits_global``), RTC + U step (``svd_quant`` less
@@ -576,8 +577,12 @@ def _install(timers: _Timers) -> None:
     w(src.ModelSource, "global_tensor", "read", scope="once")
     w(run, "global_deltas", "deltas", scope="once")
     w(src.ModelSource, "block", "read")
+    # a block is read one tensor at a time by block_deltas (reads, digests, deltas): the reads are its
+    # sub-stage, so that "deltas" keeps the subtraction and the digests
+    w(src.ModelSource, "block_tensor", "read.tensor")
     w(src.ModelSource, "header_digest", "read", scope="once")
-    w(run, "step_items", "deltas")
+    for mod in (run, pl):
+        w(mod, "block_deltas", "deltas")
     for mod in (run, pl):
         w(mod, "block_forward_with_hessians", "calibration", block=True)
         w(mod, "embed", "calibration", block=True, scope="once")

@@ -193,8 +193,9 @@ def is_zero(delta) -> bool:
     return not (delta.nonzero if isinstance(delta, DeferredDelta) else np.any(delta))
 
 
-def block_deltas(table, base_src, ft_src, b: int, *, digests: bool = True, keep_ft: bool = False,
-                 keep_base: bool = False) -> tuple[tuple[str, str] | None, dict, dict | None, dict | None]:
+def block_deltas(table, base_src, ft_src, b: int, *, digests: bool = True, deltas: bool = True,
+                 keep_ft: bool = False, keep_base: bool = False
+                 ) -> tuple[tuple[str, str] | None, dict, dict | None, dict | None]:
     """Decoder block ``b``'s deltas, read one tensor at a time: ``(digests, deltas, ft block, base block)``.
 
     In the digests' (name) order, both models' tensor is read
@@ -209,13 +210,14 @@ def block_deltas(table, base_src, ft_src, b: int, *, digests: bool = True, keep_
       base_src, ft_src: the two :class:`~prinmix_jax.sources.ModelSource`.
       b: the block.
       digests: compute the step digests (``None`` in their place otherwise).
+      deltas: keep the deltas (an empty dict otherwise: the digests alone, one tensor held at a time).
       keep_ft, keep_base: also return that model's block (its param subtree), e.g. for a calibration forward.
 
     Returns:
       The digests (or ``None``), ``{path: float32 delta}``, and the fine-tuned and base blocks (or ``None``).
     """
     hashes = (TensorDigest(), TensorDigest()) if digests else None
-    deltas, kept = {}, ({} if keep_base else None, {} if keep_ft else None)
+    out_deltas, kept = {}, ({} if keep_base else None, {} if keep_ft else None)
     for path, _ in sorted(table, key=lambda pk: "/".join(pk[0])):
         name, path = "/".join(path), tuple(path)
         base = base_src.block_tensor(b, path)
@@ -229,10 +231,11 @@ def block_deltas(table, base_src, ft_src, b: int, *, digests: bool = True, keep_
                 for p in path[:-1]:
                     node = node.setdefault(p, {})
                 node[path[-1]] = a
-        deltas[path] = np.subtract(ft, base) if keep_ft else np.subtract(ft, base, out=ft)
+        if deltas:
+            out_deltas[path] = np.subtract(ft, base) if keep_ft else np.subtract(ft, base, out=ft)
         del base, ft
     out = None if hashes is None else (hashes[0].hexdigest(), hashes[1].hexdigest())
-    return out, deltas, kept[1], kept[0]
+    return out, out_deltas, kept[1], kept[0]
 
 
 def global_deltas(table, base_src, ft_src, *, keep: bool = True,

@@ -51,7 +51,7 @@ from prinmix_jax.compress import check_settings, error_tables
 from prinmix_jax.config import CALIBRATION_MODES, METHODS, SCOPES, CompressionConfig
 from prinmix_jax.core.mesh import default_mesh
 from prinmix_jax.core.svd import reusing_svds
-from prinmix_jax.delta_tree import IncompatibleModelsError, check_compatible, merge_block, param_groups
+from prinmix_jax.delta_tree import IncompatibleModelsError, block_deltas, check_compatible, merge_block, param_groups
 from prinmix_jax.distributed import allgather_arrays, barrier, broadcast_array, check_shared, init_distributed
 from prinmix_jax.methods.shared import index_costs
 from prinmix_jax.models import LINEAR_NAMES
@@ -63,7 +63,7 @@ from prinmix_jax.resume import restart_if_widths_changed, reuse_or_discard, widt
 from prinmix_jax.run import RunPlan, progress_bar, run_steps
 from prinmix_jax.run_summary import result_problems
 from prinmix_jax.sources import ModelSource, NonFiniteWeightsError, read_ahead
-from prinmix_jax.step_compress import (owned_stacks, read_ahead_blocks, started_together, step_items, svd_stacks,
+from prinmix_jax.step_compress import (owned_stacks, read_ahead_blocks, split_deltas, started_together, svd_stacks,
                                       svd_window, with_hessians)
 from prinmix_jax.svd_store import SVD_DIR, SVDStore, svd_key
 from prinmix_jax.storage import (FORMAT_VERSION, HF_DIR, STEPS_DIR, WORK_SUFFIX, StepStore, check_output_location,
@@ -265,9 +265,9 @@ def _my_error_tables(plan: RunPlan, base_src, ft_src) -> list:
     window = svd_window(plan.mesh)
     calibrated = h is not None
 
-    def load(b):      # host work only: it may run ahead in a thread (read_ahead)
-        base_b, ft_b = base_src.block(b), ft_src.block(b)
-        return step_items(plan.block_table, base_b, ft_b, plan.policy)[0], (ft_b if calibrated else None)
+    def load(b):      # host work only: it may run ahead in a thread (read_ahead); one tensor at a time
+        _, deltas, ft_b, _ = block_deltas(plan.block_table, base_src, ft_src, b, digests=False, keep_ft=calibrated)
+        return split_deltas(plan.block_table, deltas, plan.policy)[0], ft_b
     loads = read_ahead(load, range(mcfg.num_layers), read_ahead_blocks(plan.mesh, window))
     try:
         for w0 in range(0, mcfg.num_layers, window):

@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 
-from prinmix_jax.delta_tree import global_deltas, step_digest
+from prinmix_jax.delta_tree import block_deltas, global_deltas
 from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.storage import OUTPUT_MARKER, STEPS_DIR, StepStore
 
@@ -21,8 +21,7 @@ def step_digests(step: int, base_src, ft_src, block_table, global_table) -> tupl
     """``(base digest, fine-tuned digest)`` of the tensors step ``step`` consumes (tensor_digest)."""
     if step == 0:       # one tensor at a time (a 7B embedding is 2.1 GB in float32)
         return global_deltas(global_table, base_src, ft_src, keep=False)[0]
-    trees = (base_src.block(step - 1), ft_src.block(step - 1))
-    return tuple(step_digest(t, block_table) for t in trees)
+    return block_deltas(block_table, base_src, ft_src, step - 1, deltas=False)[0]   # one tensor at a time
 
 
 def _changed_inputs(store, num_steps, base_src, ft_src, block_table, global_table) -> str | None:

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from prinmix_jax.config import CompressionConfig
-from prinmix_jax.delta_tree import global_deltas, merge_block, step_digest
+from prinmix_jax.delta_tree import block_deltas, global_deltas, merge_block
 from prinmix_jax.distributed import barrier, broadcast_int
 from prinmix_jax.models.calibration import block_forward, block_forward_with_hessians, embed
 from prinmix_jax.policy import ParamPolicy
@@ -26,7 +26,7 @@ from prinmix_jax.run_summary import build_summary, result_problems
 from prinmix_jax.sources import read_ahead
 from prinmix_jax.step_compress import (STACK_SPLIT_BYTES, compress_entries, owned_stacks,
                                        preload_kept_svds, read_ahead_blocks, save_step, split_deltas,
-                                       started_together, step_items, svd_stacks, svd_window, with_hessians)
+                                       started_together, svd_stacks, svd_window, with_hessians)
 from prinmix_jax.storage import decode_step, publish, write_summary
 from prinmix_jax.svd_store import SVD_DIR
 
@@ -106,11 +106,6 @@ def _step_meta(plan: RunPlan, step: int, t0: float, digests: tuple[str, str]) ->
             "widths_digest": plan.widths_digest, "base_digest": digests[0], "finetuned_digest": digests[1]}
 
 
-def _digests(table, base_tree, ft_tree) -> tuple[str, str]:
-    """What a step records of the base and fine-tuned tensors it consumed (:func:`step_digest`)."""
-    return step_digest(base_tree, table), step_digest(ft_tree, table)
-
-
 def _compress_globals(plan: RunPlan, store, base_src, ft_src) -> None:
     """Step 0: the embedding, final norm and output head (data-free), read one tensor at a time
     (:func:`~prinmix_jax.delta_tree.global_deltas`). The large deltas (the embedding and head) are read again
@@ -166,16 +161,16 @@ def _load_block(plan: RunPlan, base_src, ft_src, b: int) -> _Block:
     pass kept for it: host work only (no device program), so that it can run ahead in a thread
     (:func:`~prinmix_jax.sources.read_ahead`)."""
     t0 = time.perf_counter()
-    base_b, ft_b = base_src.block(b), ft_src.block(b)
-    items, dense = step_items(plan.block_table, base_b, ft_b, plan.policy)
-    digests = _digests(plan.block_table, base_b, ft_b)
     calibrated = plan.ids is not None
+    keep_base = calibrated and plan.calibration_mode == "sequential"
+    # one tensor of each model at a time: the deltas, the digests, and the blocks a calibration forward needs
+    digests, deltas, ft_b, base_b = block_deltas(plan.block_table, base_src, ft_src, b, keep_ft=calibrated,
+                                                 keep_base=keep_base)
+    items, dense = split_deltas(plan.block_table, deltas, plan.policy)
     if read_ahead_blocks(plan.mesh):     # (else each stack reads its own when its turn comes: less memory)
         preload_kept_svds(plan.svd_store, items, b + 1, plan.mesh, plan.config, plan.method,
                           _block_widths(plan, b), calibrated)
-    keep_base = calibrated and plan.calibration_mode == "sequential"
-    return _Block(b, items, dense, digests, ft_b if calibrated else None, base_b if keep_base else None, None,
-                  time.perf_counter() - t0)
+    return _Block(b, items, dense, digests, ft_b, base_b, None, time.perf_counter() - t0)
 
 
 def _read_block(plan: RunPlan, loaded: _Block, h) -> _Block:

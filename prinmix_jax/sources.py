@@ -88,7 +88,9 @@ class ModelSource:
         if self.reader is not None:
             if not 0 <= b < self.config.num_layers:
                 raise ValueError(f"block {b} out of range: the checkpoint has {self.config.num_layers} blocks")
-            a = self._read(lambda: self.reader.read(f"model.layers.{b}.{suffix}", np.float32))
+            with self._lock:     # a new float32 array, filled by plain file reads (CheckpointReader.read)
+                a = self.reader.read(f"model.layers.{b}.{suffix}", np.float32)
+                self.reader.close()
         else:
             a = _owned(get_path(self.params["layers"][b], path))
         self._check_one(f"model.layers.{b}.{suffix}", a, b)
