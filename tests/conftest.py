@@ -19,7 +19,7 @@ that is mostly XLA compile time on a 2-core CI machine.
 * One persistent compilation cache for the whole run, shared by the xdist workers (the same program is often
   compiled by both) and by the subprocess runs, in a temporary folder the controlling process removes at the
   end (and the next run, if this one was killed first). An existing ``JAX_COMPILATION_CACHE_DIR`` is used as
-  it is.
+  it is. The in-process tests write only programs that took 0.5 s or more to compile.
 """
 import os
 import shutil
@@ -80,7 +80,10 @@ if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not i
     remove_stale_caches(tempfile.gettempdir())
     _OWN_CACHE = tempfile.mkdtemp(prefix=f"{_CACHE_PREFIX}{os.getpid()}-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    # Only programs that took 0.5 s or more to compile are written: the many small ones cost less to compile
+    # again than to serialize, and serializing is where a worker once crashed (a segfault in XLA:CPU's
+    # executable.serialize(), 2026-12-04; xdist then hung on the crashed worker's group).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def pytest_unconfigure(config):
