@@ -10,12 +10,11 @@
 #   2. the full-depth run (LAYERS, default 32; 0 skips it), given what is left of TOTAL seconds (default 570,
 #      inside the device tool's 600-s command limit) and stopped there.
 #
-# The first H200 run (2026-12-04) ran with SHORT_LAYERS=2, TOTAL=560: the 2-block run took 120 s of the window
-# (write 25.8 s, compress 80.8 s of which 35.4 s compile; projected to 32 blocks: 420 s), and the full-depth
-# run wrote its pair in 68.9 s, then stopped at step 22 of 33 of its compress pass after 371 s. Hence the
-# 2-block run is now off by default: the full-depth run needs ~69 + ~435 s of the window. The writer processes
-# now run with one BLAS thread each (they ran with a thread per core each, 16 x 16 threads on 16 cores; on the
-# 2-core CPU that alone took a 2-writer pair from 27-29 s to 21-23 s), which should shorten the 69 s.
+# The first H200 run (2026-12-04) ran with SHORT_LAYERS=2, TOTAL=560: the 2-block run took 120 s of the
+# window, and the full-depth run stopped at step 22 of 33 of its compress pass. Hence the 2-block run is off by
+# default, and the writer processes run with one BLAS thread each (they had 16 each on 16 cores). The second
+# run (the same day, these defaults) wrote the 32-block pair in 36.9 s and compressed it in 337.2 s: 400 s of
+# the first command, so the detached wait below was not needed then.
 # Then, if >= 2 min of device time is left, at once (the machine stays warm 30 s): benchmarks/device_tests.sh.
 #
 # The full-depth run is detached (DETACH=1, the default): it runs in a process session of its own (setsid),
