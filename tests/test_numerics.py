@@ -103,6 +103,7 @@ def test_the_svd_checks_its_device_before_computing(monkeypatch):
     assert seen == [jax.local_devices()[0]] * 3
 
 
+@pytest.mark.eight_devices
 def test_the_device_checked_is_this_processes_own():
     class Remote:
         platform, process_index = "gpu", jax.process_index() + 1

@@ -20,6 +20,13 @@ from prinmix_jax.methods.shared import index_costs, max_kept_rank, oversample_co
 from prinmix_jax.synthetic import long_tailed_delta
 
 M, N = 256, 512
+# Float32 rounding slack of the decompositions, by backend. The tight checks below (orthogonality 2e-5, the
+# triplets' consistency 1e-5, the fallback's σ 1e-5) are set from LAPACK on the CPU. On the H200 (jax 0.11.2,
+# cuSOLVER; docs/benchmarks.md, "The test suite on the H200") products at Precision.HIGHEST are float32
+# (2.1e-7 against float64), but the decompositions are less exact: a 1024x512 SVD's residual 1.4e-4 and
+# ‖UᵀU − I‖ 4.4e-4 (LAPACK: ~1e-6), and those checks measured 1.3-2.4 times their CPU tolerances. The
+# issue's own targets (σ within 1e-3, output error within 1%) keep one tolerance everywhere.
+SLACK = 1.0 if jax.default_backend() == "cpu" else 5.0
 TRUNC = CompressionConfig(svd="truncated")
 GRAM = CompressionConfig(svd="gram")
 FULL = CompressionConfig(svd="full")
@@ -68,15 +75,15 @@ def test_truncated_sigma_within_1e3_of_full_and_layout(shape, method):
     assert u.shape == (shape[0], k) and s.shape == (k,) and v.shape == (k, shape[1])
     assert u.dtype == s.dtype == v.dtype == np.float32
     assert np.all(np.diff(s) <= 0)
-    np.testing.assert_allclose(v @ v.T, np.eye(k), atol=2e-5)
-    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=2e-5)
+    np.testing.assert_allclose(v @ v.T, np.eye(k), atol=2e-5 * SLACK)
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=2e-5 * SLACK)
     assert err[:k_max].max() < 1e-3, err[:k_max].max()
     if method == "gram":       # the Gram SVD is exact up to float32 rounding of ΔWᵀΔW: every k, tighter
         assert err.max() < 1e-4, err.max()
     # The triplets are consistent: U diag(σ) V is the projection of ΔW on U's columns (the range finder's
     # Rayleigh–Ritz) or on V's rows (the Gram SVD's).
     proj = d @ v.T @ v if method == "gram" else u @ (u.T @ d)
-    np.testing.assert_allclose((u * s) @ v, proj, atol=1e-5 * np.abs(d).max())
+    np.testing.assert_allclose((u * s) @ v, proj, atol=1e-5 * SLACK * np.abs(d).max())
     # Sensitivity: no subspace iteration and no oversampling miss the bound by far.
     assert _sigma_error(d, k, 0, 0)[3][:k_max].max() > 1e-2
 
@@ -96,11 +103,14 @@ def test_gram_svd_falls_back_to_the_full_svd_on_steep_spectra_and_keeps_low_rank
         raw = np.asarray(svd_fn(k, "gram")(jax.numpy.asarray(d))[1], np.float64)
         assert gram_fallback_needed(raw[None], 128)[0] == (not trusted)
         s = np.asarray(svd_delta(d, k)[1], np.float64)
-        assert np.abs(s / s_full - 1).max() < (1e-4 if trusted else 1e-5)
+        assert np.abs(s / s_full - 1).max() < (1e-4 if trusted else 1e-5 * SLACK)
         if not trusted:
             assert np.abs(raw / s_full - 1).max() > 1e-2
         (_, s8, _) = svd_sharded(np.stack([tail, d, tail]), rank=k)    # the guard per matrix, on 8 devices
-        np.testing.assert_array_equal(np.asarray(s8)[1], np.asarray(svd_delta(d, k)[1]))
+        if SLACK == 1:    # bytes on the CPU; on a GPU the two programs' kernels are autotuned apart (6.6e-7)
+            np.testing.assert_array_equal(np.asarray(s8)[1], np.asarray(svd_delta(d, k)[1]))
+        else:
+            np.testing.assert_allclose(np.asarray(s8)[1], np.asarray(svd_delta(d, k)[1]), rtol=1e-5)
     rng = np.random.default_rng(0)
     low = (rng.standard_normal((64, 3)) @ rng.standard_normal((3, 48))).astype(np.float32)
     for delta in (low, np.zeros((64, 48), np.float32), low.T):
@@ -183,6 +193,7 @@ def test_widths_beyond_the_truncation_fall_back_to_the_full_svd(small):
     assert int(np.asarray(cm.widths).size) == 3
 
 
+@pytest.mark.eight_devices
 def test_deterministic_and_independent_of_the_device_count():
     assert len(jax.devices()) == 8
     deltas = np.stack([long_tailed_delta(64, 96, seed=s)[0] for s in range(3)])     # 3 -> padded to 8
