@@ -3,6 +3,7 @@ into σ, no zero points on the symmetric widths 1–2 (grid ``"mse-sym"``). Chec
 against the full layout at the same widths, through storage, and by the error it buys at a fixed budget."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,6 +14,10 @@ from prinmix_jax.methods.shared import index_costs
 from prinmix_jax.storage import decode_step, encode_step
 from prinmix_jax.storage.format import MatrixEntry
 from prinmix_jax.synthetic import long_tailed_delta
+
+#: grid_params as the core calls it, inside a compiled program (one compile per shape; op by op, each call of
+#: a new shape took ~2.5 s on the 2-core CPU).
+_grid = jax.jit(grid_params, static_argnames=("scale_dtype", "grid"))
 
 
 def test_cost_formula_counts_what_each_layout_stores():
@@ -37,8 +42,8 @@ def test_symmetric_grid_has_implied_zeros_and_matches_mse_above_two_bits(bits):
     x = rng.standard_normal((64, 96)).astype(np.float32)
     x[:8] += 1.5                                         # skewed rows, where min-max grids would win
     maxq = np.float32(2 ** bits - 1)
-    s_sym, z_sym = (np.asarray(a) for a in grid_params(x, maxq, grid="mse-sym"))
-    s_mse, z_mse = (np.asarray(a) for a in grid_params(x, maxq, grid="mse"))
+    s_sym, z_sym = (np.asarray(a) for a in _grid(x, maxq, grid="mse-sym"))
+    s_mse, z_mse = (np.asarray(a) for a in _grid(x, maxq, grid="mse"))
     if bits <= HALF_ZERO_MAX_BITS:
         np.testing.assert_array_equal(z_sym, maxq / 2)
         assert bits == 1 or np.any(z_mse != maxq / 2)    # "mse" takes a min-max grid somewhere
@@ -52,7 +57,9 @@ def test_symmetric_grid_of_mixed_widths_chooses_each_group_as_alone(scale_dtype)
     """``"mse-sym"`` tries one family per group (symmetric at widths <= 2, min-max above), in one list of
     candidates whose i-th is either family's i-th: a group's grid must not depend on its neighbours' widths, so
     a call with mixed widths (U's columns in GPTQ, a V step's rows) chooses every group as a call of its width
-    alone does (and those are checked against "mse" and the implied zeros above)."""
+    alone does (and those are checked against "mse" and the implied zeros above). Each width's call holds every
+    group at that width (one program for all calls); only the groups of that width in the mixed call are
+    compared."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((400, 128)) * rng.choice([1e-3, 1.0, 30.0], (400, 1))).astype(np.float32)
     x[::9] += 1.5                                         # skewed groups
@@ -60,11 +67,11 @@ def test_symmetric_grid_of_mixed_widths_chooses_each_group_as_alone(scale_dtype)
     widths = rng.choice([1, 2, 3, 4, 8], 400)
     maxq = (2.0 ** widths - 1).astype(np.float32)
     count = rng.integers(100, 129, 400).astype(np.float32)      # short last groups
-    s_mix, z_mix = (np.asarray(a) for a in grid_params(x, maxq, scale_dtype, count, "mse-sym"))
+    s_mix, z_mix = (np.asarray(a) for a in _grid(x, maxq, scale_dtype, count, "mse-sym"))
     for b in (1, 2, 3, 4, 8):
         rows = widths == b
-        s_b, z_b = (np.asarray(a) for a in grid_params(x[rows], np.float32(2 ** b - 1), scale_dtype, count[rows],
-                                                       "mse-sym"))
+        s_b, z_b = (np.asarray(a)[rows] for a in _grid(x, np.full(400, 2 ** b - 1, np.float32), scale_dtype,
+                                                        count, "mse-sym"))
         np.testing.assert_array_equal(s_mix[rows], s_b)
         np.testing.assert_array_equal(z_mix[rows], z_b)
         if b <= HALF_ZERO_MAX_BITS:
