@@ -8,7 +8,11 @@ that is mostly XLA compile time on a 2-core CI machine.
   so the optimised build, which is what users run, stays covered. That matters: test_mesh_rows' 1- against
   8-device identity (V by rows against whole matrices) holds at the default level, while at level 0 one
   error table differs in its last bits (tried, not kept).
-  ``PRINMIX_TEST_XLA_OPT=default`` (or an optimisation level already in ``XLA_FLAGS``) keeps the default.
+  They also compile fusions with XLA:CPU's older elemental emitters (``--xla_cpu_use_fusion_emitters=false``,
+  where this jaxlib knows the flag): half the backend compile time (a compress_matrix set of 37 programs:
+  6.8-8.7 → 3.7 s in one sitting; the suite: see docs/benchmarks.md, "The test suite's time").
+  ``PRINMIX_TEST_XLA_OPT=default`` keeps XLA's defaults (an optimisation level already in ``XLA_FLAGS`` is
+  kept either way).
 * One compute thread per test process: ``OPENBLAS_NUM_THREADS=1`` (jaxlib's CPU QR, LU, SVD and eigh call
   OpenBLAS, whose threads spin when the cores are shared) and ``--xla_cpu_multi_thread_eigen=false`` (XLA's
   CPU matrix products), since ``pytest -n 2`` already runs a process per core. Measured on the 2-core machine,
@@ -29,8 +33,27 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
-if "xla_backend_optimization_level" not in _flags and os.environ.get("PRINMIX_TEST_XLA_OPT") != "default":
-    _flags += " --xla_backend_optimization_level=0"
+
+
+def _xla_knows(flag: str) -> bool:
+    """Whether this jaxlib's XLA has ``flag``: XLA aborts the process on an unknown one in ``XLA_FLAGS``. Looks
+    for its name in jaxlib's library (~0.1 s; no JAX set-up)."""
+    import importlib.util
+    import mmap
+    spec = importlib.util.find_spec("jaxlib")
+    for folder in (spec.submodule_search_locations or ()) if spec else ():
+        lib = os.path.join(folder, "libjax_common.so")
+        if os.path.exists(lib):
+            with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                return m.find(flag.encode()) >= 0
+    return False
+
+
+if os.environ.get("PRINMIX_TEST_XLA_OPT") != "default":
+    if "xla_backend_optimization_level" not in _flags:
+        _flags += " --xla_backend_optimization_level=0"
+    if "xla_cpu_use_fusion_emitters" not in _flags and _xla_knows("xla_cpu_use_fusion_emitters"):
+        _flags += " --xla_cpu_use_fusion_emitters=false"
 if "xla_cpu_multi_thread_eigen" not in _flags:
     _flags += " --xla_cpu_multi_thread_eigen=false"
 os.environ["XLA_FLAGS"] = _flags
