@@ -4,8 +4,9 @@ GPTQ quantises one column at a time (each column's rounding error is fed into th
 over ``c`` columns is ``c`` sequential steps of a ``lax.fori_loop``. On the CPU a step's cost grows with the rows
 it updates. On an accelerator a step of small kernels may cost a fixed floor instead (kernel launches and the
 loop condition's round trip to the host): the time then grows with the columns and hardly with the rows. On the
-first H200 run the RTC + U step took ~0.6 s per 7B matrix, where GPTQ of U loops over ~1200 columns
-(docs/benchmarks.md). This script tells the two apart in well under a minute:
+H200 (2026-12-04) it is a floor, but a small one: ~0.026 ms a column on the U side from 1024 to 8192 rows
+(x1.12 for 8x the rows), so GPTQ of a 1202-column U takes ~0.03 s (docs/benchmarks.md, H200 section). This
+script tells the two apart in well under a minute:
 
 - **U side** (``scale_axis="col"``, the U step): a ``rows × cols`` U under a ``cols × cols`` Hessian;
 - **V side** (``scale_axis="row"``, the calibrated error tables and V step): a ``rows × cols`` V̂ under a
