@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 from prinmix_jax import formats
-from prinmix_jax.models.llama.params import block_param_table, expected_tensors, get_path, global_param_table, set_path
+from prinmix_jax.models.llama.params import (block_param_table, expected_tensors, get_path, global_param_table,
+                                             put_path, set_path)
 from prinmix_jax.storage import TensorDigest, tensor_digest
 
 __all__ = ["IncompatibleModelsError", "ChangedWhileReadingError", "DeferredDelta", "materialise", "is_zero",
@@ -227,10 +228,7 @@ def block_deltas(table, base_src, ft_src, b: int, *, digests: bool = True, delta
             hashes[1].update(name, ft)
         for tree, a in zip(kept, (base, ft)):
             if tree is not None:
-                node = tree
-                for p in path[:-1]:
-                    node = node.setdefault(p, {})
-                node[path[-1]] = a
+                put_path(tree, path, a)
         if deltas:
             out_deltas[path] = np.subtract(ft, base) if keep_ft else np.subtract(ft, base, out=ft)
         del base, ft

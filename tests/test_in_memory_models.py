@@ -16,7 +16,7 @@ from pipeline_fixtures import DIMS, SMALL_CONFIG  # noqa: E402
 from prinmix_jax import CompressionConfig, apply_delta, compress_model, load_delta  # noqa: E402
 from prinmix_jax.delta_tree import block_deltas, param_groups, step_digest  # noqa: E402
 from prinmix_jax.models import ModelConfig  # noqa: E402
-from prinmix_jax.models.llama.params import expected_tensors  # noqa: E402
+from prinmix_jax.models.llama.params import expected_tensors, get_path, put_path  # noqa: E402
 from prinmix_jax.sources import ModelSource  # noqa: E402
 
 CFG = ModelConfig.from_hf_config(dict(DIMS, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
@@ -27,10 +27,7 @@ def _tree(seed: int, scale: float = 1.0) -> dict:
     rng = np.random.default_rng(seed)
     tree: dict = {}
     for _, (path, shape) in sorted(expected_tensors(CFG).items()):
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = (scale * rng.standard_normal(shape)).astype(np.float32)
+        put_path(tree, path, (scale * rng.standard_normal(shape)).astype(np.float32))
     return tree
 
 
@@ -70,7 +67,7 @@ def test_block_deltas_one_tensor_at_a_time_equal_the_whole_blocks():
             digests, deltas, ft_b, base_b = block_deltas(table, bsrc, fsrc, b, keep_ft=keep_ft, keep_base=keep_base)
             assert digests == (step_digest(whole_b, table), step_digest(whole_f, table))
             ref = {tuple(p): get - gb for (p, _), get, gb in
-                   ((pk, _get(whole_f, pk[0]), _get(whole_b, pk[0])) for pk in table)}
+                   ((pk, get_path(whole_f, pk[0]), get_path(whole_b, pk[0])) for pk in table)}
             assert deltas.keys() == ref.keys()
             assert all(np.array_equal(deltas[k], ref[k]) for k in ref)
             for kept, whole, keep in ((ft_b, whole_f, keep_ft), (base_b, whole_b, keep_base)):
@@ -82,9 +79,3 @@ def test_block_deltas_one_tensor_at_a_time_equal_the_whole_blocks():
         none = block_deltas(table, bsrc, fsrc, b, digests=False)
         assert none[0] is None and len(none[1]) == len(table)
     assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves((base, ft))))
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree

@@ -219,10 +219,7 @@ class CheckpointReader:
         tree: dict = {}
         for name, path in rows:
             arr = self.read(name, dtype)
-            node = tree
-            for p in path[:-1]:
-                node = node.setdefault(p, {})
-            node[path[-1]] = jnp.asarray(arr) if device_put else arr
+            P.put_path(tree, path, jnp.asarray(arr) if device_put else arr)
             del arr
         return tree
 

@@ -30,7 +30,7 @@ from prinmix_jax.models.errors import CheckpointError
 __all__ = [
     "LINEAR_NAMES", "HESSIAN_FOR_LINEAR", "linear_names", "linear_path", "hf_name", "block_param_table",
     "global_param_table", "expected_tensors", "get_linear", "set_linear", "iter_block_linears",
-    "get_path", "set_path", "num_blocks", "check_params", "check_block_params",
+    "get_path", "set_path", "put_path", "num_blocks", "check_params", "check_block_params",
 ]
 
 #: The seven decoder-block linears, in forward order.
@@ -131,6 +131,14 @@ def set_path(tree: dict, path: tuple, value: Any) -> dict:
     if len(path) == 1:
         return {**tree, path[0]: value}
     return {**tree, path[0]: set_path(tree[path[0]], path[1:], value)}
+
+
+def put_path(tree: dict, path: tuple, value: Any) -> None:
+    """Sets the leaf at ``path`` of ``tree`` in place, making the dicts along it that are missing (how a tree
+    is built one tensor at a time)."""
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
 
 
 def num_blocks(params: dict) -> int:
