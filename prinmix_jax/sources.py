@@ -68,7 +68,7 @@ class ModelSource:
         # Copy out of the memory map and drop the file handles after every read: mapped pages count towards
         # the process RSS, so keeping the maps open would make the peak grow with the model size.
         with self._lock:
-            tree = jax.tree.map(lambda a: np.array(a, np.float32, copy=True), fn())
+            tree = jax.tree.map(_owned, fn())
             self.reader.close()
         return tree
 
@@ -84,16 +84,15 @@ class ModelSource:
         """One tensor of decoder block ``b`` (float32 NumPy) by its path in the block's subtree, read on its own:
         :func:`~prinmix_jax.delta_tree.block_deltas` holds one tensor of each model at a time, not both blocks
         (1.6 GB in float32 for a 7B block)."""
-        suffix = ".".join(path)
         if self.reader is not None:
-            if not 0 <= b < self.config.num_layers:
-                raise ValueError(f"block {b} out of range: the checkpoint has {self.config.num_layers} blocks")
+            name = dict((p, n) for n, p in self.reader.block_rows(b))[tuple(path)]     # b range-checked there
             with self._lock:     # a new float32 array, filled by plain file reads (CheckpointReader.read)
-                a = self.reader.read(f"model.layers.{b}.{suffix}", np.float32)
+                a = self.reader.read(name, np.float32)
                 self.reader.close()
         else:
+            name = f"model.layers.{b}.{'.'.join(path)}"
             a = _owned(get_path(self.params["layers"][b], path))
-        self._check_one(f"model.layers.{b}.{suffix}", a, b)
+        self._check_one(name, a, b)
         return a
 
     def globals(self) -> dict:
