@@ -10,7 +10,7 @@ that is mostly XLA compile time on a 2-core CI machine.
   error table differs in its last bits (tried, not kept).
   They also compile fusions with XLA:CPU's older elemental emitters (``--xla_cpu_use_fusion_emitters=false``,
   where this jaxlib knows the flag): half the backend compile time (a compress_matrix set of 37 programs:
-  6.8-8.7 → 3.7 s in one sitting; the suite: see docs/benchmarks.md, "The test suite's time").
+  6.8-8.7 → 3.7 s in one sitting; the suite: docs/development.md, "How the suite stays fast").
   ``PRINMIX_TEST_XLA_OPT=default`` keeps XLA's defaults (an optimisation level already in ``XLA_FLAGS`` is
   kept either way).
 * One compute thread per test process: ``OPENBLAS_NUM_THREADS=1`` (jaxlib's CPU QR, LU, SVD and eigh call
@@ -116,8 +116,9 @@ def pytest_unconfigure(config):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``eight_devices`` compare 1 against 8 devices, or index the 8 simulated CPU devices this
-    file sets up. On the CPU they always run (a run that lost the 8-device flag fails them); on an accelerator backend (``JAX_PLATFORMS=cuda``, one GPU: benchmarks/device_tests.sh)
-    they are skipped with that reason, not failed."""
+    file sets up. On the CPU they always run (a run that lost the 8-device flag fails them); on an accelerator
+    backend (``JAX_PLATFORMS=cuda``, one GPU: benchmarks/device_tests.sh) they are skipped with that reason, not
+    failed."""
     import jax
     import pytest
     if jax.default_backend() == "cpu":
