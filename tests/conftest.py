@@ -7,9 +7,9 @@ that is mostly XLA compile time on a 2-core CI machine.
   and resume tests; test_mesh_rows' children) set their own ``XLA_FLAGS`` and compile at the default level,
   so the optimised build, which is what users run, stays covered. That matters: test_mesh_rows' 1- against
   8-device identity (V by rows against whole matrices) holds at the default level, while at level 0 one
-  error table differs in its last bits (tried, not kept).
-  They also compile fusions with XLA:CPU's older elemental emitters (``--xla_cpu_use_fusion_emitters=false``,
-  where this jaxlib knows the flag): half the backend compile time (a compress_matrix set of 37 programs:
+  error table differs in its last bits (tried, not kept). Those children do take the emitter choice below.
+  The in-process tests also compile fusions with XLA:CPU's older elemental emitters
+  (``--xla_cpu_use_fusion_emitters=false``, where this jaxlib knows the flag): half the backend compile time (a compress_matrix set of 37 programs:
   6.8-8.7 → 3.7 s in one sitting; the suite: docs/development.md, "How the suite stays fast").
   ``PRINMIX_TEST_XLA_OPT=default`` keeps XLA's defaults (an optimisation level already in ``XLA_FLAGS`` is
   kept either way).

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import Mesh
 
 from prinmix_jax.config import CompressionConfig
@@ -19,6 +20,9 @@ from prinmix_jax.methods.shared import gptq_kw, max_kept_rank, svd_rank
 from prinmix_jax.methods.v_step import V_ROWS
 
 CFG = CompressionConfig(group_size=32)
+# one worker runs the module (pytest --dist loadgroup): its children run once for both tests
+pytestmark = pytest.mark.xdist_group("mesh_rows")
+
 TABLE_ROWS = (0, GPTQResult(1, 1, 1, 1, None))       # e (k, nw); passes (nnz, k, n) ...; damp per Hessian
 GPTQ_ROWS = GPTQResult(0, 0, 0, 0, None)
 
@@ -92,13 +96,13 @@ def _outputs(path: str) -> None:
     np.savez(path, **flat)
 
 
-def test_rows_are_byte_identical_on_1_and_8_devices(tmp_path):
+def test_rows_are_byte_identical_on_1_and_8_devices(child_runs):
     """GPTQ of V at per-row widths (the global scope's second pass) and the error-table program: by rows, the
     same bytes on 1 and 8 devices; the GPTQ passes also equal whole matrices' (run_sharded); the error table
     itself (a batched product) rounds with the batch, as whole matrices on 1 and 8 devices already do:
     within 1e-6 relative of them. (Not 2 or 4 devices: on this 2-core CPU, XLA hangs when several
     simulated devices each run a batch of more than one of these programs, with run_sharded too.)"""
-    runs = _children(tmp_path, "_outputs")
+    runs = child_runs["_outputs"]
     rows = {k for k in runs[8] if "-rows/" in k}
     table = "table-rows/0"
     for d in (1,):
@@ -210,27 +214,46 @@ def _entry_outputs(path: str) -> None:
     np.savez(path, **res)
 
 
-def _children(tmp_path, target: str, devices=(8, 1)) -> dict:
-    """``target(path)`` of this module in one child process per device count (simulated devices, set before JAX
-    initialises; the children run side by side); returns ``{devices: what it wrote}``."""
+#: The children compile at XLA's default optimisation level (at level 0 one error table differs between 1 and 8
+#: devices in its last bits), with the suite's cheaper fusion emitters where conftest chose them (half the
+#: compile time; the identities hold under both).
+CHILD_XLA_FLAGS = "".join(f" {f}" for f in os.environ.get("XLA_FLAGS", "").split()
+                          if f.startswith("--xla_cpu_use_fusion_emitters"))
+#: What each child writes, one file per target: the row programs (:func:`_outputs`) and the entry points
+#: (:func:`_entry_outputs`), in one process per device count (JAX starts once, and the two share programs).
+TARGETS = ("_outputs", "_entry_outputs")
+
+
+def _children(folder, targets=TARGETS, devices=(8, 1)) -> dict:
+    """Each of ``targets`` (``target(path)`` of this module) in one child process per device count (simulated
+    devices, set before JAX initialises; the children run side by side); returns ``{target: {devices: what it
+    wrote}}``."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     procs = {}
     for d in devices:
-        out = tmp_path / f"{target}-d{d}.npz"
-        code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_mesh_rows as t; " \
-               f"t.{target}({str(out)!r})"
-        procs[d] = out, subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
-                                         env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}"))
-    res = {}
-    for d, (out, p) in procs.items():
+        outs = {t: folder / f"{t}-d{d}.npz" for t in targets}
+        calls = "; ".join(f"t.{t}({str(o)!r})" for t, o in outs.items())
+        code = f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_mesh_rows as t; {calls}"
+        procs[d] = outs, subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                                          env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}"
+                                                   + CHILD_XLA_FLAGS))
+    res = {t: {} for t in targets}
+    for d, (outs, p) in procs.items():
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-        with np.load(out, allow_pickle=False) as z:
-            res[d] = dict(z)
+        for t, out in outs.items():
+            with np.load(out, allow_pickle=False) as z:
+                res[t][d] = dict(z)
     return res
 
 
-def test_entry_points_by_rows_on_8_devices_match_1_device(tmp_path):
+@pytest.fixture(scope="module")
+def child_runs(tmp_path_factory):
+    """Both targets' outputs on 8 and on 1 device: ``{target: {devices: {name: array}}}``."""
+    return _children(tmp_path_factory.mktemp("mesh-rows"))
+
+
+def test_entry_points_by_rows_on_8_devices_match_1_device(child_runs):
     """error_tables and compress_stack (prinmix with its tables, with given widths, data-free; deltacome) on 8
     devices, where the V passes go by rows (every entry point calls run_rows_sharded once), against 1 device,
     where they go by whole matrices (run_sharded, the path before rows; no call): the compressed matrices are
@@ -238,7 +261,7 @@ def test_entry_points_by_rows_on_8_devices_match_1_device(tmp_path):
     whole matrices' on 8 devices; against 1 device they can differ by the SVD's last bits (XLA:CPU's products
     round with the threads each simulated device gets: 1-2 against 4-8 devices on a 2-core machine), within
     1e-4 relative."""
-    runs = _children(tmp_path, "_entry_outputs")
+    runs = child_runs["_entry_outputs"]
     assert int(runs[8]["calls"]) == 6 and int(runs[1]["calls"]) == 0
     one, eight = runs[1], runs[8]
     assert eight.keys() - {"matrices/table/0", "matrices/table/1", "matrices/table/2"} == one.keys()
