@@ -9,8 +9,9 @@ that is mostly XLA compile time on a 2-core CI machine.
   8-device identity (V by rows against whole matrices) holds at the default level, while at level 0 one
   error table differs in its last bits (tried, not kept). Those children do take the emitter choice below.
   The in-process tests also compile fusions with XLA:CPU's older elemental emitters
-  (``--xla_cpu_use_fusion_emitters=false``, where this jaxlib knows the flag): half the backend compile time (a compress_matrix set of 37 programs:
-  6.8-8.7 → 3.7 s in one sitting; the suite: docs/development.md, "How the suite stays fast").
+  (``--xla_cpu_use_fusion_emitters=false``, where this jaxlib knows the flag): half the backend compile time
+  (a compress_matrix set of 37 programs: 6.8-8.7 → 3.7 s in one sitting; the suite: docs/development.md,
+  "How the suite stays fast").
   ``PRINMIX_TEST_XLA_OPT=default`` keeps XLA's defaults (an optimisation level already in ``XLA_FLAGS`` is
   kept either way).
 * One compute thread per test process: ``OPENBLAS_NUM_THREADS=1`` (jaxlib's CPU QR, LU, SVD and eigh call

@@ -185,7 +185,8 @@ def _entry_outputs(path: str) -> None:
     import prinmix_jax.core.mesh as mesh_mod
     from prinmix_jax import compress_stack, error_tables, to_state
 
-    mesh_mod.ROWS_ON_CPU = True                 # the row path on simulated CPU devices (off in runs)
+    # the row path on simulated CPU devices (off in runs)
+    rows_on_cpu, mesh_mod.ROWS_ON_CPU = mesh_mod.ROWS_ON_CPU, True
     calls = []
     inner = mesh_mod.run_rows_sharded
 
@@ -210,7 +211,7 @@ def _entry_outputs(path: str) -> None:
     if jax.device_count() > 1:
         mesh_mod.run_rows_sharded = _by_whole_matrices
         res.update({f"matrices/table/{i}": t for i, t in enumerate(error_tables(deltas, hessians, cfg))})
-    mesh_mod.run_rows_sharded = inner
+    mesh_mod.run_rows_sharded, mesh_mod.ROWS_ON_CPU = inner, rows_on_cpu   # as found: a child runs more targets
     np.savez(path, **res)
 
 
