@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from cli_helpers import FAST, run
 from cli_helpers import cli_error as _err
-from pipeline_fixtures import SMALL_CONFIG, jax_cache_env, make_pair, read_arrays
+from pipeline_fixtures import SMALL_CONFIG, make_pair, read_arrays
 
 from prinmix_jax import CompressionConfig
-from prinmix_jax.cli import EXIT_DEGENERATE
+from prinmix_jax.cli import EXIT_DEGENERATE, main
 from prinmix_jax.pipeline import compress_model, result_problems
 from prinmix_jax.storage import OUTPUT_MARKER, write_output_marker
 
@@ -271,15 +271,20 @@ def test_apply_refuses_to_write_nan(root, pair, delta):
 
 
 # ----- 8. --json: stdout holds the JSON only -----------------------------------------------------------
-def test_json_stdout_is_only_json(root, pair):
+def test_json_stdout_is_only_json(root, pair, capfd, monkeypatch):
+    """In-process, with ``sys.stdout`` on file descriptor 1 as in a shell pipe (pytest's capture holds fd 1 and
+    2): HiGHS writes its banner on fd 1 from C, which must reach stderr and leave stdout one JSON document."""
     out = os.path.join(root, "json-out")
-    r = subprocess.run([sys.executable, "-m", "prinmix_jax.cli", "compress", *pair, out, "--data-free",
-                        "--group-size", "16", "--json", "--no-progress"], capture_output=True, text=True,
-                       env=jax_cache_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads(r.stdout)           # HiGHS's banner went to stderr, not stdout
+    monkeypatch.setattr(sys, "stdout", open(1, "w", closefd=False))  # noqa: SIM115 -- fd 1 stays open
+    with pytest.raises(SystemExit) as done:
+        main.main(["compress", *pair, out, "--data-free", "--group-size", "16", "--json", "--no-progress"],
+                  prog_name="prinmix")
+    sys.stdout.flush()
+    captured = capfd.readouterr()
+    assert done.value.code in (0, None), captured.err[-2000:]
+    summary = json.loads(captured.out)       # HiGHS's banner went to stderr, not stdout
     assert summary["method"] == "prinmix" and summary["problems"] == []
-    assert "HiGHS" in r.stderr
+    assert "HiGHS" in captured.err
 
 
 # ----- 9, 10. option values and combinations, checked before any work ---------------------------------
