@@ -186,8 +186,7 @@ def _gptq(w, h, bits, damp, group_size, act_order, block_size, scale_axis, scale
         mq = maxq[j]
         sc, zc = grid_params(xg, mq, scale_dtype, jnp.minimum(g, rows - g * jnp.arange(ngr)), grid)
         store = tuple(lax.dynamic_update_index_in_dim(a, p, j, 0) for a, p in zip(store, (sc, zc)))
-        sc_r = jnp.repeat(sc, g, total_repeat_length=ngr * g)[:rows]
-        zc_r = jnp.repeat(zc, g, total_repeat_length=ngr * g)[:rows]
+        sc_r, zc_r = expand_groups(sc, rows, g), expand_groups(zc, rows, g)
         q, deq = quantize(x, sc_r, zc_r, mq)
         return q, deq, cur, store
 

@@ -207,8 +207,14 @@ def group_params(x, maxq, group_size: int, scale_dtype=None, grid: str = "minmax
 
 
 def expand_groups(p, cols: int, group_size: int):
-    """(rows, ngroups) per-group values -> (rows, cols) per-column values."""
-    return jnp.repeat(p, group_size, axis=1, total_repeat_length=p.shape[1] * group_size)[:, :cols]
+    """(..., ngroups) per-group values -> (..., cols) per-column values: each repeated ``group_size`` times
+    along the last axis, then cut to ``cols``.
+
+    A broadcast and a reshape (``jnp.repeat`` with ``total_repeat_length`` builds a scatter, two cumsums and a
+    gather instead: slower to trace, compile and run)."""
+    p = jnp.asarray(p)
+    *lead, ng = p.shape
+    return jnp.broadcast_to(p[..., None], (*lead, ng, group_size)).reshape(*lead, ng * group_size)[..., :cols]
 
 
 @partial(jax.jit, static_argnames=("group_size", "scale_dtype", "grid"))

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from prinmix_jax.core.packing import unpack_bits
-from prinmix_jax.core.quantizer import dequantize
+from prinmix_jax.core.quantizer import dequantize, expand_groups
 from prinmix_jax.formats import HIGHEST
 from prinmix_jax.models.llama.modeling import rms_norm, unembed
 
@@ -56,18 +56,13 @@ class BankSpec:
     group_size: int = 128
 
 
-def _expand(p, length: int, g: int):
-    """(..., ngroups) per-group values -> (..., length) per-entry values."""
-    return jnp.repeat(p, g, axis=-1, total_repeat_length=p.shape[-1] * g)[..., :length]
-
-
 def _dequant(codes, scale, zero, bits: int, length: int, group_size: int):
     """Packed rows (..., words) -> float32 rows (..., length): ``scale * (code - zero)`` per group, the zero
     read back from its stored form (:func:`~prinmix_jax.core.quantizer.dequantize`)."""
     g = length if not group_size or group_size >= length else group_size
     q = unpack_bits(codes, bits, length).astype(jnp.float32)
-    return dequantize(q, _expand(scale.astype(jnp.float32), length, g), _expand(zero.astype(jnp.float32), length, g),
-                      bits)
+    return dequantize(q, expand_groups(scale.astype(jnp.float32), length, g),
+                      expand_groups(zero.astype(jnp.float32), length, g), bits)
 
 
 def slot_factors(groups: dict, m: int, n: int, spec: BankSpec):
