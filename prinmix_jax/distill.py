@@ -215,36 +215,43 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     theta0.update({f"dense:{s}/{k}": jnp.zeros(a.shape, jnp.float32) for (s, k), (a, _) in dense.items()})
     nparam = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(theta0))
 
-    def student(theta):
-        trees = [merged] + [merged["layers"][b] for b in range(delta.num_blocks)]    # index = step
-        for (s, name), (cm, path, w0) in cms.items():
-            w = _student_weight(cm, theta[f"{s}/{name}"], qs.get((s, name)), gain)
-            trees[s] = set_path(trees[s], path, w0 + w)
+    # The models, the input delta's arrays and the base weights go into the programs as arguments: closed over,
+    # JAX would embed them in the compiled programs as constants (both models' weights, in every program).
+    consts = {"ft": ft_p, "merged": merged, "cm": {f"{s}/{n}": cm for (s, n), (cm, _, _) in cms.items()},
+              "w0": {f"{s}/{n}": w0 for (s, n), (_, _, w0) in cms.items()},
+              "q": {f"{s}/{n}": q for (s, n), q in qs.items()}}
+
+    def student(theta, c):
+        trees = [c["merged"]] + [c["merged"]["layers"][b] for b in range(delta.num_blocks)]    # index = step
+        for (s, name), (_, path, _) in cms.items():
+            key = f"{s}/{name}"
+            w = _student_weight(c["cm"][key], theta[key], c["q"].get(key), gain)
+            trees[s] = set_path(trees[s], path, c["w0"][key] + w)
         for (s, key), (_, path) in dense.items():
             trees[s] = set_path(trees[s], path, get_path(trees[s], path) + theta[f"dense:{s}/{key}"])
         return dict(trees[0], layers={b: trees[b + 1] for b in range(delta.num_blocks)})
 
-    def token_kl(theta, x):
-        lt = jax.nn.log_softmax(model_from_params(cfg, ft_p)(x).astype(jnp.float32), -1)
-        lm = jax.nn.log_softmax(model_from_params(cfg, student(theta))(x).astype(jnp.float32), -1)
+    def token_kl(theta, c, x):
+        lt = jax.nn.log_softmax(model_from_params(cfg, c["ft"])(x).astype(jnp.float32), -1)
+        lm = jax.nn.log_softmax(model_from_params(cfg, student(theta, c))(x).astype(jnp.float32), -1)
         return jnp.sum(jnp.exp(lt) * (lt - lm), -1)
 
-    def kl(theta, x):
-        return jnp.mean(token_kl(theta, x))
+    def kl(theta, c, x):
+        return jnp.mean(token_kl(theta, c, x))
 
     opt = optax.adam(lr)
 
     @jax.jit
-    def step(theta, state, x):
-        loss, g = jax.value_and_grad(kl)(theta, x)
+    def step(theta, state, c, x):
+        loss, g = jax.value_and_grad(kl)(theta, c, x)
         upd, state = opt.update(g, state, theta)
         return optax.apply_updates(theta, upd), state, loss
 
-    score = jax.jit(lambda theta, x, w: jnp.sum(token_kl(theta, x) * w))
+    score = jax.jit(lambda theta, c, x, w: jnp.sum(token_kl(theta, c, x) * w))
     bs = min(int(batch_size), len(ids))
 
     def mean_kl(theta):   # a partial last batch is padded (weight 0): one compiled program for every batch
-        return sum(float(score(theta, x, w)) for x, w in padded_batches(ids, bs)) / ids.size
+        return sum(float(score(theta, consts, x, w)) for x, w in padded_batches(ids, bs)) / ids.size
 
     kl_before = mean_kl(theta0)
     say(f"distil: {len(cms)} matrices, {nparam} parameters, {len(ids)} windows of {ids.shape[1]}; "
@@ -252,7 +259,7 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     theta, state = theta0, opt.init(theta0)
     rng = np.random.default_rng(seed)
     for i in range(int(steps)):
-        theta, state, loss = step(theta, state, jnp.asarray(ids[rng.choice(len(ids), bs, replace=False)]))
+        theta, state, loss = step(theta, state, consts, jnp.asarray(ids[rng.choice(len(ids), bs, replace=False)]))
         if log and (i + 1) % max(1, int(steps) // 10) == 0:
             say(f"distil: step {i + 1}/{steps}, batch KL {float(loss):.4f}")
     stored = {k: _stored(cms[k][0], theta[f"{k[0]}/{k[1]}"], qs.get(k), gain) for k in cms}
