@@ -216,10 +216,12 @@ def distill_delta(base, finetuned, delta, out, *, calib, seq_len: int = 128, num
     nparam = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(theta0))
 
     # The models, the input delta's arrays and the base weights go into the programs as arguments: closed over,
-    # JAX would embed them in the compiled programs as constants (both models' weights, in every program).
-    consts = {"ft": ft_p, "merged": merged, "cm": {f"{s}/{n}": cm for (s, n), (cm, _, _) in cms.items()},
-              "w0": {f"{s}/{n}": w0 for (s, n), (_, _, w0) in cms.items()},
-              "q": {f"{s}/{n}": q for (s, n), q in qs.items()}}
+    # JAX would embed them in the compiled programs as constants (both models' weights, in every program). Put
+    # on the device once here (the unpacked codes are host arrays), not at every step's call.
+    consts = jax.device_put({"ft": ft_p, "merged": merged,
+                             "cm": {f"{s}/{n}": cm for (s, n), (cm, _, _) in cms.items()},
+                             "w0": {f"{s}/{n}": w0 for (s, n), (_, _, w0) in cms.items()},
+                             "q": {f"{s}/{n}": q for (s, n), q in qs.items()}})
 
     def student(theta, c):
         trees = [c["merged"]] + [c["merged"]["layers"][b] for b in range(delta.num_blocks)]    # index = step
