@@ -161,6 +161,19 @@ def test_capacity_and_base_checks(fixture_paths):
     tight, padded = (DeltaBank.from_deltas(fixture_paths["base"], {"a": fixture_paths["a"]}, rank_multiple=k)
                      for k in (1, 8))
     assert 0 < tight.memory()["slots"] < padded.memory()["slots"]
+    # "prepared": the float32 factors a call builds from every slot, as prepare's own shapes say (both modes)
+    import jax
+
+    from prinmix_jax.serving.forward import dequant_slots, slot_factors
+    from prinmix_jax.serving.slots import linear_shapes
+
+    for bank in (padded, DeltaBank.from_deltas(fixture_paths["base"], {"a": fixture_paths["a"]}, mode="factors",
+                                               max_deltas=2)):
+        def factors(state):
+            rows = dequant_slots(state, linear_shapes(bank.config), bank.spec)
+            return [slot_factors(g, key, rows) for key, g in state["linears"].items()]
+        traced = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(factors, bank.state)))
+        assert bank.memory()["prepared"] == traced > bank.memory()["slots"]
 
     with pytest.raises(SlotCapacityError, match="groups of 16, the bank's slots hold groups of 128"):
         DeltaBank(fixture_paths["base"], {}, max_deltas=1).add("a", fixture_paths["a"])

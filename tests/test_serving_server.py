@@ -96,6 +96,7 @@ def test_serve_command_stops_cleanly_on_sigterm(tmp_path_factory):
             assert lines[-1] or proc.poll() is None, "".join(lines)
         url = lines[-1].rsplit(" on ", 1)[1].strip()
         assert lines[-1].startswith("serving b0 on ")
+        assert lines[-2].startswith("device memory: base ") and "0 delta(s)" in lines[-2], lines
         assert _request(url + "/v1/models")[1]["data"][0]["id"] == "b0"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, proc.stderr.read()

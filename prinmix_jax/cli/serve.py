@@ -87,6 +87,9 @@ def serve(base, deltas, host, port, base_name, max_batch, batch_window_ms, mode,
         raise click.UsageError(f"a delta is named {base_name!r} like the base; pass --base-name")
     tokenizer = bank_tokenizer(base, list(deltas.values()))
     bank = open_bank(base, deltas, mode, strategy, dtype, force)
+    mem = bank.memory()
+    print(f"device memory: base {mem['base'] / 1e6:.1f} MB, {len(bank.names)} delta(s) {mem['slots'] / 1e6:.1f} MB; "
+          f"each batch adds {mem['prepared'] / 1e6:.1f} MB of float32 factors while it runs", file=sys.stderr)
     app = make_app(bank, tokenizer, base_name, max_batch=max_batch, batch_window=batch_window_ms / 1000)
     names = ", ".join([base_name, *bank.names])
     run(app, host, port, announce=lambda url: print(f"serving {names} on {url}", file=sys.stderr, flush=True))

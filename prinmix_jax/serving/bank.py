@@ -19,7 +19,7 @@ from prinmix_jax.apply import check_base_compatible
 from prinmix_jax.delta_tree import param_groups, step_digest
 from prinmix_jax.serving.forward import STRATEGIES, BankSpec
 from prinmix_jax.serving.slots import (SlotCapacityError, UnsupportedDeltaError, capacities, delta_entries,
-                                       empty_state, slot_arrays)
+                                       empty_state, linear_shapes, slot_arrays)
 from prinmix_jax.storage import FingerprintMismatchError, combine_fingerprint, load_delta
 
 __all__ = ["DeltaBank", "SlotCapacityError", "UnsupportedDeltaError", "FingerprintMismatchError"]
@@ -46,8 +46,8 @@ class DeltaBank:
       base: a Hugging Face checkpoint folder of the base model.
       capacity: the rank capacity per linear kind (from :func:`~prinmix_jax.serving.slots.capacities`).
       max_deltas: number of delta slots (slot 0, the base, comes on top).
-      mode: ``"packed"`` (stored codes, dequantised per layer inside the jitted forward) or ``"factors"``
-        (dequantised low-rank factors in ``factor_dtype``).
+      mode: ``"packed"`` (stored codes, every slot dequantised once per jitted call, before its decode loop)
+        or ``"factors"`` (dequantised low-rank factors in ``factor_dtype``); see :meth:`memory`.
       strategy: how rows are grouped: ``"auto"`` (``"row"`` for batches up to twice the delta slots, else
         ``"slot"``), ``"row"`` or ``"slot"`` (see :mod:`~prinmix_jax.serving.forward`).
       group_size: the quantisation group size of the packed codes (every delta of the bank shares it).
@@ -180,9 +180,19 @@ class DeltaBank:
 
     # ----- memory ---------------------------------------------------------------------------------
     def memory(self) -> dict:
-        """Bytes on the device: ``{"base": ..., "slots": ..., "per_slot": ...}``."""
+        """Bytes on the device: ``{"base": ..., "slots": ..., "per_slot": ..., "prepared": ...}``.
+
+        ``base`` and ``slots`` are held for the bank's life. ``prepared`` is what each jitted call builds on
+        top of them before its decode loop and holds until it returns: every slot's float32 factors ``V̂`` and
+        ``σ ⊙ Ûᵀ`` (:func:`~prinmix_jax.serving.forward.prepare`; in both modes). The ``"row"`` strategy
+        also gathers each row's copy of them (``rows / (max_deltas + 1)`` times ``prepared`` more). At 1/16
+        a slot's float32 factors are about a bf16 model's size: plan device memory with this figure."""
         slots = _nbytes(self.state)
-        return {"base": _nbytes(self.params), "slots": slots, "per_slot": slots // (self.max_deltas + 1)}
+        shapes = linear_shapes(self.config)
+        prepared = sum(4 * grp["sigma"].shape[0] * grp["sigma"].shape[1] * sum(shapes[key])
+                       for key, groups in self.state["linears"].items() for grp in groups.values())
+        return {"base": _nbytes(self.params), "slots": slots, "per_slot": slots // (self.max_deltas + 1),
+                "prepared": int(prepared)}
 
     # ----- running --------------------------------------------------------------------------------
     def logits(self, ids, models) -> np.ndarray:

@@ -10,7 +10,10 @@ is :func:`prinmix_jax.evaluation.decoder_block`: no attention code is copied.
 ``W = σ ⊙ Ûᵀ`` (every width group of a linear concatenated along the rank axis) and gathers each row's
 norm / bias weights, once per jitted call, before the decode ``lax.scan``: the loop body closes over the
 results, so each decode step only runs the base matmul plus two small low-rank products per linear.
-Unpacking codes inside every step (the first version) gave 0.31–0.46× the base's tokens/s on CPU.
+Unpacking codes inside every step (the first version) gave 0.31–0.46× the base's tokens/s on CPU. The price
+is memory while a call runs: every slot's float32 factors, about a bf16 model's size per slot at 1/16
+(``DeltaBank.memory()["prepared"]``). Fine for small models; a 7B base with many deltas needs the codes
+dequantised inside the low-rank products (a fused kernel), which this module does not have.
 
 **Grouping** (``strategy``), measured on CPU at the demo's size (docs/benchmarks.md, "Serving"):
 
