@@ -10,6 +10,7 @@ data-free ``compress_matrix`` path with each SVD.
 
     python benchmarks/bench_svd.py                 # 4096x4096, 11008x4096, 32000x4096; e2e at 4096x4096
     python benchmarks/bench_svd.py --quick         # 1024x1024 and 2752x1024 (same k_max/r ratios), e2e too
+    python benchmarks/bench_svd.py --shapes 4096x4096 --parts --e2e ''   # + the Gram SVD's parts, the ceiling
 
 Not a test: the big shapes take minutes on a 2-core CPU.
 """
@@ -49,6 +50,8 @@ def main(argv=None):
     ap.add_argument("--e2e", default=None, help="comma list of shape indices for the compress_matrix comparison "
                                                "(default: the first shape)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", action="store_true",
+                    help="also time the Gram SVD's parts and print the ceiling of any eigh-based SVD (below)")
     args = ap.parse_args(argv)
     shapes = [(1024, 1024), (2752, 1024)] if args.quick else [(4096, 4096), (11008, 4096), (32000, 4096)]
     if args.shapes:
@@ -64,6 +67,7 @@ def main(argv=None):
           "| CPU ratio gram / rand | σ err k_max gram / rand "
           "| σ err k gram / rand | gram fallback | auto | e2e full | e2e gram | diff | e2e rand | diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    parts = []
     for i, (m, n) in enumerate(shapes):
         d, _ = long_tailed_delta(m, n, seed=args.seed, tokens=16)
         k_max = max_kept_rank(m, n, cfg)
@@ -103,6 +107,49 @@ def main(argv=None):
         else:
             row += " | | | | |"
         print(row, flush=True)
+        if args.parts:
+            parts.append(((m, n), k, best["full"], _parts(d, k, args.reps)))
+    if args.parts:
+        _print_parts(parts)
+
+
+def _parts(d, k: int, reps: int) -> dict:
+    """Best wall seconds of the Gram SVD's parts on ``d`` (tall orientation), each jitted alone: the Gram
+    product, the whole ``eigh``, LAPACK's tridiagonal reduction alone (what every dense symmetric
+    eigensolver starts with), and the Rayleigh–Ritz step on the top ``k`` eigenvectors (a product, a QR and
+    a k×k SVD)."""
+    import jax.numpy as jnp
+
+    from prinmix_jax.core.svd import HIGHEST
+
+    a = jnp.asarray(d if d.shape[0] >= d.shape[1] else d.T)
+    gram = jax.jit(lambda x: jax.lax.dot_general(x, x, (((0,), (0,)), ((), ())), precision=HIGHEST))
+    g = gram(a)
+    w_k = jnp.linalg.eigh(g)[1][:, ::-1][:, :k]
+
+    def rr(x, w):
+        q, r = jnp.linalg.qr(jnp.matmul(x, w, precision=HIGHEST))
+        return q, jnp.linalg.svd(r, full_matrices=False)
+    fns = {"gram product": (gram, a), "eigh": (jax.jit(jnp.linalg.eigh), g),
+           "tridiagonal reduction": (jax.jit(jax.lax.linalg.tridiagonal), g),
+           "Rayleigh-Ritz": (jax.jit(rr), a, w_k)}
+    for fn, *xs in fns.values():                                                      # compile
+        _time(lambda: fn(*xs))
+    return {name: min(_time(lambda: fn(*xs))[0] for _ in range(reps)) for name, (fn, *xs) in fns.items()}
+
+
+def _print_parts(parts):
+    """The parts' table. Any SVD through the Gram matrix's dense eigendecomposition pays at least the Gram
+    product, the tridiagonal reduction and the Rayleigh–Ritz step, even if the tridiagonal eigenvectors and
+    their back-transformation were free: ``full / (gram + tridiagonal + RR)`` bounds its speed-up."""
+    print("\n| shape | k | full SVD s | Gram product s | eigh s | tridiagonal reduction s | Rayleigh-Ritz s "
+          "| Gram SVD's parts s | ceiling of an eigh-based SVD |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (m, n), k, full, p in parts:
+        floor = p["gram product"] + p["tridiagonal reduction"] + p["Rayleigh-Ritz"]
+        print(f"| {m}x{n} | {k} | {full:.2f} | {p['gram product']:.2f} | {p['eigh']:.2f} | "
+              f"{p['tridiagonal reduction']:.2f} | {p['Rayleigh-Ritz']:.2f} | "
+              f"{p['gram product'] + p['eigh'] + p['Rayleigh-Ritz']:.2f} | {full / floor:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
