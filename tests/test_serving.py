@@ -203,3 +203,26 @@ def test_generate_command(fixture_paths, reference):
     assert [r["tokens"] for r in rows] == want and rows[1]["text"] == tok.decode(want[1])
     res = run("generate", fixture_paths["other"], "--delta", fixture_paths["b"], "--prompt", prompts[0])
     assert res.exit_code == 1 and "fingerprint" in res.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_bias_and_qk_norm_deltas_are_served_per_row(tmp_path, family):
+    """Qwen2's q/k/v bias deltas and Qwen3's q_norm/k_norm deltas go through the bank's per-row dense weights:
+    a mixed batch (delta, base) equals the merged model and the base, row by row."""
+    from prinmix_jax import CompressionConfig, apply_delta, compress_model, load_hf_params
+    from prinmix_jax.evaluation import _logits
+    from prinmix_jax.models import ModelConfig
+
+    base = save_checkpoint(torch_model(family, layers=1, seed=0), str(tmp_path / "base"))
+    ft = make_finetuned(base, str(tmp_path / "ft"), seed=10)
+    delta = str(tmp_path / "delta")
+    compress_model(base, ft, delta, config=CompressionConfig(**CONFIG))
+    dense = "self_attn/q_proj/bias" if family == "qwen2" else "self_attn/q_norm/weight"
+    bank = make_bank({"base": base, "d": delta}, names=("d",))
+    assert f"0/{dense}" in bank.state["dense"] and np.any(np.asarray(bank.state["dense"][f"0/{dense}"][1])), \
+        list(bank.state["dense"])
+    cfg, base_p = ModelConfig.from_pretrained_dir(base), load_hf_params(base)
+    ids = _ids(rows=2)
+    got = bank.logits(ids, ["d", None])
+    want = np.asarray(_logits(apply_delta(base_p, delta), cfg, ids[:1]))[0]
+    assert _rel(got[0], want) <= 1e-4 and _rel(got[1], np.asarray(_logits(base_p, cfg, ids[1:]))[0]) <= 1e-6
