@@ -140,14 +140,13 @@ def main():
     for n in (1, 4, 8):
         use = {f"{names[i % len(names)]}{i}": deltas[names[i % len(names)]] for i in range(n)}
         stored = sum(load_delta(p).meta["bytes"]["total"] for p in use.values())
-        slot_mb, prepared = {}, {}
-        for m, mult in (("packed", 1), ("packed", 8), ("factors", 1)):
-            mem = DeltaBank.from_deltas(base, use, mode=m, rank_multiple=mult).memory()
-            slot_mb[m, mult], base_mb = (mem["slots"] - mem["per_slot"]) / 1e6, mem["base"] / 1e6
-            prepared[m, mult] = mem["prepared"] / 1e6
+        mems = {(m, mult): DeltaBank.from_deltas(base, use, mode=m, rank_multiple=mult).memory()
+                for m, mult in (("packed", 1), ("packed", 8), ("factors", 1))}
+        slot_mb = {k: (mem["slots"] - mem["per_slot"]) / 1e6 for k, mem in mems.items()}
+        base_mb = mems["packed", 1]["base"] / 1e6
         print(f"| {n} | {base_mb:.3f} | {stored / 1e6:.3f} | {slot_mb['packed', 1]:.3f} / {slot_mb['packed', 8]:.3f} "
               f"| {slot_mb['factors', 1]:.3f} | {n * base_mb / 16:.3f} | {n * base_mb:.3f} "
-              f"| {prepared['packed', 1]:.3f} |")
+              f"| {mems['packed', 1]['prepared'] / 1e6:.3f} |")
     if args.only_memory:
         return
 

@@ -89,9 +89,8 @@ def dequant_slots(state: dict, shapes: dict, spec: BankSpec) -> dict:
         def cat(i):
             return jnp.concatenate([it[i] for it in items], axis=1)
         rows = _dequant(cat(1), cat(2), cat(3), bits, length, spec.group_size)
-        ends = np.cumsum([it[1].shape[1] for it in items])
-        for it, start, end in zip(items, ends - [it[1].shape[1] for it in items], ends):
-            out[it[0]] = rows[:, start:end]
+        splits = np.cumsum([it[1].shape[1] for it in items])[:-1]
+        out.update((it[0], part) for it, part in zip(items, jnp.split(rows, splits, axis=1)))
     return out
 
 
