@@ -1,8 +1,9 @@
 """Full against truncated SVDs (``CompressionConfig.svd``) on long-tailed deltas of Llama-2-7B shapes.
 
-For each shape: the wall time and the process CPU time (all threads) of the SVD step as ``compress_matrix`` runs it, for XLA's full SVD, the Gram
-SVD (``svd="gram"``, the default under ``"auto"`` where k <= 0.6 min(m, n)) and the randomized range finder
-(``svd="truncated"``), all at the rank :func:`~prinmix_jax.methods.shared.svd_rank` picks, compiled first,
+For each shape: the wall time and the process CPU time (all threads) of the SVD step as ``compress_matrix``
+runs it, for XLA's full SVD, the Gram SVD (``svd="gram"``, the default under ``"auto"`` where k <= 0.6
+min(m, n); on the CPU in three stages, ``cpu_gram_svd``), the same Gram SVD as one program with a dense
+``eigh`` (what GPUs and TPUs run; wall time only) and the randomized range finder (``svd="truncated"``), all at the rank :func:`~prinmix_jax.methods.shared.svd_rank` picks, compiled first,
 then timed alternately ``--reps`` times in one run (the best of each is reported); their ratios to the full
 SVD; the largest relative σ error over the top ``k_max`` indices and over all k returned; whether the Gram
 SVD's accuracy guard fell back to the full SVD; and (``--e2e``) the relative output error of the whole
@@ -10,7 +11,7 @@ data-free ``compress_matrix`` path with each SVD.
 
     python benchmarks/bench_svd.py                 # 4096x4096, 11008x4096, 32000x4096; e2e at 4096x4096
     python benchmarks/bench_svd.py --quick         # 1024x1024 and 2752x1024 (same k_max/r ratios), e2e too
-    python benchmarks/bench_svd.py --shapes 4096x4096 --parts --e2e ''   # + the Gram SVD's parts, the ceiling
+    python benchmarks/bench_svd.py --shapes 4096x4096 --parts --e2e ''   # + the CPU Gram SVD's parts
 
 Not a test: the big shapes take minutes on a 2-core CPU.
 """
@@ -51,7 +52,7 @@ def main(argv=None):
                                                "(default: the first shape)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", action="store_true",
-                    help="also time the Gram SVD's parts and print the ceiling of any eigh-based SVD (below)")
+                    help="also time the CPU Gram SVD's parts (below)")
     args = ap.parse_args(argv)
     shapes = [(1024, 1024), (2752, 1024)] if args.quick else [(4096, 4096), (11008, 4096), (32000, 4096)]
     if args.shapes:
@@ -63,18 +64,21 @@ def main(argv=None):
           f"iters {cfg.svd_iters}; jax {jax.__version__} on {jax.default_backend()}, {platform.machine()}, "
           f"{os.cpu_count()} cpus, load {os.getloadavg()[0]:.1f}, OPENBLAS_NUM_THREADS="
           f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print("| shape | k_max | k | full s | gram s | ratio | randomized s | ratio | CPU s full / gram / rand "
+    print("| shape | k_max | k | full s | gram s | ratio | gram (dense eigh) s | ratio | randomized s | ratio "
+          "| CPU s full / gram / rand "
           "| CPU ratio gram / rand | σ err k_max gram / rand "
           "| σ err k gram / rand | gram fallback | auto | e2e full | e2e gram | diff | e2e rand | diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---|---|---:|---:|---:|---:|---:|")
     parts = []
     for i, (m, n) in enumerate(shapes):
         d, _ = long_tailed_delta(m, n, seed=args.seed, tokens=16)
         k_max = max_kept_rank(m, n, cfg)
         k = svd_rank(m, n, cfg, k_max)
         over = oversample_columns(k, cfg)
+        eigh_gram = _eigh_gram_svd(d, k)
         runs = {"full": lambda: svd_delta(d),
                 "gram": lambda: svd_delta(d, k),
+                "eigh": lambda: eigh_gram(d),
                 "rand": lambda: svd_delta(d, k, method="randomized", oversample=over, iters=cfg.svd_iters)}
         times = {name: [] for name in runs}
         cpu = {name: [] for name in runs}
@@ -93,7 +97,8 @@ def main(argv=None):
         fallback = bool(gram_fallback_needed(np.asarray(raw)[None], min(m, n))[0])
         auto = svd_rank(m, n, CompressionConfig(), k_max)
         row = (f"| {m}x{n} | {k_max} | {k} | {best['full']:.1f} | {best['gram']:.1f} | "
-               f"{best['full'] / best['gram']:.2f} | {best['rand']:.1f} | {best['full'] / best['rand']:.2f} | "
+               f"{best['full'] / best['gram']:.2f} | {best['eigh']:.1f} | {best['full'] / best['eigh']:.2f} | "
+               f"{best['rand']:.1f} | {best['full'] / best['rand']:.2f} | "
                f"{best_cpu['full']:.1f} / {best_cpu['gram']:.1f} / {best_cpu['rand']:.1f} | "
                f"{best_cpu['full'] / best_cpu['gram']:.2f} / {best_cpu['full'] / best_cpu['rand']:.2f} | "
                f"{err['gram'][:k_max].max():.1e} / {err['rand'][:k_max].max():.1e} | "
@@ -113,43 +118,55 @@ def main(argv=None):
         _print_parts(parts)
 
 
+def _eigh_gram_svd(d, k: int):
+    """The Gram SVD as one program with the whole Gram matrix and a dense ``eigh`` (what GPUs and TPUs run,
+    and the CPU's route before the stages), compiled: ``d -> (U, σ, V)``."""
+    from prinmix_jax.core import svd as S
+
+    return jax.jit(lambda x: S.gram_svd(x, k)).lower(jax.numpy.asarray(d)).compile()
+
+
 def _parts(d, k: int, reps: int) -> dict:
-    """Best wall seconds of the Gram SVD's parts on ``d`` (tall orientation), each jitted alone: the Gram
-    product, the whole ``eigh``, LAPACK's tridiagonal reduction alone (what every dense symmetric
-    eigensolver starts with), and the Rayleigh–Ritz step on the top ``k`` eigenvectors (a product, a QR and
-    a k×k SVD)."""
+    """Best wall seconds of the CPU Gram SVD's parts on ``d`` (tall orientation), each alone: the upper
+    block triangle of the Gram product, LAPACK ``sytrd`` and ``stevd`` on the host,
+    the back-transform of the top ``k`` eigenvectors, and the Rayleigh–Ritz step (a product, a QR and a k×k
+    SVD); and, for comparison, the whole Gram product and a dense ``eigh``."""
     import jax.numpy as jnp
 
-    from prinmix_jax.core.svd import HIGHEST
+    from prinmix_jax.core import svd as S
 
     a = jnp.asarray(d if d.shape[0] >= d.shape[1] else d.T)
-    gram = jax.jit(lambda x: jax.lax.dot_general(x, x, (((0,), (0,)), ((), ())), precision=HIGHEST))
-    g = gram(a)
-    w_k = jnp.linalg.eigh(g)[1][:, ::-1][:, :k]
+    a = a / jnp.abs(a).max()
+    upper = jax.jit(lambda x: S.gram_upper(x, 0))
+    g = upper(a)
+    g_host = np.asarray(g)
+    refl, taus, z = (jnp.asarray(x) for x in S.tridiagonal_eigenvectors(g_host, k))
+    w_k = jnp.concatenate([z[:1], S.apply_householder(refl[:-1, 1:], taus, z[1:])])
 
     def rr(x, w):
-        q, r = jnp.linalg.qr(jnp.matmul(x, w, precision=HIGHEST))
+        q, r = jnp.linalg.qr(jnp.matmul(x, w, precision=S.HIGHEST))
         return q, jnp.linalg.svd(r, full_matrices=False)
-    fns = {"gram product": (gram, a), "eigh": (jax.jit(jnp.linalg.eigh), g),
-           "tridiagonal reduction": (jax.jit(jax.lax.linalg.tridiagonal), g),
-           "Rayleigh-Ritz": (jax.jit(rr), a, w_k)}
+    fns = {"Gram product, upper blocks": (upper, a),
+           "sytrd + stevd (host)": (lambda x: S.tridiagonal_eigenvectors(x, k), g_host),
+           "back-transform of k": (jax.jit(lambda r, t, x: S.apply_householder(r[1:, :-1], t, x[1:])), refl, taus, z),
+           "Rayleigh-Ritz": (jax.jit(rr), a, w_k),
+           "whole Gram product": (jax.jit(lambda x: S._contract(x, x, 0, 0)), a),
+           "dense eigh": (jax.jit(lambda x: jnp.linalg.eigh(x, symmetrize_input=False)), g)}
     for fn, *xs in fns.values():                                                      # compile
         _time(lambda: fn(*xs))
     return {name: min(_time(lambda: fn(*xs))[0] for _ in range(reps)) for name, (fn, *xs) in fns.items()}
 
 
 def _print_parts(parts):
-    """The parts' table. Any SVD through the Gram matrix's dense eigendecomposition pays at least the Gram
-    product, the tridiagonal reduction and the Rayleigh–Ritz step, even if the tridiagonal eigenvectors and
-    their back-transformation were free: ``full / (gram + tridiagonal + RR)`` bounds its speed-up."""
-    print("\n| shape | k | full SVD s | Gram product s | eigh s | tridiagonal reduction s | Rayleigh-Ritz s "
-          "| Gram SVD's parts s | ceiling of an eigh-based SVD |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """The parts' table: where the CPU Gram SVD's time goes, and the dense ``eigh`` it replaces."""
+    names = ["Gram product, upper blocks", "sytrd + stevd (host)", "back-transform of k", "Rayleigh-Ritz",
+             "whole Gram product", "dense eigh"]
+    print("\n| shape | k | full SVD s | " + " s | ".join(names) + " s | sum of the route's parts s |")
+    print("|---|---:|---:|" + "---:|" * (len(names) + 1))
     for (m, n), k, full, p in parts:
-        floor = p["gram product"] + p["tridiagonal reduction"] + p["Rayleigh-Ritz"]
-        print(f"| {m}x{n} | {k} | {full:.2f} | {p['gram product']:.2f} | {p['eigh']:.2f} | "
-              f"{p['tridiagonal reduction']:.2f} | {p['Rayleigh-Ritz']:.2f} | "
-              f"{p['gram product'] + p['eigh'] + p['Rayleigh-Ritz']:.2f} | {full / floor:.2f}x |", flush=True)
+        route = sum(p[x] for x in names[:4])
+        print(f"| {m}x{n} | {k} | {full:.2f} | " + " | ".join(f"{p[x]:.2f}" for x in names) +
+              f" | {route:.2f} ({full / route:.2f}x) |", flush=True)
 
 
 if __name__ == "__main__":

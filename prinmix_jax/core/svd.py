@@ -7,7 +7,9 @@ Three SVDs with one layout (``U`` (m, k), ``σ`` (k,) descending, ``V`` (k, n)):
   smaller side, made exact for ``ΔW`` by a Rayleigh–Ritz step on ``ΔW`` itself. No allocation keeps more
   than ``k_max`` indices (:func:`~prinmix_jax.methods.shared.max_kept_rank`), so the methods ask for
   ``k_max`` plus a margin (:func:`~prinmix_jax.methods.shared.svd_rank`) and skip the 60–80% of the
-  triplets a full SVD computes and throws away. The default wherever it pays.
+  triplets a full SVD computes and throws away. The default wherever it pays. On the CPU it runs in
+  three stages (:func:`cpu_gram_svd`: the Gram product on the devices, LAPACK on the host, then only the
+  kept eigenvectors back-transformed on the devices).
 - :func:`truncated_svd`: the top ``k`` triplets from a randomized range finder with subspace
   iterations (Halko, Martinsson & Tropp 2011, Alg. 4.4 and 5.1), built from matrix products, LU and QR
   only, in float32: an option (slower and less accurate than :func:`gram_svd` on the CPU, docs/method.md).
@@ -29,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 from jax.sharding import Mesh
 
 from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded, single_device_mesh, sub_mesh
@@ -73,25 +76,41 @@ def gram_svd(delta, rank: int):
     ``c·ε·√n·(σ₁/σ)²`` (``c`` measured 0.01–0.08): fine on long-tailed and fine-tuning deltas, not on steep
     spectra, which :func:`svd_delta` and :func:`svd_sharded` send to the full SVD
     (:data:`GRAM_MAX_ERROR_ESTIMATE`). ``U`` and ``V`` are orthonormal to float32 rounding. Costs one
-    ``m·n²`` product, an n×n ``eigh``, an ``m·n·rank`` product, a QR of ``m×rank`` and a ``rank×rank`` SVD;
-    against XLA's full SVD on the CPU: 2.2x faster at 4096² (rank 1168) and 11008×4096 (rank 1704), 1.7x
-    at 32000×4096 (rank 2074), about break-even at rank ≈ 0.6·n for a square matrix (docs/benchmarks.md).
+    ``m·n²`` product, an n×n ``eigh``, an ``m·n·rank`` product, a QR of ``m×rank`` and a ``rank×rank`` SVD.
     On TPU, ``eigh`` is matrix-product based (QDWH).
+
+    This is one program, what GPUs and TPUs run. On the CPU, :func:`svd_delta` and :func:`svd_sharded` take
+    the same steps in three stages instead (:func:`cpu_gram_svd`), computing only the ``rank`` eigenvectors
+    kept: 3.1x faster than XLA's full SVD at 4096² (docs/benchmarks.md).
 
     ``rank`` must be a Python int in ``1..min(m, n)``. Sign conventions of U, V can differ from
     :func:`thin_svd`'s.
     """
-    m, n = delta.shape
-    r = min(m, n)
-    if not 1 <= rank <= r:
-        raise ValueError(f"rank must be in 1..{r} for a {m}x{n} delta, got {rank}")
+    side = _check_rank(delta.shape, rank)
+    return rayleigh_ritz(delta, _eigh_top(_scaled(delta), side, rank), side)
+
+
+def _check_rank(shape, rank: int) -> int:
+    """The axis ``side`` of a delta of ``shape`` that its (smaller) Gram matrix contracts; ``rank`` checked."""
+    m, n = shape[-2:]
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in 1..{min(m, n)} for a {m}x{n} delta, got {rank}")
+    return 1 if m < n else 0                       # work on the smaller Gram matrix: ΔWΔWᵀ for a wide delta
+
+
+def _scaled(delta):
+    """``delta`` scaled by a power of two to ``|ΔW| < 1``: exact, the same eigenvectors of the Gram matrix, and
+    no overflow or underflow in it (a delta of 1e-30 would square to zero in float32)."""
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(delta)))
+    return delta * jnp.ldexp(jnp.ones((), delta.dtype), -exponent)
+
+
+def rayleigh_ritz(delta, w_k, side: int):
+    """``(U, σ, V)`` of ``delta`` on the span of ``w_k`` (its top right singular vectors in the tall
+    orientation; left ones for a wide delta, ``side = 1``): ``B = A W_k = Q R``, ``R = Ũ S Ṽᵀ``."""
     # Every product contracts the shared axis in place (dot_general), never through a transposed operand:
     # XLA:CPU rounds a product with a transposed operand differently under a vmap of batch 1 than unbatched.
-    wide = m < n                                   # work on the smaller Gram matrix: ΔWΔWᵀ for a wide delta
-    side = 1 if wide else 0                        # the axis of ΔW that AᵀA contracts
-    g = _contract(delta, delta, side, side)
-    _, w = jnp.linalg.eigh(g)                      # ascending eigenvalues
-    w_k = w[:, ::-1][:, :rank]
+    wide = side == 1
     q, rr = jnp.linalg.qr(_contract(delta, w_k, 0, 0) if wide else jnp.matmul(delta, w_k, precision=HIGHEST))
     ub, s, vbt = jnp.linalg.svd(rr, full_matrices=False)
     if wide:                                       # ΔW ≈ W_k Bᵀ = W_k Ṽ S Ũᵀ Qᵀ
@@ -102,6 +121,164 @@ def gram_svd(delta, rank: int):
 def _contract(x, y, ax: int, ay: int):
     """``Σ_l x[.., l (axis ax) ..] y[.., l (axis ay) ..]`` as one dot_general at full float32 precision."""
     return jax.lax.dot_general(x, y, (((ax,), (ay,)), ((), ())), precision=HIGHEST)
+
+
+def _eigh_top(delta, side: int, rank: int):
+    _, w = jnp.linalg.eigh(_contract(delta, delta, side, side))         # ascending eigenvalues
+    return w[:, ::-1][:, :rank]
+
+
+# ----- the Gram SVD on the CPU: three stages ----------------------------------------------------------------
+#: From this size of the Gram matrix (the delta's smaller side) on, :func:`svd_delta` and :func:`svd_sharded`
+#: take :func:`cpu_gram_svd` on the CPU; below it the one-program :func:`gram_svd` (nothing to gain there).
+TRIDIAGONAL_MIN_SIZE = 64
+
+
+def takes_cpu_gram_svd(mesh: Mesh, shape, rank: int | None, method: str) -> bool:
+    """Whether the SVD of rank ``rank`` by ``method`` of deltas of ``shape`` on ``mesh`` goes through
+    :func:`cpu_gram_svd`: the Gram SVD, on CPU devices, from :data:`TRIDIAGONAL_MIN_SIZE` on."""
+    return (rank is not None and method == "gram" and min(shape[-2:]) >= TRIDIAGONAL_MIN_SIZE
+            and mesh.devices.flat[0].platform == "cpu")
+
+
+def cpu_gram_svd(deltas, mesh: Mesh, rank: int, axis: str = BATCH_AXIS):
+    """:func:`gram_svd`'s triplets of a stack ``(B, m, n)``, computing only the ``rank`` eigenvectors kept:
+
+        G = AᵀA, lower block triangle only        (on the devices: :func:`gram_upper` of the scaled delta)
+        G = Q T Qᵀ;  T = Z Λ Zᵀ                   (on the host: :func:`tridiagonal_eigenvectors`)
+        W_k = Q Z_k;  Rayleigh–Ritz on A          (on the devices: :func:`apply_householder`, :func:`rayleigh_ritz`)
+
+    These are the steps of LAPACK's ``syevd`` (what ``jnp.linalg.eigh`` runs on the CPU), whose last one,
+    the back-transform of all ``n`` eigenvectors (``2n³`` flops), is cut to ``2n²·rank`` here, as products;
+    and the Gram product computes 62.5% of ``G``. The host step runs between two sharded programs
+    (:func:`~prinmix_jax.core.mesh.run_sharded`), never inside one: a host callback inside a sharded program
+    was seen to crash the process under load. Each stage takes one matrix at a time, so a matrix's bytes
+    do not depend on the batch or the mesh.
+
+    Returns:
+      ``(U, σ, V)`` as :func:`run_sharded <prinmix_jax.core.mesh.run_sharded>` returns them.
+    """
+    side = _check_rank(deltas.shape, rank)
+    g = run_sharded(_gram_stage(side), mesh, deltas, axis=axis)
+    host = [tridiagonal_eigenvectors(gi, rank) for gi in np.asarray(g)]
+    del g
+    refl, taus, z = (np.stack(x) for x in zip(*host))
+    del host
+    return run_sharded(_ritz_stage(side), mesh, deltas, refl, taus, z, axis=axis)
+
+
+@functools.cache
+def _gram_stage(side: int):
+    return lambda delta: gram_upper(_scaled(delta), side)
+
+
+@functools.cache
+def _ritz_stage(side: int):
+    def ritz(delta, refl_t, taus, z):
+        w_k = jnp.concatenate([z[:1], apply_householder(refl_t[:-1, 1:], taus, z[1:])], axis=0)
+        return rayleigh_ritz(delta, w_k, side)
+    return ritz
+
+
+#: :func:`gram_upper` computes the Gram matrix in this many row blocks (the strictly lower ones skipped):
+#: (b + 1) / (2 b) of the full product's work.
+GRAM_BLOCKS = 4
+
+
+def gram_upper(delta, side: int, blocks: int = GRAM_BLOCKS):
+    """``G = Σ_side ΔW ΔW`` (n×n) with only its upper block triangle computed (zeros below): read as a
+    Fortran array (``G.T``, no copy) it is the lower triangle LAPACK's symmetric routines read. ``blocks``
+    row blocks, each one product contracting axis ``side`` in place; 62.5% of the full product's
+    multiply-adds at 4 blocks."""
+    n = delta.shape[1 - side]
+    step = -(-n // max(1, int(blocks)))
+    rows = []
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        block = jax.lax.slice_in_dim(delta, start, stop, axis=1 - side)
+        right = jax.lax.slice_in_dim(delta, start, n, axis=1 - side)
+        rows.append(jnp.pad(_contract(block, right, side, side), ((0, 0), (start, 0))))
+    return jnp.concatenate(rows, axis=0)
+
+
+def tridiagonal_eigenvectors(g, rank: int):
+    """Host step of :func:`cpu_gram_svd`: the symmetric ``g`` (n, n; its upper triangle is read, as
+    :func:`gram_upper` fills it) reduced and its tridiagonal part solved in SciPy's LAPACK (the one jaxlib's
+    CPU kernels call):
+
+        g = Q T Qᵀ          (``sytrd``: Householder reduction, Q = diag(1, Q') kept as reflectors)
+        T = Z Λ Zᵀ          (``stevd``: divide and conquer, all n eigenvectors of T; ~0.15 s at n = 4096)
+
+    ``g``'s upper triangle in C order is the lower triangle of the Fortran array ``g.T``, which LAPACK
+    reduces in place: no transposing copy (0.13 s at n = 4096). The eigenvectors of a dense bulk of
+    near-equal eigenvalues come out orthogonal to rounding, as ``syevd``'s do (inverse iteration on ``T``
+    lost directions there: docs/method.md).
+
+    Args:
+      g: float32/float64 (n, n), symmetric in its upper triangle (a writable C-order array is overwritten).
+      rank: how many eigenvectors of ``T`` to keep, ``1..n``.
+
+    Returns:
+      ``(reflectors (n, n), τ (n-1,), Z_k (n, rank))`` in ``g``'s dtype: LAPACK's reflectors transposed
+      (row ``i`` holds ``v_{i}`` right of the diagonal) and the eigenvectors of the ``rank`` largest
+      eigenvalues of ``T``, largest first; the eigenvectors of ``g`` are
+      ``[Z_k[:1]; apply_householder(reflectors[:-1, 1:], τ, Z_k[1:])]``.
+    """
+    g = np.asarray(g)
+    if not (g.flags.c_contiguous and g.flags.writeable):
+        g = np.array(g, order="C")
+    sytrd, sytrd_lwork = scipy.linalg.lapack.get_lapack_funcs(("sytrd", "sytrd_lwork"), (g,))
+    work, info = sytrd_lwork(g.shape[0], lower=1)
+    lwork = max(1, int(work)) if info == 0 else max(1, 64 * g.shape[0])
+    c, d, e, tau, info = sytrd(g.T, lower=1, lwork=lwork, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"LAPACK sytrd failed (info {info})")
+    return c.T, tau, _tridiagonal_top(d, e, rank)
+
+
+def _tridiagonal_top(d, e, rank: int) -> np.ndarray:
+    """(n, rank): the eigenvectors of the ``rank`` largest eigenvalues of the tridiagonal (d, e), largest
+    first (LAPACK ``stevd``; NumPy's ``eigh`` of the dense matrix in float64 should ``stevd`` report a
+    failure)."""
+    d, e = np.asarray(d), np.asarray(e)
+    (stevd,) = scipy.linalg.lapack.get_lapack_funcs(("stevd",), (d,))
+    _, z, info = stevd(d, e, compute_v=1)
+    if info != 0:
+        t = np.diag(d.astype(np.float64)) + np.diag(e.astype(np.float64), 1) + np.diag(e.astype(np.float64), -1)
+        z = np.linalg.eigh(t)[1]
+    return np.ascontiguousarray(z[:, ::-1][:, :rank], dtype=d.dtype)
+
+
+#: Reflectors per block in :func:`apply_householder`.
+HOUSEHOLDER_BLOCK = 256
+
+
+def apply_householder(ht, taus, x, block: int = HOUSEHOLDER_BLOCK):
+    """``Q @ x`` for ``Q = H_0 H_1 … H_{p-1}``, the Householder reflectors ``H_i = I − τ_i v_i v_iᵀ`` as
+    LAPACK stores them, transposed: ``v_i`` right of the diagonal of row ``i`` of ``ht`` (p, r), unit at ``i``
+    (the rows of a C-order array are the columns of the Fortran array LAPACK wrote).
+
+    Blocks of ``block`` reflectors, last block first, each applied as one compact-WY update
+    ``x ← x − V T (Vᵀ x)`` with ``T⁻¹ = diag(1/τ) + striu(VᵀV)`` (the UT transform): matrix products rather
+    than LAPACK ``ormqr``'s narrow blocks. A reflector with ``τ = 0`` is the identity and is left out.
+
+    References:
+      Joffrain, Low, Quintana-Ortí, van de Geijn & Van Zee (2006), "Accumulating Householder
+      transformations, revisited", ACM TOMS 32(2).
+    """
+    p, r = ht.shape
+    x = jnp.asarray(x)
+    for start in reversed(range(0, p, block)):
+        stop = min(p, start + block)
+        t = taus[start:stop]
+        vt = jnp.triu(ht[start:stop, start:], 1) + jnp.eye(stop - start, r - start, dtype=ht.dtype)   # Vᵀ
+        vt = jnp.where(t[:, None] == 0, 0, vt)
+        t_inv = jnp.triu(_contract(vt, vt, 1, 1), 1) + jnp.diag(jnp.where(t == 0, 1, 1 / jnp.where(t == 0, 1, t)))
+        t_mat = jax.lax.linalg.triangular_solve(t_inv, jnp.eye(stop - start, dtype=ht.dtype), left_side=True,
+                                                lower=False)
+        z = jnp.matmul(t_mat, _contract(vt, x[start:], 1, 0), precision=HIGHEST)
+        x = x.at[start:].add(-_contract(vt, z, 0, 0))
+    return x
 
 
 def truncated_svd(delta, rank: int, *, oversample: int = 32, iters: int = 4, seed: int = SVD_SEED):
@@ -172,7 +349,7 @@ def svd_fn(rank: int | None = None, method: str = "gram", oversample: int = 32, 
     """The traced SVD of one delta with its static settings bound: :func:`thin_svd` (``rank=None``),
     :func:`gram_svd` or :func:`truncated_svd` (``method="randomized"``, with ``oversample`` and ``iters``).
     One long-lived function per setting, so :func:`~prinmix_jax.core.mesh.run_sharded` compiles it once per
-    shape."""
+    shape. (:func:`run_svd` takes :func:`cpu_gram_svd` instead of the Gram SVD's one program on the CPU.)"""
     if rank is None:
         return thin_svd
     if method == "gram":
@@ -188,10 +365,14 @@ def _jitted(fn):
     return jax.jit(fn)
 
 
-def _on_one_device(fn):
-    """``fn`` over a stack on the first device, one matrix at a time (:func:`~prinmix_jax.core.mesh.run_sharded`
-    on a one-device mesh): the same bytes as each matrix alone and as :func:`svd_sharded`."""
-    return lambda deltas: run_sharded(fn, single_device_mesh(), deltas)
+def run_svd(deltas, mesh: Mesh, rank: int | None = None, method: str = "gram", oversample: int = 32,
+            iters: int = 4, axis: str = BATCH_AXIS):
+    """The unguarded SVDs of a stack ``(B, m, n)`` on ``mesh`` (:func:`svd_sharded` without the Gram SVD's
+    accuracy guard and the prefetched SVDs): :func:`cpu_gram_svd` where :func:`takes_cpu_gram_svd`, else one
+    sharded program of :func:`svd_fn` (:func:`~prinmix_jax.core.mesh.run_sharded`)."""
+    if takes_cpu_gram_svd(mesh, deltas.shape, rank, method):
+        return cpu_gram_svd(deltas, mesh, int(rank), axis)
+    return run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
 
 
 def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversample: int = 32, iters: int = 4):
@@ -210,13 +391,17 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     delta = jnp.asarray(delta)
     _check_dtype(delta)
     check_float32_products()                       # once per device kind, not on the CPU
-    fn = svd_fn(rank, method, oversample, iters)
-    if delta.ndim == 3:
-        return _gram_fallback(delta, _on_one_device(fn)(delta), rank, method, _on_one_device(thin_svd))
-    out = _jitted(fn)(delta)
+    mesh = single_device_mesh()
+    if delta.ndim == 2 and takes_cpu_gram_svd(mesh, delta.shape, rank, method):
+        return tuple(x[0] for x in svd_delta(delta[None], rank, method=method))
+    if delta.ndim == 3:           # one matrix at a time on the first device: the bytes of svd_sharded's
+        out = run_svd(delta, mesh, rank, method, oversample, iters)
+        return _gram_fallback(delta, out, rank, method, lambda d: run_sharded(thin_svd, mesh, d))
+    out = _jitted(svd_fn(rank, method, oversample, iters))(delta)
     if rank is None or method != "gram":     # nothing to guard: no stack of one made and taken apart
         return out
-    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method, _on_one_device(thin_svd))
+    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method,
+                           lambda d: run_sharded(thin_svd, mesh, d))
     return tuple(x[0] for x in fixed)
 
 
@@ -225,7 +410,8 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
     """SVD of a stack ``(batch, m, n)`` of same-shape deltas, spread over the devices of ``mesh``.
 
     One ``jax.jit``-compiled program of :func:`svd_fn` (the full SVD for ``rank=None``, else the top
-    ``rank`` triplets by ``method``) over the batch-sharded stack (:func:`~prinmix_jax.core.mesh.run_sharded`:
+    ``rank`` triplets by ``method``; on the CPU the Gram SVD's three stages, :func:`cpu_gram_svd`, each
+    sharded the same way) over the batch-sharded stack (:func:`~prinmix_jax.core.mesh.run_sharded`:
     no padding copies; a batch that does not fill the mesh runs on as many devices as it has matrices), each
     device taking its matrices one at a time: a matrix's bytes are those of :func:`svd_delta` of it alone,
     whatever the batch and the mesh. (A ``vmap`` rounded by ~1e-7 with the batch on XLA:CPU. Processes with
@@ -252,7 +438,7 @@ def svd_sharded(deltas, mesh: Mesh | None = None, axis: str = BATCH_AXIS, *, ran
     check_float32_products(mesh.devices.flat)  # once per device kind, not on the CPU
     out = None if tags is None else take_prefetched(tags)
     if out is None:
-        out = run_sharded(svd_fn(rank, method, oversample, iters), mesh, deltas, axis=axis)
+        out = run_svd(deltas, mesh, rank, method, oversample, iters, axis)
     return _gram_fallback(deltas, out, rank, method, lambda d: run_sharded(thin_svd, mesh, d, axis=axis))
 
 
@@ -386,8 +572,8 @@ def prefetch_svds(requests, mesh: Mesh | None = None, axis: str = BATCH_AXIS) ->
             continue
         _check_dtype(deltas)
         sub = sub_mesh(mesh, [devs[d] for d in place], axis)
-        res = run_sharded(svd_fn(kw.get("rank"), kw.get("method", "gram"), kw.get("oversample", 32),
-                                 kw.get("iters", 4)), sub, deltas, axis=axis)
+        res = run_svd(deltas, sub, kw.get("rank"), kw.get("method", "gram"), kw.get("oversample", 32),
+                      kw.get("iters", 4), axis)
         out.update({tag: (res, i) for i, tag in enumerate(tags)})
     return out
 
