@@ -141,10 +141,11 @@ def takes_cpu_gram_svd(mesh: Mesh, shape, rank: int | None, method: str) -> bool
             and mesh.devices.flat[0].platform == "cpu")
 
 
-def cpu_gram_svd(deltas, mesh: Mesh, rank: int, axis: str = BATCH_AXIS):
-    """:func:`gram_svd`'s triplets of a stack ``(B, m, n)``, computing only the ``rank`` eigenvectors kept:
+def cpu_gram_svd(deltas, mesh: Mesh | None, rank: int, axis: str = BATCH_AXIS):
+    """:func:`gram_svd`'s triplets of a stack ``(B, m, n)`` on ``mesh`` (or of one delta ``(m, n)`` with
+    ``mesh=None``, each stage one jitted program), computing only the ``rank`` eigenvectors kept:
 
-        G = AᵀA, lower block triangle only        (on the devices: :func:`gram_upper` of the scaled delta)
+        G = AᵀA, upper block triangle only        (on the devices: :func:`gram_upper` of the scaled delta)
         G = Q T Qᵀ;  T = Z Λ Zᵀ                   (on the host: :func:`tridiagonal_eigenvectors`)
         W_k = Q Z_k;  Rayleigh–Ritz on A          (on the devices: :func:`apply_householder`, :func:`rayleigh_ritz`)
 
@@ -156,9 +157,13 @@ def cpu_gram_svd(deltas, mesh: Mesh, rank: int, axis: str = BATCH_AXIS):
     do not depend on the batch or the mesh.
 
     Returns:
-      ``(U, σ, V)`` as :func:`run_sharded <prinmix_jax.core.mesh.run_sharded>` returns them.
+      ``(U, σ, V)`` as :func:`run_sharded <prinmix_jax.core.mesh.run_sharded>` returns them (for one delta:
+      as the jitted program does).
     """
     side = _check_rank(deltas.shape, rank)
+    if mesh is None:      # a sharded program of one matrix ran 1.3x slower at 32000x4096 (docs/benchmarks.md)
+        g = _jitted(_gram_stage(side))(deltas)
+        return _jitted(_ritz_stage(side))(deltas, *tridiagonal_eigenvectors(g, rank))
     g = run_sharded(_gram_stage(side), mesh, deltas, axis=axis)
     host = [tridiagonal_eigenvectors(gi, rank) for gi in np.asarray(g)]
     del g
@@ -392,12 +397,13 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     _check_dtype(delta)
     check_float32_products()                       # once per device kind, not on the CPU
     mesh = single_device_mesh()
-    if delta.ndim == 2 and takes_cpu_gram_svd(mesh, delta.shape, rank, method):
-        return tuple(x[0] for x in svd_delta(delta[None], rank, method=method))
     if delta.ndim == 3:           # one matrix at a time on the first device: the bytes of svd_sharded's
         out = run_svd(delta, mesh, rank, method, oversample, iters)
         return _gram_fallback(delta, out, rank, method, lambda d: run_sharded(thin_svd, mesh, d))
-    out = _jitted(svd_fn(rank, method, oversample, iters))(delta)
+    if takes_cpu_gram_svd(mesh, delta.shape, rank, method):
+        out = cpu_gram_svd(delta, None, int(rank))
+    else:
+        out = _jitted(svd_fn(rank, method, oversample, iters))(delta)
     if rank is None or method != "gram":     # nothing to guard: no stack of one made and taken apart
         return out
     fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method,
