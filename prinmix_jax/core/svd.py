@@ -105,13 +105,26 @@ def _scaled(delta):
     return delta * jnp.ldexp(jnp.ones((), delta.dtype), -exponent)
 
 
-def rayleigh_ritz(delta, w_k, side: int):
+def rayleigh_ritz(delta, w_k, side: int, implicit_q: bool = False):
     """``(U, σ, V)`` of ``delta`` on the span of ``w_k`` (its top right singular vectors in the tall
-    orientation; left ones for a wide delta, ``side = 1``): ``B = A W_k = Q R``, ``R = Ũ S Ṽᵀ``."""
+    orientation; left ones for a wide delta, ``side = 1``): ``B = A W_k = Q R``, ``R = Ũ S Ṽᵀ``.
+
+    ``implicit_q``: ``Q Ũ`` as the QR's reflectors applied to ``[Ũ; 0]`` (:func:`apply_householder`, matrix
+    products) rather than ``Q`` formed, then multiplied (LAPACK ``orgqr``, then a product): the same
+    product to rounding, 0.2 s less at 4096² with k = 1202 on the CPU."""
     # Every product contracts the shared axis in place (dot_general), never through a transposed operand:
     # XLA:CPU rounds a product with a transposed operand differently under a vmap of batch 1 than unbatched.
     wide = side == 1
-    q, rr = jnp.linalg.qr(_contract(delta, w_k, 0, 0) if wide else jnp.matmul(delta, w_k, precision=HIGHEST))
+    b = _contract(delta, w_k, 0, 0) if wide else jnp.matmul(delta, w_k, precision=HIGHEST)
+    if implicit_q:
+        k = b.shape[1]
+        ht, taus = jnp.linalg.qr(b, mode="raw")    # the reflectors as rows, R in the upper triangle of ht.T
+        ub, s, vbt = jnp.linalg.svd(jnp.triu(ht[:, :k].T), full_matrices=False)
+        qu = apply_householder(ht, taus, jnp.pad(ub, ((0, b.shape[0] - k), (0, 0))))
+        if wide:
+            return _contract(w_k, vbt, 1, 1), s, qu.T
+        return qu, s, _contract(vbt, w_k, 1, 1)
+    q, rr = jnp.linalg.qr(b)
     ub, s, vbt = jnp.linalg.svd(rr, full_matrices=False)
     if wide:                                       # ΔW ≈ W_k Bᵀ = W_k Ṽ S Ũᵀ Qᵀ
         return _contract(w_k, vbt, 1, 1), s, _contract(ub, q, 0, 1)
@@ -181,7 +194,7 @@ def _gram_stage(side: int):
 def _ritz_stage(side: int):
     def ritz(delta, refl_t, taus, z):
         w_k = jnp.concatenate([z[:1], apply_householder(refl_t[:-1, 1:], taus, z[1:])], axis=0)
-        return rayleigh_ritz(delta, w_k, side)
+        return rayleigh_ritz(delta, w_k, side, implicit_q=True)
     return ritz
 
 
