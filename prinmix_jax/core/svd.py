@@ -81,7 +81,7 @@ def gram_svd(delta, rank: int):
 
     This is one program, what GPUs and TPUs run. On the CPU, :func:`svd_delta` and :func:`svd_sharded` take
     the same steps in three stages instead (:func:`cpu_gram_svd`), computing only the ``rank`` eigenvectors
-    kept: 3.1x faster than XLA's full SVD at 4096² (docs/benchmarks.md).
+    kept: 3.2x faster than XLA's full SVD at 4096² (docs/benchmarks.md).
 
     ``rank`` must be a Python int in ``1..min(m, n)``. Sign conventions of U, V can differ from
     :func:`thin_svd`'s.

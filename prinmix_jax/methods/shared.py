@@ -56,8 +56,9 @@ def max_kept_rank(m: int, n: int, cfg: CompressionConfig, bits=None) -> int:
 
 
 #: ``"auto"`` takes the Gram SVD (:func:`~prinmix_jax.core.svd.gram_svd`) only where its rank ``k`` is at
-#: most this fraction of ``min(m, n)``; near 0.6 a square matrix's Gram SVD costs as much as the full one
-#: (docs/benchmarks.md "SVD: full against truncated").
+#: most this fraction of ``min(m, n)``; near 0.6 a square matrix's one-program Gram SVD costs as much as the
+#: full one (docs/benchmarks.md "SVD: full against truncated"; the CPU's stages, whose cost grows more slowly
+#: with ``k``, keep the same threshold: not re-measured).
 SVD_AUTO_MAX_FRACTION = 0.6
 
 
