@@ -134,20 +134,22 @@ def _parts(d, k: int, reps: int) -> dict:
     import jax.numpy as jnp
 
     from prinmix_jax.core import svd as S
+    from prinmix_jax.core import tridiagonal as T
+    from prinmix_jax.core.numerics import contract
 
     a = jnp.asarray(d if d.shape[0] >= d.shape[1] else d.T)
     a = a / jnp.abs(a).max()
-    upper = jax.jit(lambda x: S.gram_upper(x, 0))
+    upper = jax.jit(lambda x: T.gram_upper(x, 0))
     g = upper(a)
     g_host = np.asarray(g)
-    refl, taus, z = (jnp.asarray(x) for x in S.tridiagonal_eigenvectors(g_host, k))
-    w_k = jnp.concatenate([z[:1], S.apply_householder(refl[:-1, 1:], taus, z[1:])])
+    refl, taus, z = (jnp.asarray(x) for x in T.tridiagonal_eigenvectors(g_host, k))
+    w_k = T.back_transform(refl, taus, z)
 
     fns = {"Gram product, upper blocks": (upper, a),
-           "sytrd + stevd (host)": (lambda x: S.tridiagonal_eigenvectors(x, k), g_host),
-           "back-transform of k": (jax.jit(lambda r, t, x: S.apply_householder(r[:-1, 1:], t, x[1:])), refl, taus, z),
+           "sytrd + stevd (host)": (lambda x: T.tridiagonal_eigenvectors(x, k), g_host),
+           "back-transform of k": (jax.jit(T.back_transform), refl, taus, z),
            "Rayleigh-Ritz": (jax.jit(lambda x, w: S.rayleigh_ritz(x, w, 0, implicit_q=True)), a, w_k),
-           "whole Gram product": (jax.jit(lambda x: S._contract(x, x, 0, 0)), a),
+           "whole Gram product": (jax.jit(lambda x: contract(x, x, 0, 0)), a),
            "dense eigh": (jax.jit(lambda x: jnp.linalg.eigh(x, symmetrize_input=False)), g.T)}
     for fn, *xs in fns.values():                                                      # compile
         _time(lambda: fn(*xs))

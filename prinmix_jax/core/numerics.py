@@ -23,7 +23,7 @@ import numpy as np
 HIGHEST = jax.lax.Precision.HIGHEST
 
 #: The product forms of the core, as ``lax.dot_general`` contracting dimensions ``(lhs, rhs)`` of two 2-D
-#: operands: ``A B`` (``jnp.matmul``), ``Aᵀ B`` (the Gram matrix, ``_contract(x, y, 0, 0)``), ``A Bᵀ`` and
+#: operands: ``A B`` (``jnp.matmul``), ``Aᵀ B`` (the Gram matrix, ``contract(x, y, 0, 0)``), ``A Bᵀ`` and
 #: ``Aᵀ Bᵀ``.
 PRODUCT_FORMS = {"A B": (1, 0), "Aᵀ B": (0, 0), "A Bᵀ": (1, 1), "Aᵀ Bᵀ": (0, 1)}
 
@@ -44,9 +44,15 @@ def float64_product(x, y, dims) -> np.ndarray:
     return a.astype(np.float64) @ b.astype(np.float64)
 
 
+def contract(x, y, ax: int, ay: int, precision=HIGHEST):
+    """``Σ_l x[.., l (axis ax) ..] y[.., l (axis ay) ..]`` as one ``lax.dot_general`` (full float32 precision
+    by default): the shared axis contracted in place, never through a transposed operand."""
+    return jax.lax.dot_general(x, y, (((ax,), (ay,)), ((), ())), precision=precision)
+
+
 def product_form(dims, precision=HIGHEST):
     """``f(x, y)``: the product of form ``dims`` (:data:`PRODUCT_FORMS`) as one ``lax.dot_general``."""
-    return lambda x, y: jax.lax.dot_general(x, y, ((dims[:1], dims[1:]), ((), ())), precision=precision)
+    return lambda x, y: contract(x, y, *dims, precision=precision)
 
 
 @functools.cache

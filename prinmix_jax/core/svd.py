@@ -31,13 +31,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 from jax.sharding import Mesh
 
 from prinmix_jax.core.mesh import BATCH_AXIS, default_mesh, run_sharded, single_device_mesh, sub_mesh
-from prinmix_jax.core.numerics import check_float32_products
-
-HIGHEST = jax.lax.Precision.HIGHEST
+from prinmix_jax.core.numerics import HIGHEST, check_float32_products
+from prinmix_jax.core.numerics import contract as _contract
+from prinmix_jax.core.tridiagonal import apply_householder, back_transform, gram_upper, tridiagonal_eigenvectors
 
 #: Fixed seed of the random test matrix: the truncated SVD of a given delta is the same on every call,
 #: device count and batch position (the test matrix is shared by the whole batch).
@@ -131,11 +130,6 @@ def rayleigh_ritz(delta, w_k, side: int, implicit_q: bool = False):
     return jnp.matmul(q, ub, precision=HIGHEST), s, _contract(vbt, w_k, 1, 1)     # ΔW ≈ B W_kᵀ
 
 
-def _contract(x, y, ax: int, ay: int):
-    """``Σ_l x[.., l (axis ax) ..] y[.., l (axis ay) ..]`` as one dot_general at full float32 precision."""
-    return jax.lax.dot_general(x, y, (((ax,), (ay,)), ((), ())), precision=HIGHEST)
-
-
 def _eigh_top(delta, side: int, rank: int):
     _, w = jnp.linalg.eigh(_contract(delta, delta, side, side))         # ascending eigenvalues
     return w[:, ::-1][:, :rank]
@@ -160,7 +154,7 @@ def cpu_gram_svd(deltas, mesh: Mesh | None, rank: int, axis: str = BATCH_AXIS):
 
         G = AᵀA, upper block triangle only        (on the devices: :func:`gram_upper` of the scaled delta)
         G = Q T Qᵀ;  T = Z Λ Zᵀ                   (on the host: :func:`tridiagonal_eigenvectors`)
-        W_k = Q Z_k;  Rayleigh–Ritz on A          (on the devices: :func:`apply_householder`, :func:`rayleigh_ritz`)
+        W_k = Q Z_k;  Rayleigh–Ritz on A          (on the devices: :func:`back_transform`, :func:`rayleigh_ritz`)
 
     These are the steps of LAPACK's ``syevd`` (what ``jnp.linalg.eigh`` runs on the CPU), whose last one,
     the back-transform of all ``n`` eigenvectors (``2n³`` flops), is cut to ``2n²·rank`` here, as products;
@@ -193,110 +187,8 @@ def _gram_stage(side: int):
 @functools.cache
 def _ritz_stage(side: int):
     def ritz(delta, refl_t, taus, z):
-        w_k = jnp.concatenate([z[:1], apply_householder(refl_t[:-1, 1:], taus, z[1:])], axis=0)
-        return rayleigh_ritz(delta, w_k, side, implicit_q=True)
+        return rayleigh_ritz(delta, back_transform(refl_t, taus, z), side, implicit_q=True)
     return ritz
-
-
-#: :func:`gram_upper` computes the Gram matrix in this many row blocks (the strictly lower ones skipped):
-#: (b + 1) / (2 b) of the full product's work.
-GRAM_BLOCKS = 4
-
-
-def gram_upper(delta, side: int, blocks: int = GRAM_BLOCKS):
-    """``G = Σ_side ΔW ΔW`` (n×n) with only its upper block triangle computed (zeros below): read as a
-    Fortran array (``G.T``, no copy) it is the lower triangle LAPACK's symmetric routines read. ``blocks``
-    row blocks, each one product contracting axis ``side`` in place; 62.5% of the full product's
-    multiply-adds at 4 blocks."""
-    n = delta.shape[1 - side]
-    step = -(-n // max(1, int(blocks)))
-    rows = []
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        block = jax.lax.slice_in_dim(delta, start, stop, axis=1 - side)
-        right = jax.lax.slice_in_dim(delta, start, n, axis=1 - side)
-        rows.append(jnp.pad(_contract(block, right, side, side), ((0, 0), (start, 0))))
-    return jnp.concatenate(rows, axis=0)
-
-
-def tridiagonal_eigenvectors(g, rank: int):
-    """Host step of :func:`cpu_gram_svd`: the symmetric ``g`` (n, n; its upper triangle is read, as
-    :func:`gram_upper` fills it) reduced and its tridiagonal part solved in SciPy's LAPACK (the one jaxlib's
-    CPU kernels call):
-
-        g = Q T Qᵀ          (``sytrd``: Householder reduction, Q = diag(1, Q') kept as reflectors)
-        T = Z Λ Zᵀ          (``stevd``: divide and conquer, all n eigenvectors of T; ~0.15 s at n = 4096)
-
-    ``g``'s upper triangle in C order is the lower triangle of the Fortran array ``g.T``, which LAPACK
-    reduces in place: no transposing copy (0.13 s at n = 4096). The eigenvectors of a dense bulk of
-    near-equal eigenvalues come out orthogonal to rounding, as ``syevd``'s do (inverse iteration on ``T``
-    lost directions there: docs/method.md).
-
-    Args:
-      g: float32/float64 (n, n), symmetric in its upper triangle (a writable C-order array is overwritten).
-      rank: how many eigenvectors of ``T`` to keep, ``1..n``.
-
-    Returns:
-      ``(reflectors (n, n), τ (n-1,), Z_k (n, rank))`` in ``g``'s dtype: LAPACK's reflectors transposed
-      (row ``i`` holds ``v_{i}`` right of the diagonal) and the eigenvectors of the ``rank`` largest
-      eigenvalues of ``T``, largest first; the eigenvectors of ``g`` are
-      ``[Z_k[:1]; apply_householder(reflectors[:-1, 1:], τ, Z_k[1:])]``.
-    """
-    g = np.asarray(g)
-    if not (g.flags.c_contiguous and g.flags.writeable):
-        g = np.array(g, order="C")
-    sytrd, sytrd_lwork = scipy.linalg.lapack.get_lapack_funcs(("sytrd", "sytrd_lwork"), (g,))
-    work, info = sytrd_lwork(g.shape[0], lower=1)
-    lwork = max(1, int(work)) if info == 0 else max(1, 64 * g.shape[0])
-    c, d, e, tau, info = sytrd(g.T, lower=1, lwork=lwork, overwrite_a=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"LAPACK sytrd failed (info {info})")
-    return c.T, tau, _tridiagonal_top(d, e, rank)
-
-
-def _tridiagonal_top(d, e, rank: int) -> np.ndarray:
-    """(n, rank): the eigenvectors of the ``rank`` largest eigenvalues of the tridiagonal (d, e), largest
-    first (LAPACK ``stevd``; NumPy's ``eigh`` of the dense matrix in float64 should ``stevd`` report a
-    failure)."""
-    d, e = np.asarray(d), np.asarray(e)
-    (stevd,) = scipy.linalg.lapack.get_lapack_funcs(("stevd",), (d,))
-    _, z, info = stevd(d, e, compute_v=1)
-    if info != 0:
-        t = np.diag(d.astype(np.float64)) + np.diag(e.astype(np.float64), 1) + np.diag(e.astype(np.float64), -1)
-        z = np.linalg.eigh(t)[1]
-    return np.ascontiguousarray(z[:, ::-1][:, :rank], dtype=d.dtype)
-
-
-#: Reflectors per block in :func:`apply_householder`.
-HOUSEHOLDER_BLOCK = 256
-
-
-def apply_householder(ht, taus, x, block: int = HOUSEHOLDER_BLOCK):
-    """``Q @ x`` for ``Q = H_0 H_1 … H_{p-1}``, the Householder reflectors ``H_i = I − τ_i v_i v_iᵀ`` as
-    LAPACK stores them, transposed: ``v_i`` right of the diagonal of row ``i`` of ``ht`` (p, r), unit at ``i``
-    (the rows of a C-order array are the columns of the Fortran array LAPACK wrote).
-
-    Blocks of ``block`` reflectors, last block first, each applied as one compact-WY update
-    ``x ← x − V T (Vᵀ x)`` with ``T⁻¹ = diag(1/τ) + striu(VᵀV)`` (the UT transform): matrix products rather
-    than LAPACK ``ormqr``'s narrow blocks. A reflector with ``τ = 0`` is the identity and is left out.
-
-    References:
-      Joffrain, Low, Quintana-Ortí, van de Geijn & Van Zee (2006), "Accumulating Householder
-      transformations, revisited", ACM TOMS 32(2).
-    """
-    p, r = ht.shape
-    x = jnp.asarray(x)
-    for start in reversed(range(0, p, block)):
-        stop = min(p, start + block)
-        t = taus[start:stop]
-        vt = jnp.triu(ht[start:stop, start:], 1) + jnp.eye(stop - start, r - start, dtype=ht.dtype)   # Vᵀ
-        vt = jnp.where(t[:, None] == 0, 0, vt)
-        t_inv = jnp.triu(_contract(vt, vt, 1, 1), 1) + jnp.diag(jnp.where(t == 0, 1, 1 / jnp.where(t == 0, 1, t)))
-        t_mat = jax.lax.linalg.triangular_solve(t_inv, jnp.eye(stop - start, dtype=ht.dtype), left_side=True,
-                                                lower=False)
-        z = jnp.matmul(t_mat, _contract(vt, x[start:], 1, 0), precision=HIGHEST)
-        x = x.at[start:].add(-_contract(vt, z, 0, 0))
-    return x
 
 
 def truncated_svd(delta, rank: int, *, oversample: int = 32, iters: int = 4, seed: int = SVD_SEED):
@@ -410,17 +302,18 @@ def svd_delta(delta, rank: int | None = None, *, method: str = "gram", oversampl
     _check_dtype(delta)
     check_float32_products()                       # once per device kind, not on the CPU
     mesh = single_device_mesh()
+
+    def full_svd(d):
+        return run_sharded(thin_svd, mesh, d)
     if delta.ndim == 3:           # one matrix at a time on the first device: the bytes of svd_sharded's
-        out = run_svd(delta, mesh, rank, method, oversample, iters)
-        return _gram_fallback(delta, out, rank, method, lambda d: run_sharded(thin_svd, mesh, d))
+        return _gram_fallback(delta, run_svd(delta, mesh, rank, method, oversample, iters), rank, method, full_svd)
     if takes_cpu_gram_svd(mesh, delta.shape, rank, method):
         out = cpu_gram_svd(delta, None, int(rank))
     else:
         out = _jitted(svd_fn(rank, method, oversample, iters))(delta)
     if rank is None or method != "gram":     # nothing to guard: no stack of one made and taken apart
         return out
-    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method,
-                           lambda d: run_sharded(thin_svd, mesh, d))
+    fixed = _gram_fallback(delta[None], [x[None] for x in out], rank, method, full_svd)
     return tuple(x[0] for x in fixed)
 
 
